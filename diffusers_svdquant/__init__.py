@@ -1,0 +1,25 @@
+"""diffusers-svdquant: SVDQuant W4A4 quantization for diffusers models, on CPUs and NVIDIA GPUs.
+
+``import diffusers_svdquant`` registers ``quant_method: "svdquant"`` with diffusers, so both
+``Model.from_pretrained(repo, quantization_config=SVDQuantConfig(...))`` (quantize on load) and
+``Model.from_pretrained(quantized_repo)`` (pre-quantized) work.
+"""
+
+from . import ops
+from .config import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantMethod
+from .linear import SVDQuantLinear
+from .quantizer import SVDQuantDiffusersQuantizer, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODULES_TO_NOT_CONVERT",
+    "SVDQuantConfig",
+    "SVDQuantDiffusersQuantizer",
+    "SVDQuantLinear",
+    "SVDQuantMethod",
+    "ops",
+    "register",
+]
+
+register()

@@ -1,0 +1,162 @@
+"""`SVDQuantConfig`: the user-facing settings, serialized into ``config.json``."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from enum import Enum
+from typing import Any
+
+import torch
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+FORMAT_VERSION = 1
+
+# Kept in 16-bit by default, following Nunchaku's choice for FLUX / SD3 / SDXL: the input and output
+# projections and embedders see raw latents / text features whose scale differs per token, the AdaLN
+# modulation linears ("*norm*") produce per-channel scales and shifts that multiply every activation
+# downstream, and the time embeddings are tiny. Together they are a few percent of the weights.
+# A pattern matches a module name exactly, any module below it ("name." prefix), or as an fnmatch glob.
+DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
+    "x_embedder",
+    "context_embedder",
+    "pos_embed",
+    "time_text_embed",
+    "time_embed",
+    "time_embedding",
+    "add_embedding",
+    "encoder_hid_proj",
+    "caption_projection",
+    "proj_in",
+    "proj_out",
+    "norm_out",
+    "*norm*",
+    "*time_emb_proj",
+    "lm_head",
+)
+
+
+class SVDQuantMethod(str, Enum):
+    """The ``quant_method`` key. diffusers reads ``quant_method.value``, so it must be a str-Enum."""
+
+    SVDQUANT = "svdquant"
+
+
+def module_matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """True when a module name matches one of ``patterns`` (exact, ``pattern.`` prefix, or glob)."""
+    for p in patterns:
+        if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+class SVDQuantConfig(QuantizationConfigMixin):
+    """Settings of SVDQuant W4A4 quantization (arXiv 2411.05007).
+
+    Args:
+        rank: rank ``r`` of the 16-bit low-rank branch (>= 1; at most ``min(N, K)`` of every
+            quantized layer).
+        group_size: INT4 group size along K. Only 64 is supported (the kernels are built for it).
+        precision: ``"int4"``.
+        modules_to_not_convert: module-name patterns kept in 16-bit (exact name, a parent module's
+            name, or an fnmatch glob). ``None`` uses :data:`DEFAULT_MODULES_TO_NOT_CONVERT`.
+        smoothing_alpha: migration strength ``α`` in ``λ_j = max|X_j|^α / max|W_j|^(1-α)``; only used
+            with calibration statistics. Without statistics ``λ = 1`` (no smoothing).
+        calibration: activation statistics: a path to a safetensors file, or a mapping from module
+            name to a float tensor ``[K]`` of per-input-channel absmax (what
+            :func:`diffusers_svdquant.calibration.collect_activation_absmax` returns). Not
+            serialized: it only matters while quantizing.
+        svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``, seeded),
+            or ``"auto"`` (exact up to 1024 on the short side, randomized above).
+        lowrank_iters: refinement iterations ``L ← SVD_r(Ŵ − Q(Ŵ − L))``; the best by weight error is kept.
+        torch_dtype: dtype the model was quantized in, recorded so a reload without ``torch_dtype``
+            gives the same model. Set by the quantizer.
+        format_version: on-disk format version (DESIGN.md §2).
+    """
+
+    def __init__(
+        self,
+        rank: int = 32,
+        group_size: int = 64,
+        precision: str = "int4",
+        modules_to_not_convert: list[str] | None = None,
+        smoothing_alpha: float = 0.5,
+        calibration: str | os.PathLike | dict[str, torch.Tensor] | None = None,
+        svd_method: str = "auto",
+        lowrank_iters: int = 0,
+        torch_dtype: str | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        quant_method = kwargs.pop("quant_method", SVDQuantMethod.SVDQUANT)
+        if quant_method != SVDQuantMethod.SVDQUANT:
+            raise ValueError(f"SVDQuantConfig got quant_method={quant_method!r}; expected 'svdquant'")
+        if kwargs:
+            raise ValueError(f"SVDQuantConfig got unknown settings: {sorted(kwargs)}")
+        self.quant_method = SVDQuantMethod.SVDQUANT
+        self.rank = rank
+        self.group_size = group_size
+        self.precision = precision
+        self.modules_to_not_convert = (
+            list(DEFAULT_MODULES_TO_NOT_CONVERT) if modules_to_not_convert is None else list(modules_to_not_convert)
+        )
+        self.smoothing_alpha = smoothing_alpha
+        self.calibration = calibration
+        self.svd_method = svd_method
+        self.lowrank_iters = lowrank_iters
+        self.torch_dtype = torch_dtype
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate the settings; raise ``ValueError`` naming the bad one."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"SVDQuantConfig: rank must be an integer >= 1, got {self.rank!r}")
+        if self.group_size != 64:
+            raise ValueError(f"SVDQuantConfig: group_size must be 64 (the kernels' group), got {self.group_size!r}")
+        if self.precision != "int4":
+            raise ValueError(f"SVDQuantConfig: precision must be 'int4', got {self.precision!r}")
+        if not 0.0 <= float(self.smoothing_alpha) <= 1.0:
+            raise ValueError(f"SVDQuantConfig: smoothing_alpha must be in [0, 1], got {self.smoothing_alpha!r}")
+        if self.svd_method not in ("auto", "exact", "randomized"):
+            raise ValueError(
+                f"SVDQuantConfig: svd_method must be 'auto', 'exact' or 'randomized', got {self.svd_method!r}"
+            )
+        if not isinstance(self.lowrank_iters, int) or self.lowrank_iters < 0:
+            raise ValueError(f"SVDQuantConfig: lowrank_iters must be an integer >= 0, got {self.lowrank_iters!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"SVDQuantConfig: checkpoint format_version {self.format_version} is newer than this "
+                f"diffusers-svdquant understands ({FORMAT_VERSION}); upgrade diffusers-svdquant"
+            )
+        if not isinstance(self.modules_to_not_convert, list) or not all(
+            isinstance(p, str) for p in self.modules_to_not_convert
+        ):
+            raise ValueError("SVDQuantConfig: modules_to_not_convert must be a list of strings")
+
+    def is_excluded(self, module_name: str) -> bool:
+        """True when ``module_name`` stays in 16-bit by :attr:`modules_to_not_convert`."""
+        return module_matches(module_name, self.modules_to_not_convert)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe settings for ``config.json`` (the calibration statistics are not part of it)."""
+        return {
+            "quant_method": self.quant_method.value,
+            "rank": self.rank,
+            "group_size": self.group_size,
+            "precision": self.precision,
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+            "smoothing_alpha": self.smoothing_alpha,
+            "svd_method": self.svd_method,
+            "lowrank_iters": self.lowrank_iters,
+            "torch_dtype": self.torch_dtype,
+            "format_version": self.format_version,
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The settings that differ from the defaults."""
+        default = SVDQuantConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}

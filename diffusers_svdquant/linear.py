@@ -1,0 +1,134 @@
+"""`SVDQuantLinear`: the module that replaces an ``nn.Linear`` in a quantized model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import algorithm, ops, reference
+
+# The canonical tensors, in the order DESIGN.md §2 lists them; bias is separate (optional).
+QUANT_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class SVDQuantLinear(nn.Module):
+    """A linear layer stored as SVDQuant W4A4 + a 16-bit low-rank branch.
+
+    ``y = W4A4(x / smooth) + (x / smooth) @ lora_down @ lora_up.T + bias``, with the tensors of
+    DESIGN.md §2 as frozen parameters (so they move with ``.to()`` and load/save by name):
+
+    * ``qweight`` uint8 ``[N, K/2]``, ``wscales`` ``[N, K/64]``, ``smooth`` ``[K]``,
+      ``lora_down`` ``[K, r]``, ``lora_up`` ``[N, r]``, ``bias`` ``[N]`` (when ``bias=True``).
+
+    Input ``[..., K]`` is cast to the layer's dtype; output is ``[..., N]`` in that dtype.
+
+    Args:
+        in_features: K, a multiple of 64.
+        out_features: N.
+        rank: r, ``1 <= r <= min(N, K)``.
+        bias: whether the layer has a bias.
+        dtype: model dtype of the float tensors.
+        device: where to allocate (``"meta"`` for a skeleton that loading fills in).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        g = reference.GROUP_SIZE
+        if in_features % g:
+            raise ValueError(f"SVDQuantLinear: in_features={in_features} is not a multiple of {g}")
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"SVDQuantLinear: rank {rank} must be between 0 and min(in, out) = "
+                f"{min(in_features, out_features)} for a [{out_features}, {in_features}] layer"
+            )
+        dtype = dtype or torch.get_default_dtype()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        f = {"dtype": dtype, "device": device}
+        self.qweight = _frozen(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.wscales = _frozen(torch.zeros(out_features, in_features // g, **f))
+        self.smooth = _frozen(torch.ones(in_features, **f))
+        self.lora_down = _frozen(torch.zeros(in_features, rank, **f))
+        self.lora_up = _frozen(torch.zeros(out_features, rank, **f))
+        self.bias = _frozen(torch.zeros(out_features, **f)) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        *,
+        act_absmax: torch.Tensor | None = None,
+        smoothing_alpha: float = 0.5,
+        svd_method: str = "auto",
+        lowrank_iters: int = 0,
+        dtype: torch.dtype | None = None,
+    ) -> SVDQuantLinear:
+        """Quantize an ``nn.Linear`` (weight ``[N, K]``).
+
+        Args:
+            linear: the layer; its weight dtype is the model dtype unless ``dtype`` is given.
+            rank: low-rank branch rank.
+            act_absmax: ``[K]`` per-input-channel absmax of the layer's input (calibration), or None.
+            smoothing_alpha, svd_method, lowrank_iters: see :class:`~diffusers_svdquant.SVDQuantConfig`.
+            dtype: model dtype of the float tensors.
+        """
+        w = linear.weight.detach()
+        dtype = dtype or w.dtype
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype, w.device)
+        layer.load_quantized(
+            algorithm.quantize_weight(
+                w,
+                rank,
+                smooth=algorithm.smoothing_factors(w, act_absmax, smoothing_alpha),
+                dtype=dtype,
+                svd_method=svd_method,
+                lowrank_iters=lowrank_iters,
+            ),
+            None if linear.bias is None else linear.bias.detach().to(dtype),
+        )
+        return layer
+
+    def load_quantized(self, q: algorithm.QuantizedWeight, bias: torch.Tensor | None) -> None:
+        """Replace this layer's tensors with ``q`` (and ``bias``), on ``q``'s device."""
+        for name in QUANT_TENSORS:
+            setattr(self, name, _frozen(getattr(q, name)))
+        if bias is not None:
+            self.bias = _frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` → ``[..., N]`` in the layer's dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SVDQuantLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}), "
+                f"expected {self.in_features}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.wscales.dtype)
+        y = ops.svdquant_linear(x2, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Float32 ``[N, K]`` weight this layer computes with (up to activation quantization)."""
+        return algorithm.dequantize_weight(
+            algorithm.QuantizedWeight(*(getattr(self, n) for n in QUANT_TENSORS))
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, dtype={self.wscales.dtype}"
+        )

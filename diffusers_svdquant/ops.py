@@ -1,0 +1,205 @@
+"""The native boundary: ``torch.library`` custom ops over the ``_C`` kernels.
+
+Each op has one schema, a fake (meta) implementation so ``torch.compile(fullgraph=True)`` traces
+through it, a default implementation that runs :mod:`diffusers_svdquant.reference` on any device,
+and a CPU kernel from ``_C`` when the extension is built. Nothing else in the package touches
+``_C``: it passes ``data_ptr()``s and shapes, never torch objects.
+
+Environment:
+    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``, ``avx2``, …) at import; an
+    unknown or unsupported name is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    _NATIVE_ERROR: Exception | None = None
+except ImportError as e:  # importing the package never fails because of the native library
+    _C = None
+    _NATIVE_ERROR = e
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def native_available() -> bool:
+    """True when the ``_C`` extension was built and imported."""
+    return _C is not None
+
+
+def native_error() -> Exception | None:
+    """Why ``_C`` failed to import, or None."""
+    return _NATIVE_ERROR
+
+
+def supported_cpu_isas() -> list[str]:
+    """CPU instruction paths this machine can run, ``"generic"`` first (``[]`` without ``_C``)."""
+    return list(_C.supported_cpu_isas()) if _C is not None else []
+
+
+def cpu_isa() -> str | None:
+    """The CPU instruction path in use, or None without ``_C``."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+def set_cpu_isa(name: str) -> None:
+    """Select a CPU instruction path; ``ValueError`` if this CPU cannot run it."""
+    if _C is None:
+        raise RuntimeError(f"diffusers_svdquant._C is not available: {_NATIVE_ERROR}")
+    _C.set_cpu_isa(name)
+
+
+if _C is not None and os.environ.get("SVDQ_CPU_ISA"):
+    try:
+        set_cpu_isa(os.environ["SVDQ_CPU_ISA"])
+    except ValueError as e:
+        warnings.warn(f"SVDQ_CPU_ISA ignored: {e}", RuntimeWarning, stacklevel=1)
+
+
+def _check_quantize_act_args(x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    k = x.shape[1]
+    if k % reference.GROUP_SIZE:
+        raise ValueError(f"quantize_act: K={k} is not a multiple of the group size {reference.GROUP_SIZE}")
+    if smooth.shape != (k,):
+        raise ValueError(f"quantize_act: smooth has shape {tuple(smooth.shape)}, expected [{k}]")
+    if lora_down.dim() != 2 or lora_down.shape[0] != k:
+        raise ValueError(f"quantize_act: lora_down has shape {tuple(lora_down.shape)}, expected [{k}, r]")
+    if x.dtype not in _DTYPE_CODES:
+        raise ValueError(f"quantize_act: x has dtype {x.dtype}; expected float32, bfloat16 or float16")
+
+
+@torch.library.custom_op("svdquant::quantize_act", mutates_args=())
+def quantize_act(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smooth, INT4-quantize per 64-group and down-project activations (see ``reference.quantize_act``).
+
+    Args:
+        x: ``[M, K]`` float32 / bfloat16 / float16.
+        smooth: ``[K]``.
+        lora_down: ``[K, r]``.
+
+    Returns:
+        ``(q_x, s_x, lora_act)``: uint8 ``[M, K/2]``, float32 ``[M, K/64]``, float32 ``[M, r]``.
+    """
+    _check_quantize_act_args(x, smooth, lora_down)
+    return reference.quantize_act(x, smooth, lora_down)
+
+
+@quantize_act.register_fake
+def _(x, smooth, lora_down):
+    _check_quantize_act_args(x, smooth, lora_down)
+    m, k = x.shape
+    return (
+        x.new_empty(m, k // 2, dtype=torch.uint8),
+        x.new_empty(m, k // reference.GROUP_SIZE, dtype=torch.float32),
+        x.new_empty(m, lora_down.shape[1], dtype=torch.float32),
+    )
+
+
+@quantize_act.register_kernel("cpu")
+def _(x, smooth, lora_down):
+    _check_quantize_act_args(x, smooth, lora_down)
+    if _C is None:
+        _warn_once("quantize_act", f"diffusers_svdquant._C unavailable ({_NATIVE_ERROR}); using reference.py")
+        return reference.quantize_act(x, smooth, lora_down)
+    m, k = x.shape
+    r = lora_down.shape[1]
+    x = x.contiguous()
+    smooth = smooth.to(x.dtype).contiguous()
+    lora_down = lora_down.to(x.dtype).contiguous()
+    q_x = torch.empty(m, k // 2, dtype=torch.uint8)
+    s_x = torch.empty(m, k // reference.GROUP_SIZE, dtype=torch.float32)
+    lora_act = torch.empty(m, r, dtype=torch.float32)
+    _C.quantize_act(
+        x.data_ptr(), smooth.data_ptr(), lora_down.data_ptr(),
+        q_x.data_ptr(), s_x.data_ptr(), lora_act.data_ptr(),
+        m, k, r, _DTYPE_CODES[x.dtype], reference.GROUP_SIZE, torch.get_num_threads(),
+    )  # fmt: skip
+    return q_x, s_x, lora_act
+
+
+def _check_gemm_args(q_x, s_x, q_w, s_w, lora_act, lora_up, bias) -> None:
+    m, kh = q_x.shape
+    n = q_w.shape[0]
+    groups = 2 * kh // reference.GROUP_SIZE
+    for name, t, shape in (
+        ("s_x", s_x, (m, groups)),
+        ("q_w", q_w, (n, kh)),
+        ("s_w", s_w, (n, groups)),
+        ("lora_act", lora_act, (m, lora_up.shape[-1])),
+        ("lora_up", lora_up, (n, lora_act.shape[-1])),
+    ):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"gemm_w4a4: {name} has shape {tuple(t.shape)}, expected {list(shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"gemm_w4a4: bias has shape {tuple(bias.shape)}, expected [{n}]")
+    if q_x.dtype != torch.uint8 or q_w.dtype != torch.uint8:
+        raise ValueError(f"gemm_w4a4: q_x and q_w must be uint8, got {q_x.dtype} and {q_w.dtype}")
+
+
+@torch.library.custom_op("svdquant::gemm_w4a4", mutates_args=())
+def gemm_w4a4(
+    q_x: torch.Tensor,
+    s_x: torch.Tensor,
+    q_w: torch.Tensor,
+    s_w: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """W4A4 per-group GEMM with the low-rank and bias epilogue (see ``reference.gemm_w4a4``).
+
+    Args:
+        q_x: uint8 ``[M, K/2]``; s_x: float32 ``[M, K/64]``.
+        q_w: uint8 ``[N, K/2]``; s_w: ``[N, K/64]``.
+        lora_act: float32 ``[M, r]``; lora_up: ``[N, r]``; bias: ``[N]`` or None.
+        out_dtype: dtype of the result.
+
+    Returns:
+        ``[M, N]`` in ``out_dtype``.
+    """
+    _check_gemm_args(q_x, s_x, q_w, s_w, lora_act, lora_up, bias)
+    return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype)
+
+
+@gemm_w4a4.register_fake
+def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
+    _check_gemm_args(q_x, s_x, q_w, s_w, lora_act, lora_up, bias)
+    return q_x.new_empty(q_x.shape[0], q_w.shape[0], dtype=out_dtype)
+
+
+def svdquant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """A whole SVDQuant linear: ``[M, K]`` in ``x.dtype`` → ``[M, N]`` in ``x.dtype``.
+
+    Args are the canonical tensors of DESIGN.md §2 (``qweight`` uint8 ``[N, K/2]``, ``wscales``
+    ``[N, K/64]``, ``smooth`` ``[K]``, ``lora_down`` ``[K, r]``, ``lora_up`` ``[N, r]``, ``bias`` ``[N]``).
+    """
+    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
+    return torch.ops.svdquant.gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, x.dtype)

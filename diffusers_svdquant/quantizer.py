@@ -1,0 +1,276 @@
+"""The diffusers quantizer for ``quant_method: "svdquant"`` and its registration.
+
+diffusers has no public registration call: ``diffusers.quantizers.auto`` resolves
+``quant_method`` through two module-level dicts read at call time, so :func:`register` adds
+``"svdquant"`` to both (and to transformers' registry, see :mod:`diffusers_svdquant.transformers_quantizer`).
+
+Two loading flows share one skeleton (DESIGN.md §5):
+
+* quantize on load — the checkpoint holds 16-bit ``weight``\\ s; each target ``nn.Linear`` becomes an
+  :class:`SVDQuantLinear` that still exposes a meta ``weight``, and :meth:`create_quantized_param`
+  quantizes each weight the moment it is read, so at most one 16-bit layer is alive at a time;
+* pre-quantized — ``config.json`` carries ``quantization_config``; the skeleton exposes the canonical
+  tensors and the loader fills them by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+from torch import nn
+
+from . import algorithm, reference
+from .config import SVDQuantConfig
+from .linear import QUANT_TENSORS, SVDQuantLinear
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+
+logger = logging.getLogger(__name__)
+
+
+def _dtype_from_str(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"SVDQuantConfig: unknown torch_dtype {name!r}")
+    return dtype
+
+
+def quantizable_linears(model: nn.Module, config: SVDQuantConfig) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules ``config`` quantizes, by name.
+
+    A linear stays in 16-bit when a :attr:`SVDQuantConfig.modules_to_not_convert` pattern matches
+    it or when its ``in_features`` is not a multiple of 64 (documented fallback). The same rule
+    decides both at quantization and at reload, so the checkpoint needs no per-layer list.
+
+    Raises:
+        ValueError: a target layer is smaller than the rank (names the layer and its shape).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or config.is_excluded(name):
+            continue
+        if module.in_features % reference.GROUP_SIZE:
+            logger.info("svdquant: %s keeps 16-bit weights (in_features=%d is not a multiple of 64)",
+                        name, module.in_features)
+            continue
+        if config.rank > min(module.in_features, module.out_features):
+            raise ValueError(
+                f"SVDQuantConfig: rank {config.rank} is larger than min(out, in) = "
+                f"{min(module.in_features, module.out_features)} of layer {name!r} "
+                f"(weight [{module.out_features}, {module.in_features}]); lower the rank or add the layer "
+                f"to modules_to_not_convert"
+            )
+        found[name] = module
+    return found
+
+
+def load_calibration(calibration: Any) -> dict[str, torch.Tensor]:
+    """Per-layer activation absmax from a config's ``calibration`` (None, a mapping or a file)."""
+    if calibration is None:
+        return {}
+    if isinstance(calibration, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(calibration):
+            raise FileNotFoundError(f"SVDQuantConfig: calibration file {os.fspath(calibration)!r} does not exist")
+        return load_file(os.fspath(calibration))
+    if hasattr(calibration, "act_absmax"):
+        return dict(calibration.act_absmax)
+    return dict(calibration)
+
+
+class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
+    """``DiffusersQuantizer`` for SVDQuant W4A4: quantize on load, or load a quantized checkpoint."""
+
+    requires_calibration = False
+    use_keep_in_fp32_modules = True
+
+    def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.torch_dtype: torch.dtype | None = None
+        self._loaded_keys: set[str] | None = None
+        self._act_absmax: dict[str, torch.Tensor] = {}
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("svdquant: offloading quantized layers to disk is not supported")
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        recorded = _dtype_from_str(self.quantization_config.torch_dtype)
+        if torch_dtype is None:
+            torch_dtype = recorded if (self.pre_quantized and recorded is not None) else torch.float32
+        if not self.pre_quantized:
+            self.quantization_config.torch_dtype = str(torch_dtype).removeprefix("torch.")
+        self.torch_dtype = torch_dtype
+        return torch_dtype
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        self._loaded_keys = set(loaded_keys)
+        return loaded_keys
+
+    def _process_model_before_weight_loading(
+        self, model: ModelMixin, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
+    ) -> None:
+        config = self.quantization_config
+        not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
+        self.modules_to_not_convert = not_convert
+        targets = quantizable_linears(model, SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": not_convert}))
+        if not targets:
+            raise ValueError(
+                f"svdquant: no linear layer of {type(model).__name__} is quantizable (all excluded or in_features "
+                f"not a multiple of 64)"
+            )
+        if self.pre_quantized:
+            self._check_checkpoint_keys(targets)
+        else:
+            self._act_absmax = load_calibration(config.calibration)
+        dtype = self.torch_dtype or torch.float32
+        for name, linear in targets.items():
+            layer = SVDQuantLinear(
+                linear.in_features, linear.out_features, config.rank, linear.bias is not None, dtype, "meta"
+            )
+            if not self.pre_quantized:
+                # The loader only fills names the model exposes: keep a meta `weight` to receive the
+                # 16-bit tensor that create_quantized_param turns into the canonical ones.
+                layer.weight = nn.Parameter(
+                    torch.empty(linear.out_features, linear.in_features, dtype=dtype, device="meta"),
+                    requires_grad=False,
+                )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        model.config.quantization_config = config
+        logger.info("svdquant: %d linear layers replaced by SVDQuantLinear", len(targets))
+
+    def _check_checkpoint_keys(self, targets: dict[str, nn.Linear]) -> None:
+        if self._loaded_keys is None:
+            return
+        for name in targets:
+            present = [t for t in QUANT_TENSORS if f"{name}.{t}" in self._loaded_keys]
+            if len(present) == len(QUANT_TENSORS):
+                continue
+            missing = [t for t in QUANT_TENSORS if t not in present]
+            hint = (
+                " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
+                if f"{name}.weight" in self._loaded_keys
+                else ""
+            )
+            raise ValueError(
+                f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
+                f"layer {name!r}{hint}"
+            )
+
+    def check_if_quantized_param(
+        self, model: ModelMixin, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
+    ) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if self.pre_quantized or tensor_name != "weight":
+            return False
+        return isinstance(model.get_submodule(module_name), SVDQuantLinear)
+
+    def create_quantized_param(
+        self,
+        model: ModelMixin,
+        param_value: torch.Tensor,
+        param_name: str,
+        target_device: torch.device | str | int,
+        state_dict: dict[str, Any],
+        unexpected_keys: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        module_name = param_name.rpartition(".")[0]
+        layer: SVDQuantLinear = model.get_submodule(module_name)
+        expected = (layer.out_features, layer.in_features)
+        if tuple(param_value.shape) != expected:
+            raise ValueError(f"svdquant: {param_name} has shape {tuple(param_value.shape)}, expected {list(expected)}")
+        device = torch.device("cpu") if target_device in (None, "cpu") else torch.device(target_device)
+        w = param_value.to(device)
+        config = self.quantization_config
+        try:
+            q = algorithm.quantize_weight(
+                w,
+                config.rank,
+                smooth=algorithm.smoothing_factors(w, self._act_absmax.get(module_name), config.smoothing_alpha),
+                dtype=layer.wscales.dtype,
+                svd_method=config.svd_method,
+                lowrank_iters=config.lowrank_iters,
+            )
+        except ValueError as e:
+            raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
+        # The bias, if any, is loaded by name like any other tensor.
+        layer.load_quantized(q, None)
+        del layer.weight
+
+    def update_missing_keys(self, model: ModelMixin, missing_keys: list[str], prefix: str) -> list[str]:
+        if self.pre_quantized:
+            return missing_keys
+        produced = {
+            f"{name}.{t}" for name, m in model.named_modules() if isinstance(m, SVDQuantLinear) for t in QUANT_TENSORS
+        }
+        return [k for k in missing_keys if k not in produced]
+
+    def _process_model_after_weight_loading(self, model: ModelMixin, **kwargs: Any) -> ModelMixin:
+        for name, module in model.named_modules():
+            if not isinstance(module, SVDQuantLinear):
+                continue
+            if "weight" in module._parameters:
+                raise ValueError(f"svdquant: the checkpoint has no weight for layer {name!r}; it cannot be quantized")
+            for t, p in module.named_parameters(recurse=False):
+                if p.device.type == "meta":
+                    raise ValueError(f"svdquant: {name}.{t} was not loaded from the checkpoint")
+        return model
+
+    def _dequantize(self, model: ModelMixin) -> ModelMixin:
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, SVDQuantLinear):
+                continue
+            w = module.dequantized_weight()
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                               device=w.device, dtype=module.wscales.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+        return model
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Make ``quant_method: "svdquant"`` resolve in diffusers (and transformers, when importable).
+
+    Idempotent. Raises ``RuntimeError`` if another package already holds the key with a different
+    class: overwriting it silently would load the wrong model.
+    """
+    from diffusers.quantizers import auto
+
+    for mapping, cls in (
+        (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, SVDQuantConfig),
+        (auto.AUTO_QUANTIZER_MAPPING, SVDQuantDiffusersQuantizer),
+    ):
+        held = mapping.get("svdquant")
+        if held is not None and held is not cls:
+            raise RuntimeError(
+                f"diffusers already maps quant_method 'svdquant' to {held.__module__}.{held.__qualname__}; "
+                f"refusing to replace it with {cls.__module__}.{cls.__qualname__}"
+            )
+        mapping["svdquant"] = cls

@@ -1,0 +1,191 @@
+"""The SVDQuant run-time kernels in plain torch: the specification.
+
+Every native kernel (CPU in ``cpp/cpu``, CUDA in ``cpp/cuda``) must reproduce the integer
+codes of these functions exactly (up to rare +-1 rounding ties) and their outputs within the
+tolerances the tests state. Nothing here is tuned for speed; it is written to be read.
+
+Conventions shared with ``DESIGN.md``:
+
+* INT4 codes are two's complement in ``[-8, 7]``, packed two per byte along K, element ``2j``
+  in the low nibble and ``2j + 1`` in the high nibble (:func:`pack_int4`).
+* Groups are ``group_size`` (64) consecutive elements along K.
+* Activation scales and the low-rank activations are float32; weight scales are stored in the
+  model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZE = 64
+QMAX = 7
+QMIN = -8
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack INT4 codes two per byte along the last dimension.
+
+    Args:
+        codes: integer tensor ``[..., K]`` with values in ``[-8, 7]``; K even.
+
+    Returns:
+        uint8 ``[..., K/2]``: element ``2j`` in the low nibble, ``2j+1`` in the high nibble.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.int16) & 0xF
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`.
+
+    Args:
+        packed: uint8 ``[..., K/2]``.
+
+    Returns:
+        int8 ``[..., K]`` with values in ``[-8, 7]``.
+    """
+    p = packed.to(torch.int16)
+    lo = p & 0xF
+    hi = (p >> 4) & 0xF
+    codes = torch.stack((lo, hi), dim=-1).flatten(-2)
+    return torch.where(codes > 7, codes - 16, codes).to(torch.int8)
+
+
+def quantize_groups(
+    x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-group INT4 quantization along the last dimension.
+
+    ``s = absmax(group) / 7`` (rounded to ``scale_dtype``), ``q = clamp(round_half_even(x / s), -8, 7)``;
+    an all-zero group gets scale 0 and codes 0 (no NaN).
+
+    Args:
+        x: float tensor ``[..., K]``, K a multiple of ``group_size``; computed in float32.
+        group_size: elements per group.
+        scale_dtype: dtype the scales are rounded to before the codes are computed, so the codes
+            are the best ones for the scales that are kept.
+
+    Returns:
+        ``(codes, scales)``: int8 ``[..., K]`` and ``scale_dtype`` ``[..., K/group_size]``.
+    """
+    *lead, k = x.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    g = x.float().reshape(*lead, k // group_size, group_size)
+    scales = (g.abs().amax(dim=-1) / QMAX).to(scale_dtype)
+    s = scales.float().unsqueeze(-1)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round(g / safe).clamp_(QMIN, QMAX)
+    q = torch.where(s == 0, torch.zeros_like(q), q)
+    return q.to(torch.int8).reshape(*lead, k), scales
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Float32 values of per-group INT4 codes.
+
+    Args:
+        codes: int8 ``[..., K]``.
+        scales: ``[..., K/G]`` any float dtype.
+
+    Returns:
+        float32 ``[..., K]``.
+    """
+    *lead, k = codes.shape
+    groups = scales.shape[-1]
+    q = codes.float().reshape(*lead, groups, k // groups)
+    return (q * scales.float().unsqueeze(-1)).reshape(*lead, k)
+
+
+def quantize_act(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, group_size: int = GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smooth, quantize and down-project activations (one read of ``x`` in the kernels).
+
+    ``x̂ = x / smooth`` in float32; per token and group ``s_x = absmax(x̂) / 7`` (float32),
+    ``q_x = clamp(round_half_even(x̂ / s_x), -8, 7)``; ``lora_act = x̂ @ lora_down`` in float32.
+
+    Args:
+        x: ``[M, K]`` float32 / bfloat16 / float16.
+        smooth: ``[K]`` the smoothing vector λ (any float dtype).
+        lora_down: ``[K, r]`` (any float dtype), ``r >= 0``.
+        group_size: 64.
+
+    Returns:
+        ``(q_x, s_x, lora_act)``: uint8 ``[M, K/2]`` packed codes, float32 ``[M, K/G]``,
+        float32 ``[M, r]``.
+    """
+    xs = x.float() / smooth.float()
+    codes, scales = quantize_groups(xs, group_size, torch.float32)
+    lora_act = xs @ lora_down.float()
+    return pack_int4(codes), scales, lora_act
+
+
+def gemm_w4a4(
+    q_x: torch.Tensor,
+    s_x: torch.Tensor,
+    q_w: torch.Tensor,
+    s_w: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """W4A4 per-group GEMM with the low-rank epilogue.
+
+    ``y[m, n] = Σ_g s_x[m,g] s_w[n,g] (q_x[m,g,:] · q_w[n,g,:]) + lora_act[m] · lora_up[n] + bias[n]``.
+    Each per-group integer dot product is exact (|q| <= 8, 64 terms, so float32 holds it exactly);
+    scaling and accumulation over groups are float32.
+
+    Args:
+        q_x: uint8 ``[M, K/2]``.
+        s_x: float32 ``[M, K/G]``.
+        q_w: uint8 ``[N, K/2]``.
+        s_w: ``[N, K/G]`` model dtype.
+        lora_act: float32 ``[M, r]``.
+        lora_up: ``[N, r]`` model dtype.
+        bias: ``[N]`` or None.
+        out_dtype: dtype of the result.
+
+    Returns:
+        ``[M, N]`` in ``out_dtype``.
+    """
+    groups = s_x.shape[-1]
+    qx = unpack_int4(q_x).float()
+    qw = unpack_int4(q_w).float()
+    m, k = qx.shape
+    n = qw.shape[0]
+    gs = k // groups if groups else 0
+    sx = s_x.float()
+    sw = s_w.float()
+    y = lora_act.float() @ lora_up.float().t()
+    for g in range(groups):
+        sl = slice(g * gs, (g + 1) * gs)
+        y += (qx[:, sl] @ qw[:, sl].t()) * sx[:, g : g + 1] * sw[:, g].unsqueeze(0)
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype).reshape(m, n)
+
+
+def svdquant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int = GROUP_SIZE,
+) -> torch.Tensor:
+    """A whole SVDQuant linear on 2-D input: :func:`quantize_act` then :func:`gemm_w4a4`.
+
+    Args:
+        x: ``[M, K]``; the result has ``x.dtype``.
+        qweight, wscales, smooth, lora_down, lora_up, bias: the canonical tensors (DESIGN.md §2).
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+    """
+    q_x, s_x, lora_act = quantize_act(x, smooth, lora_down, group_size)
+    return gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, x.dtype)
