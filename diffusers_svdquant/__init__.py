@@ -6,19 +6,23 @@
 """
 
 from . import ops
+from .calibration import CalibrationStats, calibrate
 from .config import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantMethod
 from .linear import SVDQuantLinear
-from .quantizer import SVDQuantDiffusersQuantizer, register
+from .quantizer import SVDQuantDiffusersQuantizer, quantize_, register
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationStats",
+    "calibrate",
     "DEFAULT_MODULES_TO_NOT_CONVERT",
     "SVDQuantConfig",
     "SVDQuantDiffusersQuantizer",
     "SVDQuantLinear",
     "SVDQuantMethod",
     "ops",
+    "quantize_",
     "register",
 ]
 

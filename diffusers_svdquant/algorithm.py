@@ -179,6 +179,30 @@ def quantize_weight(
     )
 
 
+def svdquant_weight(
+    weight: torch.Tensor,
+    rank: int,
+    *,
+    act_absmax: torch.Tensor | None = None,
+    smoothing_alpha: float = 0.5,
+    dtype: torch.dtype | None = None,
+    svd_method: str = "auto",
+    lowrank_iters: int = 0,
+) -> QuantizedWeight:
+    """:func:`smoothing_factors` then :func:`quantize_weight`: the whole SVDQuant of one weight.
+
+    Args:
+        weight: ``[N, K]``.
+        rank: low-rank branch rank.
+        act_absmax: ``[K]`` calibration absmax of the layer's input, or None (λ = 1).
+        smoothing_alpha, dtype, svd_method, lowrank_iters: as in the functions above.
+    """
+    smooth = smoothing_factors(weight, act_absmax, smoothing_alpha)
+    return quantize_weight(
+        weight, rank, smooth=smooth, dtype=dtype, svd_method=svd_method, lowrank_iters=lowrank_iters
+    )
+
+
 def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
     """The float32 weight ``[N, K]`` that a :class:`QuantizedWeight` represents in the original
     (unsmoothed) input space: ``(Q⁻¹(qweight) + lora_up @ lora_down.T) / λ``."""

@@ -90,10 +90,11 @@ class SVDQuantLinear(nn.Module):
         dtype = dtype or w.dtype
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype, w.device)
         layer.load_quantized(
-            algorithm.quantize_weight(
+            algorithm.svdquant_weight(
                 w,
                 rank,
-                smooth=algorithm.smoothing_factors(w, act_absmax, smoothing_alpha),
+                act_absmax=act_absmax,
+                smoothing_alpha=smoothing_alpha,
                 dtype=dtype,
                 svd_method=svd_method,
                 lowrank_iters=lowrank_iters,

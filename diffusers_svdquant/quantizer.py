@@ -71,6 +71,38 @@ def quantizable_linears(model: nn.Module, config: SVDQuantConfig) -> dict[str, n
     return found
 
 
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
+    """Quantize an already-loaded model in place (any ``nn.Module``, e.g. a transformers encoder).
+
+    The layers :func:`quantizable_linears` selects become :class:`SVDQuantLinear`, using
+    ``config.calibration`` for smoothing when given. ``from_pretrained(..., quantization_config=...)``
+    is the memory-frugal route for diffusers models; this one needs the 16-bit model in memory.
+
+    Returns:
+        ``model``.
+    """
+    stats = load_calibration(config.calibration)
+    for name, linear in quantizable_linears(model, config).items():
+        try:
+            layer = SVDQuantLinear.from_linear(
+                linear,
+                config.rank,
+                act_absmax=stats.get(name),
+                smoothing_alpha=config.smoothing_alpha,
+                svd_method=config.svd_method,
+                lowrank_iters=config.lowrank_iters,
+            )
+        except ValueError as e:
+            raise ValueError(f"svdquant: cannot quantize layer {name!r}: {e}") from e
+        _replace_module(model, name, layer)
+    return model
+
+
 def load_calibration(calibration: Any) -> dict[str, torch.Tensor]:
     """Per-layer activation absmax from a config's ``calibration`` (None, a mapping or a file)."""
     if calibration is None:
@@ -144,8 +176,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
                     torch.empty(linear.out_features, linear.in_features, dtype=dtype, device="meta"),
                     requires_grad=False,
                 )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            _replace_module(model, name, layer)
         model.config.quantization_config = config
         logger.info("svdquant: %d linear layers replaced by SVDQuantLinear", len(targets))
 
@@ -194,10 +225,11 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         w = param_value.to(device)
         config = self.quantization_config
         try:
-            q = algorithm.quantize_weight(
+            q = algorithm.svdquant_weight(
                 w,
                 config.rank,
-                smooth=algorithm.smoothing_factors(w, self._act_absmax.get(module_name), config.smoothing_alpha),
+                act_absmax=self._act_absmax.get(module_name),
+                smoothing_alpha=config.smoothing_alpha,
                 dtype=layer.wscales.dtype,
                 svd_method=config.svd_method,
                 lowrank_iters=config.lowrank_iters,
@@ -238,8 +270,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
                 linear.weight.copy_(w)
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            _replace_module(model, name, linear)
         return model
 
     @property
