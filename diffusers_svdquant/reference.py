@@ -76,9 +76,8 @@ def quantize_groups(
     g = x.float().reshape(*lead, k // group_size, group_size)
     scales = (g.abs().amax(dim=-1) / QMAX).to(scale_dtype)
     s = scales.float().unsqueeze(-1)
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.round(g / safe).clamp_(QMIN, QMAX)
-    q = torch.where(s == 0, torch.zeros_like(q), q)
+    zero = s == 0
+    q = (g / torch.where(zero, torch.ones_like(s), s)).round_().clamp_(QMIN, QMAX).masked_fill_(zero, 0)
     return q.to(torch.int8).reshape(*lead, k), scales
 
 
