@@ -10,6 +10,16 @@ from typing import Any
 import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
+try:
+    # One config class for both libraries: as a subclass of transformers' mixin too, SVDQuantConfig is
+    # accepted by its registry (which checks issubclass), and diffusers' PipelineQuantizationConfig finds
+    # the same class, hence the same __init__ signature, under "svdquant" in both mappings.
+    from transformers.utils.quantization_config import QuantizationConfigMixin as _HfQuantizationConfigMixin
+except ImportError:  # transformers absent or unusable: the config still serves diffusers
+
+    class _HfQuantizationConfigMixin:  # type: ignore[no-redef]
+        """Stand-in base used when transformers cannot be imported."""
+
 FORMAT_VERSION = 1
 
 # Kept in 16-bit by default, following Nunchaku's choice for FLUX / SD3 / SDXL: the input and output
@@ -50,8 +60,12 @@ def module_matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
     return False
 
 
-class SVDQuantConfig(QuantizationConfigMixin):
+class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
     """Settings of SVDQuant W4A4 quantization (arXiv 2411.05007).
+
+    The same object works as ``quantization_config`` of a diffusers model's and of a transformers
+    model's ``from_pretrained`` (e.g. a T5 / CLIP text encoder); see
+    :mod:`diffusers_svdquant.transformers_quantizer`.
 
     Args:
         rank: rank ``r`` of the 16-bit low-rank branch (>= 1; at most ``min(N, K)`` of every

@@ -305,3 +305,7 @@ def register() -> None:
                 f"refusing to replace it with {cls.__module__}.{cls.__qualname__}"
             )
         mapping["svdquant"] = cls
+
+    from .transformers_quantizer import register_transformers  # here: that module imports this one
+
+    register_transformers()

@@ -1,0 +1,343 @@
+"""The transformers quantizer for ``quant_method: "svdquant"`` (T5 / CLIP encoders, any ``PreTrainedModel``).
+
+``SVDQuantConfig`` also subclasses transformers' ``QuantizationConfigMixin`` (see :mod:`.config`), so
+one config object serves ``FluxTransformer2DModel.from_pretrained`` and ``T5EncoderModel.from_pretrained``.
+
+transformers v5 loads through its own converter pipeline rather than diffusers' per-parameter hooks:
+
+* quantize on load — :meth:`SVDQuantHfQuantizer._process_model_before_weight_loading` swaps the target
+  ``nn.Linear``\\ s (chosen by :func:`~diffusers_svdquant.quantizer.quantizable_linears`, the same rule as
+  for diffusers) for meta :class:`SVDQuantLinear` skeletons; ``param_needs_quantization`` marks each
+  ``<layer>.weight``, and the loader hands the 16-bit tensor to :class:`SVDQuantQuantize`, which
+  returns the canonical tensors instead;
+* pre-quantized — ``config.json`` carries ``quantization_config``; the skeletons' canonical tensors
+  (``qweight``, ``wscales``, ``smooth``, ``lora_down``, ``lora_up``, ``bias``) are filled by name, float
+  ones cast to the model dtype, ``qweight`` left uint8.
+
+While loading, each skeleton also carries a meta ``weight`` placeholder marked as initialized: some
+models' ``_init_weights`` read ``child.weight`` of every linear (T5's attention does), and the
+placeholder makes that a no-op. It is hidden from ``state_dict`` for pre-quantized loads (so it is not
+a "missing" key) and removed once loading ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import algorithm
+from .config import SVDQuantConfig
+from .linear import QUANT_TENSORS, SVDQuantLinear
+from .quantizer import _replace_module, load_calibration, quantizable_linears
+
+try:
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as e:  # transformers absent or older than v5: diffusers support must still load
+    ConversionOps = HfQuantizer = object  # type: ignore[assignment,misc]  # inert bases, never registered
+    _IMPORT_ERROR = e
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+KEY = "svdquant"
+
+
+def _keep_in_fp32_patterns(model: nn.Module) -> list[str]:
+    """``modules_to_not_convert`` patterns for the model's ``_keep_in_fp32_modules(_strict)``.
+
+    transformers matches those names as module-name suffixes (T5's ``"wo"`` is every
+    ``...DenseReluDense.wo``); :func:`~diffusers_svdquant.config.module_matches` needs globs for that.
+    """
+    names: set[str] = set()
+    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names.update(getattr(model, attr, None) or ())
+    return [p for n in sorted(names) for p in (n, f"*.{n}", f"*.{n}.*")]
+
+
+def _checkpoint_keys(checkpoint_files: Iterable[str | os.PathLike] | None) -> set[str] | None:
+    """Tensor names in safetensors checkpoints (headers only), or None for other formats."""
+    files = [os.fspath(f) for f in checkpoint_files or ()]
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            keys.update(h.keys())
+    return keys
+
+
+def _placeholder(linear: nn.Linear) -> nn.Parameter:
+    """A meta ``[N, K]`` stand-in for ``linear.weight``, marked so transformers' init functions skip it."""
+    p = nn.Parameter(torch.empty_like(linear.weight, device="meta"), requires_grad=False)
+    p._is_hf_initialized = True
+    return p
+
+
+def _hide_placeholder(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """``state_dict`` post-hook dropping the placeholder, so the loader does not expect it in the file."""
+    state_dict.pop(prefix + "weight", None)
+
+
+class SVDQuantQuantize(ConversionOps):
+    """Loader op: a 16-bit ``<layer>.weight`` ``[N, K]`` in, the layer's canonical tensors out.
+
+    Returns ``<layer>.qweight`` uint8 ``[N, K/2]``, ``wscales`` ``[N, K/64]``, ``smooth`` ``[K]``,
+    ``lora_down`` ``[K, r]`` and ``lora_up`` ``[N, r]`` in the skeleton's dtype; any other tensor passes
+    through. The skeleton's placeholder ``weight`` stays until loading ends; its key is taken off the
+    missing list.
+    """
+
+    def __init__(self, hf_quantizer: SVDQuantHfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(
+        self,
+        input_dict: dict[str, torch.Tensor | list[torch.Tensor]],
+        model: nn.Module | None = None,
+        missing_keys: set[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            module_name, _, tensor_name = key.rpartition(".")
+            layer = model.get_submodule(module_name)
+            if tensor_name != "weight" or not isinstance(layer, SVDQuantLinear):
+                out[key] = value
+                continue
+            q = self.hf_quantizer.quantize_layer(module_name, layer, value)
+            out.update({f"{module_name}.{t}": getattr(q, t) for t in QUANT_TENSORS})
+            if missing_keys is not None:
+                missing_keys.discard(key)
+        return out
+
+
+class SVDQuantHfQuantizer(HfQuantizer):
+    """``HfQuantizer`` for SVDQuant W4A4: quantize a transformers model on load, or load a quantized one.
+
+    Linears listed in the model's ``_keep_in_fp32_modules(_strict)`` stay 16-bit, as in the diffusers
+    quantizer, so T5's ``wo`` projections are not quantized.
+    """
+
+    requires_calibration = False
+    quantization_config: SVDQuantConfig
+
+    def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+        self._act_absmax: dict[str, torch.Tensor] = {}
+        self._hide_hooks: list[Any] = []
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("svdquant: offloading quantized layers to disk is not supported")
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # Recorded like the diffusers quantizer does; a transformers reload takes config.json's `dtype`.
+        if not self.pre_quantized and isinstance(dtype, torch.dtype):
+            self.quantization_config.torch_dtype = str(dtype).removeprefix("torch.")
+        return dtype
+
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return tensor_name == "weight" and isinstance(model.get_submodule(module_name), SVDQuantLinear)
+
+    def param_element_size(self, model: PreTrainedModel, param_name: str, param: torch.Tensor) -> float:
+        # The placeholder never takes memory; the canonical tensors are counted on their own.
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if tensor_name == "weight" and isinstance(model.get_submodule(module_name), SVDQuantLinear):
+            return 0.0
+        return param.element_size()
+
+    def get_quantize_ops(self) -> SVDQuantQuantize:
+        return SVDQuantQuantize(self)
+
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> PreTrainedModel:
+        config = self.quantization_config
+        self.modules_to_not_convert = list(config.modules_to_not_convert) + _keep_in_fp32_patterns(model)
+        rule = SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": self.modules_to_not_convert})
+        targets = quantizable_linears(model, rule)
+        if not targets:
+            raise ValueError(
+                f"svdquant: no linear layer of {type(model).__name__} is quantizable (all excluded or "
+                f"in_features not a multiple of 64)"
+            )
+        if self.pre_quantized:
+            self._check_checkpoint_keys(model, targets, _checkpoint_keys(checkpoint_files))
+        else:
+            self._act_absmax = load_calibration(config.calibration)
+        for name, linear in targets.items():
+            # The meta linear was built in the load dtype (transformers' init context); keep it.
+            dtype = linear.weight.dtype
+            layer = SVDQuantLinear(
+                linear.in_features, linear.out_features, config.rank, linear.bias is not None, dtype, "meta"
+            )
+            # Quantize on load: the loader only routes checkpoint names the model exposes, so the placeholder
+            # also receives the 16-bit tensor. Pre-quantized: nothing may arrive for it, so hide it.
+            layer.weight = _placeholder(linear)
+            if self.pre_quantized:
+                self._hide_hooks.append(layer.register_state_dict_post_hook(_hide_placeholder))
+            _replace_module(model, name, layer)
+        logger.info("svdquant: %d linears of %s now SVDQuantLinear", len(targets), type(model).__name__)
+        return model
+
+    @staticmethod
+    def _check_checkpoint_keys(
+        model: nn.Module, targets: dict[str, nn.Linear], keys: set[str] | None
+    ) -> None:
+        """Fail before loading when a quantized layer's tensors are absent from the checkpoint."""
+        if keys is None:
+            return  # not safetensors: _process_model_after_weight_loading still catches it
+        prefix = getattr(model, "base_model_prefix", "") + "."
+
+        def present(key: str) -> bool:
+            # The loader also accepts names with the base-model prefix added or removed.
+            return key in keys or prefix + key in keys or key.removeprefix(prefix) in keys
+
+        for name, linear in targets.items():
+            wanted = QUANT_TENSORS + (("bias",) if linear.bias is not None else ())
+            missing = [t for t in wanted if not present(f"{name}.{t}")]
+            if not missing:
+                continue
+            hint = (
+                " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
+                if present(f"{name}.weight")
+                else ""
+            )
+            raise ValueError(
+                f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
+                f"layer {name!r}{hint}"
+            )
+
+    def quantize_layer(
+        self, module_name: str, layer: SVDQuantLinear, weight: torch.Tensor
+    ) -> algorithm.QuantizedWeight:
+        """SVDQuant one 16-bit weight ``[N, K]`` with the config and the layer's calibration absmax.
+
+        Returns the canonical tensors in ``layer``'s dtype, on ``weight``'s device.
+        """
+        expected = (layer.out_features, layer.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"svdquant: {module_name}.weight has shape {tuple(weight.shape)}, expected {list(expected)}"
+            )
+        config = self.quantization_config
+        try:
+            return algorithm.svdquant_weight(
+                weight,
+                config.rank,
+                act_absmax=self._act_absmax.get(module_name),
+                smoothing_alpha=config.smoothing_alpha,
+                dtype=layer.wscales.dtype,
+                svd_method=config.svd_method,
+                lowrank_iters=config.lowrank_iters,
+            )
+        except ValueError as e:
+            raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        for hook in self._hide_hooks:
+            hook.remove()
+        self._hide_hooks = []
+        self._act_absmax = {}  # the model keeps this quantizer: do not pin the statistics
+        for name, module in model.named_modules():
+            if not isinstance(module, SVDQuantLinear):
+                continue
+            module._parameters.pop("weight", None)
+            # The loader flags every tensor it set; one it did not set was missing from the checkpoint and
+            # is an uninitialized stand-in. (Meta tensors are accelerate's offloaded ones, loaded elsewhere.)
+            unloaded = [
+                t
+                for t, p in module.named_parameters(recurse=False)
+                if p.device.type != "meta" and not getattr(p, "_is_hf_initialized", False)
+            ]
+            if not self.pre_quantized and set(unloaded) & set(QUANT_TENSORS):
+                raise ValueError(f"svdquant: the checkpoint has no weight for layer {name!r} to quantize")
+            if unloaded:
+                raise ValueError(
+                    f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in unloaded)} for "
+                    f"quantized layer {name!r}"
+                )
+            # The loader makes float parameters trainable; these are frozen quantized data.
+            module.requires_grad_(False)
+        return model
+
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, SVDQuantLinear):
+                continue
+            w = module.dequantized_weight()
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                device=w.device,
+                dtype=dtype or module.wscales.dtype,
+            )
+            with torch.no_grad():
+                linear.weight.copy_(w)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            _replace_module(model, name, linear)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register_transformers() -> bool:
+    """Register ``"svdquant"`` in transformers' quantization-config and quantizer registries.
+
+    Idempotent. Returns False (and logs) when transformers cannot be imported, so diffusers-only
+    installs still work.
+
+    Raises:
+        RuntimeError: another class already holds ``"svdquant"`` in either registry (it is never
+            overwritten: that would load checkpoints with the wrong code).
+    """
+    if _IMPORT_ERROR is not None:
+        logger.info("svdquant: transformers is not importable (%s); diffusers only", _IMPORT_ERROR)
+        return False
+    from transformers.quantizers import auto
+
+    entries = (
+        (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, SVDQuantConfig, register_quantization_config),
+        (auto.AUTO_QUANTIZER_MAPPING, SVDQuantHfQuantizer, register_quantizer),
+    )
+    # Check both before touching either, so a collision leaves transformers as it was.
+    for mapping, cls, _ in entries:
+        held = mapping.get(KEY)
+        if held is not None and held is not cls:
+            raise RuntimeError(
+                f"transformers already maps quant_method {KEY!r} to {held.__module__}.{held.__qualname__}; "
+                f"refusing to replace it with {cls.__module__}.{cls.__qualname__}"
+            )
+    for mapping, cls, register_fn in entries:
+        if KEY not in mapping:
+            register_fn(KEY)(cls)
+    return True
