@@ -27,7 +27,9 @@ from .model_zoo import flux_shaped, model_inputs, timestep_value, weight_bytes
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def generate(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens: int) -> tuple[torch.Tensor, list[float]]:
+def generate(
+    model: torch.nn.Module, steps: int, image_tokens: int, text_tokens: int
+) -> tuple[torch.Tensor, list[float]]:
     """Euler steps of the flow ``dx/dt = -v(x, t)`` from t=1 to 0 with fixed random conditioning.
 
     Returns the final latents (float32) and the wall time of each model call.
@@ -38,7 +40,7 @@ def generate(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens:
     times = []
     ts = torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
-        for t, t_next in zip(ts[:-1], ts[1:]):
+        for t, t_next in zip(ts[:-1], ts[1:], strict=True):
             start = time.perf_counter()
             v = model(**{key: x.to(inputs_dtype(model))}, **inputs, timestep=timestep_value(model, float(t)),
                       return_dict=False)[0]  # fmt: skip

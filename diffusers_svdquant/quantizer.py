@@ -154,7 +154,8 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         config = self.quantization_config
         not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
         self.modules_to_not_convert = not_convert
-        targets = quantizable_linears(model, SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": not_convert}))
+        rule = SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": not_convert})
+        targets = quantizable_linears(model, rule)
         if not targets:
             raise ValueError(
                 f"svdquant: no linear layer of {type(model).__name__} is quantizable (all excluded or in_features "
