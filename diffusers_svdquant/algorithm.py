@@ -143,7 +143,7 @@ def quantize_weight(
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if k % group_size:
-        raise ValueError(f"in_features K={k} is not a multiple of the group size {group_size}")
+        raise ValueError(f"weight [{n}, {k}]: in_features K={k} is not a multiple of the group size {group_size}")
     if not 0 <= rank <= min(n, k):
         raise ValueError(f"rank {rank} must be between 0 and min(N, K) = {min(n, k)} for a weight [{n}, {k}]")
     dtype = dtype or weight.dtype

@@ -70,8 +70,8 @@ def calibrate(
     handles = []
 
     def hook(name: str) -> Callable[[nn.Module, tuple], None]:
-        def record(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else kwargs["input"]).detach()
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] == 0:
                 return
@@ -84,7 +84,7 @@ def calibrate(
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (module_filter is None or module_filter(name, module)):
-            handles.append(module.register_forward_pre_hook(hook(name)))
+            handles.append(module.register_forward_pre_hook(hook(name), with_kwargs=True))
     try:
         with torch.no_grad():
             run(model)

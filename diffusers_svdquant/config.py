@@ -136,7 +136,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             raise ValueError(
                 f"SVDQuantConfig: svd_method must be 'auto', 'exact' or 'randomized', got {self.svd_method!r}"
             )
-        if not isinstance(self.lowrank_iters, int) or self.lowrank_iters < 0:
+        if isinstance(self.lowrank_iters, bool) or not isinstance(self.lowrank_iters, int) or self.lowrank_iters < 0:
             raise ValueError(f"SVDQuantConfig: lowrank_iters must be an integer >= 0, got {self.lowrank_iters!r}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(

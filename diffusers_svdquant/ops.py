@@ -100,7 +100,12 @@ def quantize_act(
         ``(q_x, s_x, lora_act)``: uint8 ``[M, K/2]``, float32 ``[M, K/64]``, float32 ``[M, r]``.
     """
     _check_quantize_act_args(x, smooth, lora_down)
-    return reference.quantize_act(x, smooth, lora_down)
+    return _reference_quantize_act(x, smooth, lora_down)
+
+
+def _reference_quantize_act(x, smooth, lora_down):
+    # The fake says the outputs are contiguous; a transposed x would make the reference's strided.
+    return reference.quantize_act(x.contiguous(), smooth, lora_down)
 
 
 @quantize_act.register_fake
@@ -119,12 +124,14 @@ def _(x, smooth, lora_down):
     _check_quantize_act_args(x, smooth, lora_down)
     if _C is None:
         _warn_once("quantize_act", f"diffusers_svdquant._C unavailable ({_NATIVE_ERROR}); using reference.py")
-        return reference.quantize_act(x, smooth, lora_down)
+        return _reference_quantize_act(x, smooth, lora_down)
     m, k = x.shape
     r = lora_down.shape[1]
-    x = x.contiguous()
-    smooth = smooth.to(x.dtype).contiguous()
-    lora_down = lora_down.to(x.dtype).contiguous()
+    if not x.dtype == smooth.dtype == lora_down.dtype:
+        # The kernel reads all three in one dtype; float32 holds each of them exactly, so the
+        # result is the reference's (which computes in float32) rather than a rounded variant.
+        x, smooth, lora_down = x.float(), smooth.float(), lora_down.float()
+    x, smooth, lora_down = x.contiguous(), smooth.contiguous(), lora_down.contiguous()
     q_x = torch.empty(m, k // 2, dtype=torch.uint8)
     s_x = torch.empty(m, k // reference.GROUP_SIZE, dtype=torch.float32)
     lora_act = torch.empty(m, r, dtype=torch.float32)
@@ -137,7 +144,15 @@ def _(x, smooth, lora_down):
 
 
 def _check_gemm_args(q_x, s_x, q_w, s_w, lora_act, lora_up, bias) -> None:
+    for name, t in (("q_x", q_x), ("s_x", s_x), ("q_w", q_w), ("s_w", s_w), ("lora_act", lora_act),
+                    ("lora_up", lora_up)):  # fmt: skip
+        if t.dim() != 2:
+            raise ValueError(f"gemm_w4a4: {name} must be 2-D, got shape {tuple(t.shape)}")
     m, kh = q_x.shape
+    if (2 * kh) % reference.GROUP_SIZE:
+        raise ValueError(
+            f"gemm_w4a4: q_x has shape {tuple(q_x.shape)}: K = {2 * kh} is not a multiple of {reference.GROUP_SIZE}"
+        )
     n = q_w.shape[0]
     groups = 2 * kh // reference.GROUP_SIZE
     for name, t, shape in (

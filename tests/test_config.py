@@ -1,0 +1,183 @@
+"""``SVDQuantConfig``: defaults, serialization as diffusers does it, validation, module exclusion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantMethod
+from diffusers_svdquant.config import FORMAT_VERSION, module_matches
+
+
+def test_defaults():
+    """Default settings: rank 32, group 64, int4, default exclusions, α 0.5, no calibration,
+    svd 'auto', no refinement, no recorded dtype, current format version, quant_method 'svdquant'."""
+    c = SVDQuantConfig()
+    assert c.rank == 32
+    assert c.group_size == 64
+    assert c.precision == "int4"
+    assert c.modules_to_not_convert == list(DEFAULT_MODULES_TO_NOT_CONVERT)
+    assert c.smoothing_alpha == 0.5
+    assert c.calibration is None
+    assert c.svd_method == "auto"
+    assert c.lowrank_iters == 0
+    assert c.torch_dtype is None
+    assert c.format_version == FORMAT_VERSION == 1
+    assert c.quant_method is SVDQuantMethod.SVDQUANT
+    assert isinstance(c.quant_method, str) and c.quant_method.value == "svdquant"  # diffusers reads .value
+
+
+def test_default_exclusions_are_a_copy():
+    """Mutating one config's exclusion list touches neither the module default nor other configs."""
+    a = SVDQuantConfig()
+    a.modules_to_not_convert.append("foo")
+    assert "foo" not in DEFAULT_MODULES_TO_NOT_CONVERT
+    assert "foo" not in SVDQuantConfig().modules_to_not_convert
+
+
+SETTINGS = {
+    "rank": 16,
+    "modules_to_not_convert": ["proj_out", "*norm*"],
+    "smoothing_alpha": 0.3,
+    "svd_method": "randomized",
+    "lowrank_iters": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_to_dict_json_and_round_trip():
+    """to_dict() is JSON-serializable, carries quant_method='svdquant' (diffusers passes it back to
+    the constructor through from_dict), and from_dict(to_dict()) reproduces every setting."""
+    c = SVDQuantConfig(**SETTINGS)
+    d = c.to_dict()
+    assert d["quant_method"] == "svdquant" and type(d["quant_method"]) is str
+    assert d["format_version"] == FORMAT_VERSION
+    for k, v in SETTINGS.items():
+        assert d[k] == v, k
+    s = json.dumps(d)
+    back = SVDQuantConfig.from_dict(json.loads(s))
+    assert isinstance(back, SVDQuantConfig)
+    assert back.to_dict() == d
+    assert back.quant_method is SVDQuantMethod.SVDQUANT
+    # the diffusers helpers built on to_dict / to_diff_dict work too
+    assert json.loads(c.to_json_string(use_diff=False)) == d
+    diff = json.loads(c.to_json_string())
+    assert diff["quant_method"] == "svdquant" and diff["rank"] == 16 and "group_size" not in diff
+    assert dict(c) == d
+
+
+def test_quant_method_enum_or_string_accepted():
+    """quant_method may come as the enum member or its string (as read from config.json)."""
+    assert SVDQuantConfig(quant_method="svdquant").quant_method is SVDQuantMethod.SVDQUANT
+    assert SVDQuantConfig(quant_method=SVDQuantMethod.SVDQUANT).quant_method is SVDQuantMethod.SVDQUANT
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"rank": 0}, r"rank.*0"),
+        ({"rank": -1}, r"rank.*-1"),
+        ({"rank": 1.5}, r"rank.*1\.5"),
+        ({"rank": True}, r"rank.*True"),
+        ({"rank": "32"}, r"rank.*'32'"),
+        ({"group_size": 128}, r"group_size.*128"),
+        ({"group_size": 32}, r"group_size.*32"),
+        ({"precision": "fp4"}, r"precision.*fp4"),
+        ({"smoothing_alpha": 1.5}, r"smoothing_alpha.*1\.5"),
+        ({"smoothing_alpha": -0.1}, r"smoothing_alpha.*-0\.1"),
+        ({"svd_method": "lanczos"}, r"svd_method.*lanczos"),
+        ({"lowrank_iters": -1}, r"lowrank_iters.*-1"),
+        ({"lowrank_iters": 1.5}, r"lowrank_iters.*1\.5"),
+        ({"quant_method": "bitsandbytes"}, r"quant_method.*bitsandbytes"),
+        ({"quant_method": "gguf"}, r"quant_method.*gguf"),
+        ({"bits": 4}, r"unknown settings.*bits"),
+        ({"format_version": FORMAT_VERSION + 1}, rf"format_version {FORMAT_VERSION + 1}.*newer"),
+        ({"modules_to_not_convert": ["a", 3]}, r"modules_to_not_convert"),
+    ],
+)
+def test_bad_settings(kwargs, pattern):
+    """Each invalid setting → ValueError naming the setting and the bad value."""
+    with pytest.raises(ValueError, match=pattern):
+        SVDQuantConfig(**kwargs)
+
+
+def test_bool_lowrank_iters_rejected():
+    """lowrank_iters=True is rejected like rank=True (a bool is not an iteration count)."""
+    with pytest.raises(ValueError, match="lowrank_iters"):
+        SVDQuantConfig(lowrank_iters=True)
+
+
+def test_bad_settings_from_dict():
+    """from_dict (diffusers' entry point for config.json) validates too."""
+    d = SVDQuantConfig().to_dict()
+    d["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match="newer"):
+        SVDQuantConfig.from_dict(d)
+    d = SVDQuantConfig().to_dict()
+    d["unexpected"] = 1
+    with pytest.raises(ValueError, match="unexpected"):
+        SVDQuantConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("ok", [{"rank": 1}, {"smoothing_alpha": 0.0}, {"smoothing_alpha": 1}, {"format_version": 0}])
+def test_edge_settings_accepted(ok):
+    """Boundary values that are valid are accepted."""
+    SVDQuantConfig(**ok)
+
+
+@pytest.mark.parametrize(
+    ("name", "patterns", "expected"),
+    [
+        ("proj_out", ["proj_out"], True),  # exact
+        ("proj_out.lora", ["proj_out"], True),  # child of an excluded module ("name." prefix)
+        ("proj_outer", ["proj_out"], False),  # prefix without the dot is a different module
+        ("single_transformer_blocks.0.proj_out", ["proj_out"], False),  # only the top-level one
+        ("transformer_blocks.3.norm1.linear", ["*norm*"], True),  # glob
+        ("transformer_blocks.3.attn.to_q", ["*norm*"], False),
+        ("transformer_blocks.3.attn.to_q", ["transformer_blocks.3"], True),
+        ("transformer_blocks.30.attn.to_q", ["transformer_blocks.3"], False),
+        ("down_blocks.0.resnets.0.time_emb_proj", ["*time_emb_proj"], True),
+        ("anything", [], False),
+    ],
+)
+def test_module_matches(name, patterns, expected):
+    """Exclusion patterns match the exact name, any module below it ("name." prefix), or a glob."""
+    assert module_matches(name, patterns) is expected
+    assert SVDQuantConfig(modules_to_not_convert=patterns).is_excluded(name) is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("proj_out", True),
+        ("single_transformer_blocks.0.proj_out", False),
+        ("norm_out.linear", True),
+        ("transformer_blocks.0.norm1.linear", True),
+        ("x_embedder", True),
+        ("time_text_embed.timestep_embedder.linear_1", True),
+        ("transformer_blocks.0.attn.to_q", False),
+        ("transformer_blocks.0.ff.net.2", False),
+        ("single_transformer_blocks.0.proj_mlp", False),
+    ],
+)
+def test_default_exclusions(name, expected):
+    """The default list keeps FLUX's embedders, norms and top-level proj_out in 16-bit and quantizes
+    the attention / MLP linears, including the single blocks' own proj_out."""
+    assert SVDQuantConfig().is_excluded(name) is expected
+
+
+def test_calibration_not_serialized(tmp_path):
+    """Calibration statistics (a path or a dict of tensors) are not part of to_dict / JSON / repr."""
+    stats = {"transformer_blocks.0.attn.to_q": torch.rand(128)}
+    for calib in (stats, str(tmp_path / "calib.safetensors")):
+        c = SVDQuantConfig(calibration=calib)
+        assert c.calibration is calib
+        d = c.to_dict()
+        assert "calibration" not in d
+        assert "calibration" not in json.loads(c.to_json_string(use_diff=False))
+        assert "calibration" not in repr(c)
+        c.to_json_file(tmp_path / "q.json")
+        assert "calibration" not in json.loads((tmp_path / "q.json").read_text())
+        assert SVDQuantConfig.from_dict(d).calibration is None

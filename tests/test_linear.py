@@ -1,0 +1,210 @@
+"""``SVDQuantLinear``: construction from ``nn.Linear``, forward shapes/dtypes/accuracy, errors,
+``.to()``, state_dict layout and reload, ``dequantized_weight``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_svdquant import SVDQuantLinear
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+KEYS = ["qweight", "wscales", "smooth", "lora_down", "lora_up"]
+
+# Relative output error vs the nn.Linear it came from (default nn.Linear init, Gaussian input,
+# rank 16, no smoothing): measured 0.077-0.149 over every dtype / bias / shape / leading shape here
+# (the largest for a single token); ~1.7x margin.
+OUTPUT_REL_ERR = 0.25
+# Relative error of dequantized_weight() vs the original weight (256 -> 96, rank 16): measured 0.078
+# without smoothing and 0.143 with λ from random statistics in [0.1, 10.1] (smoothing moves
+# quantization difficulty into the weight); ~1.5x margin.
+WEIGHT_REL_ERR = {False: 0.12, True: 0.22}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _linear(k: int, n: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    if bias:
+        with torch.no_grad():
+            lin.bias.normal_(0, 0.5)  # large enough that a dropped bias fails the error bound
+    return lin.to(dtype)
+
+
+def structured_linear(k: int, n: int, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    """An nn.Linear whose weight has singular values ∝ 1/i and three outlier input columns."""
+    g = _gen(seed)
+    p = min(n, k)
+    u, _ = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(k, p, generator=g, dtype=torch.float64))
+    w = (u / torch.arange(1, p + 1, dtype=torch.float64)) @ v.t()
+    w[:, :3] *= 8
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w / w.std() * 0.02)
+    return lin.to(dtype)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("k", "n"), [(128, 96), (256, 320)])
+def test_from_linear_forward(k, n, bias, dtype):
+    """Output shape [..., N] for 1-D to 4-D input, the layer's dtype, and relative error vs the
+    original nn.Linear below OUTPUT_REL_ERR; the parameters follow DESIGN.md §2."""
+    lin = _linear(k, n, bias, dtype)
+    q = SVDQuantLinear.from_linear(lin, 16)
+    assert (q.in_features, q.out_features, q.rank) == (k, n, 16)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (n, k // 2)
+    assert q.wscales.dtype == dtype and q.wscales.shape == (n, k // 64)
+    assert (q.bias is not None) == bias
+    if bias:
+        assert torch.equal(q.bias, lin.bias.detach())
+    g = _gen(1)
+    for lead in [(), (7,), (2, 5), (2, 3, 4)]:
+        x = torch.randn(*lead, k, generator=g).to(dtype)
+        y = q(x)
+        assert y.shape == (*lead, n)
+        assert y.dtype == dtype
+        with torch.no_grad():
+            ref = lin(x)
+        err = rel(y, ref)
+        assert err < OUTPUT_REL_ERR, (lead, err)
+
+
+def test_forward_casts_input_to_layer_dtype():
+    """float32 input to a bfloat16 layer gives bfloat16 output equal to feeding bf16 input."""
+    q = SVDQuantLinear.from_linear(_linear(128, 64, True, torch.bfloat16), 8)
+    x = torch.randn(3, 128, generator=_gen(2))
+    y = q(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, q(x.to(torch.bfloat16)))
+
+
+def test_forward_empty_batch():
+    """Zero tokens in, zero tokens out, with the right trailing shape."""
+    q = SVDQuantLinear.from_linear(_linear(128, 64, True, torch.float32), 8)
+    assert q(torch.randn(0, 128)).shape == (0, 64)
+    assert q(torch.randn(2, 0, 128)).shape == (2, 0, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_error_decreases_with_rank(dtype):
+    """On a weight with a decaying spectrum, output error falls strictly over r = 0, 8, 16, 32, 64
+    (measured 0.246 → 0.027 → 0.018 → 0.012 → 0.007 at 128 → 192, every dtype)."""
+    lin = structured_linear(128, 192, dtype, seed=3)
+    x = torch.randn(32, 128, generator=_gen(4)).to(dtype)
+    with torch.no_grad():
+        ref = lin(x)
+    errs = [rel(SVDQuantLinear.from_linear(lin, r)(x), ref) for r in (0, 8, 16, 32, 64)]
+    assert all(a > b for a, b in zip(errs[:-1], errs[1:], strict=True)), errs
+    assert errs[-1] < errs[0] / 4, errs
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+@pytest.mark.parametrize("features", [127, 64, 256])
+def test_wrong_feature_count(lead, features):
+    """Input whose last dim is not in_features → ValueError naming both numbers."""
+    q = SVDQuantLinear(128, 64, 4)
+    with pytest.raises(ValueError, match=rf"{features} features.*expected 128"):
+        q(torch.randn(*lead, features))
+
+
+@pytest.mark.parametrize("k", [100, 63, 130])
+def test_in_features_not_multiple_of_64(k):
+    """in_features % 64 != 0 → ValueError at construction (and from_linear) naming it."""
+    with pytest.raises(ValueError, match=f"in_features={k}"):
+        SVDQuantLinear(k, 64, 4)
+    with pytest.raises(ValueError, match=f"in_features={k}"):
+        SVDQuantLinear.from_linear(nn.Linear(k, 64), 4)
+
+
+@pytest.mark.parametrize(("k", "n", "r"), [(128, 32, 33), (64, 128, 65), (128, 64, -1)])
+def test_bad_rank(k, n, r):
+    """rank > min(in, out) or rank < 0 → ValueError at construction naming rank and shape."""
+    with pytest.raises(ValueError, match=rf"rank {r}.*\[{n}, {k}\]"):
+        SVDQuantLinear(k, n, r)
+    with pytest.raises(ValueError, match=rf"rank {r}"):
+        SVDQuantLinear.from_linear(nn.Linear(k, n), r)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_to_dtype_keeps_qweight_uint8(bias):
+    """.to(float16) casts every float tensor and leaves qweight uint8 and bit-identical; the moved
+    layer runs and returns float16."""
+    q = SVDQuantLinear.from_linear(_linear(128, 64, bias, torch.float32), 8)
+    qweight = q.qweight.clone()
+    q16 = q.to(torch.float16)
+    for name in ["wscales", "smooth", "lora_down", "lora_up"] + (["bias"] if bias else []):
+        assert getattr(q16, name).dtype == torch.float16, name
+    assert q16.qweight.dtype == torch.uint8
+    assert torch.equal(q16.qweight, qweight)
+    assert q16(torch.randn(2, 128)).dtype == torch.float16
+    assert all(not p.requires_grad for p in q16.parameters())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_keys(bias):
+    """state_dict holds exactly the canonical tensors of DESIGN.md §2 (plus bias when present)."""
+    q = SVDQuantLinear.from_linear(_linear(128, 64, bias, torch.bfloat16), 8)
+    sd = q.state_dict()
+    assert list(sd) == KEYS + (["bias"] if bias else [])
+    assert sd["qweight"].dtype == torch.uint8
+    assert all(sd[k].dtype == torch.bfloat16 for k in sd if k != "qweight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_load_state_dict_into_skeleton(bias, dtype):
+    """A fresh skeleton (zeros, or on the meta device with assign=True) loaded from state_dict gives
+    bit-identical outputs; the skeleton alone does not (so the check is not vacuous)."""
+    q = SVDQuantLinear.from_linear(_linear(192, 80, bias, dtype, seed=5), 12, act_absmax=torch.rand(192) + 0.5)
+    x = torch.randn(4, 192, generator=_gen(6)).to(dtype)
+    want = q(x)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+
+    fresh = SVDQuantLinear(192, 80, 12, bias=bias, dtype=dtype)
+    assert not torch.equal(fresh(x), want)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), want)
+
+    meta = SVDQuantLinear(192, 80, 12, bias=bias, dtype=dtype, device="meta")
+    meta.load_state_dict(sd, assign=True)
+    assert torch.equal(meta(x), want)
+
+
+def test_load_state_dict_missing_key():
+    """A state_dict lacking a canonical tensor does not load strictly."""
+    q = SVDQuantLinear.from_linear(_linear(128, 64, True, torch.float32), 8)
+    sd = q.state_dict()
+    del sd["lora_up"]
+    with pytest.raises(RuntimeError, match="lora_up"):
+        SVDQuantLinear(128, 64, 8).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_dequantized_weight(dtype, with_stats):
+    """dequantized_weight() is float32 [N, K] and close to the original weight (WEIGHT_REL_ERR),
+    also with smoothing (it undoes λ)."""
+    lin = _linear(256, 96, True, dtype, seed=7)
+    a = torch.rand(256, generator=_gen(8)) * 10 + 0.1 if with_stats else None
+    q = SVDQuantLinear.from_linear(lin, 16, act_absmax=a)
+    w = q.dequantized_weight()
+    assert w.dtype == torch.float32 and w.shape == (96, 256)
+    err = rel(w, lin.weight.float())
+    assert err < WEIGHT_REL_ERR[with_stats], err
+
+
+def test_dtype_override():
+    """from_linear(dtype=...) stores the float tensors in that dtype and runs in it."""
+    q = SVDQuantLinear.from_linear(_linear(128, 64, True, torch.float32), 8, dtype=torch.bfloat16)
+    assert q.wscales.dtype == q.smooth.dtype == q.lora_up.dtype == q.bias.dtype == torch.bfloat16
+    assert q(torch.randn(2, 128)).dtype == torch.bfloat16
