@@ -1,0 +1,184 @@
+// diffusers_svdquant._C: the one native module.
+//
+// The boundary carries no PyTorch types: tensors arrive as data pointers (Python ints, e.g.
+// `t.data_ptr()`) plus sizes, and ops.py owns dtype/shape/contiguity checks on the torch side.
+// Everything a kernel relies on is validated here again, because a wrong size or a null pointer
+// would otherwise be a segfault in the user's process instead of a ValueError.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using svdq::cpu::DType;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
+  return s;
+}
+
+// A Python int holding an address. Negative or too-large values are a ValueError naming the
+// argument, not pybind11's generic TypeError.
+uintptr_t as_ptr(const char* fn, const char* name, const py::int_& v) {
+  const unsigned long long p = PyLong_AsUnsignedLongLong(v.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(std::string(fn) + ": " + name + " must be a non-negative address (e.g. tensor.data_ptr()), got " +
+         py::str(v).cast<std::string>());
+  }
+  if (p > std::numeric_limits<uintptr_t>::max()) fail(std::string(fn) + ": " + name + " is not an address");
+  return static_cast<uintptr_t>(p);
+}
+
+void check_size(const char* fn, const char* name, int64_t v) {
+  if (v < 0) fail(std::string(fn) + ": " + name + " must be >= 0, got " + std::to_string(v));
+}
+
+// a * b must fit in int64 (both already >= 0).
+void check_product(const char* fn, const char* an, int64_t a, const char* bn, int64_t b) {
+  if (b != 0 && a > std::numeric_limits<int64_t>::max() / b)
+    fail(std::string(fn) + ": " + an + " * " + bn + " overflows (" + an + "=" + std::to_string(a) + ", " +
+         bn + "=" + std::to_string(b) + ")");
+}
+
+void check_ptr(const char* fn, const char* name, uintptr_t p, int64_t numel) {
+  if (p == 0 && numel > 0)
+    fail(std::string(fn) + ": " + name + " is a null pointer but holds " + std::to_string(numel) +
+         " elements");
+}
+
+void check_threads(const char* fn, int64_t n) {
+  if (n < 1 || n > 4096)
+    fail(std::string(fn) + ": num_threads must be in [1, 4096], got " + std::to_string(n));
+}
+
+void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_,
+                  const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, int64_t M, int64_t K,
+                  int64_t R, int64_t dtype, int64_t group_size, int64_t num_threads) {
+  const char* fn = "quantize_act";
+  const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
+                  lora_down = as_ptr(fn, "lora_down", lora_down_), q_x = as_ptr(fn, "q_x", q_x_),
+                  s_x = as_ptr(fn, "s_x", s_x_), lora_act = as_ptr(fn, "lora_act", lora_act_);
+  check_size(fn, "M", M);
+  check_size(fn, "K", K);
+  check_size(fn, "R", R);
+  if (group_size != svdq::cpu::kGroupSize)
+    fail(std::string(fn) + ": group_size must be 64, got " + std::to_string(group_size));
+  if (K % 2 != 0) fail(std::string(fn) + ": K must be even, got K=" + std::to_string(K));
+  if (K % group_size != 0)
+    fail(std::string(fn) + ": K must be a multiple of group_size=" + std::to_string(group_size) +
+         ", got K=" + std::to_string(K));
+  if (dtype < 0 || dtype > 2)
+    fail(std::string(fn) + ": dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+         std::to_string(dtype));
+  check_threads(fn, num_threads);
+  check_product(fn, "M", M, "K", K);
+  check_product(fn, "K", K, "R", R);
+  check_product(fn, "M", M, "R", R);
+  check_ptr(fn, "x", x, M * K);
+  check_ptr(fn, "smooth", smooth, M > 0 ? K : 0);  // only read when there are rows
+  check_ptr(fn, "lora_down", lora_down, M > 0 ? K * R : 0);
+  check_ptr(fn, "q_x", q_x, M * (K / 2));
+  check_ptr(fn, "s_x", s_x, M * (K / group_size));
+  check_ptr(fn, "lora_act", lora_act, M * R);
+  if (M == 0) return;
+
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  k.quantize_act(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(smooth),
+                 reinterpret_cast<const void*>(lora_down), reinterpret_cast<uint8_t*>(q_x),
+                 reinterpret_cast<float*>(s_x), reinterpret_cast<float*>(lora_act), M, K, R,
+                 static_cast<DType>(dtype), static_cast<int>(num_threads));
+}
+
+void check_pack_args(const char* fn, const char* src_name, uintptr_t src, const char* dst_name, uintptr_t dst,
+                     int64_t rows, int64_t K, int64_t num_threads) {
+  check_size(fn, "rows", rows);
+  check_size(fn, "K", K);
+  if (K % 2 != 0) fail(std::string(fn) + ": K must be even, got K=" + std::to_string(K));
+  check_threads(fn, num_threads);
+  check_product(fn, "rows", rows, "K", K);
+  check_ptr(fn, src_name, src, rows * K);
+  check_ptr(fn, dst_name, dst, rows * K);
+}
+
+void pack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64_t K, int64_t num_threads) {
+  const char* fn = "pack_int4";
+  const uintptr_t src = as_ptr(fn, "src", src_), dst = as_ptr(fn, "dst", dst_);
+  check_pack_args(fn, "src", src, "dst", dst, rows, K, num_threads);
+  if (rows * K == 0) return;
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  k.pack_int4(reinterpret_cast<const int8_t*>(src), reinterpret_cast<uint8_t*>(dst), rows, K,
+              static_cast<int>(num_threads));
+}
+
+void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64_t K, int64_t num_threads) {
+  const char* fn = "unpack_int4";
+  const uintptr_t src = as_ptr(fn, "src", src_), dst = as_ptr(fn, "dst", dst_);
+  check_pack_args(fn, "src", src, "dst", dst, rows, K, num_threads);
+  if (rows * K == 0) return;
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  k.unpack_int4(reinterpret_cast<const uint8_t*>(src), reinterpret_cast<int8_t*>(dst), rows, K,
+                static_cast<int>(num_threads));
+}
+
+void set_cpu_isa(const std::string& name) {
+  if (svdq::cpu::set_isa(name)) return;
+  const auto supported = svdq::cpu::supported_isas();
+  const auto known = svdq::cpu::known_isas();
+  bool is_known = false;
+  for (const auto& k : known) is_known |= k == name;
+  if (is_known)
+    fail("set_cpu_isa: CPU path '" + name +
+         "' is not supported by this CPU/OS; supported: " + join(supported));
+  fail("set_cpu_isa: unknown CPU path '" + name + "'; supported on this CPU: " + join(supported) +
+       " (built: " + join(known) + ")");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "SVDQuant W4A4 native kernels (raw pointers + sizes; no PyTorch types).";
+
+  m.def("quantize_act", &quantize_act, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("q_x"),
+        py::arg("s_x"), py::arg("lora_act"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("dtype"),
+        py::arg("group_size"), py::arg("num_threads"),
+        R"doc(Smooth, INT4-quantize per 64-group and down-project activations (reference.quantize_act).
+
+x [M, K], smooth [K], lora_down [K, R]: all `dtype` (0 float32, 1 bfloat16, 2 float16), contiguous.
+Writes q_x uint8 [M, K/2] (element 2j low nibble), s_x float32 [M, K/64], lora_act float32 [M, R].
+Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Releases the GIL.)doc");
+  m.def("pack_int4", &pack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
+        py::arg("num_threads"), "int8 codes [rows, K] -> uint8 [rows, K/2], element 2j in the low nibble.");
+  m.def("unpack_int4", &unpack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
+        py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
+  m.def(
+      "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
+      "The CPU instruction path in use: 'generic', 'avx2', ...");
+  m.def("supported_cpu_isas", &svdq::cpu::supported_isas,
+        "CPU paths this CPU and OS can run (cpuid and XCR0), 'generic' first, best last.");
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
+        "Select a CPU path process-wide; ValueError if unknown or unsupported here.");
+  m.def(
+      "has_cuda",
+      [] {
+#if defined(SVDQ_HAVE_CUDA_KERNELS)
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether CUDA kernels were compiled into this build.");
+}

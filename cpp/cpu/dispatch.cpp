@@ -1,0 +1,163 @@
+// Run-time choice of the CPU path. Compiled with no ISA flags: this file runs on every CPU and
+// must not contain a single instruction the oldest x86-64 (or any non-x86 target) lacks.
+//
+// A path is usable when the CPU reports its instructions (cpuid) AND the OS saves the register
+// state they need (XCR0 via xgetbv); a hypervisor or kernel can disable AVX/AVX-512 state even
+// on hardware that has them, and using them then faults.
+//
+// Adding a path (ggml-style feature bundles): write cpp/cpu/<name>.cpp in namespace
+// svdq::cpu::<name>, give it its flags in CMakeLists.txt, declare it in kernels.h, and add one
+// row to kIsas below. A path that does not override a kernel points its slot at generic::.
+
+#include <atomic>
+#include <cstdint>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+#define SVDQ_X86 1
+#if defined(_MSC_VER)
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#endif
+
+namespace svdq::cpu {
+namespace {
+
+struct CpuFeatures {
+  bool os_avx = false;     // XCR0: SSE and AVX state (bits 1, 2)
+  bool os_avx512 = false;  // XCR0: plus opmask and ZMM state (bits 5, 6, 7)
+  bool avx = false, fma = false, f16c = false, avx2 = false;
+  bool avx512f = false, avx512dq = false, avx512bw = false, avx512vl = false, avx512vnni = false;
+  bool avxvnni = false;
+};
+
+#if defined(SVDQ_X86)
+void cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+#if defined(_MSC_VER)
+  int v[4];
+  __cpuidex(v, static_cast<int>(leaf), static_cast<int>(sub));
+  for (int i = 0; i < 4; ++i) r[i] = static_cast<uint32_t>(v[i]);
+#else
+  __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]);
+#endif
+}
+
+uint64_t xcr0() {
+#if defined(_MSC_VER)
+  return _xgetbv(0);
+#else
+  // Raw xgetbv: the _xgetbv intrinsic would need -mxsave on this file.
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+#endif
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#if defined(SVDQ_X86)
+  uint32_t r[4];
+  cpuid(0, 0, r);
+  const uint32_t max_leaf = r[0];
+  if (max_leaf < 1) return f;
+  cpuid(1, 0, r);
+  const bool osxsave = (r[2] >> 27) & 1;
+  f.avx = (r[2] >> 28) & 1;
+  f.fma = (r[2] >> 12) & 1;
+  f.f16c = (r[2] >> 29) & 1;
+  if (osxsave) {  // xgetbv faults unless the OS enabled XSAVE
+    const uint64_t x = xcr0();
+    f.os_avx = (x & 0x6) == 0x6;
+    f.os_avx512 = (x & 0xe6) == 0xe6;
+  }
+  if (max_leaf >= 7) {
+    cpuid(7, 0, r);
+    const uint32_t max_sub = r[0];
+    f.avx2 = (r[1] >> 5) & 1;
+    f.avx512f = (r[1] >> 16) & 1;
+    f.avx512dq = (r[1] >> 17) & 1;
+    f.avx512bw = (r[1] >> 30) & 1;
+    f.avx512vl = (r[1] >> 31) & 1;
+    f.avx512vnni = (r[2] >> 11) & 1;
+    if (max_sub >= 1) {
+      cpuid(7, 1, r);
+      f.avxvnni = (r[0] >> 4) & 1;
+    }
+  }
+#endif
+  return f;
+}
+
+const CpuFeatures& features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+struct IsaEntry {
+  const char* name;
+  bool (*runs_on)(const CpuFeatures&);
+  KernelTable table;
+};
+
+// From the most portable to the fastest: the default is the last row this CPU runs.
+const IsaEntry kIsas[] = {
+    {"generic",
+     [](const CpuFeatures&) { return true; },
+     {generic::quantize_act, generic::pack_int4, generic::unpack_int4}},
+#if defined(SVDQ_HAVE_AVX2)
+    {"avx2",
+     [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
+     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4}},
+#endif
+    // Next rows, once their files exist:
+    //   "avxvnni":    os_avx && avx2 && fma && f16c && avxvnni
+    //   "avx512vnni": os_avx512 && avx512f && avx512bw && avx512vl && avx512dq && avx512vnni
+};
+
+const IsaEntry* best_entry() {
+  const IsaEntry* best = &kIsas[0];
+  for (const IsaEntry& e : kIsas)
+    if (e.runs_on(features())) best = &e;
+  return best;
+}
+
+std::atomic<const IsaEntry*>& current_entry() {
+  static std::atomic<const IsaEntry*> current{best_entry()};
+  return current;
+}
+
+}  // namespace
+
+const KernelTable& kernels() { return current_entry().load(std::memory_order_acquire)->table; }
+
+const char* current_isa() { return current_entry().load(std::memory_order_acquire)->name; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const IsaEntry& e : kIsas)
+    if (e.runs_on(features())) out.emplace_back(e.name);
+  return out;
+}
+
+std::vector<std::string> known_isas() {
+  std::vector<std::string> out;
+  for (const IsaEntry& e : kIsas) out.emplace_back(e.name);
+  return out;
+}
+
+bool set_isa(const std::string& name) {
+  for (const IsaEntry& e : kIsas) {
+    if (name == e.name) {
+      if (!e.runs_on(features())) return false;
+      current_entry().store(&e, std::memory_order_release);
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace svdq::cpu

@@ -1,0 +1,74 @@
+// CPU kernel interface: one table of function pointers per instruction-set path.
+//
+// Contract shared by every path (DESIGN.md §1, diffusers_svdquant/reference.py):
+//   * Matrices are row-major and contiguous; sizes are element counts (int64).
+//   * INT4 codes are two's complement in [-8, 7], packed two per byte along K: element 2j in the
+//     low nibble, element 2j+1 in the high nibble.
+//   * Activation groups are kGroupSize = 64 consecutive elements of a row.
+//   * Callers (bindings.cpp) have validated the arguments; kernels do not check them again.
+//
+// Each path lives in its own translation unit and namespace (svdq::cpu::generic,
+// svdq::cpu::avx2, ...) so the linker can never merge code compiled with wider ISA flags into a
+// narrower path. This header therefore declares only types and functions; it defines no inline
+// code that could be instantiated under different flags.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace svdq::cpu {
+
+constexpr int64_t kGroupSize = 64;
+
+// The Python side passes these codes (ops.py `_DTYPE_CODES`).
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// x: [M, K] `dtype`; smooth: [K] `dtype`; lora_down: [K, R] `dtype` (may be null when R == 0).
+// q_x: uint8 [M, K/2]; s_x: float32 [M, K/64]; lora_act: float32 [M, R] (null when R == 0).
+// K is a multiple of 64 (K == 0 allowed: lora_act is then zeros). num_threads >= 1.
+using QuantizeActFn = void (*)(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x,
+                               float* s_x, float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype,
+                               int num_threads);
+// src: int8 [rows, K] codes in [-8, 7]; dst: uint8 [rows, K/2]. K even.
+using PackInt4Fn = void (*)(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
+// src: uint8 [rows, K/2]; dst: int8 [rows, K]. K even.
+using UnpackInt4Fn = void (*)(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
+
+struct KernelTable {
+  QuantizeActFn quantize_act;
+  PackInt4Fn pack_int4;
+  UnpackInt4Fn unpack_int4;
+};
+
+namespace generic {
+void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
+                  float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
+void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
+void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
+}  // namespace generic
+
+#if defined(SVDQ_HAVE_AVX2)
+namespace avx2 {
+void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
+                  float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
+void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
+void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
+}  // namespace avx2
+#endif
+
+// Dispatcher (dispatch.cpp, compiled without ISA flags).
+
+// The table of the selected path. Selection is process-wide; the default is the best path this
+// CPU and OS support.
+const KernelTable& kernels();
+// Name of the selected path ("generic", "avx2", ...).
+const char* current_isa();
+// Paths this CPU can run (cpuid and XCR0), "generic" first, best last.
+std::vector<std::string> supported_isas();
+// Paths compiled into this build, whether or not this CPU can run them.
+std::vector<std::string> known_isas();
+// Selects a path by name. Returns false (and changes nothing) if it is unknown or unsupported.
+bool set_isa(const std::string& name);
+
+}  // namespace svdq::cpu

@@ -1,0 +1,393 @@
+"""The native CPU kernels (``diffusers_svdquant._C``) against ``reference.py``, on every CPU path.
+
+Codes and scales must equal the reference bit for bit; ``lora_act`` only up to float32 summation
+order. Each test runs once per path this CPU supports (``generic`` and, on AVX2 machines,
+``avx2``), selected with ``_C.set_cpu_isa``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_C = pytest.importorskip("diffusers_svdquant._C")
+from diffusers_svdquant import reference  # noqa: E402
+
+ISAS = list(_C.supported_cpu_isas())
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+G = reference.GROUP_SIZE
+LORA_RTOL = 1e-4
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Selects one CPU path and restores the previous one afterwards."""
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with use_isa(request.param) as name:
+        yield name
+
+
+def make_inputs(m: int, k: int, r: int, dtype: torch.dtype, seed: int = 0):
+    """x with planted outliers, an all-zero group and exact rounding ties; smooth in [0.5, 4]."""
+    torch.manual_seed(seed)
+    x = torch.randn(m, k)
+    if m and k:
+        n = max(1, m * k // 200)
+        idx = torch.randint(0, m * k, (n,))
+        x.view(-1)[idx] *= torch.empty(n).uniform_(20, 80)  # activation outliers, as in DiT/UNet layers
+    smooth = torch.empty(k).uniform_(0.5, 4.0)
+    if m and k >= 2 * G:
+        x[m // 2, G : 2 * G] = 0.0  # an all-zero group: scale 0, codes 0, no NaN
+    if m and k:
+        # With smooth == 1 and absmax 7 the scale is exactly 1, so these hit round-half-to-even ties.
+        smooth[:G] = 1.0
+        ties = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -3.5, 3.5, 4.5, -4.5, 5.5, -6.5, 6.5])
+        x[0, :G] = 0.25
+        x[0, : ties.numel()] = ties
+    lora_down = torch.randn(k, r) / math.sqrt(max(k, 1))
+    return x.to(dtype), smooth.to(dtype), lora_down.to(dtype)
+
+
+def run_native(x, smooth, lora_down, num_threads: int | None = None):
+    m, k = x.shape
+    r = lora_down.shape[1]
+    q_x = torch.empty(m, k // 2, dtype=torch.uint8)
+    s_x = torch.empty(m, k // G, dtype=torch.float32)
+    lora_act = torch.empty(m, r, dtype=torch.float32)
+    _C.quantize_act(
+        x.data_ptr(), smooth.data_ptr(), lora_down.data_ptr(),
+        q_x.data_ptr(), s_x.data_ptr(), lora_act.data_ptr(),
+        m, k, r, DTYPE_CODE[x.dtype], G, num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    return q_x, s_x, lora_act
+
+
+def reference_quantize_act(x, smooth, lora_down):
+    # The reference is a chain of small torch ops, each an OpenMP fork/join; on a busy machine with
+    # few cores those joins wait out scheduler time slices (20x slower seen on 2 cores). One
+    # thread keeps the suite fast; the codes and scales do not depend on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference.quantize_act(x, smooth, lora_down)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_case(m: int, k: int, r: int, dtype: torch.dtype, seed: int):
+    """Inputs and reference outputs, computed once and shared by the parametrized CPU paths."""
+    inputs = make_inputs(m, k, r, dtype, seed)
+    return inputs, reference_quantize_act(*inputs)
+
+
+def assert_matches_reference(x, smooth, lora_down, num_threads: int | None = None, expected=None):
+    q_x, s_x, lora_act = run_native(x, smooth, lora_down, num_threads)
+    q_ref, s_ref, a_ref = expected or reference_quantize_act(x, smooth, lora_down)
+    if not torch.equal(s_x, s_ref):
+        bad = (s_x != s_ref).nonzero()[:5]
+        got, want = s_x[bad[:, 0], bad[:, 1]].tolist(), s_ref[bad[:, 0], bad[:, 1]].tolist()
+        raise AssertionError(f"scales differ at {bad.tolist()}: {got} vs {want}")
+    if not torch.equal(q_x, q_ref):
+        codes, codes_ref = reference.unpack_int4(q_x), reference.unpack_int4(q_ref)
+        bad = (codes != codes_ref).nonzero()[:5].tolist()
+        raise AssertionError(f"codes differ at {bad} (of {int((codes != codes_ref).sum())})")
+    assert not torch.isnan(s_x).any()
+    err = (lora_act - a_ref).norm().item()
+    scale = a_ref.norm().item()
+    assert err <= LORA_RTOL * scale + 1e-30, f"lora_act relative error {err / max(scale, 1e-30):.3g}"
+
+
+# --- quantize_act -------------------------------------------------------------------------------
+
+
+# The CPU path varies fastest (top decorator), so consecutive tests share a cached reference.
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", [0, 1, 7, 32, 33])
+@pytest.mark.parametrize("k", [64, 128, 3072])
+@pytest.mark.parametrize("m", [0, 1, 3, 17, 64, 257])
+def test_quantize_act_matches_reference(isa_name, m, k, r, dtype):
+    inputs, expected = cached_case(m, k, r, dtype, seed=m * 1000 + k + r)
+    with use_isa(isa_name):
+        assert_matches_reference(*inputs, expected=expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_act_ties_and_zero_group(isa, dtype):
+    x, smooth, lora_down = make_inputs(2, 128, 8, dtype)
+    q_x, s_x, _ = run_native(x, smooth, lora_down)
+    codes = reference.unpack_int4(q_x)
+    assert s_x[0, 0].item() == 1.0  # the planted ties: round half to even, not away from zero
+    assert codes[0, :14].tolist() == [7, 0, 2, 2, 0, -2, -2, -4, 4, 4, -4, 6, -6, 6]
+    assert s_x[1, 1].item() == 0.0  # the planted all-zero group
+    assert not codes[1, G:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_act_wide_k(isa, dtype):
+    # The widest K of the supported models (Flux MLP down-projection), several K blocks per row.
+    assert_matches_reference(*make_inputs(5, 12288, 32, dtype, seed=7))
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 8])
+def test_quantize_act_thread_counts(isa, num_threads):
+    # More threads than rows or cores must neither change the result nor fail.
+    assert_matches_reference(*make_inputs(37, 256, 32, torch.bfloat16, seed=3), num_threads=num_threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantize_act_subnormal_inputs(isa, dtype):
+    # Scales that underflow to 0 (absmax/7 below the smallest subnormal) must give codes 0, and
+    # subnormal x̂ must not be flushed: the kernels run without FTZ/DAZ, like torch.
+    x, smooth, lora_down = make_inputs(4, 256, 8, torch.float32, seed=11)
+    x = x * 1e-39
+    x[1, :G] = 1e-45  # the smallest subnormal: absmax/7 rounds to 0
+    x[2, G : 2 * G] = torch.linspace(-4e-45, 4e-45, G)
+    assert_matches_reference(x.to(dtype), smooth.to(dtype), lora_down.to(dtype))
+
+
+def test_quantize_act_fp16_extremes(isa):
+    # float16 subnormals, the largest finite value and signed zeros all convert exactly.
+    torch.manual_seed(5)
+    x = torch.randn(3, 128).to(torch.float16)
+    x[0, :8] = torch.tensor([6.0e-8, -6.0e-8, 1e-5, -3e-6, 65504.0, -65504.0, 0.0, -0.0])
+    x[1] = torch.tensor(2.0**-24)  # all the smallest subnormal
+    x[2, :G] = -0.0
+    smooth = torch.empty(128).uniform_(0.5, 4.0).to(torch.float16)
+    lora_down = torch.randn(128, 9).to(torch.float16)
+    assert_matches_reference(x, smooth, lora_down)
+
+
+def test_quantize_act_zero_k(isa):
+    # K = 0: no groups, and the down projection of an empty row is 0.
+    x, smooth, lora_down = torch.empty(3, 0), torch.empty(0), torch.empty(0, 4)
+    q_x, s_x, lora_act = run_native(x, smooth, lora_down)
+    assert q_x.shape == (3, 0) and s_x.shape == (3, 0)
+    assert torch.equal(lora_act, torch.zeros(3, 4))
+
+
+def test_quantize_act_null_pointers_for_empty_tensors(isa):
+    # R == 0 and M == 0 leave nothing to read or write: 0 pointers are fine there.
+    x, smooth, _ = make_inputs(2, 64, 0, torch.float32)
+    q_x = torch.empty(2, 32, dtype=torch.uint8)
+    s_x = torch.empty(2, 1)
+    _C.quantize_act(x.data_ptr(), smooth.data_ptr(), 0, q_x.data_ptr(), s_x.data_ptr(), 0, 2, 64, 0, 0, G, 1)
+    q_ref, s_ref, _ = reference.quantize_act(x, smooth, torch.empty(64, 0))
+    assert torch.equal(q_x, q_ref) and torch.equal(s_x, s_ref)
+    _C.quantize_act(0, 0, 0, 0, 0, 0, 0, 64, 32, 1, G, 1)
+
+
+def test_quantize_act_concurrent_calls(isa):
+    # The GIL is released during the kernel; concurrent calls must not share scratch memory.
+    inputs = [make_inputs(33, 512, 32, torch.bfloat16, seed=s) for s in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda a: run_native(*a, num_threads=2), inputs))
+    for a, out in zip(inputs, outs, strict=True):
+        q_ref, s_ref, a_ref = reference_quantize_act(*a)
+        assert torch.equal(out[0], q_ref) and torch.equal(out[1], s_ref)
+        assert (out[2] - a_ref).norm() <= LORA_RTOL * a_ref.norm()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    m=st.integers(0, 40),
+    groups=st.integers(0, 12),
+    r=st.integers(0, 40),
+    dtype=st.sampled_from(DTYPES),
+    isa_name=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_act_hypothesis(m, groups, r, dtype, isa_name, seed):
+    with use_isa(isa_name):
+        assert_matches_reference(*make_inputs(m, groups * G, r, dtype, seed=seed))
+
+
+# --- pack / unpack ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "k"), [(0, 64), (1, 2), (3, 6), (5, 64), (7, 130), (100, 4096), (64, 8192)])
+def test_pack_unpack_match_reference(isa, rows, k):
+    torch.manual_seed(rows * 31 + k)
+    codes = torch.randint(-8, 8, (rows, k), dtype=torch.int8)
+    packed = torch.empty(rows, k // 2, dtype=torch.uint8)
+    _C.pack_int4(codes.data_ptr(), packed.data_ptr(), rows, k, torch.get_num_threads())
+    assert torch.equal(packed, reference.pack_int4(codes))
+
+    # Every byte value, not only those pack_int4 produces.
+    raw = torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8)
+    unpacked = torch.empty(rows, k, dtype=torch.int8)
+    _C.unpack_int4(raw.data_ptr(), unpacked.data_ptr(), rows, k, torch.get_num_threads())
+    assert torch.equal(unpacked, reference.unpack_int4(raw))
+
+    back = torch.empty(rows, k, dtype=torch.int8)
+    _C.unpack_int4(packed.data_ptr(), back.data_ptr(), rows, k, 2)
+    assert torch.equal(back, codes)
+
+
+def test_unpack_all_bytes(isa):
+    raw = torch.arange(256, dtype=torch.uint8).repeat(3).reshape(3, 256)
+    out = torch.empty(3, 512, dtype=torch.int8)
+    _C.unpack_int4(raw.data_ptr(), out.data_ptr(), 3, 512, 1)
+    assert torch.equal(out, reference.unpack_int4(raw))
+    again = torch.empty_like(raw)
+    _C.pack_int4(out.data_ptr(), again.data_ptr(), 3, 512, 1)
+    assert torch.equal(again, raw)
+
+
+# --- CPU path selection -------------------------------------------------------------------------
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_supported_isas():
+    assert ISAS[0] == "generic"
+    assert len(set(ISAS)) == len(ISAS)
+    assert isinstance(_C.has_cuda(), bool)
+    flags = _cpuinfo_flags()
+    if flags is not None and os.uname().machine == "x86_64":
+        # The kernel only lists avx2 when the OS also saves YMM state, so this agrees with XCR0.
+        assert ("avx2" in ISAS) == ({"avx2", "fma", "f16c"} <= flags)
+
+
+def test_default_isa_is_best_supported():
+    # A fresh process, without SVDQ_CPU_ISA, starts on the best path.
+    # The extension is loaded on its own, without the package's __init__ (and diffusers).
+    env = {k: v for k, v in os.environ.items() if k != "SVDQ_CPU_ISA"}
+    code = (
+        "import importlib.util as u\n"
+        f"s = u.spec_from_file_location('diffusers_svdquant._C', {_C.__file__!r})\n"
+        "C = u.module_from_spec(s)\n"
+        "s.loader.exec_module(C)\n"
+        "print(C.cpu_isa(), C.supported_cpu_isas()[-1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    current, best = out.stdout.split()[-2:]
+    assert current == best
+
+
+def test_set_cpu_isa_roundtrip():
+    previous = _C.cpu_isa()
+    try:
+        for name in ISAS:
+            _C.set_cpu_isa(name)
+            assert _C.cpu_isa() == name
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("name", ["nope", "", "AVX2", "avx512vnni"])
+def test_set_cpu_isa_rejects(name):
+    if name in ISAS:
+        pytest.skip(f"{name} is supported here")
+    previous = _C.cpu_isa()
+    with pytest.raises(ValueError, match=re.escape(f"'{name}'")) as info:
+        _C.set_cpu_isa(name)
+    assert "generic" in str(info.value)  # the message lists what is supported
+    assert _C.cpu_isa() == previous
+
+
+# --- bad arguments ------------------------------------------------------------------------------
+
+
+def _qa_args(**over):
+    """Valid quantize_act arguments for M=2, K=64, R=4 with a per-test override."""
+    x, smooth, lora_down = make_inputs(2, 64, 4, torch.float32)
+    q_x = torch.empty(2, 32, dtype=torch.uint8)
+    s_x = torch.empty(2, 1)
+    lora_act = torch.empty(2, 4)
+    args = dict(
+        x=x.data_ptr(), smooth=smooth.data_ptr(), lora_down=lora_down.data_ptr(),
+        q_x=q_x.data_ptr(), s_x=s_x.data_ptr(), lora_act=lora_act.data_ptr(),
+        M=2, K=64, R=4, dtype=0, group_size=G, num_threads=1,
+    )  # fmt: skip
+    args.update(over)
+    keep = (x, smooth, lora_down, q_x, s_x, lora_act)  # the pointers stay valid while these live
+    return args, keep
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ({"group_size": 32}, ["group_size", "32"]),
+        ({"group_size": 128, "K": 128}, ["group_size", "128"]),
+        ({"K": 100}, ["K", "100"]),
+        ({"K": 63}, ["K", "63"]),
+        ({"K": -64}, ["K", "-64"]),
+        ({"M": -1}, ["M", "-1"]),
+        ({"R": -2}, ["R", "-2"]),
+        ({"dtype": 3}, ["dtype", "3"]),
+        ({"dtype": -1}, ["dtype", "-1"]),
+        ({"num_threads": 0}, ["num_threads", "0"]),
+        ({"x": 0}, ["x"]),
+        ({"smooth": 0}, ["smooth"]),
+        ({"lora_down": 0}, ["lora_down"]),
+        ({"q_x": 0}, ["q_x"]),
+        ({"s_x": 0}, ["s_x"]),
+        ({"lora_act": 0}, ["lora_act"]),
+        ({"x": -8}, ["x", "-8"]),
+        ({"M": 2**62, "K": 2**10}, ["M", "K"]),
+    ],
+)
+def test_quantize_act_bad_arguments(override, names):
+    args, _keep = _qa_args(**override)
+    with pytest.raises(ValueError) as info:
+        _C.quantize_act(**args)
+    msg = str(info.value)
+    for name in names:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?!\w)", msg), f"{name!r} not named in: {msg}"
+
+
+@pytest.mark.parametrize("fn", ["pack_int4", "unpack_int4"])
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ({"rows": -1}, ["rows", "-1"]),
+        ({"K": 7}, ["K", "7"]),
+        ({"K": -2}, ["K", "-2"]),
+        ({"src": 0}, ["src"]),
+        ({"dst": 0}, ["dst"]),
+        ({"num_threads": 0}, ["num_threads", "0"]),
+    ],
+)
+def test_pack_bad_arguments(fn, override, names):
+    src = torch.zeros(4, 64, dtype=torch.int8)
+    dst = torch.zeros(4, 64, dtype=torch.int8)
+    args = dict(src=src.data_ptr(), dst=dst.data_ptr(), rows=4, K=64, num_threads=1)
+    args.update(override)
+    with pytest.raises(ValueError) as info:
+        getattr(_C, fn)(**args)
+    msg = str(info.value)
+    assert msg.startswith(fn)
+    for name in names:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?!\w)", msg), f"{name!r} not named in: {msg}"
