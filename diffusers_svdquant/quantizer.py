@@ -103,6 +103,30 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
     return model
 
 
+def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap every :class:`SVDQuantLinear` back for an ``nn.Linear`` holding the weight it computes with.
+
+    Args:
+        model: a quantized model, changed in place.
+        dtype: dtype of the new linears (default: each layer's model dtype).
+
+    Returns:
+        ``model``.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SVDQuantLinear):
+            continue
+        w = module.dequantized_weight()
+        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                           device=w.device, dtype=dtype or module.wscales.dtype)  # fmt: skip
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        _replace_module(model, name, linear)
+    return model
+
+
 def load_calibration(calibration: Any) -> dict[str, torch.Tensor]:
     """Per-layer activation absmax from a config's ``calibration`` (None, a mapping or a file)."""
     if calibration is None:
@@ -261,18 +285,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         return model
 
     def _dequantize(self, model: ModelMixin) -> ModelMixin:
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, SVDQuantLinear):
-                continue
-            w = module.dequantized_weight()
-            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                               device=w.device, dtype=module.wscales.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(w)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            _replace_module(model, name, linear)
-        return model
+        return dequantize_(model)
 
     @property
     def is_serializable(self) -> bool:

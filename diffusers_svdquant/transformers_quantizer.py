@@ -33,7 +33,7 @@ from torch import nn
 from . import algorithm
 from .config import SVDQuantConfig
 from .linear import QUANT_TENSORS, SVDQuantLinear
-from .quantizer import _replace_module, load_calibration, quantizable_linears
+from .quantizer import _replace_module, dequantize_, load_calibration, quantizable_linears
 
 try:
     from transformers.core_model_loading import ConversionOps
@@ -280,23 +280,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, SVDQuantLinear):
-                continue
-            w = module.dequantized_weight()
-            linear = nn.Linear(
-                module.in_features,
-                module.out_features,
-                module.bias is not None,
-                device=w.device,
-                dtype=dtype or module.wscales.dtype,
-            )
-            with torch.no_grad():
-                linear.weight.copy_(w)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            _replace_module(model, name, linear)
-        return model
+        return dequantize_(model, dtype)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
