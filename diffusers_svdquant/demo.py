@@ -71,8 +71,8 @@ def _load(source: str, subfolder: str | None, dtype: torch.dtype, config: SVDQua
     return model, time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by ``python -m diffusers_svdquant.demo`` and ``svdquant demo``)."""
     p.add_argument("--model", help="a diffusers model folder or Hub repo (default: FLUX.1-shaped, built locally)")
     p.add_argument("--subfolder", default=None, help="subfolder of --model holding the denoiser")
     p.add_argument("--blocks", default="1,1", help="double,single blocks of the built-in FLUX.1-shaped model")
@@ -81,7 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--image-tokens", type=int, default=256, help="latent tokens (256 = a 256x256 FLUX image)")
     p.add_argument("--text-tokens", type=int, default=64)
-    args = p.parse_args(argv)
+
+
+def add_commands(subparsers) -> None:
+    """Add ``svdquant demo`` to the ``svdquant`` command."""
+    p = subparsers.add_parser("demo", help="quantize a FLUX.1-shaped (or given) model and compare it with 16-bit")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed arguments; returns the exit code."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     dtype = _DTYPES[args.dtype]
     torch.manual_seed(0)
