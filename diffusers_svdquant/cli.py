@@ -14,7 +14,11 @@ import argparse
 import importlib
 
 # Feature modules that contribute subcommands; a module missing here (a partial install) is skipped.
-COMMAND_MODULES = ("diffusers_svdquant.demo", "diffusers_svdquant.hub_commands")
+COMMAND_MODULES = (
+    "diffusers_svdquant.demo",
+    "diffusers_svdquant.hub_commands",
+    "diffusers_svdquant.calibration_commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
