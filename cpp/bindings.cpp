@@ -134,6 +134,53 @@ void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64
                 static_cast<int>(num_threads));
 }
 
+void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, const py::int_& wp_,
+               const py::int_& sw_, const py::int_& lora_up_, const py::int_& bias_,
+               const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t num_threads) {
+  const char* fn = "gemm_w4a4";
+  svdq::cpu::GemmArgs a{};
+  const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
+                  lora_act = as_ptr(fn, "lora_act", lora_act_), wp = as_ptr(fn, "wp", wp_),
+                  sw = as_ptr(fn, "sw", sw_),
+                  lora_up = as_ptr(fn, "lora_up", lora_up_), bias = as_ptr(fn, "bias", bias_), y = as_ptr(fn, "y", y_);
+  check_size(fn, "M", M);
+  check_size(fn, "N", N);
+  check_size(fn, "K", K);
+  check_size(fn, "R", R);
+  if (K % svdq::cpu::kGroupSize != 0)
+    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+  check_threads(fn, num_threads);
+  check_product(fn, "M", M, "K", K);
+  check_product(fn, "M", M, "N", N);
+  check_product(fn, "N", N, "K", K);
+  check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
+  const int64_t T = (N + svdq::cpu::kTileN - 1) / svdq::cpu::kTileN, G = K / svdq::cpu::kGroupSize;
+  check_ptr(fn, "q_x", q_x, M * (K / 2));
+  check_ptr(fn, "s_x", s_x, M * G);
+  check_ptr(fn, "lora_act", lora_act, M * R);
+  check_ptr(fn, "wp", wp, M > 0 ? T * G * svdq::cpu::kTileBytes : 0);
+  check_ptr(fn, "sw", sw, M > 0 ? T * G * svdq::cpu::kTileN : 0);
+  check_ptr(fn, "lora_up", lora_up, M > 0 ? T * R * svdq::cpu::kTileN : 0);
+  check_ptr(fn, "y", y, M * N);
+  if (M == 0 || N == 0) return;
+  a.q_x = reinterpret_cast<const uint8_t*>(q_x);
+  a.s_x = reinterpret_cast<const float*>(s_x);
+  a.lora_act = reinterpret_cast<const float*>(lora_act);
+  a.wp = reinterpret_cast<const uint8_t*>(wp);
+  a.sw = reinterpret_cast<const float*>(sw);
+  a.lora_up = reinterpret_cast<const float*>(lora_up);
+  a.bias = reinterpret_cast<const float*>(bias);  // null: no bias
+  a.y = reinterpret_cast<float*>(y);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.R = R;
+  a.num_threads = static_cast<int>(num_threads);
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  k.gemm_w4a4(a);
+}
+
 void set_cpu_isa(const std::string& name) {
   if (svdq::cpu::set_isa(name)) return;
   const auto supported = svdq::cpu::supported_isas();
@@ -164,6 +211,14 @@ Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Re
         py::arg("num_threads"), "int8 codes [rows, K] -> uint8 [rows, K/2], element 2j in the low nibble.");
   m.def("unpack_int4", &unpack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
         py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
+  m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("wp"),
+        py::arg("sw"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("R"), py::arg("num_threads"),
+        R"doc(W4A4 GEMM + low-rank + bias on the packed weight layout (cpp/cpu/gemm_layout.h).
+
+q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; wp uint8 [T, K/64, 512],
+sw float32 [T, K/64, 16], lora_up float32 [T, R, 16], bias float32 [T*16]
+or 0 (T = ceil(N/16)); writes y float32 [M, N]. Releases the GIL.)doc");
   m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
       "The CPU instruction path in use: 'generic', 'avx2', ...");

@@ -12,8 +12,10 @@ Environment:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -202,6 +204,145 @@ def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
     return q_x.new_empty(q_x.shape[0], q_w.shape[0], dtype=out_dtype)
 
 
+class PackedGemmWeights(NamedTuple):
+    """A quantized linear's weights in the CPU GEMM's tile layout (``cpp/cpu/gemm_layout.h``).
+
+    Built from the canonical tensors by :func:`pack_gemm_weights`; never saved.
+
+    Attributes:
+        wp: uint8 ``[T, K/64, 512]``, T = ceil(N / 16): codes + 8 as nibbles, 16 columns x 64 k per block.
+        sw: float32 ``[T, K/64, 16]`` weight scales (0 in padding columns).
+        lora_up: float32 ``[T, r, 16]``.
+        bias: float32 ``[T * 16]`` or None.
+        n: N, the number of real output columns.
+    """
+
+    wp: torch.Tensor
+    sw: torch.Tensor
+    lora_up: torch.Tensor
+    bias: torch.Tensor | None
+    n: int
+
+
+_TILE_N = 16
+
+
+def pack_gemm_weights(
+    qweight: torch.Tensor, wscales: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None
+) -> PackedGemmWeights:
+    """Repack canonical weights (uint8 ``[N, K/2]``, ``[N, K/64]``, ``[N, r]``, ``[N]``) for the CPU GEMM."""
+    n, kh = qweight.shape
+    k, r = 2 * kh, lora_up.shape[1]
+    g, t = k // reference.GROUP_SIZE, math.ceil(n / _TILE_N)
+    pad = t * _TILE_N - n
+    # Padding columns get code 0 (+8) and scale 0: they contribute exactly 0.
+    u = (reference.unpack_int4(qweight).to(torch.int16) + 8).to(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, 0, 0, pad), value=8)
+    u = u.view(t, 2, 8, g, 16, 4).permute(0, 3, 4, 1, 2, 5)  # [t, g, k4, half, c, j]
+    wp = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).reshape(t, g, 512).contiguous()
+
+    def columns_last(v: torch.Tensor) -> torch.Tensor:  # [N, X] -> float32 [t, X, 16]
+        v = torch.nn.functional.pad(v.float(), (0, 0, 0, pad))
+        return v.view(t, _TILE_N, v.shape[1]).permute(0, 2, 1).contiguous()
+
+    return PackedGemmWeights(
+        wp=wp,
+        sw=columns_last(wscales),
+        lora_up=columns_last(lora_up) if r else lora_up.new_zeros(t, 0, _TILE_N, dtype=torch.float32),
+        bias=None if bias is None else torch.nn.functional.pad(bias.float(), (0, pad)),
+        n=n,
+    )
+
+
+def unpack_gemm_weights(
+    wp: torch.Tensor, sw: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`pack_gemm_weights`: canonical ``(qweight, wscales, lora_up, bias)`` (floats as float32)."""
+    t, g, _ = wp.shape
+    lo, hi = (wp & 0xF).view(t, g, 16, 8, 4), (wp >> 4).view(t, g, 16, 8, 4)
+    u = torch.stack((lo, hi), dim=3)  # [t, g, k4, half, c, j]
+    codes = (u.permute(0, 3, 4, 1, 2, 5).reshape(t * _TILE_N, g * 64)[:n].to(torch.int16) - 8).to(torch.int8)
+    cols = lambda v: v.permute(0, 2, 1).reshape(t * _TILE_N, v.shape[1])[:n]  # noqa: E731
+    return reference.pack_int4(codes), cols(sw), cols(lora_up), None if bias is None else bias[:n]
+
+
+@torch.library.custom_op("svdquant::gemm_w4a4_packed", mutates_args=())
+def gemm_w4a4_packed(
+    q_x: torch.Tensor,
+    s_x: torch.Tensor,
+    lora_act: torch.Tensor,
+    wp: torch.Tensor,
+    sw: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`gemm_w4a4` on weights packed by :func:`pack_gemm_weights` (the CPU kernel's layout).
+
+    Args:
+        q_x: uint8 ``[M, K/2]``; s_x: float32 ``[M, K/64]``; lora_act: float32 ``[M, r]``.
+        wp, sw, lora_up, bias, n: the fields of :class:`PackedGemmWeights`.
+        out_dtype: dtype of the result.
+
+    Returns:
+        ``[M, n]`` in ``out_dtype``.
+    """
+    _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n)
+    q_w, s_w, up, b = unpack_gemm_weights(wp, sw, lora_up, bias, n)
+    return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, up, b, out_dtype)
+
+
+def _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n) -> None:
+    if q_x.dim() != 2 or wp.dim() != 3 or lora_up.dim() != 3:
+        raise ValueError(
+            f"gemm_w4a4_packed: q_x must be 2-D, wp and lora_up 3-D, got {tuple(q_x.shape)}, {tuple(wp.shape)}, "
+            f"{tuple(lora_up.shape)}"
+        )
+    m, kh = q_x.shape
+    t, g = math.ceil(n / _TILE_N), 2 * kh // reference.GROUP_SIZE
+    r = lora_up.shape[1]  # the weights fix the rank; the activations must match it
+    for name, x, shape, dtype in (
+        ("s_x", s_x, (m, g), torch.float32),
+        ("lora_act", lora_act, (m, r), torch.float32),
+        ("wp", wp, (t, g, 512), torch.uint8),
+        ("sw", sw, (t, g, _TILE_N), torch.float32),
+        ("lora_up", lora_up, (t, r, _TILE_N), torch.float32),
+    ):
+        if tuple(x.shape) != shape or x.dtype != dtype:
+            raise ValueError(
+                f"gemm_w4a4_packed: {name} is {x.dtype} {tuple(x.shape)}, expected {dtype} {list(shape)}"
+            )
+    if bias is not None and (tuple(bias.shape) != (t * _TILE_N,) or bias.dtype != torch.float32):
+        raise ValueError(f"gemm_w4a4_packed: bias is {bias.dtype} {tuple(bias.shape)}, expected float32 [{t * 16}]")
+    if q_x.dtype != torch.uint8 or (2 * kh) % reference.GROUP_SIZE:
+        raise ValueError(f"gemm_w4a4_packed: q_x must be uint8 [M, K/2] with K % 64 == 0, got {tuple(q_x.shape)}")
+
+
+@gemm_w4a4_packed.register_fake
+def _(q_x, s_x, lora_act, wp, sw, lora_up, bias, n, out_dtype):
+    _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n)
+    return q_x.new_empty(q_x.shape[0], n, dtype=out_dtype)
+
+
+@gemm_w4a4_packed.register_kernel("cpu")
+def _(q_x, s_x, lora_act, wp, sw, lora_up, bias, n, out_dtype):
+    _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n)
+    if _C is None:
+        q_w, s_w, up, b = unpack_gemm_weights(wp, sw, lora_up, bias, n)
+        return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, up, b, out_dtype)
+    m, kh = q_x.shape
+    q_x, s_x, lora_act = q_x.contiguous(), s_x.contiguous(), lora_act.contiguous()
+    wp, sw, lora_up = wp.contiguous(), sw.contiguous(), lora_up.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    _C.gemm_w4a4(
+        q_x.data_ptr(), s_x.data_ptr(), lora_act.data_ptr(), wp.data_ptr(), sw.data_ptr(), lora_up.data_ptr(),
+        0 if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+        m, n, 2 * kh, lora_act.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
+    return y.to(out_dtype)
+
+
 def svdquant_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -218,3 +359,13 @@ def svdquant_linear(
     """
     q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
     return torch.ops.svdquant.gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, x.dtype)
+
+
+def svdquant_linear_packed(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, packed: PackedGemmWeights
+) -> torch.Tensor:
+    """:func:`svdquant_linear` with the weights already in the CPU GEMM layout (:func:`pack_gemm_weights`)."""
+    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
+    return torch.ops.svdquant.gemm_w4a4_packed(
+        q_x, s_x, lora_act, packed.wp, packed.sw, packed.lora_up, packed.bias, packed.n, x.dtype
+    )

@@ -69,6 +69,12 @@ def _gemm_args(m, n, k, r, dtype, has_bias, seed=0):
     return q_x, s_x, q_w, s_w, lora_act, lora_up, bias, dtype
 
 
+def _packed_args(m, n, k, r, dtype, has_bias, seed=0):
+    q_x, s_x, q_w, s_w, lora_act, lora_up, bias, dtype = _gemm_args(m, n, k, r, dtype, has_bias, seed)
+    p = ops.pack_gemm_weights(q_w, s_w, lora_up, bias)
+    return q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias, p.n, dtype
+
+
 # ------------------------------------------------------------------------------------------ opcheck
 
 # Every op in the ``svdquant`` namespace must have cases here (test_every_op_is_opchecked).
@@ -87,6 +93,13 @@ OPCHECK_CASES = {
         "M7-fp32": lambda: _gemm_args(7, 200, 192, 3, torch.float32, False),
         "M16-bf16-bias": lambda: _gemm_args(16, 64, 128, 32, torch.bfloat16, True),
         "M7-fp16-transposed": lambda: _transposed_views(_gemm_args(7, 40, 128, 4, torch.float16, True)),
+    },
+    "gemm_w4a4_packed": {
+        "M0-fp32-bias": lambda: _packed_args(0, 64, 64, 4, torch.float32, True),
+        "M1-bf16": lambda: _packed_args(1, 33, 128, 4, torch.bfloat16, False),
+        "M1-fp16-bias-r0": lambda: _packed_args(1, 64, 64, 0, torch.float16, True),
+        "M7-fp32": lambda: _packed_args(7, 200, 192, 3, torch.float32, False),
+        "M16-bf16-bias": lambda: _packed_args(16, 64, 128, 32, torch.bfloat16, True),
     },
 }
 

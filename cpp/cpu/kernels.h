@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "gemm_layout.h"
+
 namespace svdq::cpu {
 
 constexpr int64_t kGroupSize = 64;
@@ -35,10 +37,15 @@ using PackInt4Fn = void (*)(const int8_t* src, uint8_t* dst, int64_t rows, int64
 // src: uint8 [rows, K/2]; dst: int8 [rows, K]. K even.
 using UnpackInt4Fn = void (*)(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 
+// W4A4 GEMM with the low-rank + bias epilogue on the packed weight layout (gemm_layout.h):
+// y[m, n] = sum_g s_x[m,g] sw[n,g] (q_x[m,g,:] . q_w[n,g,:]) + lora_act[m] . lora_up[n] + bias[n].
+using GemmW4A4Fn = void (*)(const GemmArgs& args);
+
 struct KernelTable {
   QuantizeActFn quantize_act;
   PackInt4Fn pack_int4;
   UnpackInt4Fn unpack_int4;
+  GemmW4A4Fn gemm_w4a4;
 };
 
 namespace generic {
@@ -46,6 +53,7 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
+void gemm_w4a4(const GemmArgs& args);
 }  // namespace generic
 
 #if defined(SVDQ_HAVE_AVX2)
@@ -54,6 +62,7 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
+void gemm_w4a4(const GemmArgs& args);
 }  // namespace avx2
 #endif
 

@@ -1,0 +1,155 @@
+// AVX2 W4A4 GEMM (vpmaddubsw + vpmaddwd) on the packed layout of gemm_layout.h.
+//
+// Micro-kernel: kRowsPerBlock (4) activation rows x one 16-column tile. Per 64-group, 16 steps each
+// load 32 bytes of weight nibbles (split by a mask and a shift into two vectors of 8 columns x 4 k,
+// unsigned q_w + 8) and broadcast 4 signed activation codes per row; vpmaddubsw (u8 x s8 -> pairs
+// summed into s16) accumulates in 16-bit registers for the whole group (|pair| <= 15·8·2 = 240,
+// 16 steps -> <= 3840: no saturation), so the 32-bit widening (vpmaddwd with ones), the −8·Σq_x
+// correction and the float scaling run once per group, not per step.
+// Registers: 8 s16 accumulators + 2 weight vectors + 1 broadcast; the float accumulators live in
+// a small stack array (touched once per group).
+//
+// Cache blocking: rows in chunks of kRowsPerChunk (64 rows x K int8 codes, 192 KiB at K = 3072,
+// stays in L2) x one tile (K·8 bytes of weights, 24 KiB). OpenMP over (chunk, tile), chunk-major,
+// so a thread sweeps the tiles with one activation chunk hot instead of streaming all of x per tile.
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "scalar.h"
+
+namespace svdq::cpu::avx2 {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 64;
+
+// q_x [M, K/2] packed two's-complement nibbles -> xs [M, K] int8 codes, and 8·Σ of each row's groups.
+void unpack_signed(const uint8_t* q_x, int8_t* xs, int32_t* sumx8, int64_t M, int64_t K, int num_threads) {
+  const int64_t KH = K / 2, G = K / kGroupSize;
+  const __m256i lo_mask = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(0x08);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* src = q_x + m * KH;
+    int8_t* dst = xs + m * K;
+    // A group is 32 packed bytes: one vector.
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + g * 32));
+      // n ^ 8 = q + 8 in [0, 15] (unsigned, for the sum); minus 8 gives the signed code.
+      const __m256i lo = _mm256_xor_si256(_mm256_and_si256(b, lo_mask), eight);
+      const __m256i hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), lo_mask), eight);
+      const __m256i sad = _mm256_add_epi64(_mm256_sad_epu8(lo, _mm256_setzero_si256()),
+                                           _mm256_sad_epu8(hi, _mm256_setzero_si256()));
+      const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
+      const int64_t sum_u = _mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1);
+      sumx8[m * G + g] = static_cast<int32_t>(8 * (sum_u - 8 * kGroupSize));
+      // Interleave: element 2j is the low nibble of byte j.
+      const __m256i a0 = _mm256_sub_epi8(_mm256_unpacklo_epi8(lo, hi), eight);
+      const __m256i a1 = _mm256_sub_epi8(_mm256_unpackhi_epi8(lo, hi), eight);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 64), _mm256_permute2x128_si256(a0, a1, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 64 + 32), _mm256_permute2x128_si256(a0, a1, 0x31));
+    }
+  }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// acc[r][0..15] += sum over groups for rows r < MR of the block starting at xu (row stride K).
+template <int MR>
+void tile_groups(const int8_t* xs, const float* sx, const int32_t* sumx8, const GemmArgs& a, int64_t t,
+                 float acc[kRowsPerBlock][kTileN]) {
+  const int64_t G = a.K / kGroupSize;
+  const __m256i ones = _mm256_set1_epi16(1), lo_mask = _mm256_set1_epi8(0x0f);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i s16[MR][2];
+    for (int r = 0; r < MR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+    const uint8_t* w = a.wp + (t * G + g) * kTileBytes;
+    const int8_t* x = xs + g * kGroupSize;
+    for (int k4 = 0; k4 < 16; ++k4) {
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k4 * 32));
+      const __m256i w0 = _mm256_and_si256(wb, lo_mask);
+      const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(wb, 4), lo_mask);
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xb = bcast4(x + r * a.K + 4 * k4);
+        s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(w0, xb));
+        s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(w1, xb));
+      }
+    }
+    const float* sw = a.sw + (t * G + g) * kTileN;
+    const __m256 sw0 = _mm256_loadu_ps(sw), sw1 = _mm256_loadu_ps(sw + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 sxb = _mm256_set1_ps(sx[r * G + g]);
+      const __m256i c = _mm256_set1_epi32(sumx8[r * G + g]);
+      const __m256i d0 = _mm256_sub_epi32(_mm256_madd_epi16(s16[r][0], ones), c);
+      const __m256i d1 = _mm256_sub_epi32(_mm256_madd_epi16(s16[r][1], ones), c);
+      _mm256_storeu_ps(acc[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(sxb, sw0),
+                                               _mm256_loadu_ps(acc[r])));
+      _mm256_storeu_ps(acc[r] + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(sxb, sw1),
+                                                   _mm256_loadu_ps(acc[r] + 8)));
+    }
+  }
+}
+
+// Low-rank + bias epilogue and the store of rows [m0, m0 + rows) of tile t.
+void epilogue(const GemmArgs& a, int64_t t, int64_t m0, int rows, float acc[kRowsPerBlock][kTileN]) {
+  const int64_t n0 = t * kTileN, cols = min_i64(kTileN, a.N - n0);
+  const __m256 b0 = a.bias ? _mm256_loadu_ps(a.bias + n0) : _mm256_setzero_ps();
+  const __m256 b1 = a.bias ? _mm256_loadu_ps(a.bias + n0 + 8) : _mm256_setzero_ps();
+  for (int r = 0; r < rows; ++r) {
+    __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(acc[r]), b0), v1 = _mm256_add_ps(_mm256_loadu_ps(acc[r] + 8), b1);
+    const float* la = a.lora_act + (m0 + r) * a.R;
+    const float* lu = a.lora_up + t * a.R * kTileN;
+    for (int64_t k = 0; k < a.R; ++k) {
+      const __m256 l = _mm256_set1_ps(la[k]);
+      v0 = _mm256_fmadd_ps(l, _mm256_loadu_ps(lu + k * kTileN), v0);
+      v1 = _mm256_fmadd_ps(l, _mm256_loadu_ps(lu + k * kTileN + 8), v1);
+    }
+    float* out = a.y + (m0 + r) * a.N + n0;
+    if (cols == kTileN) {
+      _mm256_storeu_ps(out, v0);
+      _mm256_storeu_ps(out + 8, v1);
+    } else {
+      alignas(32) float tmp[kTileN];
+      _mm256_store_ps(tmp, v0);
+      _mm256_store_ps(tmp + 8, v1);
+      std::memcpy(out, tmp, cols * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_w4a4(const GemmArgs& a) {
+  const int64_t G = a.K / kGroupSize, T = ceil_div(a.N, kTileN);
+  const int64_t C = ceil_div(a.M, kRowsPerChunk);
+  std::vector<int8_t> xs(static_cast<size_t>(a.M * a.K));
+  std::vector<int32_t> sumx8(static_cast<size_t>(a.M * G));
+  unpack_signed(a.q_x, xs.data(), sumx8.data(), a.M, a.K, a.num_threads);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(a.num_threads)
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t chunk_end = min_i64(a.M, (c + 1) * kRowsPerChunk);
+      for (int64_t m0 = c * kRowsPerChunk; m0 < chunk_end; m0 += kRowsPerBlock) {
+        const int rows = static_cast<int>(min_i64(kRowsPerBlock, chunk_end - m0));
+        alignas(32) float acc[kRowsPerBlock][kTileN] = {};
+        const int8_t* x = xs.data() + m0 * a.K;
+        const float* sx = a.s_x + m0 * G;
+        const int32_t* s8 = sumx8.data() + m0 * G;
+        switch (rows) {
+          case 4: tile_groups<4>(x, sx, s8, a, t, acc); break;
+          case 3: tile_groups<3>(x, sx, s8, a, t, acc); break;
+          case 2: tile_groups<2>(x, sx, s8, a, t, acc); break;
+          default: tile_groups<1>(x, sx, s8, a, t, acc); break;
+        }
+        epilogue(a, t, m0, rows, acc);
+      }
+    }
+  }
+}
+
+}  // namespace svdq::cpu::avx2
