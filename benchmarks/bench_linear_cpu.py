@@ -3,6 +3,8 @@
 W4A4 = activation quantization (smooth, INT4, low-rank down projection) + the packed INT4 GEMM with
 the low-rank and bias epilogue, bf16 in and out, as SVDQuantLinear runs it. Medians of repeated runs
 in one process; GOP/s counts 2·M·N·K; the ratio is against the faster torch path on this CPU.
+Beside it, the CPU's int8 dot-product peak (a tight vpmaddubsw+vpmaddwd loop in the native module,
+``_C.int8_peak_gops``, same thread count) and W4A4 as a % of it.
 
     python benchmarks/bench_linear_cpu.py [--quick] [--repeats 5]
 """
@@ -48,11 +50,19 @@ def main() -> None:
     if not ops.native_available():
         raise SystemExit(f"the native kernels are not built: {ops.native_error()}")
     shapes, rows = (SHAPES[:1], [1, 256, 4096]) if args.quick else (SHAPES, ROWS)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, get_cpu_capability() = "
-          f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
-          f"svdquant CPU path {ops.cpu_isa()}")
-    print(f"{'M':>5} {'K':>6} {'N':>6} | {'W4A4 GOP/s':>10} {'bf16 GFLOP/s':>12} {'fp32 GFLOP/s':>12} | "
-          f"{'vs bf16':>7} {'vs fp32':>7} {'vs best':>7}")
+    print(
+        f"CPU: {cpu_model()}; torch {torch.__version__}, get_cpu_capability() = "
+        f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
+        f"svdquant CPU path {ops.cpu_isa()}"
+    )
+    threads = torch.get_num_threads()
+    # Median of a few runs: another process loading a core shows up as an outlier, not the figure.
+    peak = statistics.median([ops.int8_peak_gops(threads) for _ in range(5)])
+    print(f"int8 peak (vpmaddubsw+vpmaddwd, {threads} threads): {peak:.0f} GOP/s")
+    print(
+        f"{'M':>5} {'K':>6} {'N':>6} | {'W4A4 GOP/s':>10} {'% peak':>6} {'bf16 GFLOP/s':>12} {'fp32 GFLOP/s':>12} | "
+        f"{'vs bf16':>7} {'vs fp32':>7} {'vs best':>7}"
+    )
     torch.manual_seed(0)
     for k, n in shapes:
         w = torch.randn(n, k) / k**0.5
@@ -67,8 +77,11 @@ def main() -> None:
             t_16 = median_time(reps, torch.nn.functional.linear, x, w16)
             t_32 = median_time(reps, torch.nn.functional.linear, x32, w)
             ops_ = 2 * m * n * k / 1e9
-            print(f"{m:>5} {k:>6} {n:>6} | {ops_ / t_q:>10.0f} {ops_ / t_16:>12.0f} {ops_ / t_32:>12.0f} | "
-                  f"{t_16 / t_q:>6.2f}x {t_32 / t_q:>6.2f}x {min(t_16, t_32) / t_q:>6.2f}x")
+            pct = f"{100 * ops_ / t_q / peak:>5.0f}%" if peak else f"{'-':>6}"
+            print(
+                f"{m:>5} {k:>6} {n:>6} | {ops_ / t_q:>10.0f} {pct} {ops_ / t_16:>12.0f} {ops_ / t_32:>12.0f} | "
+                f"{t_16 / t_q:>6.2f}x {t_32 / t_q:>6.2f}x {min(t_16, t_32) / t_q:>6.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -220,6 +220,24 @@ q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; wp uint8 [T,
 sw float32 [T, K/64, 16], lora_up float32 [T, R, 16], bias float32 [T*16]
 or 0 (T = ceil(N/16)); writes y float32 [M, N]. Releases the GIL.)doc");
   m.def(
+      "int8_peak_gops",
+      [](int num_threads, int64_t iters) -> double {
+        if (num_threads < 1) fail("int8_peak_gops: num_threads must be >= 1, got " + std::to_string(num_threads));
+        if (iters < 1) fail("int8_peak_gops: iters must be >= 1, got " + std::to_string(iters));
+#if defined(SVDQ_HAVE_AVX2)
+        for (const auto& name : svdq::cpu::supported_isas()) {
+          if (name == "avx2") {
+            py::gil_scoped_release release;
+            return svdq::cpu::avx2::int8_peak_gops(num_threads, iters);
+          }
+        }
+#endif
+        fail("int8_peak_gops: needs the avx2 path, which this CPU or build lacks");
+        return 0.0;
+      },
+      py::arg("num_threads"), py::arg("iters") = 10000000,
+      "GOP/s (2 ops per u8 x s8 product) of a tight vpmaddubsw+vpmaddwd loop on num_threads threads.");
+  m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
       "The CPU instruction path in use: 'generic', 'avx2', ...");
   m.def("supported_cpu_isas", &svdq::cpu::supported_isas,

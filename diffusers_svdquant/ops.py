@@ -369,3 +369,14 @@ def svdquant_linear_packed(
     return torch.ops.svdquant.gemm_w4a4_packed(
         q_x, s_x, lora_act, packed.wp, packed.sw, packed.lora_up, packed.bias, packed.n, x.dtype
     )
+
+
+def int8_peak_gops(num_threads: int | None = None) -> float:
+    """GOP/s of a tight ``vpmaddubsw`` + ``vpmaddwd`` loop (the AVX2 GEMM's inner step) on this CPU.
+
+    The int8 dot-product peak the benchmarks compare the GEMM against (2 ops per product).
+    ``num_threads`` defaults to ``torch.get_num_threads()``; 0.0 when the AVX2 path is not available.
+    """
+    if _C is None or "avx2" not in _C.supported_cpu_isas():
+        return 0.0
+    return _C.int8_peak_gops(torch.get_num_threads() if num_threads is None else num_threads)

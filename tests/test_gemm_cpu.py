@@ -115,3 +115,12 @@ def test_bad_packed_arguments_name_the_argument():
         op(q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias[:-1], p.n, torch.float32)
     with pytest.raises(ValueError, match="lora_act is"):
         op(q_x, s_x, lora_act[:, :2], p.wp, p.sw, p.lora_up, p.bias, p.n, torch.float32)
+
+
+def test_int8_peak_microbenchmark():
+    if "avx2" not in ops.supported_cpu_isas():
+        assert ops.int8_peak_gops(1) == 0.0
+        return
+    assert ops.int8_peak_gops(1) > 0
+    with pytest.raises(ValueError, match="num_threads"):
+        ops._C.int8_peak_gops(0)

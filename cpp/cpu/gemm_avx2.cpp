@@ -9,11 +9,12 @@
 // Registers: 8 s16 accumulators + 2 weight vectors + 1 broadcast; the float accumulators live in
 // a small stack array (touched once per group).
 //
-// Cache blocking: rows in chunks of kRowsPerChunk (64 rows x K int8 codes, 192 KiB at K = 3072,
-// stays in L2) x one tile (K·8 bytes of weights, 24 KiB). OpenMP over (chunk, tile), chunk-major,
+// Cache blocking: rows in chunks of ~192 KiB of int8 codes (rows_per_chunk, stays in L2) x one
+// tile (K·8 bytes of weights, 24 KiB at K = 3072). OpenMP over (chunk, tile), chunk-major,
 // so a thread sweeps the tiles with one activation chunk hot instead of streaming all of x per tile.
 #include <immintrin.h>
 
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -23,7 +24,13 @@
 namespace svdq::cpu::avx2 {
 namespace {
 
-constexpr int64_t kRowsPerChunk = 64;
+// Activation rows kept hot per chunk: about 192 KiB of int8 codes (64 rows at K = 3072, 16 at
+// K = 12288), well inside Zen 3's / Skylake's 512 KiB / 1 MiB L2 next to the weight tile.
+constexpr int64_t kChunkBytes = 192 * 1024;
+int64_t rows_per_chunk(int64_t K) {
+  const int64_t rows = (kChunkBytes / (K > 0 ? K : 1)) / kRowsPerBlock * kRowsPerBlock;
+  return rows < kRowsPerBlock ? kRowsPerBlock : (rows > 64 ? 64 : rows);
+}
 
 // q_x [M, K/2] packed two's-complement nibbles -> xs [M, K] int8 codes, and 8·Σ of each row's groups.
 void unpack_signed(const uint8_t* q_x, int8_t* xs, int32_t* sumx8, int64_t M, int64_t K, int num_threads) {
@@ -126,15 +133,15 @@ void epilogue(const GemmArgs& a, int64_t t, int64_t m0, int rows, float acc[kRow
 
 void gemm_w4a4(const GemmArgs& a) {
   const int64_t G = a.K / kGroupSize, T = ceil_div(a.N, kTileN);
-  const int64_t C = ceil_div(a.M, kRowsPerChunk);
+  const int64_t chunk = rows_per_chunk(a.K), C = ceil_div(a.M, chunk);
   std::vector<int8_t> xs(static_cast<size_t>(a.M * a.K));
   std::vector<int32_t> sumx8(static_cast<size_t>(a.M * G));
   unpack_signed(a.q_x, xs.data(), sumx8.data(), a.M, a.K, a.num_threads);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(a.num_threads)
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t chunk_end = min_i64(a.M, (c + 1) * kRowsPerChunk);
-      for (int64_t m0 = c * kRowsPerChunk; m0 < chunk_end; m0 += kRowsPerBlock) {
+      const int64_t chunk_end = min_i64(a.M, (c + 1) * chunk);
+      for (int64_t m0 = c * chunk; m0 < chunk_end; m0 += kRowsPerBlock) {
         const int rows = static_cast<int>(min_i64(kRowsPerBlock, chunk_end - m0));
         alignas(32) float acc[kRowsPerBlock][kTileN] = {};
         const int8_t* x = xs.data() + m0 * a.K;
@@ -150,6 +157,55 @@ void gemm_w4a4(const GemmArgs& a) {
       }
     }
   }
+}
+
+double int8_peak_gops(int num_threads, int64_t iters) {
+  // The GEMM's inner step with nothing else: vpmaddubsw summed into s16 for 16 steps, then one
+  // vpmaddwd widening to s32 (the kernel's per-group pattern), on operands already in registers.
+  // 8 independent chains hide the latency; the asm body cannot be hoisted out of the loop.
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t outer = (iters + 15) / 16;
+  int32_t sink = 0;
+#pragma omp parallel num_threads(num_threads) reduction(+ : sink)
+  {
+    // 4 weight x 2 activation registers: 8 distinct products, one per chain.
+    const __m256i w0 = _mm256_set1_epi8(1), w1 = _mm256_set1_epi8(2);
+    const __m256i w2 = _mm256_set1_epi8(3), w3 = _mm256_set1_epi8(4);
+    const __m256i x0 = _mm256_set1_epi8(-2), x1 = _mm256_set1_epi8(5);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[8];
+    for (auto& v : acc) v = _mm256_setzero_si256();
+    for (int64_t i = 0; i < outer; ++i) {
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+      // Written in asm: with intrinsics GCC computes the products of several steps ahead and
+      // spills the accumulators, which measures the stack, not the multiplier.
+      for (int k = 0; k < 16; ++k) {
+        asm volatile(
+            "vpmaddubsw %[x0], %[w0], %%ymm14\n\tvpaddw %%ymm14, %[s0], %[s0]\n\t"
+            "vpmaddubsw %[x0], %[w1], %%ymm15\n\tvpaddw %%ymm15, %[s1], %[s1]\n\t"
+            "vpmaddubsw %[x0], %[w2], %%ymm14\n\tvpaddw %%ymm14, %[s2], %[s2]\n\t"
+            "vpmaddubsw %[x0], %[w3], %%ymm15\n\tvpaddw %%ymm15, %[s3], %[s3]\n\t"
+            "vpmaddubsw %[x1], %[w0], %%ymm14\n\tvpaddw %%ymm14, %[s4], %[s4]\n\t"
+            "vpmaddubsw %[x1], %[w1], %%ymm15\n\tvpaddw %%ymm15, %[s5], %[s5]\n\t"
+            "vpmaddubsw %[x1], %[w2], %%ymm14\n\tvpaddw %%ymm14, %[s6], %[s6]\n\t"
+            "vpmaddubsw %[x1], %[w3], %%ymm15\n\tvpaddw %%ymm15, %[s7], %[s7]\n\t"
+            : [s0] "+x"(s0), [s1] "+x"(s1), [s2] "+x"(s2), [s3] "+x"(s3), [s4] "+x"(s4), [s5] "+x"(s5),
+              [s6] "+x"(s6), [s7] "+x"(s7)
+            : [w0] "x"(w0), [w1] "x"(w1), [w2] "x"(w2), [w3] "x"(w3), [x0] "x"(x0), [x1] "x"(x1)
+            : "xmm14", "xmm15");
+      }
+      const __m256i s16[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s16[j], ones));
+    }
+    __m256i s = acc[0];
+    for (int j = 1; j < 8; ++j) s = _mm256_add_epi32(s, acc[j]);
+    sink += _mm256_extract_epi32(s, 0);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // 32 u8 x s8 products and their 32 additions per vpmaddubsw: 64 ops, as a GEMM counts 2·M·N·K.
+  // (sink only keeps the accumulators alive; it is 0 times anything.)
+  const double ops = 64.0 * 8.0 * 16.0 * static_cast<double>(outer) * num_threads + 0.0 * sink;
+  return ops / secs / 1e9;
 }
 
 }  // namespace svdq::cpu::avx2

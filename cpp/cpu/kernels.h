@@ -63,6 +63,9 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
 void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
+// Microbenchmark: GOP/s of a tight vpmaddubsw + vpmaddwd loop (iters x 8 instructions per thread),
+// the int8 dot-product peak the GEMM is measured against. Not in the table: not a kernel.
+double int8_peak_gops(int num_threads, int64_t iters);
 }  // namespace avx2
 #endif
 
