@@ -124,3 +124,18 @@ def test_int8_peak_microbenchmark():
     assert ops.int8_peak_gops(1) > 0
     with pytest.raises(ValueError, match="num_threads"):
         ops._C.int8_peak_gops(0)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "r"), [(1, 200, 3072, 32), (257, 7, 192, 1), (17, 1, 3072, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_packed_linear_matches_reference(isa, m, n, k, r, dtype):
+    """quantize_act + packed GEMM on a non-contiguous x equals reference.svdquant_linear (same codes;
+    float32 accumulation order only, then one rounding to the output dtype)."""
+    q, bias, x = _case(2 * m, n, k, r, dtype, has_bias=True)
+    x = x[::2]  # non-contiguous rows
+    p = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
+    y = ops.svdquant_linear_packed(x, q.smooth, q.lora_down, p)
+    ref = reference.svdquant_linear(x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, bias)
+    assert y.shape == (m, n) and y.dtype == dtype
+    # fp32: the GEMM tolerance; 16-bit: two roundings of nearly equal float32 values to the dtype.
+    assert _rel(y, ref) < (REL_TOL if dtype == torch.float32 else 1e-2)
