@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +104,58 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
     return model
 
 
+def quantize_layer_weight(
+    module_name: str,
+    layer: SVDQuantLinear,
+    weight: torch.Tensor,
+    config: SVDQuantConfig,
+    act_absmax: torch.Tensor | None,
+) -> algorithm.QuantizedWeight:
+    """SVDQuant one 16-bit weight ``[N, K]`` arriving for the skeleton ``layer`` while loading.
+
+    Returns the canonical tensors in ``layer``'s dtype on ``weight``'s device; ``ValueError`` naming
+    the layer for a wrong shape or a weight the algorithm rejects.
+    """
+    expected = (layer.out_features, layer.in_features)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"svdquant: {module_name}.weight has shape {tuple(weight.shape)}, expected {list(expected)}")
+    try:
+        return algorithm.svdquant_weight(
+            weight,
+            config.rank,
+            act_absmax=act_absmax,
+            smoothing_alpha=config.smoothing_alpha,
+            dtype=layer.wscales.dtype,
+            svd_method=config.svd_method,
+            lowrank_iters=config.lowrank_iters,
+        )
+    except ValueError as e:
+        raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
+
+
+def check_checkpoint_keys(targets: dict[str, nn.Linear], present: Callable[[str], bool]) -> None:
+    """Fail before loading when a quantized layer's tensors are absent from a checkpoint.
+
+    Args:
+        targets: the layers the config quantizes, by name (:func:`quantizable_linears`).
+        present: whether a tensor name is in the checkpoint.
+    """
+    for name, linear in targets.items():
+        wanted = QUANT_TENSORS + (("bias",) if linear.bias is not None else ())
+        missing = [t for t in wanted if not present(f"{name}.{t}")]
+        if not missing:
+            continue
+        hint = (
+            " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
+            if present(f"{name}.weight")
+            else ""
+        )
+        raise ValueError(
+            f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
+            f"layer {name!r}{hint}"
+        )
+
+
 def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Swap every :class:`SVDQuantLinear` back for an ``nn.Linear`` holding the weight it computes with.
 
@@ -185,8 +238,8 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
                 f"svdquant: no linear layer of {type(model).__name__} is quantizable (all excluded or in_features "
                 f"not a multiple of 64)"
             )
-        if self.pre_quantized:
-            self._check_checkpoint_keys(targets)
+        if self.pre_quantized and self._loaded_keys is not None:
+            check_checkpoint_keys(targets, self._loaded_keys.__contains__)
         else:
             self._act_absmax = load_calibration(config.calibration)
         dtype = self.torch_dtype or torch.float32
@@ -204,24 +257,6 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
             _replace_module(model, name, layer)
         model.config.quantization_config = config
         logger.info("svdquant: %d linear layers replaced by SVDQuantLinear", len(targets))
-
-    def _check_checkpoint_keys(self, targets: dict[str, nn.Linear]) -> None:
-        if self._loaded_keys is None:
-            return
-        for name in targets:
-            present = [t for t in QUANT_TENSORS if f"{name}.{t}" in self._loaded_keys]
-            if len(present) == len(QUANT_TENSORS):
-                continue
-            missing = [t for t in QUANT_TENSORS if t not in present]
-            hint = (
-                " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
-                if f"{name}.weight" in self._loaded_keys
-                else ""
-            )
-            raise ValueError(
-                f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
-                f"layer {name!r}{hint}"
-            )
 
     def check_if_quantized_param(
         self, model: ModelMixin, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
@@ -243,24 +278,10 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
     ) -> None:
         module_name = param_name.rpartition(".")[0]
         layer: SVDQuantLinear = model.get_submodule(module_name)
-        expected = (layer.out_features, layer.in_features)
-        if tuple(param_value.shape) != expected:
-            raise ValueError(f"svdquant: {param_name} has shape {tuple(param_value.shape)}, expected {list(expected)}")
         device = torch.device("cpu") if target_device in (None, "cpu") else torch.device(target_device)
-        w = param_value.to(device)
-        config = self.quantization_config
-        try:
-            q = algorithm.svdquant_weight(
-                w,
-                config.rank,
-                act_absmax=self._act_absmax.get(module_name),
-                smoothing_alpha=config.smoothing_alpha,
-                dtype=layer.wscales.dtype,
-                svd_method=config.svd_method,
-                lowrank_iters=config.lowrank_iters,
-            )
-        except ValueError as e:
-            raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
+        q = quantize_layer_weight(
+            module_name, layer, param_value.to(device), self.quantization_config, self._act_absmax.get(module_name)
+        )
         # The bias, if any, is loaded by name like any other tensor.
         layer.load_quantized(q, None)
         del layer.weight

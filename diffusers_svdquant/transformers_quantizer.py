@@ -33,7 +33,14 @@ from torch import nn
 from . import algorithm
 from .config import SVDQuantConfig
 from .linear import QUANT_TENSORS, SVDQuantLinear
-from .quantizer import _replace_module, dequantize_, load_calibration, quantizable_linears
+from .quantizer import (
+    _replace_module,
+    check_checkpoint_keys,
+    dequantize_,
+    load_calibration,
+    quantizable_linears,
+    quantize_layer_weight,
+)
 
 try:
     from transformers.core_model_loading import ConversionOps
@@ -211,20 +218,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
             # The loader also accepts names with the base-model prefix added or removed.
             return key in keys or prefix + key in keys or key.removeprefix(prefix) in keys
 
-        for name, linear in targets.items():
-            wanted = QUANT_TENSORS + (("bias",) if linear.bias is not None else ())
-            missing = [t for t in wanted if not present(f"{name}.{t}")]
-            if not missing:
-                continue
-            hint = (
-                " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
-                if present(f"{name}.weight")
-                else ""
-            )
-            raise ValueError(
-                f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
-                f"layer {name!r}{hint}"
-            )
+        check_checkpoint_keys(targets, present)
 
     def quantize_layer(
         self, module_name: str, layer: SVDQuantLinear, weight: torch.Tensor
@@ -233,24 +227,9 @@ class SVDQuantHfQuantizer(HfQuantizer):
 
         Returns the canonical tensors in ``layer``'s dtype, on ``weight``'s device.
         """
-        expected = (layer.out_features, layer.in_features)
-        if tuple(weight.shape) != expected:
-            raise ValueError(
-                f"svdquant: {module_name}.weight has shape {tuple(weight.shape)}, expected {list(expected)}"
-            )
-        config = self.quantization_config
-        try:
-            return algorithm.svdquant_weight(
-                weight,
-                config.rank,
-                act_absmax=self._act_absmax.get(module_name),
-                smoothing_alpha=config.smoothing_alpha,
-                dtype=layer.wscales.dtype,
-                svd_method=config.svd_method,
-                lowrank_iters=config.lowrank_iters,
-            )
-        except ValueError as e:
-            raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
+        return quantize_layer_weight(
+            module_name, layer, weight, self.quantization_config, self._act_absmax.get(module_name)
+        )
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         for hook in self._hide_hooks:
