@@ -46,17 +46,19 @@ class QuantizedWeight(NamedTuple):
 
 
 def smoothing_factors(
-    weight: torch.Tensor, act_absmax: torch.Tensor | None, alpha: float = 0.5
+    weight: torch.Tensor, act_absmax: torch.Tensor | None, alpha: float = 0.5, beta: float | None = None
 ) -> torch.Tensor:
     """SmoothQuant-style per-input-channel factors λ.
 
-    ``λ_j = max|X_j|^α / max|W_j|^(1-α)``, clamped to ``[1e-5, 1e5]``. Without activation
-    statistics there is nothing to migrate, so ``λ = 1``.
+    ``λ_j = max|X_j|^α / max|W_j|^β`` with ``β = 1 − α`` unless given, clamped to ``[1e-5, 1e5]``.
+    ``α = β = 0`` is no smoothing (``λ = 1``). Without activation statistics there is nothing to
+    migrate, so ``λ = 1``.
 
     Args:
         weight: ``[N, K]`` any float dtype.
         act_absmax: ``[K]`` per-input-channel absmax of the layer's input, or None.
-        alpha: migration strength in ``[0, 1]``; ``α = 0`` with ``max|W_j| = 1`` is no smoothing.
+        alpha: migration strength in ``[0, 1]``.
+        beta: exponent of the weight absmax in ``[0, 1]``; None for ``1 − α``.
 
     Returns:
         float32 ``[K]``.
@@ -66,9 +68,10 @@ def smoothing_factors(
         return torch.ones(k, dtype=torch.float32, device=weight.device)
     if act_absmax.shape != (k,):
         raise ValueError(f"activation statistics have shape {tuple(act_absmax.shape)}, expected [{k}]")
+    beta = 1.0 - alpha if beta is None else beta
     x = act_absmax.float().to(weight.device).clamp_min(_SMOOTH_MIN)
     w = weight.float().abs().amax(dim=0).clamp_min(_SMOOTH_MIN)
-    lam = x.pow(alpha) / w.pow(1.0 - alpha)
+    lam = x.pow(alpha) / w.pow(beta)
     return lam.clamp_(_SMOOTH_MIN, _SMOOTH_MAX)
 
 
@@ -79,21 +82,23 @@ def low_rank(w: torch.Tensor, rank: int, method: str = "auto") -> tuple[torch.Te
     range when rounded to 16-bit.
 
     Args:
-        w: float32 ``[N, K]``.
+        w: float32 ``[N, K]``, or a batch ``[B, N, K]`` (each factored on its own; the randomized
+            method draws one seeded test matrix for the whole batch, so a result depends on the
+            batch's shape, never on the run).
         rank: ``0 <= r <= min(N, K)``.
         method: ``"exact"``, ``"randomized"`` (seeded, deterministic) or ``"auto"``.
 
     Returns:
-        ``(up, down)``: float32 ``[N, r]`` and ``[K, r]``.
+        ``(up, down)``: float32 ``[..., N, r]`` and ``[..., K, r]``.
     """
-    n, k = w.shape
+    *lead, n, k = w.shape
     if rank == 0:
-        return w.new_zeros(n, 0), w.new_zeros(k, 0)
+        return w.new_zeros(*lead, n, 0), w.new_zeros(*lead, k, 0)
     if method == "auto":
         method = "exact" if min(n, k) <= _EXACT_SVD_MAX_SIDE else "randomized"
     if method == "exact":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        u, s, v = u[:, :rank], s[:rank], vh[:rank].t()
+        u, s, v = u[..., :rank], s[..., :rank], vh[..., :rank, :].mT
     elif method == "randomized":
         q = min(rank + _OVERSAMPLE, n, k)
         # svd_lowrank draws from the global RNG; fork it so results are reproducible and the
@@ -101,10 +106,10 @@ def low_rank(w: torch.Tensor, rank: int, method: str = "auto") -> tuple[torch.Te
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             torch.manual_seed(_SVD_SEED)
             u, s, v = torch.svd_lowrank(w, q=q, niter=_POWER_ITERS)
-        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+        u, s, v = u[..., :rank], s[..., :rank], v[..., :rank]
     else:
         raise ValueError(f"unknown SVD method {method!r}")
-    root = s.sqrt()
+    root = s.sqrt().unsqueeze(-2)
     return u * root, v * root
 
 
@@ -191,6 +196,7 @@ def svdquant_weight(
     *,
     act_absmax: torch.Tensor | None = None,
     smoothing_alpha: float = 0.5,
+    smoothing_beta: float | None = None,
     dtype: torch.dtype | None = None,
     svd_method: str = "auto",
     lowrank_iters: int = 0,
@@ -201,12 +207,11 @@ def svdquant_weight(
         weight: ``[N, K]``.
         rank: low-rank branch rank.
         act_absmax: ``[K]`` calibration absmax of the layer's input, or None (λ = 1).
-        smoothing_alpha, dtype, svd_method, lowrank_iters: as in the functions above.
+        smoothing_alpha, smoothing_beta: ``α`` and ``β`` of :func:`smoothing_factors`.
+        dtype, svd_method, lowrank_iters: as in :func:`quantize_weight`.
     """
-    smooth = smoothing_factors(weight, act_absmax, smoothing_alpha)
-    return quantize_weight(
-        weight, rank, smooth=smooth, dtype=dtype, svd_method=svd_method, lowrank_iters=lowrank_iters
-    )
+    smooth = smoothing_factors(weight, act_absmax, smoothing_alpha, smoothing_beta)
+    return quantize_weight(weight, rank, smooth=smooth, dtype=dtype, svd_method=svd_method, lowrank_iters=lowrank_iters)
 
 
 def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
@@ -215,3 +220,144 @@ def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
     residual = reference.dequantize_groups(reference.unpack_int4(q.qweight), q.wscales)
     w_hat = residual + q.lora_up.float() @ q.lora_down.float().t()
     return w_hat / q.smooth.float().unsqueeze(0)
+
+
+# The (α, 1 − α) family on a step of 0.1, as SmoothQuant / DeepCompressor search it, plus
+# (0, 0): no smoothing, so a layer whose outliers the low-rank branch already absorbs keeps λ = 1.
+DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+# Candidates evaluated at once are bounded by memory, not count: each holds a few float32 copies
+# of the weight ([N, K]) and of the samples ([S, K]).
+_SEARCH_CHUNK_BYTES = 1 << 30
+
+
+def smoothing_candidates(
+    alphas: tuple[float, ...] = DEFAULT_ALPHA_GRID, betas: tuple[float, ...] | None = None
+) -> torch.Tensor:
+    """The ``(α, β)`` pairs a smoothing search scores.
+
+    Args:
+        alphas: the grid of ``α`` (each in ``[0, 1]``).
+        betas: None for the ``(α, 1 − α)`` family; otherwise the full grid ``alphas × betas``.
+
+    Returns:
+        float64 ``[C, 2]``: ``(0, 0)`` (no smoothing) first, then the grid, without duplicates.
+    """
+    pairs = [(a, 1.0 - a) for a in alphas] if betas is None else [(a, b) for a in alphas for b in betas]
+    out = [(0.0, 0.0)]
+    for a, b in pairs:
+        if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
+            raise ValueError(f"smoothing grid values must be in [0, 1], got alpha={a}, beta={b}")
+        pair = (round(float(a), 6), round(float(b), 6))
+        if pair not in out:
+            out.append(pair)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+class SmoothingSearch(NamedTuple):
+    """The outcome of :func:`search_smoothing` for one layer.
+
+    Attributes:
+        alpha, beta: the best ``(α, β)``.
+        error: its relative output error ``‖y_q − y‖² / ‖y‖²`` on the samples.
+        candidates: float64 ``[C, 2]`` every ``(α, β)`` scored, ``(0, 0)`` first.
+        errors: float64 ``[C]`` their relative errors.
+    """
+
+    alpha: float
+    beta: float
+    error: float
+    candidates: torch.Tensor
+    errors: torch.Tensor
+
+
+def quantized_output_error(
+    weight: torch.Tensor,
+    smooth: torch.Tensor,
+    x: torch.Tensor,
+    rank: int,
+    *,
+    dtype: torch.dtype,
+    svd_method: str = "auto",
+    group_size: int = reference.GROUP_SIZE,
+) -> torch.Tensor:
+    """Relative output error of SVDQuant W4A4 for a batch of smoothing vectors, vectorized.
+
+    For each ``λ_c``: the weight is smoothed, its rank-``r`` branch and INT4 residual formed as
+    :func:`quantize_weight` does, the inputs fake-quantized as :func:`reference.quantize_act` does,
+    and ``‖y_q − y‖² / ‖y‖²`` taken against the 16-bit layer ``y = x @ W.T`` (bias cancels).
+
+    Args:
+        weight: ``[N, K]`` float.
+        smooth: ``[C, K]`` candidate λ (rounded to ``dtype`` here, as the checkpoint stores it).
+        x: ``[S, K]`` input rows.
+        rank: low-rank branch rank.
+        dtype: model dtype of the scales and low-rank factors.
+        svd_method: see :func:`low_rank`.
+
+    Returns:
+        float64 ``[C]``.
+    """
+    w = weight.float()
+    xf = x.float().to(w.device)
+    lam = smooth.to(dtype).float().to(w.device)
+    y = xf @ w.t()
+    w_hat = w.unsqueeze(0) * lam.unsqueeze(1)  # [C, N, K]
+    up, down = low_rank(w_hat, rank, svd_method)
+    up, down = up.to(dtype).float(), down.to(dtype).float()
+    residual = w_hat.baddbmm_(up, down.mT, alpha=-1)
+    r_q = reference.dequantize_groups(*reference.quantize_groups(residual, group_size, dtype))
+    del residual, w_hat
+    x_hat = xf.unsqueeze(0) / lam.unsqueeze(1)  # [C, S, K]
+    x_q = reference.dequantize_groups(*reference.quantize_groups(x_hat, group_size, torch.float32))
+    y_q = torch.bmm(x_q, r_q.mT).baddbmm_(torch.bmm(x_hat, down), up.mT)
+    num = (y_q - y).double().pow(2).sum(dim=(1, 2))
+    return num / y.double().pow(2).sum().clamp_min(1e-30)
+
+
+def search_smoothing(
+    weight: torch.Tensor,
+    act_absmax: torch.Tensor,
+    x: torch.Tensor,
+    rank: int,
+    *,
+    dtype: torch.dtype | None = None,
+    candidates: torch.Tensor | None = None,
+    svd_method: str = "auto",
+    chunk_bytes: int = _SEARCH_CHUNK_BYTES,
+) -> SmoothingSearch:
+    """Pick the layer's ``(α, β)`` by the output error after SVDQuant (DESIGN.md §1, step 1).
+
+    Every candidate is scored by :func:`quantized_output_error` on the calibration rows ``x``;
+    candidates are evaluated in batches as large as ``chunk_bytes`` allows. Ties go to the earlier
+    candidate, so ``(0, 0)`` (no smoothing) wins when smoothing does not help.
+
+    Args:
+        weight: ``[N, K]`` the 16-bit layer weight.
+        act_absmax: ``[K]`` per-input-channel absmax over all calibration tokens.
+        x: ``[S, K]`` sampled input rows (``S >= 1``).
+        rank: low-rank branch rank used at quantization.
+        dtype: model dtype (default ``weight.dtype``).
+        candidates: float ``[C, 2]`` (from :func:`smoothing_candidates`, the default).
+        svd_method: see :func:`low_rank`.
+        chunk_bytes: memory bound of one batch of candidates.
+
+    Returns:
+        :class:`SmoothingSearch`.
+    """
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != k or x.shape[0] == 0:
+        raise ValueError(f"search_smoothing: samples have shape {tuple(x.shape)}, expected [S >= 1, {k}]")
+    dtype = dtype or weight.dtype
+    candidates = smoothing_candidates() if candidates is None else candidates.to(torch.float64)
+    lams = torch.stack([smoothing_factors(weight, act_absmax, float(a), float(b)) for a, b in candidates.tolist()])
+    per_candidate = 4 * (3 * n * k + 3 * x.shape[0] * k + 2 * x.shape[0] * n)
+    chunk = max(1, chunk_bytes // per_candidate)
+    errors = torch.cat(
+        [
+            quantized_output_error(weight, lams[i : i + chunk], x, rank, dtype=dtype, svd_method=svd_method).cpu()
+            for i in range(0, len(lams), chunk)
+        ]
+    )
+    best = int(torch.argmin(errors))  # first minimum: earlier candidates win ties
+    a, b = candidates[best].tolist()
+    return SmoothingSearch(a, b, float(errors[best]), candidates, errors)

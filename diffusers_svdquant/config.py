@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 from enum import Enum
 from typing import Any
 
-import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 try:
@@ -68,18 +66,20 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
     :mod:`diffusers_svdquant.transformers_quantizer`.
 
     Args:
-        rank: rank ``r`` of the 16-bit low-rank branch (>= 1; at most ``min(N, K)`` of every
-            quantized layer).
+        rank: rank ``r`` of the 16-bit low-rank branch (at most ``min(N, K)`` of every quantized
+            layer; 0 drops the branch: plain W4A4, the baseline the quality report compares with).
         group_size: INT4 group size along K. Only 64 is supported (the kernels are built for it).
         precision: ``"int4"``.
         modules_to_not_convert: module-name patterns kept in 16-bit (exact name, a parent module's
             name, or an fnmatch glob). ``None`` uses :data:`DEFAULT_MODULES_TO_NOT_CONVERT`.
-        smoothing_alpha: migration strength ``α`` in ``λ_j = max|X_j|^α / max|W_j|^(1-α)``; only used
-            with calibration statistics. Without statistics ``λ = 1`` (no smoothing).
-        calibration: activation statistics: a path to a safetensors file, or a mapping from module
-            name to a float tensor ``[K]`` of per-input-channel absmax (what
-            :func:`diffusers_svdquant.calibration.collect_activation_absmax` returns). Not
-            serialized: it only matters while quantizing.
+        smoothing_alpha: ``None`` (default): each layer uses the ``(α, β)`` its calibration search
+            found, or ``α = β = 0.5`` where none was searched. A number ``α`` forces
+            ``λ_j = max|X_j|^α / max|W_j|^(1-α)`` on every layer. Without statistics for a layer,
+            ``λ = 1`` (no smoothing).
+        calibration: activation statistics: a :class:`~diffusers_svdquant.CalibrationStats` (what
+            :func:`~diffusers_svdquant.calibrate` returns), the path of a file it saved, or a mapping
+            from module name to a float tensor ``[K]`` of per-input-channel absmax. Not serialized:
+            it only matters while quantizing.
         svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``, seeded),
             or ``"auto"`` (exact up to 1024 on the short side, randomized above).
         lowrank_iters: refinement iterations ``L ← SVD_r(Ŵ − Q(Ŵ − L))``; the best by weight error is kept.
@@ -94,8 +94,8 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         group_size: int = 64,
         precision: str = "int4",
         modules_to_not_convert: list[str] | None = None,
-        smoothing_alpha: float = 0.5,
-        calibration: str | os.PathLike | dict[str, torch.Tensor] | None = None,
+        smoothing_alpha: float | None = None,
+        calibration: Any = None,
         svd_method: str = "auto",
         lowrank_iters: int = 0,
         torch_dtype: str | None = None,
@@ -124,14 +124,21 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate the settings; raise ``ValueError`` naming the bad one."""
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"SVDQuantConfig: rank must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"SVDQuantConfig: rank must be an integer >= 0, got {self.rank!r}")
         if self.group_size != 64:
             raise ValueError(f"SVDQuantConfig: group_size must be 64 (the kernels' group), got {self.group_size!r}")
         if self.precision != "int4":
             raise ValueError(f"SVDQuantConfig: precision must be 'int4', got {self.precision!r}")
-        if not 0.0 <= float(self.smoothing_alpha) <= 1.0:
-            raise ValueError(f"SVDQuantConfig: smoothing_alpha must be in [0, 1], got {self.smoothing_alpha!r}")
+        if self.smoothing_alpha is not None and (
+            isinstance(self.smoothing_alpha, bool)
+            or not isinstance(self.smoothing_alpha, (int, float))
+            or not 0.0 <= float(self.smoothing_alpha) <= 1.0
+        ):
+            raise ValueError(
+                f"SVDQuantConfig: smoothing_alpha must be None (searched per layer) or in [0, 1], "
+                f"got {self.smoothing_alpha!r}"
+            )
         if self.svd_method not in ("auto", "exact", "randomized"):
             raise ValueError(
                 f"SVDQuantConfig: svd_method must be 'auto', 'exact' or 'randomized', got {self.svd_method!r}"

@@ -76,6 +76,7 @@ class SVDQuantLinear(nn.Module):
         *,
         act_absmax: torch.Tensor | None = None,
         smoothing_alpha: float = 0.5,
+        smoothing_beta: float | None = None,
         svd_method: str = "auto",
         lowrank_iters: int = 0,
         dtype: torch.dtype | None = None,
@@ -86,7 +87,8 @@ class SVDQuantLinear(nn.Module):
             linear: the layer; its weight dtype is the model dtype unless ``dtype`` is given.
             rank: low-rank branch rank.
             act_absmax: ``[K]`` per-input-channel absmax of the layer's input (calibration), or None.
-            smoothing_alpha, svd_method, lowrank_iters: see :class:`~diffusers_svdquant.SVDQuantConfig`.
+            smoothing_alpha, smoothing_beta: ``λ_j = max|X_j|^α / max|W_j|^β`` (β = 1 − α when None).
+            svd_method, lowrank_iters: see :class:`~diffusers_svdquant.SVDQuantConfig`.
             dtype: model dtype of the float tensors.
         """
         w = linear.weight.detach()
@@ -98,6 +100,7 @@ class SVDQuantLinear(nn.Module):
                 rank,
                 act_absmax=act_absmax,
                 smoothing_alpha=smoothing_alpha,
+                smoothing_beta=smoothing_beta,
                 dtype=dtype,
                 svd_method=svd_method,
                 lowrank_iters=lowrank_iters,

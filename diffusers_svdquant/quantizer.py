@@ -16,7 +16,6 @@ Two loading flows share one skeleton (DESIGN.md §5):
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
 from . import algorithm, reference
+from .calibration import CalibrationStats, load_calibration
 from .config import SVDQuantConfig
 from .linear import QUANT_TENSORS, SVDQuantLinear
 
@@ -89,12 +89,14 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
     """
     stats = load_calibration(config.calibration)
     for name, linear in quantizable_linears(model, config).items():
+        absmax, alpha, beta = stats.smoothing_for(name, config.smoothing_alpha)
         try:
             layer = SVDQuantLinear.from_linear(
                 linear,
                 config.rank,
-                act_absmax=stats.get(name),
-                smoothing_alpha=config.smoothing_alpha,
+                act_absmax=absmax,
+                smoothing_alpha=alpha,
+                smoothing_beta=beta,
                 svd_method=config.svd_method,
                 lowrank_iters=config.lowrank_iters,
             )
@@ -109,13 +111,16 @@ def quantize_layer_weight(
     layer: SVDQuantLinear,
     weight: torch.Tensor,
     config: SVDQuantConfig,
-    act_absmax: torch.Tensor | None,
+    stats: CalibrationStats,
 ) -> algorithm.QuantizedWeight:
     """SVDQuant one 16-bit weight ``[N, K]`` arriving for the skeleton ``layer`` while loading.
 
-    Returns the canonical tensors in ``layer``'s dtype on ``weight``'s device; ``ValueError`` naming
-    the layer for a wrong shape or a weight the algorithm rejects.
+    ``stats`` gives the layer's activation absmax and searched ``(α, β)``
+    (:meth:`CalibrationStats.smoothing_for`). Returns the canonical tensors in ``layer``'s dtype on
+    ``weight``'s device; ``ValueError`` naming the layer for a wrong shape or a weight the
+    algorithm rejects.
     """
+    act_absmax, alpha, beta = stats.smoothing_for(module_name, config.smoothing_alpha)
     expected = (layer.out_features, layer.in_features)
     if tuple(weight.shape) != expected:
         raise ValueError(f"svdquant: {module_name}.weight has shape {tuple(weight.shape)}, expected {list(expected)}")
@@ -124,7 +129,8 @@ def quantize_layer_weight(
             weight,
             config.rank,
             act_absmax=act_absmax,
-            smoothing_alpha=config.smoothing_alpha,
+            smoothing_alpha=alpha,
+            smoothing_beta=beta,
             dtype=layer.wscales.dtype,
             svd_method=config.svd_method,
             lowrank_iters=config.lowrank_iters,
@@ -180,21 +186,6 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     return model
 
 
-def load_calibration(calibration: Any) -> dict[str, torch.Tensor]:
-    """Per-layer activation absmax from a config's ``calibration`` (None, a mapping or a file)."""
-    if calibration is None:
-        return {}
-    if isinstance(calibration, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
-        if not os.path.isfile(calibration):
-            raise FileNotFoundError(f"SVDQuantConfig: calibration file {os.fspath(calibration)!r} does not exist")
-        return load_file(os.fspath(calibration))
-    if hasattr(calibration, "act_absmax"):
-        return dict(calibration.act_absmax)
-    return dict(calibration)
-
-
 class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
     """``DiffusersQuantizer`` for SVDQuant W4A4: quantize on load, or load a quantized checkpoint."""
 
@@ -205,7 +196,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype | None = None
         self._loaded_keys: set[str] | None = None
-        self._act_absmax: dict[str, torch.Tensor] = {}
+        self._calibration = CalibrationStats()
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -241,7 +232,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         if self.pre_quantized and self._loaded_keys is not None:
             check_checkpoint_keys(targets, self._loaded_keys.__contains__)
         else:
-            self._act_absmax = load_calibration(config.calibration)
+            self._calibration = load_calibration(config.calibration)
         dtype = self.torch_dtype or torch.float32
         for name, linear in targets.items():
             layer = SVDQuantLinear(
@@ -280,7 +271,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         layer: SVDQuantLinear = model.get_submodule(module_name)
         device = torch.device("cpu") if target_device in (None, "cpu") else torch.device(target_device)
         q = quantize_layer_weight(
-            module_name, layer, param_value.to(device), self.quantization_config, self._act_absmax.get(module_name)
+            module_name, layer, param_value.to(device), self.quantization_config, self._calibration
         )
         # The bias, if any, is loaded by name like any other tensor.
         layer.load_quantized(q, None)

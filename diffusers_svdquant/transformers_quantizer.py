@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from . import algorithm
+from .calibration import CalibrationStats, load_calibration
 from .config import SVDQuantConfig
 from .linear import QUANT_TENSORS, SVDQuantLinear
 from .quantizer import (
     _replace_module,
     check_checkpoint_keys,
     dequantize_,
-    load_calibration,
     quantizable_linears,
     quantize_layer_weight,
 )
@@ -144,7 +144,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
-        self._act_absmax: dict[str, torch.Tensor] = {}
+        self._calibration = CalibrationStats()
         self._hide_hooks: list[Any] = []
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -189,7 +189,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._check_checkpoint_keys(model, targets, _checkpoint_keys(checkpoint_files))
         else:
-            self._act_absmax = load_calibration(config.calibration)
+            self._calibration = load_calibration(config.calibration)
         for name, linear in targets.items():
             # The meta linear was built in the load dtype (transformers' init context); keep it.
             dtype = linear.weight.dtype
@@ -227,15 +227,13 @@ class SVDQuantHfQuantizer(HfQuantizer):
 
         Returns the canonical tensors in ``layer``'s dtype, on ``weight``'s device.
         """
-        return quantize_layer_weight(
-            module_name, layer, weight, self.quantization_config, self._act_absmax.get(module_name)
-        )
+        return quantize_layer_weight(module_name, layer, weight, self.quantization_config, self._calibration)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         for hook in self._hide_hooks:
             hook.remove()
         self._hide_hooks = []
-        self._act_absmax = {}  # the model keeps this quantizer: do not pin the statistics
+        self._calibration = CalibrationStats()  # the model keeps this quantizer: do not pin the statistics
         for name, module in model.named_modules():
             if not isinstance(module, SVDQuantLinear):
                 continue

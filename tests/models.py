@@ -5,11 +5,20 @@ Hidden sizes are multiples of 64 so the attention and feed-forward linears are q
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 
 @dataclass
@@ -92,3 +101,43 @@ def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a − b‖ / ‖b‖`` in float32."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _tokenizer(path):
+    """A byte-level-free CLIP BPE tokenizer over single letters, written locally (no download)."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(letters + [f"{c}</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"])}
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+
+
+def build_pipeline(root):
+    """A tiny random-weight FluxPipeline (CLIP + T5 encoders, VAE, transformer) saved under ``root/pipe``."""
+    torch.manual_seed(0)
+    tok = _tokenizer(root / "tok")
+    vocab = len(tok)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,),
+                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                          norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+                          shift_factor=0.0, scaling_factor=1.0),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=1, num_attention_heads=2, projection_dim=64,
+                                                  bos_token_id=vocab - 2, eos_token_id=vocab - 1)),
+        tokenizer=tok,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=vocab, d_model=128, d_kv=64, d_ff=256, num_layers=1,
+                                               num_heads=2)),
+        tokenizer_2=tok,
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=64, num_attention_heads=2, joint_attention_dim=128,
+                                           pooled_projection_dim=64, axes_dims_rope=[16, 24, 24]),
+    )  # fmt: skip
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+# What every call of the tiny pipeline needs: its images are 32 x 32 and its tokenizers take 16 tokens.
+TINY_PIPELINE_KWARGS = {"height": 32, "width": 32, "guidance_scale": 1.0, "max_sequence_length": 16}

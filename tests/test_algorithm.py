@@ -410,3 +410,98 @@ def test_svdquant_beats_naive_w4a4_on_outliers(dtype):
     e_svdq = rel(reference.svdquant_linear(x, *svdq, None), y)
     assert e_svdq < SVDQ_OUTLIER_REL_ERR, (e_svdq, e_naive)
     assert e_svdq * SVDQ_IMPROVEMENT < e_naive, (e_svdq, e_naive)
+
+
+# ------------------------------------------------------------------------ (g) the smoothing search
+
+
+def _outlier_layer(seed: int, n: int = 192, k: int = 256, s: int = 96):
+    g = _gen(seed)
+    w = (torch.randn(n, k, generator=g) / k**0.5).float()
+    x = torch.randn(s, k, generator=g)
+    x[:, [5, 60, 130]] *= 40
+    return w, x
+
+
+def test_smoothing_alpha_beta_zero_is_no_smoothing():
+    """(α, β) = (0, 0) is λ = 1 exactly, whatever the statistics: no smoothing is a special case."""
+    w, x = _outlier_layer(30)
+    lam = algorithm.smoothing_factors(w, x.abs().amax(0), 0.0, 0.0)
+    assert torch.equal(lam, torch.ones_like(lam))
+    assert torch.equal(
+        algorithm.smoothing_factors(w, x.abs().amax(0), 0.3), algorithm.smoothing_factors(w, x.abs().amax(0), 0.3, 0.7)
+    )
+
+
+def test_smoothing_candidates():
+    c = algorithm.smoothing_candidates()
+    assert c.shape == (12, 2) and c[0].tolist() == [0.0, 0.0]
+    assert torch.allclose(c[1:].sum(1), torch.ones(11, dtype=torch.float64))
+    full = algorithm.smoothing_candidates((0.0, 0.5, 1.0), (0.0, 0.5))
+    assert full.tolist() == [[0, 0], [0, 0.5], [0.5, 0], [0.5, 0.5], [1, 0], [1, 0.5]]
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        algorithm.smoothing_candidates((1.5,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [0, 16])
+def test_output_error_is_the_quantized_layers_error(dtype, rank):
+    """The vectorized score of a candidate equals the relative squared output error of the layer that
+    svdquant_weight + reference.svdquant_linear really compute with that (α, β)."""
+    w, x = _outlier_layer(31)
+    w, x = w.to(dtype), x.to(dtype)
+    absmax = x.float().abs().amax(0)
+    pairs = [(0.0, 0.0), (0.5, 0.5), (0.8, 0.2), (0.6, 0.0)]
+    lams = torch.stack([algorithm.smoothing_factors(w, absmax, a, b) for a, b in pairs])
+    scores = algorithm.quantized_output_error(w, lams, x, rank, dtype=dtype, svd_method="exact")
+    y = x.double() @ w.double().t()
+    for (a, b), score in zip(pairs, scores.tolist(), strict=True):
+        q = algorithm.svdquant_weight(w, rank, act_absmax=absmax, smoothing_alpha=a, smoothing_beta=b,
+                                      svd_method="exact")  # fmt: skip
+        out = reference.svdquant_linear(x.float(), *q, None).double()
+        want = ((out - y).pow(2).sum() / y.pow(2).sum()).item()
+        assert score == pytest.approx(want, rel=2e-3), (a, b)
+
+
+def test_search_beats_fixed_alpha_and_no_smoothing():
+    """On planted outliers the searched (α, β) scores no worse than α = 0.5 and no smoothing, and the
+    real layer with it has the lowest error of the three on held-out rows from the same distribution."""
+    w, x = _outlier_layer(32, s=192)
+    fit, held_out = x[:96], x[96:]
+    absmax = fit.abs().amax(0)
+    found = algorithm.search_smoothing(w, absmax, fit, 16, svd_method="exact")
+    assert found.error == found.errors.min().item()
+    half = algorithm.smoothing_candidates().tolist().index([0.5, 0.5])
+    assert found.error <= found.errors[half] and found.error < found.errors[0]
+    y = held_out.double() @ w.double().t()
+
+    def err(a, b):
+        q = algorithm.svdquant_weight(w, 16, act_absmax=absmax, smoothing_alpha=a, smoothing_beta=b)
+        return rel(reference.svdquant_linear(held_out, *q, None), y)
+
+    assert err(found.alpha, found.beta) <= min(err(0.5, 0.5), err(0.0, 0.0)) * 1.02
+
+
+def test_search_picks_no_smoothing_on_its_own_ties():
+    """With only candidates that equal λ = 1, the first, (0, 0), wins: ties keep no smoothing."""
+    w, x = _outlier_layer(33)
+    cands = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    found = algorithm.search_smoothing(w, torch.ones(w.shape[1]), x, 8, candidates=cands)
+    assert (found.alpha, found.beta) == (0.0, 0.0) and found.errors[0] == found.errors[1]
+
+
+def test_search_is_independent_of_batching():
+    """Scoring candidates one at a time or all at once gives the same errors (exact SVD)."""
+    w, x = _outlier_layer(34)
+    absmax = x.abs().amax(0)
+    one = algorithm.search_smoothing(w, absmax, x, 8, svd_method="exact", chunk_bytes=1)
+    all_ = algorithm.search_smoothing(w, absmax, x, 8, svd_method="exact", chunk_bytes=1 << 34)
+    assert torch.allclose(one.errors, all_.errors, rtol=1e-5) and (one.alpha, one.beta) == (all_.alpha, all_.beta)
+
+
+def test_search_rejects_bad_samples():
+    w, x = _outlier_layer(35)
+    with pytest.raises(ValueError, match=r"\[S >= 1, 256\]"):
+        algorithm.search_smoothing(w, x.abs().amax(0), x[:, :128], 8)
+    with pytest.raises(ValueError, match=r"\[S >= 1, 256\]"):
+        algorithm.search_smoothing(w, x.abs().amax(0), x[:0], 8)

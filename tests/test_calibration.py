@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import TINY_PIPELINE_KWARGS, build_pipeline
 from torch import nn
 
 from diffusers_svdquant import CalibrationStats, calibrate
+from diffusers_svdquant.calibration import load_calibration
 
 
 class _Net(nn.Module):
@@ -155,9 +157,11 @@ def test_empty_batch_is_ignored():
 
 
 def test_save_load_round_trip(tmp_path):
-    """save() then load() gives identical act_absmax tensors and num_tokens."""
+    """save() then load() gives identical absmax, token counts, searched (α, β), search errors and info;
+    samples only when asked for."""
     net = _Net()
     stats = calibrate(net, lambda m: [m(x) for x in _inputs()])
+    assert set(stats.smoothing) == {"fc1", "block.1"}  # fc2 has K = 96, not a multiple of 64: not searched
     path = tmp_path / "calib.safetensors"
     stats.save(path)
     back = CalibrationStats.load(path)
@@ -166,11 +170,123 @@ def test_save_load_round_trip(tmp_path):
         assert back.act_absmax[k].dtype == torch.float32
         assert torch.equal(back.act_absmax[k], v), k
     assert back.num_tokens == stats.num_tokens
-    # and the file is a plain safetensors file of [K] tensors under the module names
-    from safetensors.torch import load_file
+    assert back.smoothing == stats.smoothing
+    assert all(torch.equal(back.search_errors[k], v) for k, v in stats.search_errors.items())
+    assert back.info == stats.info and back.info["num_processes"] == 1
+    assert back.samples == {}
+    stats.save(path, include_samples=True)
+    back = CalibrationStats.load(path)
+    assert all(torch.equal(back.samples[k], v) for k, v in stats.samples.items())
+    assert all(torch.equal(back.sample_keys[k], v) for k, v in stats.sample_keys.items())
 
-    raw = load_file(path)
-    assert {k: tuple(v.shape) for k, v in raw.items()} == {"fc1": (64,), "block.1": (128,), "fc2": (96,)}
+
+def test_version_1_file_still_loads(tmp_path):
+    """A file of bare ``name -> [K]`` tensors (format 1, no metadata) loads as absmax only."""
+    from safetensors.torch import save_file
+
+    save_file({"fc1": torch.arange(64.0)}, tmp_path / "v1.safetensors", metadata={"num_tokens": "{'fc1': 3}"})
+    back = CalibrationStats.load(tmp_path / "v1.safetensors")
+    assert torch.equal(back.act_absmax["fc1"], torch.arange(64.0)) and back.num_tokens == {"fc1": 3}
+    assert back.smoothing == {}
+
+
+def test_bad_files_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        CalibrationStats.load(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        CalibrationStats.load(tmp_path / "junk.safetensors")
+    save_file({"act_absmax:x": torch.ones(64)}, tmp_path / "v9.safetensors", metadata={"format_version": "9"})
+    with pytest.raises(ValueError, match="format_version 9"):
+        CalibrationStats.load(tmp_path / "v9.safetensors")
+    with pytest.raises(TypeError, match="calibration must be"):
+        load_calibration(42)
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Saving writes a temporary file and renames it: an error mid-write leaves the old file intact."""
+    net = _Net()
+    stats = calibrate(net, lambda m: m(torch.randn(2, 64)), search=False)
+    path = tmp_path / "calib.safetensors"
+    stats.save(path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        stats.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.safetensors"]
+
+
+def test_samples_are_rows_the_layer_saw():
+    """Each layer keeps min(max_samples, tokens) of its real input rows, the same ones on a rerun."""
+    net = _Net()
+    xs = _inputs()
+    stats = calibrate(net, lambda m: [m(x) for x in xs], max_samples=8, search=False)
+    seen = torch.cat([x.reshape(-1, 64) for x in xs])
+    rows = stats.samples["fc1"]
+    assert rows.shape == (8, 64) and stats.sample_keys["fc1"].shape == (8,)
+    assert all((seen == r).all(-1).any() for r in rows)
+    assert len({tuple(r.tolist()) for r in rows}) == 8  # no row twice
+    assert torch.all(stats.sample_keys["fc1"][1:] >= stats.sample_keys["fc1"][:-1])
+    again = calibrate(net, lambda m: [m(x) for x in xs], max_samples=8, search=False)
+    assert torch.equal(again.samples["fc1"], rows)
+    few = calibrate(net, lambda m: m(torch.randn(3, 64)), max_samples=8, search=False)
+    assert few.samples["fc1"].shape == (3, 64)
+    none = calibrate(net, lambda m: m(torch.randn(3, 64)), max_samples=0)
+    assert none.samples == {} and none.smoothing == {}
+
+
+def test_merge_is_exact_and_order_free():
+    """Merging parts gathered on disjoint inputs: max of absmax, sum of tokens, bottom-k of the union
+    of samples; the order of the parts does not matter."""
+    g = torch.Generator().manual_seed(0)
+
+    def part(n):
+        keys = torch.rand(n, generator=g, dtype=torch.float64).sort().values
+        rows = torch.randn(n, 64, generator=g)
+        return CalibrationStats(
+            act_absmax={"a": rows.abs().amax(0)}, num_tokens={"a": n}, samples={"a": rows}, sample_keys={"a": keys}
+        )
+
+    parts = [part(5), part(7), part(3)]
+    ab = CalibrationStats.merge(parts, max_samples=6)
+    ba = CalibrationStats.merge(parts[::-1], max_samples=6)
+    keys = torch.cat([p.sample_keys["a"] for p in parts])
+    rows = torch.cat([p.samples["a"] for p in parts])
+    order = torch.argsort(keys)[:6]
+    for m in (ab, ba):
+        assert torch.equal(m.sample_keys["a"], keys[order]) and torch.equal(m.samples["a"], rows[order])
+        assert torch.equal(m.act_absmax["a"], rows.abs().amax(0))
+        assert m.num_tokens == {"a": 15}
+
+
+def test_search_requires_samples():
+    with pytest.raises(ValueError, match="max_samples"):
+        calibrate(_Net(), lambda m: m(torch.randn(2, 64)), max_samples=0, search=True)
+
+
+def test_bad_targets():
+    with pytest.raises(TypeError, match="DiffusionPipeline"):
+        calibrate(_Net())
+    with pytest.raises(TypeError, match="DiffusionPipeline"):
+        calibrate("not a model", run=lambda m: None)
+
+
+def test_searched_smoothing_is_used_unless_alpha_is_given():
+    """smoothing_for: the searched (α, β) by default, an explicit α for every layer, (0.5, 0.5) when no
+    search ran, and no absmax (λ = 1) for a layer without statistics."""
+    stats = CalibrationStats(act_absmax={"a": torch.ones(64), "b": torch.ones(64)}, smoothing={"a": (0.8, 0.1)})
+    assert stats.smoothing_for("a", None)[1:] == (0.8, 0.1)
+    assert stats.smoothing_for("b", None)[1:] == (0.5, 0.5)
+    assert stats.smoothing_for("a", 0.3)[1:] == (0.3, 0.7)
+    assert stats.smoothing_for("c", None)[0] is None
 
 
 def test_keyword_input_is_recorded():
@@ -179,3 +295,101 @@ def test_keyword_input_is_recorded():
     x = torch.randn(2, 64)
     stats = calibrate(lin, lambda m: m(input=x))
     assert torch.equal(stats.act_absmax[""], x.abs().amax(0))
+
+
+# ------------------------------------------------------------------------------- whole pipelines
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(build_pipeline(tmp_path_factory.mktemp("calib-pipe")))
+
+
+PROMPTS = ["a red bicycle", "a cat on a mat", "snowy mountains at dawn"]
+
+
+def test_pipeline_statistics_equal_a_direct_recording(tiny_pipe):
+    """calibrate(pipe, prompts) hooks exactly the denoiser layers the default config quantizes, and each
+    layer's absmax / token count equal what a plain forward pre-hook sees over the same generations."""
+    from diffusers_svdquant import SVDQuantConfig
+    from diffusers_svdquant.quantizer import quantizable_linears
+
+    stats = calibrate(tiny_pipe, prompts=PROMPTS, num_inference_steps=2, pipeline_kwargs=TINY_PIPELINE_KWARGS,
+                      search=False)  # fmt: skip
+    assert set(stats.act_absmax) == set(quantizable_linears(tiny_pipe.transformer, SVDQuantConfig()))
+    assert stats.info["prompts"] == 3 and stats.info["component"] == "transformer"
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    names = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"]
+    handles = [
+        tiny_pipe.transformer.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]).clone())
+        )
+        for n in names
+    ]
+    try:
+        for i, p in enumerate(PROMPTS):
+            tiny_pipe(prompt=p, num_inference_steps=2, generator=torch.Generator().manual_seed(i), output_type="latent",
+                      **TINY_PIPELINE_KWARGS)  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        rows = torch.cat(seen[n])
+        assert torch.equal(stats.act_absmax[n], rows.abs().amax(0).float()), n
+        assert stats.num_tokens[n] == rows.shape[0], n
+        assert all((rows == r).all(-1).any() for r in stats.samples[n]), n
+
+
+def test_pipeline_calibration_searches_and_quantizes(tiny_pipe, tmp_path):
+    """The searched statistics file feeds from_pretrained: layers get their own (α, β), and the model
+    quantized with them is at least as close to 16-bit as with α = 0.5 for all."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_svdquant import SVDQuantConfig
+
+    stats = calibrate(tiny_pipe, prompts=PROMPTS, num_inference_steps=2, pipeline_kwargs=TINY_PIPELINE_KWARGS,
+                      config=SVDQuantConfig(rank=16))  # fmt: skip
+    assert set(stats.smoothing) == set(stats.act_absmax)
+    for name, errs in stats.search_errors.items():
+        assert errs[0] <= errs[1], name  # the searched pair never scores worse than no smoothing
+    assert stats.info["search_rank"] == 16
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    tiny_pipe.transformer.save_pretrained(tmp_path / "t")
+    inputs = _flux_inputs_for(tiny_pipe)
+    ref = tiny_pipe.transformer(**inputs, return_dict=False)[0]
+
+    def error(**cfg):
+        m = FluxTransformer2DModel.from_pretrained(tmp_path / "t", quantization_config=SVDQuantConfig(rank=16, **cfg))
+        with torch.no_grad():
+            return ((m(**inputs, return_dict=False)[0] - ref).norm() / ref.norm()).item()
+
+    searched, fixed, none = error(calibration=str(path)), error(calibration=str(path), smoothing_alpha=0.5), error()
+    assert searched <= fixed * 1.05 and searched <= none * 1.05, (searched, fixed, none)
+
+
+def _flux_inputs_for(pipe):
+    g = torch.Generator().manual_seed(5)
+    t = pipe.transformer.config
+    return {
+        "hidden_states": torch.randn(1, 64, t.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(1, 16, t.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(1, t.pooled_projection_dim, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(64, 3),
+        "txt_ids": torch.zeros(16, 3),
+    }
+
+
+def test_pipeline_bad_arguments(tiny_pipe):
+    with pytest.raises(ValueError, match="prompts for a pipeline"):
+        calibrate(tiny_pipe, run=lambda m: None)
+    with pytest.raises(ValueError, match="no module component 'vae2'"):
+        calibrate(tiny_pipe, prompts=PROMPTS, component="vae2")
+    with pytest.raises(ValueError, match="non-empty list"):
+        calibrate(tiny_pipe, prompts=[])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        calibrate(tiny_pipe, prompts=PROMPTS, num_inference_steps=0)

@@ -12,14 +12,14 @@ from diffusers_svdquant.config import FORMAT_VERSION, module_matches
 
 
 def test_defaults():
-    """Default settings: rank 32, group 64, int4, default exclusions, α 0.5, no calibration,
+    """Default settings: rank 32, group 64, int4, default exclusions, α searched per layer (None), no calibration,
     svd 'auto', no refinement, no recorded dtype, current format version, quant_method 'svdquant'."""
     c = SVDQuantConfig()
     assert c.rank == 32
     assert c.group_size == 64
     assert c.precision == "int4"
     assert c.modules_to_not_convert == list(DEFAULT_MODULES_TO_NOT_CONVERT)
-    assert c.smoothing_alpha == 0.5
+    assert c.smoothing_alpha is None
     assert c.calibration is None
     assert c.svd_method == "auto"
     assert c.lowrank_iters == 0
@@ -77,7 +77,8 @@ def test_quant_method_enum_or_string_accepted():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"rank": 0}, r"rank.*0"),
+        ({"smoothing_alpha": "0.5"}, r"smoothing_alpha.*'0\.5'"),
+        ({"smoothing_alpha": True}, r"smoothing_alpha.*True"),
         ({"rank": -1}, r"rank.*-1"),
         ({"rank": 1.5}, r"rank.*1\.5"),
         ({"rank": True}, r"rank.*True"),
@@ -121,7 +122,7 @@ def test_bad_settings_from_dict():
         SVDQuantConfig.from_dict(d)
 
 
-@pytest.mark.parametrize("ok", [{"rank": 1}, {"smoothing_alpha": 0.0}, {"smoothing_alpha": 1}, {"format_version": 0}])
+@pytest.mark.parametrize("ok", [{"rank": 0}, {"rank": 1}, {"smoothing_alpha": None}, {"smoothing_alpha": 0.0}, {"smoothing_alpha": 1}, {"format_version": 0}])
 def test_edge_settings_accepted(ok):
     """Boundary values that are valid are accepted."""
     SVDQuantConfig(**ok)
