@@ -18,6 +18,7 @@ except ImportError:  # transformers absent or unusable: the config still serves 
     class _HfQuantizationConfigMixin:  # type: ignore[no-redef]
         """Stand-in base used when transformers cannot be imported."""
 
+
 FORMAT_VERSION = 1
 
 # Kept in 16-bit by default, following Nunchaku's choice for FLUX / SD3 / SDXL: the input and output

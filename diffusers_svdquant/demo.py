@@ -102,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype]
     torch.manual_seed(0)
 
-    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"threads {torch.get_num_threads()}, native kernels: "
-          f"{'yes, ' + str(ops.cpu_isa()) if ops.native_available() else 'no (' + str(ops.native_error()) + ')'}")
+    print(
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"threads {torch.get_num_threads()}, native kernels: "
+        f"{'yes, ' + str(ops.cpu_isa()) if ops.native_available() else 'no (' + str(ops.native_error()) + ')'}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         source = args.model
@@ -124,14 +126,18 @@ def run(args: argparse.Namespace) -> int:
         modelq, tq = _load(source, args.subfolder, dtype, config)
         bytesq = weight_bytes(modelq)
         n_quant = sum(isinstance(m, SVDQuantLinear) for m in modelq.modules())
-        print(f"SVDQuant W4A4 r{args.rank}: {n_quant} layers quantized on load in {tq:.1f} s, "
-              f"{bytesq / 2**20:,.1f} MiB of weights ({bytes16 / bytesq:.2f}x smaller)")
+        print(
+            f"SVDQuant W4A4 r{args.rank}: {n_quant} layers quantized on load in {tq:.1f} s, "
+            f"{bytesq / 2**20:,.1f} MiB of weights ({bytes16 / bytesq:.2f}x smaller)"
+        )
         out, timesq = generate(modelq, args.steps, args.image_tokens, args.text_tokens)
 
     rel = ((out - ref).norm() / ref.norm()).item()
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
-    print(f"quality after {args.steps} denoising steps vs {args.dtype}: relative error {rel:.4f}, "
-          f"cosine {cos:.5f}, PSNR {psnr(out, ref):.1f} dB")
+    print(
+        f"quality after {args.steps} denoising steps vs {args.dtype}: relative error {rel:.4f}, "
+        f"cosine {cos:.5f}, PSNR {psnr(out, ref):.1f} dB"
+    )
     m16, mq = statistics.median(times16), statistics.median(timesq)
     print(f"speed per denoiser call: {args.dtype} {m16:.2f} s, W4A4 {mq:.2f} s ({m16 / mq:.2f}x)")
     return 0

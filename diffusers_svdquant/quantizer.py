@@ -58,8 +58,9 @@ def quantizable_linears(model: nn.Module, config: SVDQuantConfig) -> dict[str, n
         if type(module) is not nn.Linear or config.is_excluded(name):
             continue
         if module.in_features % reference.GROUP_SIZE:
-            logger.info("svdquant: %s keeps 16-bit weights (in_features=%d is not a multiple of 64)",
-                        name, module.in_features)
+            logger.info(
+                "svdquant: %s keeps 16-bit weights (in_features=%d is not a multiple of 64)", name, module.in_features
+            )
             continue
         if config.rank > min(module.in_features, module.out_features):
             raise ValueError(

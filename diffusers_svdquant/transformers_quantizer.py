@@ -206,9 +206,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
         return model
 
     @staticmethod
-    def _check_checkpoint_keys(
-        model: nn.Module, targets: dict[str, nn.Linear], keys: set[str] | None
-    ) -> None:
+    def _check_checkpoint_keys(model: nn.Module, targets: dict[str, nn.Linear], keys: set[str] | None) -> None:
         """Fail before loading when a quantized layer's tensors are absent from the checkpoint."""
         if keys is None:
             return  # not safetensors: _process_model_after_weight_loading still catches it

@@ -122,7 +122,17 @@ def test_bad_settings_from_dict():
         SVDQuantConfig.from_dict(d)
 
 
-@pytest.mark.parametrize("ok", [{"rank": 0}, {"rank": 1}, {"smoothing_alpha": None}, {"smoothing_alpha": 0.0}, {"smoothing_alpha": 1}, {"format_version": 0}])
+@pytest.mark.parametrize(
+    "ok",
+    [
+        {"rank": 0},
+        {"rank": 1},
+        {"smoothing_alpha": None},
+        {"smoothing_alpha": 0.0},
+        {"smoothing_alpha": 1},
+        {"format_version": 0},
+    ],
+)
 def test_edge_settings_accepted(ok):
     """Boundary values that are valid are accepted."""
     SVDQuantConfig(**ok)

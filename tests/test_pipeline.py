@@ -53,7 +53,8 @@ def test_pipeline_quantization_config(pipeline_dir, tmp_path):
 def test_quantized_transformer_passed_to_pipeline(pipeline_dir):
     """The other documented route: quantize the denoiser alone and hand it to the pipeline."""
     transformer = FluxTransformer2DModel.from_pretrained(
-        pipeline_dir, subfolder="transformer", quantization_config=SVDQuantConfig(rank=16))
+        pipeline_dir, subfolder="transformer", quantization_config=SVDQuantConfig(rank=16)
+    )
     pipe = FluxPipeline.from_pretrained(pipeline_dir, transformer=transformer)
     assert pipe.transformer is transformer
     assert torch.isfinite(_generate(pipe)).all()
