@@ -10,9 +10,13 @@
 
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <string>
 
 #include "cpu/kernels.h"
+#if defined(SVDQ_HAVE_CUDA_KERNELS)
+#include "cuda/kernels.h"
+#endif
 
 namespace py = pybind11;
 using svdq::cpu::DType;
@@ -135,14 +139,14 @@ void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64
 }
 
 void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, const py::int_& wp_,
-               const py::int_& sw_, const py::int_& lora_up_, const py::int_& bias_,
-               const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t num_threads) {
+               const py::int_& sw_, const py::int_& lora_up_, const py::int_& bias_, const py::int_& y_,
+               int64_t M, int64_t N, int64_t K, int64_t R, int64_t num_threads) {
   const char* fn = "gemm_w4a4";
   svdq::cpu::GemmArgs a{};
   const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
                   lora_act = as_ptr(fn, "lora_act", lora_act_), wp = as_ptr(fn, "wp", wp_),
-                  sw = as_ptr(fn, "sw", sw_),
-                  lora_up = as_ptr(fn, "lora_up", lora_up_), bias = as_ptr(fn, "bias", bias_), y = as_ptr(fn, "y", y_);
+                  sw = as_ptr(fn, "sw", sw_), lora_up = as_ptr(fn, "lora_up", lora_up_),
+                  bias = as_ptr(fn, "bias", bias_), y = as_ptr(fn, "y", y_);
   check_size(fn, "M", M);
   check_size(fn, "N", N);
   check_size(fn, "K", K);
@@ -194,6 +198,127 @@ void set_cpu_isa(const std::string& name) {
        " (built: " + join(known) + ")");
 }
 
+#if defined(SVDQ_HAVE_CUDA_KERNELS)
+// --- CUDA ---------------------------------------------------------------------------------------
+// Same validation as the CPU entry points, plus the device index and the stream (an integer
+// cudaStream_t). CUDA failures come back as strings and are raised as RuntimeError here.
+
+void check_cuda(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+void check_device(const char* fn, int64_t device) {
+  if (device < 0 || device > 1024)
+    fail(std::string(fn) + ": device must be a CUDA device index, got " + std::to_string(device));
+}
+
+void check_aligned(const char* fn, const char* name, uintptr_t p) {
+  if (p % 16 != 0) fail(std::string(fn) + ": " + name + " must be 16-byte aligned");
+}
+
+void cuda_quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_,
+                       const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, int64_t M,
+                       int64_t K, int64_t R, int64_t dtype, int64_t device, const py::int_& stream_) {
+  const char* fn = "cuda_quantize_act";
+  const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
+                  lora_down = as_ptr(fn, "lora_down", lora_down_), q_x = as_ptr(fn, "q_x", q_x_),
+                  s_x = as_ptr(fn, "s_x", s_x_), lora_act = as_ptr(fn, "lora_act", lora_act_),
+                  stream = as_ptr(fn, "stream", stream_);
+  check_size(fn, "M", M);
+  check_size(fn, "K", K);
+  check_size(fn, "R", R);
+  if (K % svdq::cuda::kGroupSize != 0)
+    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+  if (dtype < 0 || dtype > 2)
+    fail(std::string(fn) + ": dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+         std::to_string(dtype));
+  check_device(fn, device);
+  check_product(fn, "M", M, "K", K);
+  check_product(fn, "K", K, "R", R);
+  check_product(fn, "M", M, "R", R);
+  check_ptr(fn, "x", x, M * K);
+  check_ptr(fn, "smooth", smooth, M > 0 ? K : 0);
+  check_ptr(fn, "lora_down", lora_down, M > 0 ? K * R : 0);
+  check_ptr(fn, "q_x", q_x, M * (K / 2));
+  check_ptr(fn, "s_x", s_x, M * (K / 64));
+  check_ptr(fn, "lora_act", lora_act, M * R);
+  if (M == 0) return;
+  check_aligned(fn, "x", x);
+  check_aligned(fn, "smooth", smooth);
+  check_aligned(fn, "q_x", q_x);
+  check_cuda(svdq::cuda::quantize_act(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(smooth),
+                                      reinterpret_cast<const void*>(lora_down),
+                                      reinterpret_cast<uint8_t*>(q_x), reinterpret_cast<float*>(s_x),
+                                      reinterpret_cast<float*>(lora_act), M, K, R, static_cast<int>(dtype),
+                                      static_cast<int>(device), stream));
+}
+
+void cuda_gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_,
+                    const py::int_& wq_, const py::int_& sw_, const py::int_& lora_up_, const py::int_& bias_,
+                    const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t out_dtype,
+                    int64_t mma_path, int64_t device, const py::int_& stream_) {
+  const char* fn = "cuda_gemm_w4a4";
+  svdq::cuda::GemmArgs a{};
+  const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
+                  lora_act = as_ptr(fn, "lora_act", lora_act_), wq = as_ptr(fn, "wq", wq_),
+                  sw = as_ptr(fn, "sw", sw_), lora_up = as_ptr(fn, "lora_up", lora_up_),
+                  bias = as_ptr(fn, "bias", bias_), y = as_ptr(fn, "y", y_),
+                  stream = as_ptr(fn, "stream", stream_);
+  check_size(fn, "M", M);
+  check_size(fn, "N", N);
+  check_size(fn, "K", K);
+  check_size(fn, "R", R);
+  if (K % svdq::cuda::kGroupSize != 0)
+    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+  if (out_dtype < 0 || out_dtype > 2)
+    fail(std::string(fn) + ": out_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+         std::to_string(out_dtype));
+  if (mma_path < 0 || mma_path > 2)
+    fail(std::string(fn) + ": mma_path must be 0 (auto), 1 (s4) or 2 (s8), got " + std::to_string(mma_path));
+  check_device(fn, device);
+  const int64_t tile = svdq::cuda::kTileN;
+  check_product(fn, "M", M, "K", K);
+  check_product(fn, "M", M, "N", N);
+  check_product(fn, "N", N + tile, "K", K);
+  check_product(fn, "N", N + tile, "R", R);
+  const int64_t Np = (N + tile - 1) / tile * tile, G = K / svdq::cuda::kGroupSize;
+  const bool work = M > 0 && N > 0;
+  check_ptr(fn, "q_x", q_x, M * (K / 2));
+  check_ptr(fn, "s_x", s_x, M * G);
+  check_ptr(fn, "lora_act", lora_act, M * R);
+  check_ptr(fn, "wq", wq, work ? Np * K / 2 : 0);
+  check_ptr(fn, "sw", sw, work ? Np * G : 0);
+  check_ptr(fn, "lora_up", lora_up, work ? Np * R : 0);
+  check_ptr(fn, "y", y, M * N);
+  if (!work) return;
+  check_aligned(fn, "q_x", q_x);
+  check_aligned(fn, "wq", wq);
+  check_aligned(fn, "sw", sw);
+  a.q_x = reinterpret_cast<const uint8_t*>(q_x);
+  a.s_x = reinterpret_cast<const float*>(s_x);
+  a.lora_act = reinterpret_cast<const float*>(lora_act);
+  a.wq = reinterpret_cast<const uint8_t*>(wq);
+  a.sw = reinterpret_cast<const float*>(sw);
+  a.lora_up = reinterpret_cast<const float*>(lora_up);
+  a.bias = reinterpret_cast<const float*>(bias);  // null: no bias
+  a.y = reinterpret_cast<void*>(y);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.R = R;
+  a.out_dtype = static_cast<int>(out_dtype);
+  check_cuda(
+      svdq::cuda::gemm_w4a4(a, static_cast<svdq::cuda::MmaPath>(mma_path), static_cast<int>(device), stream));
+}
+
+std::string cuda_mma_path(int64_t device) {
+  check_device("cuda_mma_path", device);
+  int cc = 0;
+  check_cuda(svdq::cuda::device_capability(static_cast<int>(device), &cc));
+  return svdq::cuda::auto_mma_path(cc);
+}
+#endif  // SVDQ_HAVE_CUDA_KERNELS
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -212,8 +337,8 @@ Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Re
   m.def("unpack_int4", &unpack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
         py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
   m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("wp"),
-        py::arg("sw"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("R"), py::arg("num_threads"),
+        py::arg("sw"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("R"), py::arg("num_threads"),
         R"doc(W4A4 GEMM + low-rank + bias on the packed weight layout (cpp/cpu/gemm_layout.h).
 
 q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; wp uint8 [T, K/64, 512],
@@ -222,7 +347,8 @@ or 0 (T = ceil(N/16)); writes y float32 [M, N]. Releases the GIL.)doc");
   m.def(
       "int8_peak_gops",
       [](int num_threads, int64_t iters) -> double {
-        if (num_threads < 1) fail("int8_peak_gops: num_threads must be >= 1, got " + std::to_string(num_threads));
+        if (num_threads < 1)
+          fail("int8_peak_gops: num_threads must be >= 1, got " + std::to_string(num_threads));
         if (iters < 1) fail("int8_peak_gops: iters must be >= 1, got " + std::to_string(iters));
 #if defined(SVDQ_HAVE_AVX2)
         for (const auto& name : svdq::cpu::supported_isas()) {
@@ -254,4 +380,24 @@ or 0 (T = ceil(N/16)); writes y float32 [M, N]. Releases the GIL.)doc");
 #endif
       },
       "Whether CUDA kernels were compiled into this build.");
+#if defined(SVDQ_HAVE_CUDA_KERNELS)
+  m.def("cuda_quantize_act", &cuda_quantize_act, py::arg("x"), py::arg("smooth"), py::arg("lora_down"),
+        py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("M"), py::arg("K"), py::arg("R"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        R"doc(quantize_act on CUDA device pointers (same layouts as quantize_act), launched on `stream`.
+
+x, smooth, q_x 16-byte aligned. RuntimeError with the CUDA error when the device cannot run it.)doc");
+  m.def("cuda_gemm_w4a4", &cuda_gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("wq"),
+        py::arg("sw"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("R"), py::arg("out_dtype"), py::arg("mma_path"), py::arg("device"),
+        py::arg("stream"),
+        R"doc(W4A4 GEMM + low-rank + bias on CUDA, weights in the mma layout (ops.pack_mma_weights).
+
+q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; wq uint8 [Np/64, K/64, 2048],
+sw float32 [K/64, Np], lora_up float32 [R, Np], bias float32 [Np] or 0 (Np = N rounded up to 128);
+writes y [M, N] in out_dtype (0 float32, 1 bfloat16, 2 float16). mma_path: 0 auto, 1 s4 (sm_8x), 2 s8.)doc");
+  m.def("cuda_mma_path", &cuda_mma_path, py::arg("device"),
+        "The GEMM path auto-selected on a CUDA device: 's4' (sm_8x), 's8' (sm_90+), '' (cannot run); "
+        "RuntimeError without a usable device.");
+#endif
 }
