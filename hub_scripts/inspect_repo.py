@@ -1,0 +1,23 @@
+"""What an SVDQuant repo (on the Hub, or a saved folder) holds: models, rank, format version, layers, sizes.
+
+    python hub_scripts/inspect_repo.py me/flux-schnell-svdq [--revision REV] [--json]
+
+Reads the configs, the card and the safetensors headers only. Same as ``svdquant inspect``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from diffusers_svdquant import hub_commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run; returns the exit code."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hub_commands.add_inspect_arguments(p)
+    return hub_commands.run_inspect(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
