@@ -28,7 +28,8 @@
 //     mma.sync.m16n8k32 s8 as A = {E(a0), E(a1), O(a0), O(a1)}, B = {E(b0), O(b0)} (then the same
 //     with a2, a3, b1), mma position k' = 4t+j holds k = 8t+2j and k' = 16+4t+j holds k = 8t+2j+1
 //     in both operands: the k order is permuted identically in A and B, so the dot product is
-//     unchanged. The result is 256 x the s4 one; 1/256 is folded into s_x (exact: a power of two).
+//     unchanged. The result is 256 x the s4 one; the int -> float conversion divides by 256 for free
+//     (and exactly: small_int_to_float_div256).
 //
 // Tails: rows past M are zero-filled by cp.async and never stored; the packed weights are padded
 // to a multiple of 128 columns with zero codes and scales; K is a whole number of groups.
@@ -76,6 +77,12 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
       "{%0, %1, %2, %3};\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d / 256, exact for |d| < 2^22 (|d| <= 2^20 here): in [2^15, 2^16) a float's ulp is 2^-8, so the
+// integer added to the mantissa of 1.5 * 2^15 lands in units of 1/256.
+__device__ __forceinline__ float small_int_to_float_div256(int d) {
+  return __int_as_float(d + 0x47400000) - 49152.0f;
 }
 
 __device__ __forceinline__ uint32_t even_x16(uint32_t r) { return (r << 4) & 0xF0F0F0F0u; }
@@ -179,7 +186,6 @@ __device__ __forceinline__ void gemm_body(const Params& p, uint8_t* smem) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         sx[mi][h] = sxs[wm * 32 + mi * 16 + h * 8 + gid];
-        if constexpr (kS8) sx[mi][h] *= 1.0f / 256.0f;
       }
 
     if constexpr (kS8) {
@@ -203,10 +209,10 @@ __device__ __forceinline__ void gemm_body(const Params& p, uint8_t* smem) {
           int d[4] = {0, 0, 0, 0};
           mma_s8(d, ae[mi][0][0], ae[mi][0][1], ae[mi][0][2], ae[mi][0][3], be0, bo0);
           mma_s8(d, ae[mi][1][0], ae[mi][1][1], ae[mi][1][2], ae[mi][1][3], be1, bo1);
-          acc[mi][nj][0] = fmaf(small_int_to_float(d[0]), sx[mi][0] * sw.x, acc[mi][nj][0]);
-          acc[mi][nj][1] = fmaf(small_int_to_float(d[1]), sx[mi][0] * sw.y, acc[mi][nj][1]);
-          acc[mi][nj][2] = fmaf(small_int_to_float(d[2]), sx[mi][1] * sw.x, acc[mi][nj][2]);
-          acc[mi][nj][3] = fmaf(small_int_to_float(d[3]), sx[mi][1] * sw.y, acc[mi][nj][3]);
+          acc[mi][nj][0] = fmaf(small_int_to_float_div256(d[0]), sx[mi][0] * sw.x, acc[mi][nj][0]);
+          acc[mi][nj][1] = fmaf(small_int_to_float_div256(d[1]), sx[mi][0] * sw.y, acc[mi][nj][1]);
+          acc[mi][nj][2] = fmaf(small_int_to_float_div256(d[2]), sx[mi][1] * sw.x, acc[mi][nj][2]);
+          acc[mi][nj][3] = fmaf(small_int_to_float_div256(d[3]), sx[mi][1] * sw.y, acc[mi][nj][3]);
         }
       }
     } else {
