@@ -67,6 +67,8 @@ class SVDQuantLinear(nn.Module):
         # The CPU GEMM's tile layout of the tensors above, rebuilt when any of them changes
         # (load_state_dict, .to(), load_quantized). A plain attribute: never in the state dict.
         self._packed: tuple[tuple, ops.PackedGemmWeights] | None = None
+        # The same for the CUDA GEMM's mma-fragment layout (ops.pack_mma_weights).
+        self._mma_packed: tuple[tuple, ops.MmaPackedWeights] | None = None
 
     @classmethod
     def from_linear(
@@ -129,6 +131,8 @@ class SVDQuantLinear(nn.Module):
         # take the canonical ops.
         if x2.device.type == "cpu" and ops.native_available() and not torch.compiler.is_compiling():
             y = ops.svdquant_linear_packed(x2, self.smooth, self.lora_down, self.packed_weights())
+        elif x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
+            y = ops.svdquant_linear_mma(x2, self.smooth, self.lora_down, self.mma_weights())
         else:
             y = ops.svdquant_linear(
                 x2, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias
@@ -144,11 +148,19 @@ class SVDQuantLinear(nn.Module):
                 self._packed = (key, ops.pack_gemm_weights(*tensors))
         return self._packed[1]
 
+    def mma_weights(self) -> ops.MmaPackedWeights:
+        """The weights in the CUDA GEMM layout (:func:`ops.pack_mma_weights`), repacked when they changed."""
+        tensors = (self.qweight, self.wscales, self.lora_up, self.bias)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        cached = getattr(self, "_mma_packed", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._mma_packed = (key, ops.pack_mma_weights(*tensors))
+        return cached[1]
+
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 ``[N, K]`` weight this layer computes with (up to activation quantization)."""
-        return algorithm.dequantize_weight(
-            algorithm.QuantizedWeight(*(getattr(self, n) for n in QUANT_TENSORS))
-        )
+        return algorithm.dequantize_weight(algorithm.QuantizedWeight(*(getattr(self, n) for n in QUANT_TENSORS)))
 
     def extra_repr(self) -> str:
         return (

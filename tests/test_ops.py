@@ -101,7 +101,19 @@ OPCHECK_CASES = {
         "M7-fp32": lambda: _packed_args(7, 200, 192, 3, torch.float32, False),
         "M16-bf16-bias": lambda: _packed_args(16, 64, 128, 32, torch.bfloat16, True),
     },
+    # The CUDA GEMM's layout; off CUDA the op unpacks and runs the reference (test_cuda.py opchecks it on a GPU).
+    "gemm_w4a4_mma": {
+        "M0-fp32-bias": lambda: _mma_args(0, 64, 64, 4, torch.float32, True),
+        "M1-bf16": lambda: _mma_args(1, 33, 128, 4, torch.bfloat16, False),
+        "M7-fp16-bias-r0": lambda: _mma_args(7, 200, 192, 0, torch.float16, True),
+    },
 }
+
+
+def _mma_args(m, n, k, r, dtype, has_bias, seed=0):
+    q_x, s_x, q_w, s_w, lora_act, lora_up, bias, dtype = _gemm_args(m, n, k, r, dtype, has_bias, seed)
+    return (q_x, s_x, lora_act, *ops.pack_mma_weights(q_w, s_w, lora_up, bias), dtype)
+
 
 def _transposed_views(args):
     """The same values, every 2-D tensor argument as a non-contiguous (transposed-storage) view."""
