@@ -81,3 +81,15 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
         "sea salt flakes, a linen cloth, dark moody background, side lighting, shallow depth of field"
     ),
 )
+
+# Held out from calibration: what the quality report generates and compares.
+EVAL_PROMPTS: tuple[str, ...] = (
+    "a lighthouse keeper's cottage on a rocky island at sunset",
+    "a bowl of cherries on a checkered tablecloth, soft morning light",
+    "a cyclist racing down a mountain pass, motion blur",
+    "an ink drawing of a heron standing in reeds",
+    "a child's drawing of a house with a smiling sun",
+    "a close-up portrait of a tabby cat with amber eyes",
+    "a busy train station concourse seen from above",
+    "a glass of iced tea with lemon on a wooden porch",
+)

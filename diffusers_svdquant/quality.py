@@ -1,0 +1,168 @@
+"""Quality report: the 16-bit pipeline against quantized ones, same prompts and seeds.
+
+For each method (naive W4A4 RTN, SmoothQuant-style W4A4, SVDQuant without and with calibration)
+the denoiser is quantized on load from the same checkpoint, swapped into the pipeline, and the
+same prompts are generated with the same seeds. Images are compared by PSNR and SSIM
+(scikit-image), final latents by PSNR over the reference's range and relative error, and every
+quantized layer by its relative output error on the calibration rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationStats
+from .config import SVDQuantConfig
+from .linear import SVDQuantLinear
+
+
+def _skimage_metrics() -> Any:
+    try:
+        from skimage import metrics
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the quality report needs scikit-image: pip install 'diffusers-svdquant[eval]'") from e
+    return metrics
+
+
+def psnr(test: torch.Tensor, ref: torch.Tensor, data_range: float | None = None) -> float:
+    """PSNR in dB of ``test`` against ``ref`` (any equal shapes); ``data_range`` defaults to the
+    reference's peak-to-peak range (1.0 for images in ``[0, 1]`` should be passed explicitly)."""
+    ref64, test64 = ref.double().cpu().numpy(), test.double().cpu().numpy()
+    if data_range is None:
+        data_range = float(ref64.max() - ref64.min()) or 1.0
+    if (ref64 == test64).all():
+        return math.inf
+    return float(_skimage_metrics().peak_signal_noise_ratio(ref64, test64, data_range=data_range))
+
+
+def ssim(test: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean SSIM of images ``[B, C, H, W]`` (or ``[C, H, W]``) with values in ``[0, 1]``."""
+    metrics = _skimage_metrics()
+    ref4, test4 = ref.reshape(-1, *ref.shape[-3:]), test.reshape(-1, *test.shape[-3:])
+    if ref4.shape != test4.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(test.shape)} vs {tuple(ref.shape)}")
+    scores = []
+    for a, b in zip(test4, ref4, strict=True):
+        a_np = a.double().permute(1, 2, 0).cpu().numpy()
+        b_np = b.double().permute(1, 2, 0).cpu().numpy()
+        # Small generated images: the 7x7 default window must fit (and be odd).
+        side = min(b_np.shape[:2])
+        win = 7 if side >= 7 else side - (side + 1) % 2
+        scores.append(metrics.structural_similarity(a_np, b_np, data_range=1.0, channel_axis=2, win_size=win))
+    return float(sum(scores) / len(scores))
+
+
+def rel_error(test: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖test − ref‖ / ‖ref‖`` in float64."""
+    return float((test.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQuantConfig]:
+    """The methods the report puts side by side (SmoothQuant and calibrated SVDQuant need ``stats``).
+
+    * ``naive-w4a4``: INT4 round-to-nearest weights and activations, group 64, no smoothing, no branch;
+    * ``smoothquant-w4a4``: the same with SmoothQuant smoothing (α = 0.5) from the statistics;
+    * ``svdquant``: rank-``rank`` branch, no statistics (λ = 1);
+    * ``svdquant-calibrated``: rank-``rank`` branch with the searched per-layer (α, β).
+    """
+    methods = {"naive-w4a4": SVDQuantConfig(rank=0)}
+    if stats is not None:
+        methods["smoothquant-w4a4"] = SVDQuantConfig(rank=0, calibration=stats, smoothing_alpha=0.5)
+    methods["svdquant"] = SVDQuantConfig(rank=rank)
+    if stats is not None:
+        methods["svdquant-calibrated"] = SVDQuantConfig(rank=rank, calibration=stats)
+    return methods
+
+
+def layer_errors(model: nn.Module, reference: nn.Module, stats: CalibrationStats) -> dict[str, float]:
+    """Relative output error of each quantized layer of ``model`` against the same layer of the
+    16-bit ``reference`` on the calibration rows in ``stats.samples``."""
+    out = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            rows = stats.samples.get(name)
+            if not isinstance(module, SVDQuantLinear) or rows is None or rows.shape[0] == 0:
+                continue
+            lin = reference.get_submodule(name)
+            x = rows.to(lin.weight.device, lin.weight.dtype)
+            out[name] = rel_error(module(x.to(module.wscales.dtype)).float(), lin(x).float())
+    return out
+
+
+@dataclass
+class MethodReport:
+    """One method's figures against the 16-bit pipeline (means over prompts)."""
+
+    name: str
+    image_psnr: float
+    image_ssim: float
+    latent_psnr: float
+    latent_rel_error: float
+    layer_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_layer_error(self) -> float:
+        """Mean of :attr:`layer_errors` (NaN without any)."""
+        v = list(self.layer_errors.values())
+        return sum(v) / len(v) if v else math.nan
+
+
+def generate(pipe: Any, prompts: Sequence[str], seed: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[P, 3, H, W]`` in ``[0, 1]`` and final latents ``[P, ...]`` (float32) of ``prompts``,
+    prompt ``i`` with ``generator = manual_seed(seed + i)``."""
+    images, latents = [], []
+    for i, prompt in enumerate(prompts):
+        last: dict[str, torch.Tensor] = {}
+
+        def keep(_pipe: Any, _step: int, _t: Any, cb: dict, last: dict = last) -> dict:
+            last["latents"] = cb["latents"].detach().float().cpu()
+            return cb
+
+        out = pipe(
+            prompt=prompt,
+            generator=torch.Generator().manual_seed(seed + i),
+            output_type="pt",
+            callback_on_step_end=keep,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **kwargs,
+        )
+        images.append(out.images.float().cpu())
+        latents.append(last["latents"])
+    return torch.cat(images), torch.cat(latents)
+
+
+def compare(
+    name: str, images: torch.Tensor, latents: torch.Tensor, ref_images: torch.Tensor, ref_latents: torch.Tensor
+) -> MethodReport:
+    """Per-prompt PSNR / SSIM of images and PSNR / relative error of latents, averaged."""
+    n = len(ref_images)
+    return MethodReport(
+        name,
+        image_psnr=sum(psnr(images[i], ref_images[i], 1.0) for i in range(n)) / n,
+        image_ssim=sum(ssim(images[i], ref_images[i]) for i in range(n)) / n,
+        latent_psnr=sum(psnr(latents[i], ref_latents[i]) for i in range(n)) / n,
+        latent_rel_error=sum(rel_error(latents[i], ref_latents[i]) for i in range(n)) / n,
+    )
+
+
+def format_report(reports: Sequence[MethodReport], worst: int = 5) -> str:
+    """A plain-text table of the methods, then each method's worst layers."""
+    lines = [
+        f"{'method':<22}{'image PSNR':>12}{'image SSIM':>12}{'latent PSNR':>13}{'latent rel':>12}{'layer err':>11}",
+    ]
+    for r in reports:
+        lines.append(
+            f"{r.name:<22}{r.image_psnr:>9.2f} dB{r.image_ssim:>12.4f}{r.latent_psnr:>10.2f} dB"
+            f"{r.latent_rel_error:>12.4f}{r.mean_layer_error:>11.4f}"
+        )
+    for r in reports:
+        if r.layer_errors:
+            top = sorted(r.layer_errors.items(), key=lambda kv: -kv[1])[:worst]
+            lines.append(f"{r.name}: worst layers " + ", ".join(f"{k} {v:.4f}" for k, v in top))
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""``svdquant calibrate / quantize / eval`` on a tiny FluxPipeline, on one process and on two cooperating ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from models import TINY_PIPELINE_KWARGS, build_pipeline
+
+from diffusers_svdquant import CalibrationStats, SVDQuantLinear, cli
+
+CALIB = ["--num-prompts", "4", "--steps", "2", "--rank", "16", "--pipeline-kwargs", json.dumps(TINY_PIPELINE_KWARGS)]
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return build_pipeline(tmp_path_factory.mktemp("cmd-pipe"))
+
+
+def _same_statistics(a: CalibrationStats, b: CalibrationStats) -> None:
+    assert set(a.act_absmax) == set(b.act_absmax) and a.act_absmax
+    for k in a.act_absmax:
+        assert torch.equal(a.act_absmax[k], b.act_absmax[k]), k
+        assert torch.equal(a.samples[k], b.samples[k]), k
+        assert torch.equal(a.sample_keys[k], b.sample_keys[k]), k
+    assert a.num_tokens == b.num_tokens
+    assert a.smoothing == b.smoothing
+    for k in a.search_errors:
+        assert torch.equal(a.search_errors[k], b.search_errors[k]), k
+
+
+def _launch(launcher: list[str], args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    # One thread per process in both runs: torch's CPU kernels may round differently with the thread count,
+    # and two 2-thread processes on 2 cores would only fight.
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [*launcher, "-m", "diffusers_svdquant.cli", *args]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+LAUNCHERS = {
+    # The documented command: --multi_gpu makes accelerate start N processes even without a GPU
+    # (plain --num_processes 2 on a CPU-only machine starts one).
+    "accelerate": lambda: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", _free_port()],
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(pipe_dir, tmp_path_factory):
+    """The statistics file of a single-process `python -m diffusers_svdquant.cli calibrate` run."""
+    tmp = tmp_path_factory.mktemp("one")
+    _launch([sys.executable], [*_calibrate_args(pipe_dir), "--out", str(tmp / "one.safetensors")], tmp)
+    return tmp / "one.safetensors"
+
+
+def _calibrate_args(pipe_dir) -> list[str]:
+    return ["calibrate", str(pipe_dir), *CALIB, "--include-samples"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_give_the_statistics_of_one(pipe_dir, one_process, tmp_path, launcher):
+    """Two launched processes join one group (the file records world size 2) and produce exactly the
+    statistics, samples and searched (α, β) of a single process."""
+    one, two = one_process, tmp_path / "two.safetensors"
+    out = _launch(LAUNCHERS[launcher](), [*_calibrate_args(pipe_dir), "--out", str(two)], tmp_path)
+    assert "on 2 process(es)" in out.stdout
+    a, b = CalibrationStats.load(one), CalibrationStats.load(two)
+    assert a.info["num_processes"] == 1 and b.info["num_processes"] == 2
+    _same_statistics(a, b)
+    assert len(a.smoothing) == len(a.act_absmax)
+
+
+def test_calibrate_command_writes_a_file_the_quantizer_reads(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "stats.safetensors"
+    assert cli.main(["calibrate", str(pipe_dir), *CALIB, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated 17 layers over 4 prompts x 2 steps on 1 process(es)" in printed
+    stats = CalibrationStats.load(out)
+    assert stats.samples == {}  # not asked for
+    assert stats.info["prompts"] == 4 and stats.info["search_rank"] == 16
+    assert len(stats.smoothing) == 17
+
+
+def test_calibrate_command_reads_a_prompt_file(pipe_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n\n  a blue house  \n")
+    out = tmp_path / "s.safetensors"
+    args = ["calibrate", str(pipe_dir), "--prompts", str(prompts), "--steps", "1", "--no-search", "--out", str(out)]
+    assert cli.main([*args, "--pipeline-kwargs", json.dumps(TINY_PIPELINE_KWARGS)]) == 0
+    assert CalibrationStats.load(out).info["prompts"] == 2
+    with pytest.raises(SystemExit, match="missing.txt"):
+        cli.main(["calibrate", str(pipe_dir), "--prompts", str(tmp_path / "missing.txt"), "--out", str(out)])
+
+
+def test_quantize_one_shot_calibrates_quantizes_and_saves(pipe_dir, tmp_path, capsys):
+    """`svdquant quantize --calibrate` writes a whole pipeline whose transformer reloads quantized,
+    with the searched smoothing in it, and a model card; an existing --out is kept without --overwrite."""
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(pipe_dir), *CALIB, "--calibrate", "--out", str(out)]) == 0
+    assert "quantized" in capsys.readouterr().out
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["rank"] == 16
+    pipe = FluxPipeline.from_pretrained(out)
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, SVDQuantLinear) and not torch.all(to_q.smooth == 1)
+    images = pipe("a cat", num_inference_steps=1, output_type="pt", **TINY_PIPELINE_KWARGS).images
+    assert torch.isfinite(images).all()
+
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(SystemExit, match="--overwrite"):
+        cli.main(["quantize", str(pipe_dir), "--rank", "8", "--out", str(out)])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert cli.main(["quantize", str(pipe_dir), "--rank", "8", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "transformer" / "config.json").read_text())["quantization_config"]["rank"] == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary or backup folder left behind
+
+
+def test_quantize_a_single_model_with_a_statistics_file(pipe_dir, tmp_path):
+    stats = tmp_path / "stats.safetensors"
+    assert cli.main(["calibrate", str(pipe_dir), *CALIB, "--out", str(stats)]) == 0
+    out = tmp_path / "t"
+    assert cli.main(["quantize", str(pipe_dir / "transformer"), "--calibration", str(stats), "--rank", "16",
+                     "--out", str(out)]) == 0  # fmt: skip
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(out)
+    assert not torch.all(model.transformer_blocks[0].attn.to_q.smooth == 1)
+    with pytest.raises(SystemExit, match="needs a pipeline"):
+        cli.main(["quantize", str(pipe_dir / "transformer"), "--calibrate", "--out", str(tmp_path / "t2")])
+
+
+def test_eval_prints_every_method(pipe_dir, tmp_path, capsys):
+    """`svdquant eval` compares the four methods with the 16-bit pipeline on the same seeds: image
+    PSNR / SSIM, latent PSNR / error and per-layer errors, as a table and as JSON."""
+    report = tmp_path / "report.json"
+    args = ["eval", str(pipe_dir), *CALIB, "--num-eval-prompts", "2", "--eval-steps", "2", "--json", str(report)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    methods = ["naive-w4a4", "smoothquant-w4a4", "svdquant", "svdquant-calibrated"]
+    for m in methods:
+        assert m in out
+    rows = json.loads(report.read_text())
+    assert [r["name"] for r in rows] == methods
+    for r in rows:
+        assert 0 < r["image_ssim"] <= 1 and r["image_psnr"] > 10 and r["latent_rel_error"] < 1
+        assert len(r["layer_errors"]) == 17 and all(0 <= e < 1 for e in r["layer_errors"].values())
