@@ -143,6 +143,7 @@ def model_card(
     subfolder: str | None = None,
     quality: dict[str, Any] | None = None,
     checkpoint_bytes: int | None = None,
+    calibration: str | None = None,
     extra_tags: tuple[str, ...] | list[str] = (),
 ) -> ModelCard:
     """A model card for a quantized model or pipeline, built with ``ModelCardData`` (metadata) + markdown.
@@ -154,6 +155,7 @@ def model_card(
         subfolder: where the model sits in the repo (pipeline-style repos: ``"transformer"``).
         quality: measured figures (name -> value), e.g. ``{"relative error vs bf16": 0.004}``; omitted when None.
         checkpoint_bytes: total size of the saved weight files, when known.
+        calibration: what the smoothing statistics were (e.g. the statistics file's name); None: not calibrated.
         extra_tags: tags beside :data:`DEFAULT_TAGS`.
     """
     modules = _modules(obj)
@@ -168,6 +170,7 @@ def model_card(
     meta: dict[str, Any] = {
         "config": next(iter(quantized.values())) if len(quantized) == 1 else quantized,
         "quantized_layers": layers,
+        "calibration": calibration,
         "bytes_16bit": dense,
         "bytes_quantized": quant,
     }
@@ -191,8 +194,8 @@ def model_card(
         f"SVDQuant W4A4 ([arXiv 2411.05007](https://arxiv.org/abs/2411.05007)) {class_name}{where}"
         + (f", quantized from [`{base_model}`](https://huggingface.co/{base_model})" if base_model else "")
         + ": the linear layers' weights and activations are INT4 in groups of 64 along the input, with a "
-        "16-bit low-rank branch absorbing the outliers. Made with "
-        "[diffusers-svdquant](https://github.com/); one checkpoint runs on x86 CPUs and NVIDIA GPUs.",
+        "16-bit low-rank branch absorbing the outliers. Made with diffusers-svdquant; one checkpoint runs on x86 "
+        "CPUs and NVIDIA GPUs.",
         "",
         "## Load",
         "",
@@ -212,6 +215,10 @@ def model_card(
         body += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in qc.items()]
         body.append("")
     body += [
+        f"Calibration: activation statistics `{calibration}`."
+        if calibration
+        else "Calibration: none (no smoothing, λ = 1: low-rank branch + W4A4 only).",
+        "",
         "## Size",
         "",
         "| | bytes |",
@@ -241,6 +248,7 @@ def save_quantized(
     base_model: str | None = None,
     subfolder: str | None = None,
     quality: dict[str, Any] | None = None,
+    calibration: str | None = None,
     max_shard_size: int | str | None = None,
 ) -> Path:
     """Save a quantized model or pipeline in the canonical format with a generated ``README.md`` model card.
@@ -253,6 +261,7 @@ def save_quantized(
         subfolder: write a model under ``save_directory/subfolder`` (pipeline-style layout); the card stays at the
             root and its snippet passes ``subfolder=``.
         quality: measured quality figures for the card.
+        calibration: the card's note on the smoothing statistics used (None: not calibrated).
         max_shard_size: shard the weights (e.g. ``"5GB"`` or bytes); diffusers writes an index file.
 
     Returns:
@@ -268,7 +277,13 @@ def save_quantized(
     obj.save_pretrained(target, **kwargs)
     ckpt = sum(p.stat().st_size for p in _weight_files(root))
     card = model_card(
-        obj, repo_id or str(root), base_model=base_model, subfolder=subfolder, quality=quality, checkpoint_bytes=ckpt
+        obj,
+        repo_id or str(root),
+        base_model=base_model,
+        subfolder=subfolder,
+        quality=quality,
+        checkpoint_bytes=ckpt,
+        calibration=calibration,
     )
     card.save(root / "README.md")
     return root
@@ -471,12 +486,15 @@ def push(
 
 
 def _is_network_error(e: BaseException) -> bool:
-    import httpx2
+    try:
+        import httpx2 as httpx  # huggingface_hub 2.x
+    except ImportError:  # huggingface_hub 1.x
+        import httpx
 
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError)):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -633,6 +651,7 @@ def quantize_and_push(
             base_model=base_model,
             subfolder=subfolder,
             quality=quality,
+            calibration=None if calibration is None or pre_quantized else Path(calibration).name,
             max_shard_size=max_shard_size,
         )
         result = None
@@ -849,11 +868,10 @@ class RepoReport:
             )
         if self.card:
             meta = self.card.get("svdquant") or {}
+            if self.card.get("base_model"):
+                lines.append(f"base model: {self.card['base_model']}")
             if meta.get("bytes_16bit"):
-                lines.append(
-                    f"card: base_model {self.card.get('base_model')}, 16-bit {meta['bytes_16bit']:,} bytes "
-                    f"-> {meta.get('bytes_quantized', 0):,} bytes"
-                )
+                lines.append(f"card: 16-bit {meta['bytes_16bit']:,} bytes -> {meta.get('bytes_quantized', 0):,} bytes")
             for k, v in (meta.get("quality") or {}).items():
                 lines.append(f"  {k}: {v}")
         return "\n".join(lines)

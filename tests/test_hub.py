@@ -293,6 +293,7 @@ def test_cli_push_inspect_pull(server, flux16, tmp_path, capsys):
     (model,) = report["models"]
     assert model["class_name"] == "FluxTransformer2DModel" and model["quantization"]["rank"] == 16
     assert model["ranks"] == [16] and model["quantized_layers"] > 0
+    assert report["card"]["svdquant"]["calibration"] is None
     quality = report["card"]["svdquant"]["quality"]
     assert 0 < quality["relative error vs 16-bit (one denoiser call)"] < 0.2
     assert 0.98 < quality["cosine vs 16-bit"] <= 1
@@ -341,6 +342,8 @@ def test_quantize_and_push_script_with_calibration(server, flux16, tmp_path, cap
     assert torch.equal(_out(got), _out(expected))
     smooth = got.transformer_blocks[0].attn.to_q.smooth
     assert not torch.all(smooth == 1)  # the statistics were used
+    card = ModelCard.load(tmp_path / "saved" / "README.md")
+    assert card.data.svdquant["calibration"] == "stats.safetensors" and "`stats.safetensors`" in card.text
     assert _script("inspect_repo").main(["alice/calibrated"]) == 0
     assert "rank 16" in capsys.readouterr().out
 
