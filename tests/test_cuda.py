@@ -19,7 +19,7 @@ GPU vs its CPU output.
 Tolerances: q_x and s_x equal the reference bit for bit (IEEE divisions, round half to even).
 lora_act: ``1e-5 * (|x̂| @ |lora_down|)`` (float32 summation order). GEMM: ``1e-5 * Σ|terms| +
 u_out * |y|`` with ``u_out`` the output dtype's unit roundoff, as in test_ops.py. Tiny models on
-GPU vs CPU: relative error 2e-2 in bfloat16 (see test_tiny_model_gpu_matches_cpu).
+GPU vs CPU: relative error 2e-2 (flux, sd3) and 8e-2 (unet) in bfloat16 (TINY_MODEL_GPU_CPU_TOL).
 """
 
 from __future__ import annotations
@@ -508,7 +508,7 @@ def test_opcheck_cuda(case):
                                                                         bias)) + (dtype,)  # fmt: skip
             op = torch.ops.svdquant.gemm_w4a4
         else:
-            p = ops.pack_mma_weights(qweight.cuda(), wscales.cuda(), lora_up.cuda(), bias)
+            p = ops.pack_mma_weights(qweight.cuda(), wscales.cuda(), lora_up.cuda(), None)
             args = (q_x.cuda(), s_x.cuda(), lora_act.cuda(), *p, dtype)
             op = torch.ops.svdquant.gemm_w4a4_mma
     torch.library.opcheck(op, args)
@@ -524,6 +524,15 @@ def test_cuda_error_names_the_device_problem():
         torch.ops.svdquant.quantize_act(x, smooth.cpu(), lora_down)
 
 
+# GPU vs CPU output of the same quantized tiny model. Both run the same math up to float32 summation order
+# and bf16 rounding; what differs more is attention / norm kernels and bf16 rounding of every
+# intermediate. Measured on CPU for scale: two implementations that agree per layer (native kernels vs
+# reference.py) give 0.0 / 0.0 / 0.034 on flux / sd3 / unet, the same model in bf16 vs float32 gives
+# 0.007 / 0.006 / 0.049, the quantization error itself is 0.012 / 0.008 / 0.066 (the tiny random UNet
+# amplifies rounding through its GroupNorms).
+TINY_MODEL_GPU_CPU_TOL = {"flux": 2e-2, "sd3": 2e-2, "unet": 8e-2}
+
+
 @pytest.mark.cuda
 @needs_gpu
 @needs_kernels
@@ -531,9 +540,7 @@ def test_cuda_error_names_the_device_problem():
 @pytest.mark.parametrize("name", ["flux", "sd3", "unet"])
 def test_tiny_model_gpu_matches_cpu(name):
     """A tiny diffusers model quantized once, run on CPU (AVX2 / generic kernels) and on GPU (mma
-    kernels): outputs within relative error 2e-2 in bfloat16 (measured headroom: both sides compute
-    float32 inside each linear; the difference is bf16 rounding of layer outputs and attention/norm
-    kernels, ~1e-2 for these depths)."""
+    kernels): relative error within TINY_MODEL_GPU_CPU_TOL[name] in bfloat16."""
     tiny = TINY_MODELS[name]
     torch.manual_seed(0)
     model = quantize_(tiny.build().to(torch.bfloat16), SVDQuantConfig(rank=8))
@@ -542,4 +549,4 @@ def test_tiny_model_gpu_matches_cpu(name):
     y_cpu = run(model, inputs)
     model.cuda()
     y_gpu = run(model, {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
-    assert rel_err(y_gpu.cpu(), y_cpu) < 2e-2
+    assert rel_err(y_gpu.cpu(), y_cpu) < TINY_MODEL_GPU_CPU_TOL[name]
