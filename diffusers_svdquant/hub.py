@@ -605,7 +605,8 @@ def quantize_and_push(
         max_shard_size: shard the saved weights.
         measure: also load the 16-bit model and put one denoiser call's quality figures in the card.
         save_directory: where to save (default: a temporary folder removed after the push).
-        token, revision, private, overwrite, create, endpoint: as in :func:`push`.
+        token, revision, private, overwrite, create, endpoint: as in :func:`push` (``endpoint`` is where to push;
+            a Hub ``source`` is read from huggingface_hub's endpoint, ``HF_ENDPOINT``).
 
     Returns:
         The saved folder (gone if it was temporary) and the push result (None when ``repo_id`` is None).
@@ -624,7 +625,7 @@ def quantize_and_push(
     if local:
         config_file = Path(source) / (subfolder or "") / "config.json"
     else:
-        config_file = hf_hub_download(str(source), "config.json", subfolder=subfolder, token=token, endpoint=endpoint)
+        config_file = hf_hub_download(str(source), "config.json", subfolder=subfolder, token=token)
     config = json.loads(Path(config_file).read_text())
     pre_quantized = (config.get("quantization_config") or {}).get("quant_method") == "svdquant"
     if not pre_quantized:

@@ -13,6 +13,8 @@ import importlib.util
 import inspect
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -213,14 +215,33 @@ def test_missing_repo_errors(server, fluxq, tmp_path):
         hub.pull("alice/nothing-here", cache_dir=tmp_path / "cache")
     with pytest.raises(hub.HubRepoNotFoundError, match="alice/nothing-here"):
         hub.inspect_repo("alice/nothing-here")
+    # A private repo is "not found" to someone else, as on the Hub; its owner pulls it.
+    hub.push(folder, "alice/private", token=TOKEN, private=True)
+    with pytest.raises(hub.HubRepoNotFoundError, match="alice/private"):
+        hub.pull("alice/private", cache_dir=tmp_path / "bob", token=BOB)
+    assert (hub.pull("alice/private", cache_dir=tmp_path / "alice", token=TOKEN) / "config.json").is_file()
+
+
+def _upload16(repo_id: str, folder: Path) -> None:
+    """Put a 16-bit model on the server with the plain client (what a model author's repo looks like)."""
+    api = HfApi(token=TOKEN)
+    api.create_repo(repo_id)
+    ops = [CommitOperationAdd(p.name, str(p)) for p in folder.iterdir() if p.is_file()]
+    api.create_commit(repo_id, ops, commit_message="16-bit model")
+
+
+def test_quantize_a_hub_repo_and_push(server, flux16, fluxq, tmp_path):
+    _upload16("alice/flux16", flux16)
+    folder, result = hub.quantize_and_push("alice/flux16", "alice/flux16-svdq", rank=16, token=TOKEN,
+                                           save_directory=tmp_path / "out")  # fmt: skip
+    assert result.commit_id == server.head("alice/flux16-svdq")
+    assert ModelCard.load(folder / "README.md").data.base_model == "alice/flux16"
+    assert torch.equal(_out(hub.load("alice/flux16-svdq", cache_dir=tmp_path / "cache")), _out(fluxq))
 
 
 def test_refuses_to_overwrite_a_different_model_unless_told(server, flux16, fluxq, tmp_path):
-    # The repo holds the 16-bit model (uploaded with the plain client): a quantized push would replace it.
-    api = HfApi(token=TOKEN)
-    api.create_repo("alice/flux16")
-    ops = [CommitOperationAdd(p.name, str(p)) for p in flux16.iterdir() if p.is_file()]
-    api.create_commit("alice/flux16", ops, commit_message="16-bit model")
+    # The repo holds the 16-bit model: a quantized push would replace it.
+    _upload16("alice/flux16", flux16)
     head, before = server.head("alice/flux16"), server.files("alice/flux16")
 
     folder = _saved(fluxq, tmp_path, "alice/flux16")
@@ -261,6 +282,24 @@ def test_connection_dropped_mid_commit_leaves_the_repo_unchanged(server, fluxq, 
     server.fault = None
     again = hub.push(q, "alice/fault", token=TOKEN)
     assert again.parent_commit == first.commit_id and b"second upload" in server.files("alice/fault")["README.md"]
+
+
+def test_a_concurrent_push_is_not_overwritten(server, fluxq, tmp_path, monkeypatch):
+    first = hub.push(_saved(fluxq, tmp_path, "alice/race"), "alice/race", token=TOKEN)
+    check = hub._check_same_model
+
+    def someone_else_commits_meanwhile(api, *args):
+        check(api, *args)
+        HfApi(token=TOKEN).create_commit("alice/race", [CommitOperationAdd("notes.txt", b"hi")], commit_message="x")
+
+    monkeypatch.setattr(hub, "_check_same_model", someone_else_commits_meanwhile)
+    second = _saved(fluxq, tmp_path, "alice/race", quality={"note": "second upload"})
+    with pytest.raises(hub.HubUploadError, match=f"moved from {first.commit_id}") as e:
+        hub.push(second, "alice/race", token=TOKEN)
+    assert "412" in str(e.value)
+    # Their commit stands: ours was refused as a whole rather than replacing it (and deleting notes.txt).
+    assert server.files("alice/race")["notes.txt"] == b"hi"
+    assert server.repos["alice/race"].commits[server.head("alice/race")].title == "x"
 
 
 def test_connection_dropped_mid_lfs_upload(server, fluxq, tmp_path, monkeypatch):
@@ -361,6 +400,9 @@ def test_pipeline_repo_pull_and_generate(server, tmp_path):
     card = ModelCard.load(folder / "README.md")
     assert card.data.pipeline_tag == "text-to-image" and "DiffusionPipeline.from_pretrained" in card.text
     hub.push(folder, "alice/pipe", token=TOKEN)
+    report = {m.path: m for m in hub.inspect_repo("alice/pipe").models}
+    assert report["transformer"].quantization["rank"] == 16 and report["transformer"].quantized_layers > 0
+    assert report["vae"].quantization is None and report["text_encoder_2"].quantization is None
 
     out = tmp_path / "img" / "cat.png"
     small = ["--steps", "2", "--height", "32", "--width", "32", "--cache-dir", str(tmp_path / "cache"),
@@ -376,3 +418,13 @@ def test_pipeline_repo_pull_and_generate(server, tmp_path):
                      "a cat", "--out", str(tmp_path / "b.png"), *small]) == 0  # fmt: skip
     assert Image.open(tmp_path / "b.png").tobytes() == image.tobytes()
     assert os.path.getsize(out) > 0
+
+
+def test_hf_endpoint_in_a_fresh_process(server, fluxq, tmp_path):
+    """No patched constants: a new process configured only by HF_ENDPOINT (as a user would) reads the repo."""
+    hub.push(_saved(fluxq, tmp_path, "alice/env"), "alice/env", token=TOKEN)
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home")}
+    code = "from diffusers_svdquant import cli; raise SystemExit(cli.main(['inspect', 'alice/env']))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"alice/env @ {server.head('alice/env')}" in proc.stdout and "SVDQuant W4A4 rank 16" in proc.stdout
