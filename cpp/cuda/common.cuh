@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels.h"
@@ -31,6 +32,22 @@ inline std::string use_device(int device, int* cc) {
     return cuda_error(("cannot use CUDA device " + std::to_string(device)).c_str(), e);
   }
   return device_capability(device, cc);
+}
+
+// SVDQ_CUDA_SYNC=1: synchronize after every launch so that a fault is reported by the kernel that
+// caused it (debugging; launches are asynchronous otherwise and faults surface in a later torch call).
+inline bool sync_after_launch() {
+  static const bool on = [] {
+    const char* v = std::getenv("SVDQ_CUDA_SYNC");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  return on;
+}
+
+inline cudaError_t finish_launch(cudaStream_t stream) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess && sync_after_launch()) e = cudaStreamSynchronize(stream);
+  return e;
 }
 
 // ---------------------------------------------------------------------------- device helpers

@@ -323,7 +323,7 @@ cudaError_t launch(const Params& p, int out_dtype, cudaStream_t stream) {
       gemm_w4a4_kernel<kS8, __half><<<grid, kThreads, 0, stream>>>(p);
       break;
   }
-  return cudaGetLastError();
+  return finish_launch(stream);
 }
 
 }  // namespace
@@ -367,7 +367,7 @@ std::string gemm_w4a4(const GemmArgs& a, MmaPath path, int device, uintptr_t str
   p.K = static_cast<int>(a.K), p.R = static_cast<int>(a.R);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const cudaError_t e = s8 ? launch<true>(p, a.out_dtype, s) : launch<false>(p, a.out_dtype, s);
-  if (e != cudaSuccess) return cuda_error("gemm_w4a4 (CUDA) launch", e);
+  if (e != cudaSuccess) return cuda_error("gemm_w4a4 (CUDA) kernel", e);
   return "";
 }
 

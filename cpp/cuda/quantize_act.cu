@@ -144,7 +144,7 @@ cudaError_t launch(const void* x, const void* smooth, const void* lora_down, uin
   quantize_act_kernel<T>
       <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(smooth),
                                       static_cast<const T*>(lora_down), q_x, s_x, lora_act, M, K, R);
-  return cudaGetLastError();
+  return finish_launch(stream);
 }
 
 }  // namespace
@@ -178,7 +178,7 @@ std::string quantize_act(const void* x, const void* smooth, const void* lora_dow
     default:
       return "quantize_act (CUDA): unknown dtype code " + std::to_string(dtype);
   }
-  if (e != cudaSuccess) return cuda_error("quantize_act (CUDA) launch", e);
+  if (e != cudaSuccess) return cuda_error("quantize_act (CUDA) kernel", e);
   return "";
 }
 
