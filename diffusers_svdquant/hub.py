@@ -404,6 +404,17 @@ def _check_same_model(
         )
 
 
+def _folder_files(folder: Path) -> list[str]:
+    """Files of a saved model folder, as repo paths; hidden entries (``.git``, the ``.cache/`` of a ``local_dir``
+    download) are not part of the model, ``.gitattributes`` is."""
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and (rel == ".gitattributes" or not any(part.startswith(".") for part in rel.split("/"))):
+            out.append(rel)
+    return sorted(out)
+
+
 def push(
     folder: str | os.PathLike,
     repo_id: str,
@@ -440,7 +451,7 @@ def push(
         HubUploadError: the upload failed; the message says whether the remote repo is unchanged.
     """
     folder = Path(folder)
-    local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and ".git" not in p.parts)
+    local = _folder_files(folder)
     if not local:
         raise FileNotFoundError(f"nothing to push: {folder} has no files")
     if not _config_paths(local):
@@ -454,6 +465,8 @@ def push(
         if revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         head, remote = _remote_files(api, repo_id, revision)
+        if not overwrite:
+            _check_same_model(api, repo_id, head, remote, folder, local, before)
     except HfHubHTTPError as e:
         mapped = _auth_or_missing(e, repo_id, endpoint, f"push to {repo_id!r}", before)
         if mapped is None:
@@ -465,9 +478,6 @@ def push(
         if _is_network_error(e):
             raise HubError(f"push to {repo_id!r}: cannot reach {endpoint}: {_describe(e)}. {before}") from e
         raise
-
-    if not overwrite:
-        _check_same_model(api, repo_id, head, remote, folder, local, before)
 
     stale = sorted(set(remote) - set(local) - {".gitattributes"})
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in local]
