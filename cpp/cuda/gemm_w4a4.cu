@@ -46,6 +46,9 @@ constexpr int kBBytes = kBN * kGroupSize / 2;  // 4096
 constexpr int kStageBytes = kABytes + kBBytes + (kBM + kBN) * 4;
 constexpr int kSmemBytes = kStages * kStageBytes;  // 36864: static shared memory, no opt-in needed
 constexpr int kRankTile = 32;
+// Two resident blocks (16 warps) per SM to hide the per-group scaling's latency: caps registers at
+// 128, which both paths meet without spills (the s8 path would otherwise take 171).
+constexpr int kMinBlocksPerSm = 2;
 constexpr int kLoraActStride = kBM + 1;  // the transposing store below is then conflict-free
 static_assert(kRankTile * (kLoraActStride + kBN) * 4 <= kSmemBytes, "epilogue tiles must fit the pipeline");
 static_assert(kBN == 2 * 64, "two 64-column weight panels per block");
@@ -296,7 +299,7 @@ __device__ __forceinline__ void gemm_body(const Params& p, uint8_t* smem) {
 // kS8 selects the int8 path. The guards keep each cubin to the path that runs on it (sm_90 has no
 // s4 body at all); the host never launches a path on an architecture that lacks it.
 template <bool kS8, typename OutT>
-__global__ void __launch_bounds__(kThreads) gemm_w4a4_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemm_w4a4_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   __shared__ __align__(128) uint8_t smem[kSmemBytes];
   if constexpr (kS8 || __CUDA_ARCH__ < 900) {
