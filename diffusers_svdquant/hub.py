@@ -638,7 +638,10 @@ def quantize_and_push(
         config_file = hf_hub_download(str(source), "config.json", subfolder=subfolder, token=token)
     config = json.loads(Path(config_file).read_text())
     pre_quantized = (config.get("quantization_config") or {}).get("quant_method") == "svdquant"
-    if not pre_quantized:
+    if pre_quantized:
+        # Loaded as saved: its recorded dtype, no re-quantization (rank and calibration do not apply).
+        del kwargs["torch_dtype"]
+    else:
         kwargs["quantization_config"] = SVDQuantConfig(rank=rank, calibration=calibration)
     model = AutoModel.from_pretrained(str(source), **kwargs).eval()
     quality = None

@@ -168,7 +168,7 @@ def _guard(action) -> int:
     return 0
 
 
-def add_commands(subparsers) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``push``, ``pull``, ``generate`` and ``inspect`` to the ``svdquant`` command."""
     p = subparsers.add_parser("push", help="quantize a model (on load), save it with a model card, push it")
     add_push_arguments(p)

@@ -346,6 +346,12 @@ def test_cli_push_inspect_pull(server, flux16, tmp_path, capsys):
     assert (snapshot / "diffusion_pytorch_model.safetensors").is_file()
     local = hub.inspect_repo(snapshot)
     assert local.models[0].quantized_layers == model["quantized_layers"]
+    # Pushing an SVDQuant checkpoint loads it as saved (no re-quantization) and re-saves it with its card.
+    assert cli.main(["push", str(snapshot), "alice/cli-copy", "--rank", "8", "--dtype", "fp16", "--token", TOKEN]) == 0
+    capsys.readouterr()
+    copy = hub.load("alice/cli-copy", cache_dir=tmp_path / "cache")
+    assert copy.config.quantization_config.rank == 16 and copy.dtype == torch.bfloat16
+    assert torch.equal(_out(copy), _out(hub.load("alice/cli", cache_dir=tmp_path / "cache")))
 
 
 def test_cli_errors_exit_1_with_the_reason(server, flux16, capsys):
