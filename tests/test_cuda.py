@@ -7,7 +7,8 @@ Run anywhere (no GPU needed):
     cp.async + swizzle + ldmatrix path of the activations, the 128-bit shared loads of the packed
     weights, the int4 -> int8 expansion of the sm_90 path, and the accumulator -> output mapping,
     checked against the fragment layouts of the PTX ISA (mma.m16n8k64 .s4, mma.m16n8k32 .s8,
-    transcribed below independently of the kernel) and against an integer matmul;
+    transcribed below independently of the kernel) and against an integer matmul; and a numpy
+    mirror of the whole kernel's indexing (scales, low-rank chunks, bias, tails) against the reference;
   * the build: ``_C`` holds SASS and PTX for sm_80/86/89/90 when it was built with CUDA, and the
     module imports and reports ``has_cuda()`` without a GPU, and a CUDA entry point called without
     one raises a clean RuntimeError.
@@ -265,6 +266,83 @@ def test_emulated_block_computes_group_dot_products(path):
     w = torch.nn.functional.pad(reference.unpack_int4(qweight).long(), (0, 0, 0, 128 - n % 128))
     want = (a @ w[:128, g * 64 : (g + 1) * 64].t()).numpy()
     np.testing.assert_array_equal(got, want)
+
+
+def _panel_index() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For every nibble of a 2048-byte panel: (byte, shift, column of 64, k of 64) as the kernel's
+    128-bit loads and the ISA's B layout place it (the same chain test_emulated_block checks)."""
+    byte, shift, col, kk = [], [], [], []
+    for lane in range(32):
+        for i in range(4):
+            for q in range(4):  # register q of word i: b_{q % 2} of column tile 2i + q // 2
+                nj, h = 2 * i + q // 2, q % 2
+                for e in range(8):
+                    k, c = _isa_s4_b(lane, 8 * h + e)
+                    byte.append((i * 32 + lane) * 16 + 4 * q + e // 2)
+                    shift.append(4 * (e % 2))
+                    col.append(nj * 8 + c)
+                    kk.append(k)
+    return tuple(np.array(v) for v in (byte, shift, col, kk))
+
+
+def _kernel_mirror(q_x, s_x, lora_act, p, m: int, k: int) -> np.ndarray:
+    """gemm_w4a4_kernel's data flow in numpy, block by block: the cp.async loads of s_x / sw (zero
+    rows past M), the per-group fma of the exact integer sums, the 32-rank lora chunks from lora_act and
+    the packed lora_up, the packed bias, the store guards. Integer sums come from the panels through
+    _panel_index. Returns float32 [M, N]."""
+    n, np_, groups, r = p.n, p.sw.shape[1], k // 64, p.lora_up.shape[0]
+    a = reference.unpack_int4(q_x).numpy().astype(np.int64)
+    sx_all, la_all = s_x.numpy(), lora_act.numpy()
+    sw, lu = p.sw.numpy(), p.lora_up.numpy()
+    byte, shift, col, kk = _panel_index()
+    wq = p.wq.numpy()
+    y = np.full((m, n), np.nan, np.float32)
+    for by in range(-(-m // 128)):
+        m0 = by * 128
+        rows = np.arange(128) + m0
+        live = rows < m
+        for bx in range(np_ // 128):
+            n0 = bx * 128
+            acc = np.zeros((128, 128), np.float32)
+            for g in range(groups):
+                w = np.zeros((128, 64), np.int64)  # [column of block, k]
+                for panel in range(2):
+                    nib = (wq[2 * bx + panel, g, byte] >> shift) & 0xF
+                    w[panel * 64 + col, kk] = np.where(nib > 7, nib - 16, nib)
+                ablk = np.where(live[:, None], a[np.minimum(rows, m - 1), g * 64 : (g + 1) * 64], 0)
+                d = ablk @ w.T
+                sx = np.where(live, sx_all[np.minimum(rows, m - 1), g], 0).astype(np.float32)
+                scale = (sx[:, None] * sw[g, n0 : n0 + 128][None, :]).astype(np.float32)
+                acc = (d.astype(np.float64) * scale + acc).astype(np.float32)  # fmaf, up to double rounding
+            for r0 in range(0, r, 32):
+                rc = min(32, r - r0)
+                la = np.where(live[:, None], la_all[np.minimum(rows, m - 1), r0 : r0 + rc], 0).astype(np.float32)
+                for rr in range(rc):
+                    acc = (la[:, rr, None].astype(np.float64) * lu[r0 + rr, n0 : n0 + 128] + acc).astype(np.float32)
+            if p.bias is not None:
+                acc = acc + p.bias.numpy()[n0 : n0 + 128]
+            cols = np.arange(128) + n0
+            keep_c = cols < n
+            y[np.ix_(rows[live], cols[keep_c])] = acc[np.ix_(live, keep_c)]
+    return y
+
+
+@pytest.mark.parametrize(("m", "n", "k", "r", "has_bias"), [(130, 200, 192, 33, True), (1, 7, 64, 0, False)])
+def test_kernel_mirror_matches_reference(m, n, k, r, has_bias):
+    """The kernel's indexing of s_x, the packed weights, scales, lora_up and bias (mirrored in numpy)
+    reproduces reference.gemm_w4a4 over several blocks, groups and rank chunks, with M and N tails."""
+    g = _gen(m + n)
+    x = torch.randn(m, k, generator=g)
+    q_x, s_x, lora_act = reference.quantize_act(x, torch.rand(k, generator=g) + 0.5, torch.randn(k, r, generator=g))
+    qweight, wscales, lora_up, bias = _canonical(n, k, r, has_bias, torch.float32, seed=m)
+    p = ops.pack_mma_weights(qweight, wscales, lora_up, bias)
+    got = _kernel_mirror(q_x, s_x, lora_act, p, m, k)
+    want = reference.gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, torch.float32).numpy()
+    mag = (reference.dequantize_groups(reference.unpack_int4(q_x), s_x).double().abs()
+           @ reference.dequantize_groups(reference.unpack_int4(qweight), wscales).double().abs().t()
+           + lora_act.double().abs() @ lora_up.double().abs().t()).numpy()  # fmt: skip
+    assert not np.isnan(got).any()
+    assert (np.abs(got.astype(np.float64) - want) <= 1e-5 * mag + 1e-6).all()
 
 
 @pytest.mark.parametrize(("magic", "offset", "scale", "limit"), [(0x4B400000, 12582912.0, 1.0, 4096),
