@@ -8,7 +8,8 @@ Run anywhere (no GPU needed):
     weights, the int4 -> int8 expansion of the sm_90 path, and the accumulator -> output mapping,
     checked against the fragment layouts of the PTX ISA (mma.m16n8k64 .s4, mma.m16n8k32 .s8,
     transcribed below independently of the kernel) and against an integer matmul; and a numpy
-    mirror of the whole kernel's indexing (scales, low-rank chunks, bias, tails) against the reference;
+    mirror of each kernel's indexing (GEMM: scales, low-rank chunks, bias, tails; quantize_act: the
+    thread-to-data map, every output written once) against the reference;
   * the build: ``_C`` holds SASS and PTX for sm_80/86/89/90 when it was built with CUDA, and the
     module imports and reports ``has_cuda()`` without a GPU, and a CUDA entry point called without
     one raises a clean RuntimeError.
@@ -343,6 +344,77 @@ def test_kernel_mirror_matches_reference(m, n, k, r, has_bias):
            + lora_act.double().abs() @ lora_up.double().abs().t()).numpy()  # fmt: skip
     assert not np.isnan(got).any()
     assert (np.abs(got.astype(np.float64) - want) <= 1e-5 * mag + 1e-6).all()
+
+
+def _quantize_act_mirror(x: np.ndarray, smooth: np.ndarray, lora_down: np.ndarray):
+    """quantize_act_kernel's thread-to-data mapping in numpy (float32 input): block of 32 rows,
+    thread t = 8-element segment t % 16 of rows t / 16 and t / 16 + 16 per 128-wide chunk, the
+    group absmax over the 8 threads t / 8, rank tiles of 32 (warp w: rows 4w..4w+3, lane = rank).
+    Every output element is written exactly once (checked), unwritten ones stay NaN / 0xFF."""
+    m, k = x.shape
+    r = lora_down.shape[1]
+    q_x = np.full((m, k // 2), 0xFF, np.uint8)
+    s_x = np.full((m, k // 64), np.nan, np.float32)
+    lora_act = np.full((m, r), np.nan, np.float32)
+    writes = np.zeros(m * k // 2 + m * k // 64 + m * r, np.int64)
+    tid = np.arange(256)
+    seg, row0, warp, lane = tid % 16, tid // 16, tid // 32, tid % 32
+    for m0 in range(0, m, 32):
+        for r0 in range(0, max(r, 1), 32):
+            rc = min(32, r - r0)
+            acc = np.zeros((8, 4, 32), np.float64)
+            for k0 in range(0, k, 128):
+                xs = np.zeros((32, 128), np.float32)
+                for h in range(2):
+                    row = row0 + 16 * h
+                    mm, kk = m0 + row, k0 + seg * 8
+                    ok = (mm < m) & (kk < k)
+                    v = np.zeros((256, 8), np.float32)
+                    for t in np.nonzero(ok)[0]:
+                        v[t] = x[mm[t], kk[t] : kk[t] + 8] / smooth[kk[t] : kk[t] + 8]
+                    amax = np.abs(v).max(1).reshape(32, 8).max(1).repeat(8)  # shuffle xor 1, 2, 4
+                    for t in range(256):
+                        xs[row[t], seg[t] * 8 : seg[t] * 8 + 8] = v[t]
+                    for t in np.nonzero(ok & (r0 == 0))[0]:
+                        s = np.float32(amax[t]) / np.float32(7)
+                        q = np.zeros(8) if s == 0 else np.clip(np.rint(v[t] / s), -8, 7)
+                        u = (q.astype(np.int64) & 0xF).astype(np.uint8)
+                        q_x[mm[t], kk[t] // 2 : kk[t] // 2 + 4] = u[0::2] | (u[1::2] << 4)
+                        writes[(mm[t] * k + kk[t]) // 2 : (mm[t] * k + kk[t]) // 2 + 4] += 1
+                        if seg[t] % 8 == 0:
+                            s_x[mm[t], kk[t] // 64] = s
+                            writes[m * k // 2 + mm[t] * (k // 64) + kk[t] // 64] += 1
+                if rc > 0:
+                    ld = np.zeros((128, 32), np.float32)
+                    kr = min(128, k - k0)
+                    ld[:kr, :rc] = lora_down[k0 : k0 + kr, r0 : r0 + rc]
+                    acc += xs.reshape(8, 4, 128).astype(np.float64) @ ld
+            for w, ln in zip(warp, lane, strict=True):
+                if rc > 0 and ln < rc:
+                    for i in range(4):
+                        mm = m0 + 4 * w + i
+                        if mm < m:
+                            lora_act[mm, r0 + ln] = acc[w, i, ln]
+                            writes[m * k // 2 + m * (k // 64) + mm * r + r0 + ln] += 1
+    assert (writes == 1).all(), "an output element is written more than once or never"
+    return q_x, s_x, lora_act
+
+
+@pytest.mark.parametrize(("m", "k", "r"), [(33, 192, 48), (1, 64, 0), (5, 128, 3)])
+def test_quantize_act_mirror_matches_reference(m, k, r):
+    """quantize_act_kernel's indexing (partial 128-chunks, rank tiles past 32, row tails) covers every
+    output once and reproduces reference.quantize_act (codes and scales exactly)."""
+    g = _gen(m + k + r)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, 64:128] = 0
+    smooth, lora_down = torch.rand(k, generator=g) + 0.5, torch.randn(k, r, generator=g)
+    q_x, s_x, lora_act = _quantize_act_mirror(x.numpy(), smooth.numpy(), lora_down.numpy())
+    rq, rs, _ = reference.quantize_act(x, smooth, lora_down)
+    np.testing.assert_array_equal(q_x, rq.numpy())
+    np.testing.assert_array_equal(s_x, rs.numpy())
+    xh = x.double() / smooth.double()
+    want, mag = (xh @ lora_down.double()).numpy(), (xh.abs() @ lora_down.double().abs()).numpy()
+    assert (np.abs(lora_act - want) <= 1e-5 * mag + 1e-30).all()
 
 
 @pytest.mark.parametrize(("magic", "offset", "scale", "limit"), [(0x4B400000, 12582912.0, 1.0, 4096),
