@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--max-samples", type=int, default=128)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="16-bit forwards are emulated on CPUs without AVX-512 BF16: fp32 is the fast path there")  # fmt: skip
+                   help="bf16 is emulated on CPUs without AVX-512 BF16: fp32 is the fast path there")  # fmt: skip
     p.add_argument("--processes", default="1,2", help="process counts to compare")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

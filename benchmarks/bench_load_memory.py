@@ -80,17 +80,23 @@ def main() -> None:
             (f"bf16, {args.shard_mb} MB shards", run_child(sharded, 0)),
             (f"SVDQuant r{args.rank}, {args.shard_mb} MB shards", run_child(sharded, args.rank)),
         ]
-    print(f"FLUX.1-shaped transformer, {double} double + {single} single blocks; torch {torch.__version__}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"FLUX.1-shaped transformer, {double} double + {single} single blocks; torch {torch.__version__}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(f"checkpoint (bf16): {ckpt / mib:,.0f} MiB; largest 16-bit linear: {largest / mib:,.0f} MiB")
     print("RSS counts the checkpoint's mmap'd pages (clean page cache the kernel can drop); anonymous RSS is the")
     print("memory the load itself allocates. Peaks are above the post-import baseline.")
-    print(f"{'load':<34}{'weights MiB':>12}{'peak RSS MiB':>14}{'peak anon MiB':>15}"
-          f"{'(anon - weights) / largest layer':>34}")
+    print(
+        f"{'load':<34}{'weights MiB':>12}{'peak RSS MiB':>14}{'peak anon MiB':>15}"
+        f"{'(anon - weights) / largest layer':>34}"
+    )
     for name, r in rows:
         anon = r["peak_anon"] - r["base_anon"]
-        print(f"{name:<34}{r['weights'] / mib:>12,.0f}{(r['peak'] - r['base']) / mib:>14,.0f}{anon / mib:>15,.0f}"
-              f"{(anon - r['weights']) / largest:>34.1f}")
+        print(
+            f"{name:<34}{r['weights'] / mib:>12,.0f}{(r['peak'] - r['base']) / mib:>14,.0f}{anon / mib:>15,.0f}"
+            f"{(anon - r['weights']) / largest:>34.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/kernels.h"
 #if defined(SVDQ_HAVE_CUDA_KERNELS)
@@ -138,51 +139,123 @@ void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64
                 static_cast<int>(num_threads));
 }
 
-void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, const py::int_& wp_,
-               const py::int_& sw_, const py::int_& lora_up_, const py::int_& bias_, const py::int_& y_,
-               int64_t M, int64_t N, int64_t K, int64_t R, int64_t num_threads) {
-  const char* fn = "gemm_w4a4";
+// The canonical weights of a gemm (DESIGN.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
+// lora_up [N, R] and bias [N] (null: none) in `wdtype`.
+svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const py::int_& wscales_,
+                                const py::int_& lora_up_, const py::int_& bias_, int64_t N, int64_t K, int64_t R,
+                                int64_t wdtype) {
   svdq::cpu::GemmArgs a{};
-  const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
-                  lora_act = as_ptr(fn, "lora_act", lora_act_), wp = as_ptr(fn, "wp", wp_),
-                  sw = as_ptr(fn, "sw", sw_), lora_up = as_ptr(fn, "lora_up", lora_up_),
-                  bias = as_ptr(fn, "bias", bias_), y = as_ptr(fn, "y", y_);
-  check_size(fn, "M", M);
+  const uintptr_t qweight = as_ptr(fn, "qweight", qweight_), wscales = as_ptr(fn, "wscales", wscales_),
+                  lora_up = as_ptr(fn, "lora_up", lora_up_), bias = as_ptr(fn, "bias", bias_);
   check_size(fn, "N", N);
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   if (K % svdq::cpu::kGroupSize != 0)
     fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+  if (wdtype < 0 || wdtype > 2)
+    fail(std::string(fn) + ": wdtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+         std::to_string(wdtype));
+  check_product(fn, "N", N + svdq::cpu::kTileN, "K", K);
+  check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
+  check_ptr(fn, "qweight", qweight, N * (K / 2));
+  check_ptr(fn, "wscales", wscales, N * (K / svdq::cpu::kGroupSize));
+  check_ptr(fn, "lora_up", lora_up, N * R);
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight);
+  a.wscales = reinterpret_cast<const void*>(wscales);
+  a.lora_up = reinterpret_cast<const void*>(lora_up);
+  a.bias = reinterpret_cast<const void*>(bias);  // null: no bias
+  a.wdtype = static_cast<int>(wdtype);
+  a.N = N;
+  a.K = K;
+  a.R = R;
+  return a;
+}
+
+void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, const py::int_& qweight_,
+               const py::int_& wscales_, const py::int_& lora_up_, const py::int_& bias_, const py::int_& y_,
+               int64_t M, int64_t N, int64_t K, int64_t R, int64_t wdtype, int64_t num_threads) {
+  const char* fn = "gemm_w4a4";
+  svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, wdtype);
+  const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
+                  lora_act = as_ptr(fn, "lora_act", lora_act_), y = as_ptr(fn, "y", y_);
+  check_size(fn, "M", M);
   check_threads(fn, num_threads);
   check_product(fn, "M", M, "K", K);
   check_product(fn, "M", M, "N", N);
-  check_product(fn, "N", N, "K", K);
-  check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
-  const int64_t T = (N + svdq::cpu::kTileN - 1) / svdq::cpu::kTileN, G = K / svdq::cpu::kGroupSize;
+  check_product(fn, "M", M, "R", R);
   check_ptr(fn, "q_x", q_x, M * (K / 2));
-  check_ptr(fn, "s_x", s_x, M * G);
+  check_ptr(fn, "s_x", s_x, M * (K / svdq::cpu::kGroupSize));
   check_ptr(fn, "lora_act", lora_act, M * R);
-  check_ptr(fn, "wp", wp, M > 0 ? T * G * svdq::cpu::kTileBytes : 0);
-  check_ptr(fn, "sw", sw, M > 0 ? T * G * svdq::cpu::kTileN : 0);
-  check_ptr(fn, "lora_up", lora_up, M > 0 ? T * R * svdq::cpu::kTileN : 0);
   check_ptr(fn, "y", y, M * N);
   if (M == 0 || N == 0) return;
   a.q_x = reinterpret_cast<const uint8_t*>(q_x);
   a.s_x = reinterpret_cast<const float*>(s_x);
   a.lora_act = reinterpret_cast<const float*>(lora_act);
-  a.wp = reinterpret_cast<const uint8_t*>(wp);
-  a.sw = reinterpret_cast<const float*>(sw);
-  a.lora_up = reinterpret_cast<const float*>(lora_up);
-  a.bias = reinterpret_cast<const float*>(bias);  // null: no bias
   a.y = reinterpret_cast<float*>(y);
   a.M = M;
-  a.N = N;
-  a.K = K;
-  a.R = R;
   a.num_threads = static_cast<int>(num_threads);
   const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
   py::gil_scoped_release release;
   k.gemm_w4a4(a);
+}
+
+// The whole linear in one call: quantize_act into scratch buffers, then gemm_w4a4. x, smooth and
+// lora_down share the weights' dtype (the model dtype); y is float32 [M, N].
+void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
+            const py::int_& wscales_, const py::int_& lora_up_, const py::int_& bias_, const py::int_& y_,
+            int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype, int64_t num_threads) {
+  const char* fn = "linear";
+  svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, dtype);
+  const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
+                  lora_down = as_ptr(fn, "lora_down", lora_down_), y = as_ptr(fn, "y", y_);
+  check_size(fn, "M", M);
+  check_threads(fn, num_threads);
+  check_product(fn, "M", M, "K", K);
+  check_product(fn, "M", M, "N", N);
+  check_product(fn, "M", M, "R", R);
+  check_product(fn, "K", K, "R", R);
+  check_ptr(fn, "x", x, M * K);
+  check_ptr(fn, "smooth", smooth, M > 0 ? K : 0);
+  check_ptr(fn, "lora_down", lora_down, M > 0 ? K * R : 0);
+  check_ptr(fn, "y", y, M * N);
+  if (M == 0 || N == 0) return;
+  const int64_t G = K / svdq::cpu::kGroupSize;
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  std::vector<uint8_t> q_x(static_cast<size_t>(M * (K / 2)));
+  std::vector<float> s_x(static_cast<size_t>(M * G)), lora_act(static_cast<size_t>(M * R));
+  k.quantize_act(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(smooth),
+                 reinterpret_cast<const void*>(lora_down), q_x.data(), s_x.data(), lora_act.data(), M, K, R,
+                 static_cast<DType>(dtype), static_cast<int>(num_threads));
+  a.q_x = q_x.data();
+  a.s_x = s_x.data();
+  a.lora_act = lora_act.data();
+  a.y = reinterpret_cast<float*>(y);
+  a.M = M;
+  a.num_threads = static_cast<int>(num_threads);
+  k.gemm_w4a4(a);
+}
+
+// The kernel's tile layout of canonical weights, as the selected path builds it (for tests against
+// ops.pack_gemm_weights): wp uint8 [T, K/64, 512]; fl float32 [T, (K/64 + R + 1) * 16] holding each
+// tile's scales, lora_up and bias.
+void pack_gemm_tiles(const py::int_& qweight_, const py::int_& wscales_, const py::int_& lora_up_,
+                     const py::int_& bias_, const py::int_& wp_, const py::int_& fl_, int64_t N, int64_t K, int64_t R,
+                     int64_t wdtype) {
+  const char* fn = "pack_gemm_tiles";
+  const svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, wdtype);
+  const uintptr_t wp = as_ptr(fn, "wp", wp_), fl = as_ptr(fn, "fl", fl_);
+  const int64_t T = (N + svdq::cpu::kTileN - 1) / svdq::cpu::kTileN, G = K / svdq::cpu::kGroupSize;
+  const int64_t floats = (G + R + 1) * svdq::cpu::kTileN;
+  check_ptr(fn, "wp", wp, T * G * svdq::cpu::kTileBytes);
+  check_ptr(fn, "fl", fl, T * floats);
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  for (int64_t t = 0; t < T; ++t) {
+    float* f = reinterpret_cast<float*>(fl) + t * floats;
+    k.pack_tile(a, t,
+                svdq::cpu::Tile{reinterpret_cast<uint8_t*>(wp) + t * G * svdq::cpu::kTileBytes, f,
+                                f + G * svdq::cpu::kTileN, f + (G + R) * svdq::cpu::kTileN});
+  }
 }
 
 void set_cpu_isa(const std::string& name) {
@@ -336,14 +409,25 @@ Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Re
         py::arg("num_threads"), "int8 codes [rows, K] -> uint8 [rows, K/2], element 2j in the low nibble.");
   m.def("unpack_int4", &unpack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
         py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
-  m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("wp"),
-        py::arg("sw"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("R"), py::arg("num_threads"),
-        R"doc(W4A4 GEMM + low-rank + bias on the packed weight layout (cpp/cpu/gemm_layout.h).
+  m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("qweight"),
+        py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("R"), py::arg("wdtype"), py::arg("num_threads"),
+        R"doc(W4A4 GEMM + low-rank + bias on the canonical weights (DESIGN.md section 2).
 
-q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; wp uint8 [T, K/64, 512],
-sw float32 [T, K/64, 16], lora_up float32 [T, R, 16], bias float32 [T*16]
-or 0 (T = ceil(N/16)); writes y float32 [M, N]. Releases the GIL.)doc");
+q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; qweight uint8 [N, K/2]; wscales
+[N, K/64], lora_up [N, R], bias [N] (or 0) in wdtype (0 float32, 1 bfloat16, 2 float16); writes y
+float32 [M, N]. The kernel builds its tile layout itself (cpp/cpu/gemm_layout.h). Releases the GIL.)doc");
+  m.def("linear", &linear, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("qweight"),
+        py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"),
+        R"doc(A whole SVDQuant linear: quantize_act then gemm_w4a4 without leaving native code.
+
+x [M, K], smooth [K], lora_down [K, R] and the canonical weights all in dtype; writes y float32 [M, N].
+Releases the GIL.)doc");
+  m.def("pack_gemm_tiles", &pack_gemm_tiles, py::arg("qweight"), py::arg("wscales"), py::arg("lora_up"),
+        py::arg("bias"), py::arg("wp"), py::arg("fl"), py::arg("N"), py::arg("K"), py::arg("R"), py::arg("wdtype"),
+        "The selected path's tile layout of canonical weights: wp uint8 [T, K/64, 512], fl float32 "
+        "[T, (K/64 + R + 1) * 16] (scales, lora_up, bias per tile). For tests.");
   m.def(
       "int8_peak_gops",
       [](int num_threads, int64_t iters) -> double {

@@ -64,10 +64,9 @@ class SVDQuantLinear(nn.Module):
         self.lora_down = _frozen(torch.zeros(in_features, rank, **f))
         self.lora_up = _frozen(torch.zeros(out_features, rank, **f))
         self.bias = _frozen(torch.zeros(out_features, **f)) if bias else None
-        # The CPU GEMM's tile layout of the tensors above, rebuilt when any of them changes
-        # (load_state_dict, .to(), load_quantized). A plain attribute: never in the state dict.
-        self._packed: tuple[tuple, ops.PackedGemmWeights] | None = None
-        # The same for the CUDA GEMM's mma-fragment layout (ops.pack_mma_weights).
+        # The CUDA GEMM's mma-fragment layout of the tensors above (ops.pack_mma_weights), rebuilt when
+        # any of them changes (load_state_dict, .to(), load_quantized). A plain attribute: never in the
+        # state dict. (The CPU kernels read the canonical tensors directly: no copy there.)
         self._mma_packed: tuple[tuple, ops.MmaPackedWeights] | None = None
 
     @classmethod
@@ -127,26 +126,15 @@ class SVDQuantLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.wscales.dtype)
-        # The packed CPU path caches by data pointer, which torch.compile cannot trace: compiled graphs
-        # take the canonical ops.
-        if x2.device.type == "cpu" and ops.native_available() and not torch.compiler.is_compiling():
-            y = ops.svdquant_linear_packed(x2, self.smooth, self.lora_down, self.packed_weights())
-        elif x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
+        # The CUDA cache is keyed by data pointer, which torch.compile cannot trace: compiled graphs
+        # take the canonical op (which runs the same kernels, packing on the fly).
+        if x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
             y = ops.svdquant_linear_mma(x2, self.smooth, self.lora_down, self.mma_weights())
         else:
             y = ops.svdquant_linear(
                 x2, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias
             )
         return y.reshape(*lead, self.out_features)
-
-    def packed_weights(self) -> ops.PackedGemmWeights:
-        """The weights in the CPU GEMM layout (:func:`ops.pack_gemm_weights`), repacked when they changed."""
-        tensors = (self.qweight, self.wscales, self.lora_up, self.bias)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if self._packed is None or self._packed[0] != key:
-            with torch.no_grad():
-                self._packed = (key, ops.pack_gemm_weights(*tensors))
-        return self._packed[1]
 
     def mma_weights(self) -> ops.MmaPackedWeights:
         """The weights in the CUDA GEMM layout (:func:`ops.pack_mma_weights`), repacked when they changed."""

@@ -204,10 +204,111 @@ def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
     return q_x.new_empty(q_x.shape[0], q_w.shape[0], dtype=out_dtype)
 
 
+@gemm_w4a4.register_kernel("cpu")
+def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
+    _check_gemm_args(q_x, s_x, q_w, s_w, lora_act, lora_up, bias)
+    if _C is None:
+        _warn_once("gemm_w4a4", f"diffusers_svdquant._C unavailable ({_NATIVE_ERROR}); using reference.py")
+        return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype)
+    m, kh = q_x.shape
+    n, r = q_w.shape[0], lora_act.shape[1]
+    s_w, lora_up, bias = _weights_in_one_dtype(s_w, lora_up, bias)
+    # Every temporary is bound to a name: a pointer taken from an unnamed one dangles once it is freed.
+    q_x, s_x, lora_act, q_w = (
+        q_x.contiguous(),
+        s_x.float().contiguous(),
+        lora_act.float().contiguous(),
+        q_w.contiguous(),
+    )
+    y = torch.empty(m, n, dtype=torch.float32)
+    _C.gemm_w4a4(
+        q_x.data_ptr(), s_x.data_ptr(), lora_act.data_ptr(), q_w.data_ptr(), s_w.data_ptr(),
+        lora_up.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+        m, n, 2 * kh, r, _DTYPE_CODES[s_w.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    return y.to(out_dtype)
+
+
+def _weights_in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Contiguous, in one dtype the kernel reads: their common one, else float32 (which holds each of
+    bfloat16 / float16 / float32 exactly, so the result does not change)."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _DTYPE_CODES else torch.float32
+    return [None if t is None else t.to(dtype).contiguous() for t in tensors]
+
+
+def _check_linear_args(x, qweight, wscales, smooth, lora_down, lora_up, bias) -> None:
+    _check_quantize_act_args(x, smooth, lora_down)
+    m, k = x.shape
+    if qweight.dim() != 2 or qweight.shape[1] * 2 != k:
+        raise ValueError(f"svdquant_linear: qweight has shape {tuple(qweight.shape)}, expected [N, {k // 2}]")
+    n = qweight.shape[0]
+    if lora_up.dim() != 2 or lora_up.shape != (n, lora_down.shape[1]):
+        raise ValueError(
+            f"svdquant_linear: lora_up has shape {tuple(lora_up.shape)}, expected [{n}, {lora_down.shape[1]}]"
+        )
+    if wscales.shape != (n, k // reference.GROUP_SIZE):
+        raise ValueError(
+            f"svdquant_linear: wscales has shape {tuple(wscales.shape)}, expected [{n}, {k // reference.GROUP_SIZE}]"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"svdquant_linear: bias has shape {tuple(bias.shape)}, expected [{n}]")
+    if qweight.dtype != torch.uint8:
+        raise ValueError(f"svdquant_linear: qweight must be uint8, got {qweight.dtype}")
+
+
+@torch.library.custom_op("svdquant::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """A whole SVDQuant linear as one op (``reference.svdquant_linear``): ``[M, K]`` → ``[M, N]`` in ``x.dtype``.
+
+    Args:
+        x: ``[M, K]`` float32 / bfloat16 / float16.
+        qweight, wscales, smooth, lora_down, lora_up, bias: the canonical tensors (DESIGN.md §2):
+            uint8 ``[N, K/2]``, ``[N, K/64]``, ``[K]``, ``[K, r]``, ``[N, r]``, ``[N]`` or None.
+    """
+    _check_linear_args(x, qweight, wscales, smooth, lora_down, lora_up, bias)
+    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
+    return torch.ops.svdquant.gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, x.dtype)
+
+
+@linear.register_fake
+def _(x, qweight, wscales, smooth, lora_down, lora_up, bias):
+    _check_linear_args(x, qweight, wscales, smooth, lora_down, lora_up, bias)
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@linear.register_kernel("cpu")
+def _(x, qweight, wscales, smooth, lora_down, lora_up, bias):
+    _check_linear_args(x, qweight, wscales, smooth, lora_down, lora_up, bias)
+    if _C is None:
+        _warn_once("linear", f"diffusers_svdquant._C unavailable ({_NATIVE_ERROR}); using reference.py")
+        return reference.svdquant_linear(x.contiguous(), qweight, wscales, smooth, lora_down, lora_up, bias)
+    m, k = x.shape
+    n, r = qweight.shape[0], lora_down.shape[1]
+    # One native call reads every float tensor in one dtype: x's when they all share it.
+    xs, sm, ld, ws, lu, b = _weights_in_one_dtype(x, smooth, lora_down, wscales, lora_up, bias)
+    qw = qweight.contiguous()  # named: see gemm_w4a4's CPU kernel
+    y = torch.empty(m, n, dtype=torch.float32)
+    _C.linear(
+        xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), lu.data_ptr(),
+        0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, _DTYPE_CODES[xs.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    return y.to(x.dtype)
+
+
 class PackedGemmWeights(NamedTuple):
     """A quantized linear's weights in the CPU GEMM's tile layout (``cpp/cpu/gemm_layout.h``).
 
-    Built from the canonical tensors by :func:`pack_gemm_weights`; never saved.
+    The kernels build this layout themselves from the canonical tensors on every call; these
+    torch functions are its specification, which the native packing is tested against.
 
     Attributes:
         wp: uint8 ``[T, K/64, 512]``, T = ceil(N / 16): codes + 8 as nibbles, 16 columns x 64 k per block.
@@ -230,7 +331,7 @@ _TILE_N = 16
 def pack_gemm_weights(
     qweight: torch.Tensor, wscales: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None
 ) -> PackedGemmWeights:
-    """Repack canonical weights (uint8 ``[N, K/2]``, ``[N, K/64]``, ``[N, r]``, ``[N]``) for the CPU GEMM."""
+    """The CPU GEMM's tile layout of canonical weights (uint8 ``[N, K/2]``, ``[N, K/64]``, ``[N, r]``, ``[N]``)."""
     n, kh = qweight.shape
     k, r = 2 * kh, lora_up.shape[1]
     g, t = k // reference.GROUP_SIZE, math.ceil(n / _TILE_N)
@@ -266,79 +367,24 @@ def unpack_gemm_weights(
     return reference.pack_int4(codes), cols(sw), cols(lora_up), None if bias is None else bias[:n]
 
 
-@torch.library.custom_op("svdquant::gemm_w4a4_packed", mutates_args=())
-def gemm_w4a4_packed(
-    q_x: torch.Tensor,
-    s_x: torch.Tensor,
-    lora_act: torch.Tensor,
-    wp: torch.Tensor,
-    sw: torch.Tensor,
-    lora_up: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """:func:`gemm_w4a4` on weights packed by :func:`pack_gemm_weights` (the CPU kernel's layout).
-
-    Args:
-        q_x: uint8 ``[M, K/2]``; s_x: float32 ``[M, K/64]``; lora_act: float32 ``[M, r]``.
-        wp, sw, lora_up, bias, n: the fields of :class:`PackedGemmWeights`.
-        out_dtype: dtype of the result.
-
-    Returns:
-        ``[M, n]`` in ``out_dtype``.
-    """
-    _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n)
-    q_w, s_w, up, b = unpack_gemm_weights(wp, sw, lora_up, bias, n)
-    return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, up, b, out_dtype)
-
-
-def _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n) -> None:
-    if q_x.dim() != 2 or wp.dim() != 3 or lora_up.dim() != 3:
-        raise ValueError(
-            f"gemm_w4a4_packed: q_x must be 2-D, wp and lora_up 3-D, got {tuple(q_x.shape)}, {tuple(wp.shape)}, "
-            f"{tuple(lora_up.shape)}"
-        )
-    m, kh = q_x.shape
-    t, g = math.ceil(n / _TILE_N), 2 * kh // reference.GROUP_SIZE
-    r = lora_up.shape[1]  # the weights fix the rank; the activations must match it
-    for name, x, shape, dtype in (
-        ("s_x", s_x, (m, g), torch.float32),
-        ("lora_act", lora_act, (m, r), torch.float32),
-        ("wp", wp, (t, g, 512), torch.uint8),
-        ("sw", sw, (t, g, _TILE_N), torch.float32),
-        ("lora_up", lora_up, (t, r, _TILE_N), torch.float32),
-    ):
-        if tuple(x.shape) != shape or x.dtype != dtype:
-            raise ValueError(f"gemm_w4a4_packed: {name} is {x.dtype} {tuple(x.shape)}, expected {dtype} {list(shape)}")
-    if bias is not None and (tuple(bias.shape) != (t * _TILE_N,) or bias.dtype != torch.float32):
-        raise ValueError(f"gemm_w4a4_packed: bias is {bias.dtype} {tuple(bias.shape)}, expected float32 [{t * 16}]")
-    if q_x.dtype != torch.uint8 or (2 * kh) % reference.GROUP_SIZE:
-        raise ValueError(f"gemm_w4a4_packed: q_x must be uint8 [M, K/2] with K % 64 == 0, got {tuple(q_x.shape)}")
-
-
-@gemm_w4a4_packed.register_fake
-def _(q_x, s_x, lora_act, wp, sw, lora_up, bias, n, out_dtype):
-    _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n)
-    return q_x.new_empty(q_x.shape[0], n, dtype=out_dtype)
-
-
-@gemm_w4a4_packed.register_kernel("cpu")
-def _(q_x, s_x, lora_act, wp, sw, lora_up, bias, n, out_dtype):
-    _check_packed_args(q_x, s_x, lora_act, wp, sw, lora_up, bias, n)
+def native_gemm_tiles(
+    qweight: torch.Tensor, wscales: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None
+) -> PackedGemmWeights:
+    """The tile layout as the selected native CPU path builds it (``pack_tile``); for tests against
+    :func:`pack_gemm_weights`. A missing bias comes back as zeros (what the kernel adds)."""
     if _C is None:
-        q_w, s_w, up, b = unpack_gemm_weights(wp, sw, lora_up, bias, n)
-        return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, up, b, out_dtype)
-    m, kh = q_x.shape
-    q_x, s_x, lora_act = q_x.contiguous(), s_x.contiguous(), lora_act.contiguous()
-    wp, sw, lora_up = wp.contiguous(), sw.contiguous(), lora_up.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    _C.gemm_w4a4(
-        q_x.data_ptr(), s_x.data_ptr(), lora_act.data_ptr(), wp.data_ptr(), sw.data_ptr(), lora_up.data_ptr(),
-        0 if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
-        m, n, 2 * kh, lora_act.shape[1], torch.get_num_threads(),
+        raise RuntimeError(f"diffusers_svdquant._C is not available: {_NATIVE_ERROR}")
+    n, kh = qweight.shape
+    g, r, t = 2 * kh // reference.GROUP_SIZE, lora_up.shape[1], math.ceil(n / _TILE_N)
+    ws, lu, b = _weights_in_one_dtype(wscales, lora_up, bias)
+    qw = qweight.contiguous()
+    wp = torch.empty(t, g, 512, dtype=torch.uint8)
+    fl = torch.empty(t, g + r + 1, _TILE_N, dtype=torch.float32)
+    _C.pack_gemm_tiles(
+        qw.data_ptr(), ws.data_ptr(), lu.data_ptr(), 0 if b is None else b.data_ptr(),
+        wp.data_ptr(), fl.data_ptr(), n, 2 * kh, r, _DTYPE_CODES[ws.dtype],
     )  # fmt: skip
-    return y.to(out_dtype)
+    return PackedGemmWeights(wp, fl[:, :g].contiguous(), fl[:, g : g + r].contiguous(), fl[:, -1].reshape(-1), n)
 
 
 def svdquant_linear(
@@ -350,23 +396,13 @@ def svdquant_linear(
     lora_up: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """A whole SVDQuant linear: ``[M, K]`` in ``x.dtype`` → ``[M, N]`` in ``x.dtype``.
+    """A whole SVDQuant linear: ``[M, K]`` in ``x.dtype`` → ``[M, N]`` in ``x.dtype`` (the ``svdquant::linear`` op).
 
     Args are the canonical tensors of DESIGN.md §2 (``qweight`` uint8 ``[N, K/2]``, ``wscales``
     ``[N, K/64]``, ``smooth`` ``[K]``, ``lora_down`` ``[K, r]``, ``lora_up`` ``[N, r]``, ``bias`` ``[N]``).
+    On CPU it is one native call (quantize_act + GEMM); elsewhere the two ops.
     """
-    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
-    return torch.ops.svdquant.gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, x.dtype)
-
-
-def svdquant_linear_packed(
-    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, packed: PackedGemmWeights
-) -> torch.Tensor:
-    """:func:`svdquant_linear` with the weights already in the CPU GEMM layout (:func:`pack_gemm_weights`)."""
-    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
-    return torch.ops.svdquant.gemm_w4a4_packed(
-        q_x, s_x, lora_act, packed.wp, packed.sw, packed.lora_up, packed.bias, packed.n, x.dtype
-    )
+    return torch.ops.svdquant.linear(x, qweight, wscales, smooth, lora_down, lora_up, bias)
 
 
 def int8_peak_gops(num_threads: int | None = None) -> float:

@@ -1,4 +1,4 @@
-"""The CPU W4A4 GEMM (packed weight layout, every instruction path) against reference.py."""
+"""The CPU W4A4 GEMM and whole linear (canonical weights in, every instruction path) against reference.py."""
 
 from __future__ import annotations
 
@@ -36,38 +36,53 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("m", [0, 1, 3, 17, 64])
+# 0..64 rows take one row chunk (tiles packed per thread, in place); 300 rows at K = 3072 take five
+# (the whole layer packed once into a shared scratch buffer). Both must equal the reference.
+@pytest.mark.parametrize("m", [0, 1, 3, 17, 64, 300])
 @pytest.mark.parametrize(("n", "k"), [(1, 64), (7, 192), (200, 128), (64, 3072)])
 @pytest.mark.parametrize("r", [0, 1, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_packed_gemm_matches_reference(isa, m, n, k, r, dtype):
+def test_gemm_matches_reference(isa, m, n, k, r, dtype):
+    """The CPU kernel of svdquant::gemm_w4a4 (canonical weights in) equals reference.gemm_w4a4."""
+    if m == 300 and k != 3072:
+        pytest.skip("the multi-chunk path needs M above one chunk (64 rows at K = 3072)")
     q, bias, x = _case(m, n, k, r, dtype, has_bias=(m + n) % 2 == 1)
     q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
-    p = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
-    y = torch.ops.svdquant.gemm_w4a4_packed(q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias, p.n, torch.float32)
+    y = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
     ref = reference.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
     assert y.shape == (m, n) and y.dtype == torch.float32
     if m:
         assert _rel(y, ref) < REL_TOL
-    out = torch.ops.svdquant.gemm_w4a4_packed(q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias, p.n, dtype)
+    out = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, dtype)
     assert out.dtype == dtype and torch.equal(out, y.to(dtype))
 
 
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(0, 40), n=st.integers(1, 70), groups=st.integers(1, 6), r=st.integers(0, 9),
        has_bias=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
-def test_packed_gemm_hypothesis(m, n, groups, r, has_bias, seed):
+def test_gemm_hypothesis(m, n, groups, r, has_bias, seed):
     q, bias, x = _case(m, n, 64 * groups, r, torch.bfloat16, has_bias, seed)
     q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
-    p = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
     ref = reference.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
     for name in ops.supported_cpu_isas():
         ops.set_cpu_isa(name)
-        y = torch.ops.svdquant.gemm_w4a4_packed(q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias, p.n,
-                                                torch.float32)  # fmt: skip
+        y = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
         if m:
             assert _rel(y, ref) < REL_TOL, name
     ops.set_cpu_isa(ops.supported_cpu_isas()[-1])
+
+
+@pytest.mark.parametrize(("n", "k", "r"), [(1, 64, 0), (37, 192, 3), (200, 3072, 32), (16, 128, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_native_tiles_equal_the_layout_spec(isa, n, k, r, dtype, has_bias):
+    """Each path's pack_tile (canonical weights -> kernel tiles) builds exactly ops.pack_gemm_weights'
+    layout: nibbles, scales, lora_up and bias, padding columns included."""
+    q, bias, _ = _case(1, n, k, r, dtype, has_bias)
+    want = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
+    got = ops.native_gemm_tiles(q.qweight, q.wscales, q.lora_up, bias)
+    assert torch.equal(got.wp, want.wp) and torch.equal(got.sw, want.sw) and torch.equal(got.lora_up, want.lora_up)
+    assert torch.equal(got.bias, want.bias) if has_bias else bool((got.bias == 0).all())
 
 
 @pytest.mark.parametrize(("n", "k", "r"), [(1, 64, 0), (37, 192, 3), (200, 3072, 32)])
@@ -81,40 +96,55 @@ def test_pack_round_trip(n, k, r):
     assert torch.equal(b, bias.float())
 
 
-def test_linear_uses_packed_path_and_repacks_on_change(isa):
-    """SVDQuantLinear on CPU runs the packed kernel, equals the canonical ops, and repacks after its
-    tensors change (load_state_dict, dtype change); the packed copy never enters the state dict."""
+def test_linear_keeps_no_second_copy_and_follows_its_tensors(isa):
+    """SVDQuantLinear on CPU runs the native linear on its canonical tensors: no packed copy is kept
+    (the module holds exactly the state dict's bytes), and new tensors (load_state_dict, .to) are used
+    at once."""
     torch.manual_seed(0)
     lin = SVDQuantLinear.from_linear(torch.nn.Linear(192, 70).to(torch.bfloat16), 8)
     x = torch.randn(5, 2, 192, dtype=torch.bfloat16).transpose(0, 1)  # non-contiguous [2, 5, 192]
-    canonical = ops.svdquant_linear(x.reshape(-1, 192), lin.qweight, lin.wscales, lin.smooth, lin.lora_down,
-                                    lin.lora_up, lin.bias).reshape(2, 5, 70)  # fmt: skip
+    want = reference.svdquant_linear(x.reshape(-1, 192), lin.qweight, lin.wscales, lin.smooth, lin.lora_down,
+                                     lin.lora_up, lin.bias).reshape(2, 5, 70)  # fmt: skip
+    before = {k: v.clone() for k, v in vars(lin).items() if isinstance(v, torch.Tensor)}
     y = lin(x)
-    assert lin._packed is not None
-    assert _rel(y, canonical) < 1e-2  # bf16 output rounding of two float32 results
-    assert set(lin.state_dict()) == {"qweight", "wscales", "smooth", "lora_down", "lora_up", "bias"}
+    assert _rel(y, want) < 1e-2  # bf16 output rounding of two float32 results
+    assert {k for k, v in vars(lin).items() if isinstance(v, torch.Tensor)} == set(before)
+    assert not any(isinstance(v, tuple) for k, v in vars(lin).items() if "pack" in k and v is not None)
+    held = sum(t.numel() * t.element_size() for t in lin.parameters())
+    assert held == sum(t.numel() * t.element_size() for t in lin.state_dict().values())
 
     torch.manual_seed(1)
     other = SVDQuantLinear.from_linear(torch.nn.Linear(192, 70).to(torch.bfloat16), 8)
     lin.load_state_dict(other.state_dict())
     assert torch.equal(lin(x), other(x))
     lin.to(torch.float16)
-    assert lin(x.half()).dtype == torch.float16 and lin._packed[1].sw.dtype == torch.float32
+    assert lin(x.half()).dtype == torch.float16
 
 
-def test_bad_packed_arguments_name_the_argument():
+def test_bad_arguments_name_the_argument():
     q, bias, x = _case(3, 20, 128, 4, torch.float32, True)
     q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
-    p = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
-    op = torch.ops.svdquant.gemm_w4a4_packed
-    with pytest.raises(ValueError, match="sw is"):
-        op(q_x, s_x, lora_act, p.wp, p.sw[:, :1], p.lora_up, p.bias, p.n, torch.float32)
-    with pytest.raises(ValueError, match="wp is"):
-        op(q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias, p.n + 16, torch.float32)
-    with pytest.raises(ValueError, match="bias is"):
-        op(q_x, s_x, lora_act, p.wp, p.sw, p.lora_up, p.bias[:-1], p.n, torch.float32)
-    with pytest.raises(ValueError, match="lora_act is"):
-        op(q_x, s_x, lora_act[:, :2], p.wp, p.sw, p.lora_up, p.bias, p.n, torch.float32)
+    gemm, lin = torch.ops.svdquant.gemm_w4a4, torch.ops.svdquant.linear
+    with pytest.raises(ValueError, match="s_w has shape"):
+        gemm(q_x, s_x, q.qweight, q.wscales[:, :1], lora_act, q.lora_up, bias, torch.float32)
+    with pytest.raises(ValueError, match="bias has shape"):
+        gemm(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias[:-1], torch.float32)
+    with pytest.raises(ValueError, match="lora_act has shape"):
+        gemm(q_x, s_x, q.qweight, q.wscales, lora_act[:, :2], q.lora_up, bias, torch.float32)
+    with pytest.raises(ValueError, match=r"qweight has shape \(20, 32\), expected \[N, 64\]"):
+        lin(x, q.qweight[:, :32], q.wscales, q.smooth, q.lora_down, q.lora_up, bias)
+    with pytest.raises(ValueError, match="wscales has shape"):
+        lin(x, q.qweight, q.wscales[:1], q.smooth, q.lora_down, q.lora_up, bias)
+    with pytest.raises(ValueError, match="lora_up has shape"):
+        lin(x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up[:, :1], bias)
+    with pytest.raises(ValueError, match="smooth has shape"):
+        lin(x, q.qweight, q.wscales, q.smooth[:64], q.lora_down, q.lora_up, bias)
+    with pytest.raises(ValueError, match="gemm_w4a4: qweight is a null pointer but holds 32 elements"):
+        ops._C.gemm_w4a4(1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 64, 0, 0, 1)
+    with pytest.raises(ValueError, match="q_x must be a non-negative address"):
+        ops._C.gemm_w4a4(-1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 1)
+    with pytest.raises(ValueError, match="wdtype"):
+        ops._C.linear(1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 64, 0, 7, 1)
 
 
 def test_int8_peak_microbenchmark():
@@ -126,16 +156,27 @@ def test_int8_peak_microbenchmark():
         ops._C.int8_peak_gops(0)
 
 
-@pytest.mark.parametrize(("m", "n", "k", "r"), [(1, 200, 3072, 32), (257, 7, 192, 1), (17, 1, 3072, 0)])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "r"), [(1, 200, 3072, 32), (257, 7, 192, 1), (17, 1, 3072, 0), (300, 40, 3072, 8)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_whole_packed_linear_matches_reference(isa, m, n, k, r, dtype):
-    """quantize_act + packed GEMM on a non-contiguous x equals reference.svdquant_linear (same codes;
-    float32 accumulation order only, then one rounding to the output dtype)."""
+def test_whole_linear_matches_reference(isa, m, n, k, r, dtype):
+    """The one-call native linear (quantize_act + GEMM) on a non-contiguous x equals
+    reference.svdquant_linear (same codes; float32 accumulation order only, then one rounding)."""
     q, bias, x = _case(2 * m, n, k, r, dtype, has_bias=True)
     x = x[::2]  # non-contiguous rows
-    p = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
-    y = ops.svdquant_linear_packed(x, q.smooth, q.lora_down, p)
+    y = ops.svdquant_linear(x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, bias)
     ref = reference.svdquant_linear(x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, bias)
     assert y.shape == (m, n) and y.dtype == dtype
     # fp32: the GEMM tolerance; 16-bit: two roundings of nearly equal float32 values to the dtype.
     assert _rel(y, ref) < (REL_TOL if dtype == torch.float32 else 1e-2)
+
+
+def test_mixed_dtypes_compute_in_float32(isa):
+    """Weights in one dtype and activations in another: the op computes in float32 (exact for every
+    16-bit input), so the result is the reference's."""
+    q, bias, x = _case(9, 40, 192, 4, torch.bfloat16, True)
+    xf = x.float()
+    y = ops.svdquant_linear(xf, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, bias)
+    ref = reference.svdquant_linear(xf, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, bias)
+    assert y.dtype == torch.float32 and _rel(y, ref) < REL_TOL

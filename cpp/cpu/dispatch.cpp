@@ -107,11 +107,11 @@ struct IsaEntry {
 const IsaEntry kIsas[] = {
     {"generic",
      [](const CpuFeatures&) { return true; },
-     {generic::quantize_act, generic::pack_int4, generic::unpack_int4, generic::gemm_w4a4}},
+     {generic::quantize_act, generic::pack_int4, generic::unpack_int4, generic::gemm_w4a4, generic::pack_tile}},
 #if defined(SVDQ_HAVE_AVX2)
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
-     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx2::gemm_w4a4}},
+     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx2::gemm_w4a4, avx2::pack_tile}},
 #endif
     // Next rows, once their files exist:
     //   "avxvnni":    os_avx && avx2 && fma && f16c && avxvnni

@@ -12,6 +12,11 @@
 // Cache blocking: rows in chunks of ~192 KiB of int8 codes (rows_per_chunk, stays in L2) x one
 // tile (K·8 bytes of weights, 24 KiB at K = 3072). OpenMP over (chunk, tile), chunk-major,
 // so a thread sweeps the tiles with one activation chunk hot instead of streaming all of x per tile.
+//
+// The weights arrive canonical (qweight [N, K/2]); pack_tile builds a tile's layout with byte
+// shuffles and two 8x8 dword transposes per group. With one row chunk each tile is packed once,
+// into the thread's own buffer, right before use; with several, every tile is packed once per
+// call into a scratch buffer the chunks share (N·K/2 bytes, freed on return).
 #include <immintrin.h>
 
 #include <chrono>
@@ -60,6 +65,25 @@ void unpack_signed(const uint8_t* q_x, int8_t* xs, int32_t* sumx8, int64_t M, in
   }
 }
 
+// 8x8 transpose of 32-bit elements: r[i][j] -> r[j][i].
+inline void transpose8x8_epi32(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+  }
+}
+
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -68,14 +92,14 @@ inline __m256i bcast4(const int8_t* p) {
 
 // acc[r][0..15] += sum over groups for rows r < MR of the block starting at xu (row stride K).
 template <int MR>
-void tile_groups(const int8_t* xs, const float* sx, const int32_t* sumx8, const GemmArgs& a, int64_t t,
+void tile_groups(const int8_t* xs, const float* sx, const int32_t* sumx8, const GemmArgs& a, const Tile& tile,
                  float acc[kRowsPerBlock][kTileN]) {
   const int64_t G = a.K / kGroupSize;
   const __m256i ones = _mm256_set1_epi16(1), lo_mask = _mm256_set1_epi8(0x0f);
   for (int64_t g = 0; g < G; ++g) {
     __m256i s16[MR][2];
     for (int r = 0; r < MR; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
-    const uint8_t* w = a.wp + (t * G + g) * kTileBytes;
+    const uint8_t* w = tile.wp + g * kTileBytes;
     const int8_t* x = xs + g * kGroupSize;
     for (int k4 = 0; k4 < 16; ++k4) {
       const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k4 * 32));
@@ -87,7 +111,7 @@ void tile_groups(const int8_t* xs, const float* sx, const int32_t* sumx8, const 
         s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(w1, xb));
       }
     }
-    const float* sw = a.sw + (t * G + g) * kTileN;
+    const float* sw = tile.sw + g * kTileN;
     const __m256 sw0 = _mm256_loadu_ps(sw), sw1 = _mm256_loadu_ps(sw + 8);
     for (int r = 0; r < MR; ++r) {
       const __m256 sxb = _mm256_set1_ps(sx[r * G + g]);
@@ -103,14 +127,14 @@ void tile_groups(const int8_t* xs, const float* sx, const int32_t* sumx8, const 
 }
 
 // Low-rank + bias epilogue and the store of rows [m0, m0 + rows) of tile t.
-void epilogue(const GemmArgs& a, int64_t t, int64_t m0, int rows, float acc[kRowsPerBlock][kTileN]) {
+void epilogue(const GemmArgs& a, int64_t t, const Tile& tile, int64_t m0, int rows,
+              float acc[kRowsPerBlock][kTileN]) {
   const int64_t n0 = t * kTileN, cols = min_i64(kTileN, a.N - n0);
-  const __m256 b0 = a.bias ? _mm256_loadu_ps(a.bias + n0) : _mm256_setzero_ps();
-  const __m256 b1 = a.bias ? _mm256_loadu_ps(a.bias + n0 + 8) : _mm256_setzero_ps();
+  const __m256 b0 = _mm256_loadu_ps(tile.bias), b1 = _mm256_loadu_ps(tile.bias + 8);
   for (int r = 0; r < rows; ++r) {
     __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(acc[r]), b0), v1 = _mm256_add_ps(_mm256_loadu_ps(acc[r] + 8), b1);
     const float* la = a.lora_act + (m0 + r) * a.R;
-    const float* lu = a.lora_up + t * a.R * kTileN;
+    const float* lu = tile.lu;
     for (int64_t k = 0; k < a.R; ++k) {
       const __m256 l = _mm256_set1_ps(la[k]);
       v0 = _mm256_fmadd_ps(l, _mm256_loadu_ps(lu + k * kTileN), v0);
@@ -131,29 +155,93 @@ void epilogue(const GemmArgs& a, int64_t t, int64_t m0, int rows, float acc[kRow
 
 }  // namespace
 
+// Tile t of gemm_layout.h from the canonical tensors. Per group: column c's 32 bytes and column
+// 8 + c's are merged into one byte per k (low nibble c, high nibble 8 + c, both + 8 via ^ 0x88),
+// which leaves, per column pair, dwords (4 consecutive k) in the order k4 = 0-3, 8-11 (lo) and
+// 4-7, 12-15 (hi); transposing the 8 column pairs x 8 dwords turns them into rows of k4.
+void pack_tile(const GemmArgs& a, int64_t t, const Tile& out) {
+  const int64_t G = a.K / kGroupSize, KH = a.K / 2, n0 = t * kTileN;
+  const DType dt = static_cast<DType>(a.wdtype);
+  alignas(32) static const uint8_t zeros[32] = {};
+  const __m256i m0f = _mm256_set1_epi8(0x0f), mf0 = _mm256_set1_epi8(static_cast<char>(0xf0));
+  const __m256i plus8 = _mm256_set1_epi8(static_cast<char>(0x88));
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i lo[8], hi[8];
+    for (int c = 0; c < 8; ++c) {
+      const int64_t na = n0 + c, nb = n0 + 8 + c;
+      const uint8_t* pa = na < a.N ? a.qweight + na * KH + g * 32 : zeros;
+      const uint8_t* pb = nb < a.N ? a.qweight + nb * KH + g * 32 : zeros;
+      const __m256i A = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa)), plus8);
+      const __m256i B = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb)), plus8);
+      const __m256i even = _mm256_or_si256(_mm256_and_si256(A, m0f), _mm256_slli_epi16(_mm256_and_si256(B, m0f), 4));
+      const __m256i odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m0f), _mm256_and_si256(B, mf0));
+      lo[c] = _mm256_unpacklo_epi8(even, odd);
+      hi[c] = _mm256_unpackhi_epi8(even, odd);
+    }
+    transpose8x8_epi32(lo);
+    transpose8x8_epi32(hi);
+    __m256i* w = reinterpret_cast<__m256i*>(out.wp + g * kTileBytes);
+    for (int u = 0; u < 4; ++u) {
+      _mm256_storeu_si256(w + u, lo[u]);
+      _mm256_storeu_si256(w + 8 + u, lo[4 + u]);
+      _mm256_storeu_si256(w + 4 + u, hi[u]);
+      _mm256_storeu_si256(w + 12 + u, hi[4 + u]);
+    }
+  }
+  for (int c = 0; c < kTileN; ++c) {
+    const int64_t n = n0 + c;
+    const bool real = n < a.N;
+    for (int64_t g = 0; g < G; ++g) out.sw[g * kTileN + c] = real ? load_f32(a.wscales, n * G + g, dt) : 0.0f;
+    for (int64_t r = 0; r < a.R; ++r) out.lu[r * kTileN + c] = real ? load_f32(a.lora_up, n * a.R + r, dt) : 0.0f;
+    out.bias[c] = real && a.bias ? load_f32(a.bias, n, dt) : 0.0f;
+  }
+}
+
 void gemm_w4a4(const GemmArgs& a) {
   const int64_t G = a.K / kGroupSize, T = ceil_div(a.N, kTileN);
   const int64_t chunk = rows_per_chunk(a.K), C = ceil_div(a.M, chunk);
+  const int64_t floats = (G + a.R + 1) * kTileN;
   std::vector<int8_t> xs(static_cast<size_t>(a.M * a.K));
   std::vector<int32_t> sumx8(static_cast<size_t>(a.M * G));
   unpack_signed(a.q_x, xs.data(), sumx8.data(), a.M, a.K, a.num_threads);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(a.num_threads)
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t chunk_end = min_i64(a.M, (c + 1) * chunk);
-      for (int64_t m0 = c * chunk; m0 < chunk_end; m0 += kRowsPerBlock) {
-        const int rows = static_cast<int>(min_i64(kRowsPerBlock, chunk_end - m0));
-        alignas(32) float acc[kRowsPerBlock][kTileN] = {};
-        const int8_t* x = xs.data() + m0 * a.K;
-        const float* sx = a.s_x + m0 * G;
-        const int32_t* s8 = sumx8.data() + m0 * G;
-        switch (rows) {
-          case 4: tile_groups<4>(x, sx, s8, a, t, acc); break;
-          case 3: tile_groups<3>(x, sx, s8, a, t, acc); break;
-          case 2: tile_groups<2>(x, sx, s8, a, t, acc); break;
-          default: tile_groups<1>(x, sx, s8, a, t, acc); break;
+  // Several chunks reuse every tile: pack the whole layer once. One chunk: pack per tile, in place.
+  const bool shared = C > 1;
+  std::vector<uint8_t> wp_all(shared ? static_cast<size_t>(T * G * kTileBytes) : 0);
+  std::vector<float> fl_all(shared ? static_cast<size_t>(T * floats) : 0);
+  auto tile_at = [&](uint8_t* wp, float* fl) { return Tile{wp, fl, fl + G * kTileN, fl + (G + a.R) * kTileN}; };
+  if (shared) {
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+    for (int64_t t = 0; t < T; ++t) pack_tile(a, t, tile_at(wp_all.data() + t * G * kTileBytes, fl_all.data() + t * floats));
+  }
+#pragma omp parallel num_threads(a.num_threads)
+  {
+    std::vector<uint8_t> wp_own(shared ? 0 : static_cast<size_t>(G * kTileBytes));
+    std::vector<float> fl_own(shared ? 0 : static_cast<size_t>(floats));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t t = 0; t < T; ++t) {
+        Tile tile;
+        if (shared) {
+          tile = tile_at(wp_all.data() + t * G * kTileBytes, fl_all.data() + t * floats);
+        } else {
+          tile = tile_at(wp_own.data(), fl_own.data());
+          pack_tile(a, t, tile);
         }
-        epilogue(a, t, m0, rows, acc);
+        const int64_t chunk_end = min_i64(a.M, (c + 1) * chunk);
+        for (int64_t m0 = c * chunk; m0 < chunk_end; m0 += kRowsPerBlock) {
+          const int rows = static_cast<int>(min_i64(kRowsPerBlock, chunk_end - m0));
+          alignas(32) float acc[kRowsPerBlock][kTileN] = {};
+          const int8_t* x = xs.data() + m0 * a.K;
+          const float* sx = a.s_x + m0 * G;
+          const int32_t* s8 = sumx8.data() + m0 * G;
+          switch (rows) {
+            case 4: tile_groups<4>(x, sx, s8, a, tile, acc); break;
+            case 3: tile_groups<3>(x, sx, s8, a, tile, acc); break;
+            case 2: tile_groups<2>(x, sx, s8, a, tile, acc); break;
+            default: tile_groups<1>(x, sx, s8, a, tile, acc); break;
+          }
+          epilogue(a, t, tile, m0, rows, acc);
+        }
       }
     }
   }

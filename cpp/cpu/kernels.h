@@ -37,15 +37,19 @@ using PackInt4Fn = void (*)(const int8_t* src, uint8_t* dst, int64_t rows, int64
 // src: uint8 [rows, K/2]; dst: int8 [rows, K]. K even.
 using UnpackInt4Fn = void (*)(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 
-// W4A4 GEMM with the low-rank + bias epilogue on the packed weight layout (gemm_layout.h):
+// W4A4 GEMM with the low-rank + bias epilogue on the canonical weights (GemmArgs, gemm_layout.h):
 // y[m, n] = sum_g s_x[m,g] sw[n,g] (q_x[m,g,:] . q_w[n,g,:]) + lora_act[m] . lora_up[n] + bias[n].
 using GemmW4A4Fn = void (*)(const GemmArgs& args);
+// Tile t of the kernel layout (gemm_layout.h) from the canonical weights in `args`; M, q_x, s_x,
+// lora_act and y are not read. Exposed so tests can compare it with ops.pack_gemm_weights.
+using PackTileFn = void (*)(const GemmArgs& args, int64_t t, const Tile& out);
 
 struct KernelTable {
   QuantizeActFn quantize_act;
   PackInt4Fn pack_int4;
   UnpackInt4Fn unpack_int4;
   GemmW4A4Fn gemm_w4a4;
+  PackTileFn pack_tile;
 };
 
 namespace generic {
@@ -54,6 +58,7 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
 void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
+void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 }  // namespace generic
 
 #if defined(SVDQ_HAVE_AVX2)
@@ -63,6 +68,7 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
 void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
+void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 // Microbenchmark: GOP/s of a tight vpmaddubsw + vpmaddwd loop (iters x 8 instructions per thread),
 // the int8 dot-product peak the GEMM is measured against. Not in the table: not a kernel.
 double int8_peak_gops(int num_threads, int64_t iters);
