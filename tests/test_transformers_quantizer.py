@@ -39,9 +39,7 @@ def _clip() -> CLIPTextModel:
 
 
 def _t5() -> T5EncoderModel:
-    return T5EncoderModel(
-        T5Config(vocab_size=1000, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4)
-    )
+    return T5EncoderModel(T5Config(vocab_size=1000, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4))
 
 
 ENCODERS = {"clip": (CLIPTextModel, _clip), "t5": (T5EncoderModel, _t5)}
@@ -84,9 +82,7 @@ def test_quantize_on_load_save_reload(name, saved, tmp_path):
     """Quantize on load, the error bound, the canonical files, and a bit-identical reload with no config."""
     cls, _ = ENCODERS[name]
     ref = cls.from_pretrained(saved[name], dtype=torch.bfloat16)
-    model = cls.from_pretrained(
-        saved[name], dtype=torch.bfloat16, quantization_config=SVDQuantConfig(rank=RANK)
-    )
+    model = cls.from_pretrained(saved[name], dtype=torch.bfloat16, quantization_config=SVDQuantConfig(rank=RANK))
 
     layers = _quantized_layers(model)
     plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -173,9 +169,7 @@ def test_missing_qweight_names_the_layer(fmt, saved, tmp_path):
     """A pre-quantized checkpoint without one layer's qweight fails naming that layer (safetensors: before
     loading, from the header; other formats: after loading, from the tensors the loader did not set)."""
     out = tmp_path / "q"
-    T5EncoderModel.from_pretrained(
-        saved["t5"], quantization_config=SVDQuantConfig(rank=RANK)
-    ).save_pretrained(out)
+    T5EncoderModel.from_pretrained(saved["t5"], quantization_config=SVDQuantConfig(rank=RANK)).save_pretrained(out)
     layer = "encoder.block.1.layer.0.SelfAttention.k"
     tensors = load_file(out / WEIGHTS)
     del tensors[f"{layer}.qweight"]
