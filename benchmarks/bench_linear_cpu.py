@@ -7,7 +7,12 @@ in one process; GOP/s counts 2·M·N·K; the ratio is against the faster torch p
 Beside it, the CPU's int8 dot-product peak (a tight vpmaddubsw+vpmaddwd loop in the native module,
 ``_C.int8_peak_gops``, same thread count) and W4A4 as a % of it.
 
-    python benchmarks/bench_linear_cpu.py [--quick] [--repeats 5]
+    python benchmarks/bench_linear_cpu.py [--quick] [--repeats 5] [--torchao]
+
+``--torchao`` adds the peer a user would try instead: torchao's CPU int8 paths
+(``Int8DynamicActivationInt8WeightConfig``, ``Int8WeightOnlyConfig``), each timed in bf16 and fp32 and
+the faster kept, on the same shapes. torchao is not a dependency: ``pip install torchao`` first
+(``torch==2.13.0`` stays pinned).
 """
 
 from __future__ import annotations
@@ -35,6 +40,33 @@ def median_time(repeats: int, fn, *args) -> float:
     return statistics.median(times)
 
 
+def timed(fn, *args, repeats: int) -> float:
+    """Median seconds; a call slower than 5 s is timed once (torch's fallback int8 paths can be that slow)."""
+    start = time.perf_counter()
+    fn(*args)
+    first = time.perf_counter() - start
+    return first if first > 5 else median_time(repeats, fn, *args)
+
+
+def torchao_linears(w: torch.Tensor) -> dict[str, dict[torch.dtype, torch.nn.Module]]:
+    """torchao's int8 CPU paths for weight ``w`` ``[N, K]``, per input dtype."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    out: dict[str, dict[torch.dtype, torch.nn.Module]] = {}
+    for name, config in (
+        ("torchao W8A8-dyn", Int8DynamicActivationInt8WeightConfig),
+        ("torchao int8-WO", Int8WeightOnlyConfig),
+    ):
+        out[name] = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            quantize_(lin, config())
+            out[name][dtype] = lin
+    return out
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -47,7 +79,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only (3072, 3072) at M in {1, 256, 4096}")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--torchao", action="store_true", help="also time torchao's CPU int8 paths (pip install torchao)")
     args = p.parse_args()
+    if args.torchao:
+        try:
+            import torchao
+        except ImportError as e:
+            raise SystemExit("--torchao needs torchao: pip install torchao") from e
+        print(f"torchao {torchao.__version__}")
     if not ops.native_available():
         raise SystemExit(f"the native kernels are not built: {ops.native_error()}")
     shapes, rows = (SHAPES[:1], [1, 256, 4096]) if args.quick else (SHAPES, ROWS)
@@ -65,10 +104,12 @@ def main() -> None:
         f"{'vs bf16':>7} {'vs fp32':>7} {'vs best':>7}"
     )
     torch.manual_seed(0)
+    peer_rows: list = []
     for k, n in shapes:
         w = torch.randn(n, k) / k**0.5
         q = algorithm.quantize_weight(w, 32, dtype=torch.bfloat16)
         w16 = w.to(torch.bfloat16)
+        peers = torchao_linears(w) if args.torchao else {}
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             x32 = x.float()
@@ -84,6 +125,20 @@ def main() -> None:
                 f"{m:>5} {k:>6} {n:>6} | {ops_ / t_q:>10.0f} {pct} {ops_ / t_16:>12.0f} {ops_ / t_32:>12.0f} | "
                 f"{t_16 / t_q:>6.2f}x {t_32 / t_q:>6.2f}x {min(t_16, t_32) / t_q:>6.2f}x"
             )
+            if args.torchao:
+                peer_rows.append((m, k, n, t_q, x, x32, peers))
+
+    if args.torchao:
+        print("\ntorchao's CPU int8 paths (the faster of bf16 / fp32 input each) vs W4A4:")
+        names = ["torchao W8A8-dyn", "torchao int8-WO"]
+        print(f"{'M':>5} {'K':>6} {'N':>6} | " + " ".join(f"{n + ' GOP/s':>22}" for n in names) + " | W4A4 vs each")
+        with torch.no_grad():
+            for m, k, n, t_q, x, x32, peers in peer_rows:
+                inputs = ((torch.bfloat16, x), (torch.float32, x32))
+                times = [min(timed(peers[nm][dt], xi, repeats=3) for dt, xi in inputs) for nm in names]
+                ops_ = 2 * m * n * k / 1e9
+                print(f"{m:>5} {k:>6} {n:>6} | " + " ".join(f"{ops_ / t:>22.1f}" for t in times) + " | "
+                      + " ".join(f"{t / t_q:>6.1f}x" for t in times))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ speaks plain LFS).
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -371,9 +370,8 @@ def _script(name: str):
 
 def test_quantize_and_push_script_with_calibration(server, flux16, tmp_path, capsys):
     model16 = FluxTransformer2DModel.from_pretrained(flux16, torch_dtype=torch.bfloat16).eval()
-    # The per-layer smoothing search (where calibrate has one) is calibration's business, and slow: skip it here.
-    fast = {"search": False} if "search" in inspect.signature(diffusers_svdquant.calibrate).parameters else {}
-    stats = diffusers_svdquant.calibrate(model16, run=lambda m: run(m, FLUX.inputs(torch.bfloat16)), **fast)
+    # The per-layer smoothing search is calibration's business (tests/test_calibration.py): skip it here.
+    stats = diffusers_svdquant.calibrate(model16, run=lambda m: run(m, FLUX.inputs(torch.bfloat16)), search=False)
     stats.save(tmp_path / "stats.safetensors")
     argv = [str(flux16), "alice/calibrated", "--rank", "16", "--calibration", str(tmp_path / "stats.safetensors"),
             "--token", TOKEN, "--save-dir", str(tmp_path / "saved")]  # fmt: skip
@@ -396,8 +394,8 @@ def test_quantize_and_push_script_with_calibration(server, flux16, tmp_path, cap
 def test_pipeline_repo_pull_and_generate(server, tmp_path):
     from diffusers import FluxPipeline
     from diffusers.quantizers import PipelineQuantizationConfig
+    from models import build_pipeline
     from PIL import Image
-    from test_pipeline import build_pipeline
 
     pipe16 = build_pipeline(tmp_path)
     pq = PipelineQuantizationConfig(quant_mapping={"transformer": SVDQuantConfig(rank=16)})
