@@ -170,6 +170,36 @@ void epilogue(const GemmArgs& a, int64_t t, const Tile& tile, int64_t m0, int ro
 
 }  // namespace
 
+// dst[j * 16 + c] = src[(n0 + c) * cols + j] as float32 for the tile's 16 columns (0 past N). The
+// dtype switch sits outside the loops: per element it is a load, a widening and a store.
+static void columns_to_lanes(const void* src, DType dt, int64_t n0, int64_t N, int64_t cols, float* dst) {
+  for (int c = 0; c < kTileN; ++c) {
+    const int64_t n = n0 + c;
+    if (n >= N) {
+      for (int64_t j = 0; j < cols; ++j) dst[j * kTileN + c] = 0.0f;
+      continue;
+    }
+    switch (dt) {
+      case DType::kBFloat16: {
+        const uint16_t* row = static_cast<const uint16_t*>(src) + n * cols;
+        for (int64_t j = 0; j < cols; ++j) dst[j * kTileN + c] = bf16_to_f32(row[j]);
+        break;
+      }
+      case DType::kFloat16: {
+        const uint16_t* row = static_cast<const uint16_t*>(src) + n * cols;
+        for (int64_t j = 0; j < cols; ++j) dst[j * kTileN + c] = _cvtsh_ss(row[j]);
+        break;
+      }
+      case DType::kFloat32:
+      default: {
+        const float* row = static_cast<const float*>(src) + n * cols;
+        for (int64_t j = 0; j < cols; ++j) dst[j * kTileN + c] = row[j];
+        break;
+      }
+    }
+  }
+}
+
 // Tile t of gemm_layout.h from the canonical tensors. Per group: column c's 32 bytes and column
 // 8 + c's are merged into one byte per k (low nibble c, high nibble 8 + c, both + 8 via ^ 0x88),
 // which leaves, per column pair, dwords (4 consecutive k) in the order k4 = 0-3, 8-11 (lo) and
@@ -203,12 +233,12 @@ void pack_tile(const GemmArgs& a, int64_t t, const Tile& out) {
       _mm256_storeu_si256(w + 12 + u, hi[4 + u]);
     }
   }
-  for (int c = 0; c < kTileN; ++c) {
-    const int64_t n = n0 + c;
-    const bool real = n < a.N;
-    for (int64_t g = 0; g < G; ++g) out.sw[g * kTileN + c] = real ? load_f32(a.wscales, n * G + g, dt) : 0.0f;
-    for (int64_t r = 0; r < a.R; ++r) out.lu[r * kTileN + c] = real ? load_f32(a.lora_up, n * a.R + r, dt) : 0.0f;
-    out.bias[c] = real && a.bias ? load_f32(a.bias, n, dt) : 0.0f;
+  columns_to_lanes(a.wscales, dt, n0, a.N, G, out.sw);
+  columns_to_lanes(a.lora_up, dt, n0, a.N, a.R, out.lu);
+  if (a.bias != nullptr) {
+    columns_to_lanes(a.bias, dt, n0, a.N, 1, out.bias);
+  } else {
+    for (int c = 0; c < kTileN; ++c) out.bias[c] = 0.0f;
   }
 }
 
