@@ -452,6 +452,8 @@ Releases the GIL.)doc");
       "The CPU instruction path in use: 'generic', 'avx2', ...");
   m.def("supported_cpu_isas", &svdq::cpu::supported_isas,
         "CPU paths this CPU and OS can run (cpuid and XCR0), 'generic' first, best last.");
+  m.def("known_cpu_isas", &svdq::cpu::known_isas,
+        "CPU paths compiled into this build, whether or not this CPU can run them.");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
         "Select a CPU path process-wide; ValueError if unknown or unsupported here.");
   m.def(

@@ -6,8 +6,8 @@ and a CPU kernel from ``_C`` when the extension is built. Nothing else in the pa
 ``_C``: it passes ``data_ptr()``s and shapes, never torch objects.
 
 Environment:
-    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``, ``avx2``, …) at import; an
-    unknown or unsupported name is ignored with a warning.
+    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``, ``avx2``, ``avxvnni``,
+    ``avx512vnni``) at import; an unknown or unsupported name is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def native_error() -> Exception | None:
 def supported_cpu_isas() -> list[str]:
     """CPU instruction paths this machine can run, ``"generic"`` first (``[]`` without ``_C``)."""
     return list(_C.supported_cpu_isas()) if _C is not None else []
+
+
+def known_cpu_isas() -> list[str]:
+    """CPU instruction paths compiled into ``_C`` (``[]`` without it), runnable here or not."""
+    return list(_C.known_cpu_isas()) if _C is not None else []
 
 
 def cpu_isa() -> str | None:

@@ -101,9 +101,13 @@ struct IsaEntry {
   const char* name;
   bool (*runs_on)(const CpuFeatures&);
   KernelTable table;
+  // Picked by default when it is the best the CPU runs. A path that no test run has executed yet
+  // (on a CPU that has it) stays opt-in: SVDQ_CPU_ISA / set_isa select it, and the tests exercise
+  // every supported path, so the first run on such a CPU verifies it.
+  bool default_ok = true;
 };
 
-// From the most portable to the fastest: the default is the last row this CPU runs.
+// From the most portable to the fastest: the default is the last default_ok row this CPU runs.
 const IsaEntry kIsas[] = {
     {"generic",
      [](const CpuFeatures&) { return true; },
@@ -113,15 +117,29 @@ const IsaEntry kIsas[] = {
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
      {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx2::gemm_w4a4, avx2::pack_tile}},
 #endif
-    // Next rows, once their files exist:
-    //   "avxvnni":    os_avx && avx2 && fma && f16c && avxvnni
-    //   "avx512vnni": os_avx512 && avx512f && avx512bw && avx512vl && avx512dq && avx512vnni
+#if defined(SVDQ_HAVE_AVXVNNI)
+    // The GEMM with VEX vpdpbusd; quantize_act and int4 packing stay AVX2 (VNNI has nothing for them).
+    {"avxvnni",
+     [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
+     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avxvnni::gemm_w4a4, avxvnni::pack_tile},
+     /*default_ok=*/false},  // not yet run on an AVX-VNNI CPU
+#endif
+#if defined(SVDQ_HAVE_AVX512VNNI)
+    // The same GEMM with EVEX vpdpbusd on ymm registers (AVX512VL).
+    {"avx512vnni",
+     [](const CpuFeatures& f) {
+       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
+              f.avx512dq && f.avx512vnni;
+     },
+     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx512vnni::gemm_w4a4, avx512vnni::pack_tile},
+     /*default_ok=*/false},  // not yet run on an AVX-512 VNNI CPU
+#endif
 };
 
 const IsaEntry* best_entry() {
   const IsaEntry* best = &kIsas[0];
   for (const IsaEntry& e : kIsas)
-    if (e.runs_on(features())) best = &e;
+    if (e.default_ok && e.runs_on(features())) best = &e;
   return best;
 }
 

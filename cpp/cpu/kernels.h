@@ -75,9 +75,19 @@ double int8_peak_gops(int num_threads, int64_t iters);
 }  // namespace avx2
 #endif
 
+// The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp; gemm_x86.inc with vpdpbusd).
+namespace avxvnni {
+void gemm_w4a4(const GemmArgs& args);
+void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
+}  // namespace avxvnni
+namespace avx512vnni {
+void gemm_w4a4(const GemmArgs& args);
+void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
+}  // namespace avx512vnni
+
 // Dispatcher (dispatch.cpp, compiled without ISA flags).
 
-// The table of the selected path. Selection is process-wide; the default is the best path this
+// The table of the selected path. Selection is process-wide; the default is the best verified path this
 // CPU and OS support.
 const KernelTable& kernels();
 // Name of the selected path ("generic", "avx2", ...).
