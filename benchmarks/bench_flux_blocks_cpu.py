@@ -1,10 +1,10 @@
 """A FLUX.1-shaped transformer (real layer sizes, a few blocks, random weights) on CPU: W4A4 vs 16-bit.
 
-The model is saved in bf16 and loaded three ways in one process: 16-bit, SVDQuant with the default
-config (AdaLN modulation linears, embedders and the output projection stay 16-bit, as Nunchaku keeps
-them), and SVDQuant with every linear inside the blocks quantized (AdaLN included; only the embedders,
-``norm_out`` and ``proj_out`` stay 16-bit). Printed: the weight memory of the block stack and of the
-whole model (what stays resident: the CPU kernels read the canonical tensors, there is no second
+The model is saved in bf16 and loaded in one process as: 16-bit; SVDQuant with the default config
+(AdaLN modulation linears, embedders and the output projection stay 16-bit, as Nunchaku keeps them);
+SVDQuant with every linear inside the blocks quantized (AdaLN included; only the embedders,
+``norm_out`` and ``proj_out`` stay 16-bit); and the latter with its 16-bit parts in fp32. Printed: the
+weight memory of the block stack and of the whole model (what stays resident: the CPU kernels read the canonical tensors, there is no second
 packed copy), the end-to-end forward time against bf16 and against fp32 (torch's faster dtype on
 CPUs without AVX-512 BF16), and the output error against the 16-bit model.
 

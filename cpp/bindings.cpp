@@ -142,8 +142,8 @@ void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64
 // The canonical weights of a gemm (DESIGN.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
 // lora_up [N, R] and bias [N] (null: none) in `wdtype`.
 svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const py::int_& wscales_,
-                                const py::int_& lora_up_, const py::int_& bias_, int64_t N, int64_t K, int64_t R,
-                                int64_t wdtype) {
+                                const py::int_& lora_up_, const py::int_& bias_, int64_t N, int64_t K,
+                                int64_t R, int64_t wdtype) {
   svdq::cpu::GemmArgs a{};
   const uintptr_t qweight = as_ptr(fn, "qweight", qweight_), wscales = as_ptr(fn, "wscales", wscales_),
                   lora_up = as_ptr(fn, "lora_up", lora_up_), bias = as_ptr(fn, "bias", bias_);
@@ -171,9 +171,10 @@ svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const 
   return a;
 }
 
-void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_, const py::int_& qweight_,
-               const py::int_& wscales_, const py::int_& lora_up_, const py::int_& bias_, const py::int_& y_,
-               int64_t M, int64_t N, int64_t K, int64_t R, int64_t wdtype, int64_t num_threads) {
+void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_,
+               const py::int_& qweight_, const py::int_& wscales_, const py::int_& lora_up_,
+               const py::int_& bias_, const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R,
+               int64_t wdtype, int64_t num_threads) {
   const char* fn = "gemm_w4a4";
   svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, wdtype);
   const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
@@ -240,8 +241,8 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 // ops.pack_gemm_weights): wp uint8 [T, K/64, 512]; fl float32 [T, (K/64 + R + 1) * 16] holding each
 // tile's scales, lora_up and bias.
 void pack_gemm_tiles(const py::int_& qweight_, const py::int_& wscales_, const py::int_& lora_up_,
-                     const py::int_& bias_, const py::int_& wp_, const py::int_& fl_, int64_t N, int64_t K, int64_t R,
-                     int64_t wdtype) {
+                     const py::int_& bias_, const py::int_& wp_, const py::int_& fl_, int64_t N, int64_t K,
+                     int64_t R, int64_t wdtype) {
   const char* fn = "pack_gemm_tiles";
   const svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, wdtype);
   const uintptr_t wp = as_ptr(fn, "wp", wp_), fl = as_ptr(fn, "fl", fl_);
@@ -425,7 +426,8 @@ float32 [M, N]. The kernel builds its tile layout itself (cpp/cpu/gemm_layout.h)
 x [M, K], smooth [K], lora_down [K, R] and the canonical weights all in dtype; writes y float32 [M, N].
 Releases the GIL.)doc");
   m.def("pack_gemm_tiles", &pack_gemm_tiles, py::arg("qweight"), py::arg("wscales"), py::arg("lora_up"),
-        py::arg("bias"), py::arg("wp"), py::arg("fl"), py::arg("N"), py::arg("K"), py::arg("R"), py::arg("wdtype"),
+        py::arg("bias"), py::arg("wp"), py::arg("fl"), py::arg("N"), py::arg("K"), py::arg("R"),
+        py::arg("wdtype"),
         "The selected path's tile layout of canonical weights: wp uint8 [T, K/64, 512], fl float32 "
         "[T, (K/64 + R + 1) * 16] (scales, lora_up, bias per tile). For tests.");
   m.def(

@@ -111,7 +111,8 @@ struct IsaEntry {
 const IsaEntry kIsas[] = {
     {"generic",
      [](const CpuFeatures&) { return true; },
-     {generic::quantize_act, generic::pack_int4, generic::unpack_int4, generic::gemm_w4a4, generic::pack_tile}},
+     {generic::quantize_act, generic::pack_int4, generic::unpack_int4, generic::gemm_w4a4,
+      generic::pack_tile}},
 #if defined(SVDQ_HAVE_AVX2)
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },

@@ -20,13 +20,15 @@ void pack_tile(const GemmArgs& a, int64_t t, const Tile& out) {
     const uint8_t* row = a.qweight + n * KH;
     for (int64_t k = 0; k < a.K; ++k) {
       // Nibble ^ 8 = code + 8 (two's complement); padding columns hold code 0.
-      const uint8_t u = real ? static_cast<uint8_t>((((k & 1) ? (row[k / 2] >> 4) : row[k / 2]) & 0xf) ^ 8) : 8;
+      const uint8_t u =
+          real ? static_cast<uint8_t>((((k & 1) ? (row[k / 2] >> 4) : row[k / 2]) & 0xf) ^ 8) : 8;
       const int64_t g = k / kGroupSize, kk = k % kGroupSize;
       uint8_t& b = out.wp[g * kTileBytes + (kk / 4) * 32 + (c % 8) * 4 + kk % 4];
       b = c < 8 ? static_cast<uint8_t>((b & 0xf0) | u) : static_cast<uint8_t>((b & 0x0f) | (u << 4));
     }
     for (int64_t g = 0; g < G; ++g) out.sw[g * kTileN + c] = real ? load_f32(a.wscales, n * G + g, dt) : 0.0f;
-    for (int64_t r = 0; r < a.R; ++r) out.lu[r * kTileN + c] = real ? load_f32(a.lora_up, n * a.R + r, dt) : 0.0f;
+    for (int64_t r = 0; r < a.R; ++r)
+      out.lu[r * kTileN + c] = real ? load_f32(a.lora_up, n * a.R + r, dt) : 0.0f;
     out.bias[c] = real && a.bias ? load_f32(a.bias, n, dt) : 0.0f;
   }
 }
@@ -70,7 +72,8 @@ void gemm_w4a4(const GemmArgs& a) {
         const int64_t n0 = t * kTileN, cols = min_i64(kTileN, a.N - n0);
         for (int col = 0; col < cols; ++col) {
           float v = acc[col] + tile.bias[col];
-          for (int64_t r = 0; r < a.R; ++r) v = std::fma(a.lora_act[m * a.R + r], tile.lu[r * kTileN + col], v);
+          for (int64_t r = 0; r < a.R; ++r)
+            v = std::fma(a.lora_act[m * a.R + r], tile.lu[r * kTileN + col], v);
           a.y[m * a.N + n0 + col] = v;
         }
       }

@@ -28,7 +28,7 @@
 namespace svdq::cpu {
 
 constexpr int64_t kTileN = 16;
-constexpr int64_t kTileBytes = 512;  // per (tile, group): 16 columns x 64 k x 4 bits
+constexpr int64_t kTileBytes = 512;   // per (tile, group): 16 columns x 64 k x 4 bits
 constexpr int64_t kRowsPerBlock = 4;  // activation rows per micro-kernel call
 
 // Arguments of gemm_w4a4, shared by every path: the canonical weights (DESIGN.md §2).
