@@ -4,9 +4,9 @@ The model is saved in bf16 and loaded in one process as: 16-bit; SVDQuant with t
 (AdaLN modulation linears, embedders and the output projection stay 16-bit, as Nunchaku keeps them);
 SVDQuant with every linear inside the blocks quantized (AdaLN included; only the embedders,
 ``norm_out`` and ``proj_out`` stay 16-bit); and the latter with its 16-bit parts in fp32. Printed: the
-weight memory of the block stack and of the whole model (what stays resident: the CPU kernels read the canonical tensors, there is no second
-packed copy), the end-to-end forward time against bf16 and against fp32 (torch's faster dtype on
-CPUs without AVX-512 BF16), and the output error against the 16-bit model.
+weight memory of the block stack and of the whole model (what stays resident: the CPU kernels read
+the canonical tensors, there is no second packed copy), the end-to-end forward time against bf16 and
+against fp32 (torch's faster dtype on CPUs without AVX-512 BF16), and the output error against fp32.
 
     python benchmarks/bench_flux_blocks_cpu.py [--blocks 1,2] [--image-tokens 1024] [--text-tokens 128]
 """
