@@ -304,11 +304,10 @@ def quantized_output_error(
     w_hat = w.unsqueeze(0) * lam.unsqueeze(1)  # [C, N, K]
     up, down = low_rank(w_hat, rank, svd_method)
     up, down = up.to(dtype).float(), down.to(dtype).float()
-    residual = w_hat.baddbmm_(up, down.mT, alpha=-1)
-    r_q = reference.dequantize_groups(*reference.quantize_groups(residual, group_size, dtype))
-    del residual, w_hat
+    # The residual is fake-quantized in place: w_hat's buffer becomes Q(R).
+    r_q = reference.fake_quantize_groups(w_hat.baddbmm_(up, down.mT, alpha=-1), group_size, dtype, inplace=True)
     x_hat = xf.unsqueeze(0) / lam.unsqueeze(1)  # [C, S, K]
-    x_q = reference.dequantize_groups(*reference.quantize_groups(x_hat, group_size, torch.float32))
+    x_q = reference.fake_quantize_groups(x_hat, group_size, torch.float32)
     y_q = torch.bmm(x_q, r_q.mT).baddbmm_(torch.bmm(x_hat, down), up.mT)
     num = (y_q - y).double().pow(2).sum(dim=(1, 2))
     return num / y.double().pow(2).sum().clamp_min(1e-30)

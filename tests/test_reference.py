@@ -269,3 +269,26 @@ def test_svdquant_linear_approximates_dense(m, n, k, r, dtype):
     assert noise < LINEAR_REL_ERR, noise
     q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
     assert torch.equal(y, reference.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, dtype))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_groups_equals_quantize_then_dequantize(scale_dtype, in_dtype):
+    """The one-pass fake quantizer (the smoothing search's) is dequantize(quantize(x)) bit for bit,
+    zero groups and values that underflow the scale dtype included; inplace reuses a float32 x."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 40, 256, generator=g) * torch.rand(3, 40, 1, generator=g) ** 4
+    x[0, 0, :64] = 0
+    x[1, 2, 64:128] = 1e-30  # scale rounds to 0 in bf16 / fp16
+    x = x.to(in_dtype)
+    want = reference.dequantize_groups(*reference.quantize_groups(x, 64, scale_dtype))
+    before = x.clone()
+    got = reference.fake_quantize_groups(x, 64, scale_dtype)
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(x, before)
+    y = x.clone()
+    got = reference.fake_quantize_groups(y, 64, scale_dtype, inplace=True)
+    assert torch.equal(got, want)
+    if in_dtype == torch.float32:
+        assert got.data_ptr() == y.data_ptr()
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        reference.fake_quantize_groups(torch.zeros(2, 96))
