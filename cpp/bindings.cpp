@@ -436,6 +436,20 @@ Releases the GIL.)doc");
         if (num_threads < 1)
           fail("int8_peak_gops: num_threads must be >= 1, got " + std::to_string(num_threads));
         if (iters < 1) fail("int8_peak_gops: iters must be >= 1, got " + std::to_string(iters));
+        // The peak of the instruction the selected GEMM path is built on.
+        const std::string current = svdq::cpu::current_isa();
+#if defined(SVDQ_HAVE_AVXVNNI)
+        if (current == "avxvnni") {
+          py::gil_scoped_release release;
+          return svdq::cpu::avxvnni::int8_peak_gops(num_threads, iters);
+        }
+#endif
+#if defined(SVDQ_HAVE_AVX512VNNI)
+        if (current == "avx512vnni") {
+          py::gil_scoped_release release;
+          return svdq::cpu::avx512vnni::int8_peak_gops(num_threads, iters);
+        }
+#endif
 #if defined(SVDQ_HAVE_AVX2)
         for (const auto& name : svdq::cpu::supported_isas()) {
           if (name == "avx2") {
@@ -448,7 +462,8 @@ Releases the GIL.)doc");
         return 0.0;
       },
       py::arg("num_threads"), py::arg("iters") = 10000000,
-      "GOP/s (2 ops per u8 x s8 product) of a tight vpmaddubsw+vpmaddwd loop on num_threads threads.");
+      "GOP/s (2 ops per u8 x s8 product) on num_threads threads of a tight loop of the selected path's\n"
+      "int8 instruction: vpdpbusd on the VNNI paths, vpmaddubsw+vpmaddwd otherwise (avx2 or generic).");
   m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
       "The CPU instruction path in use: 'generic', 'avx2', ...");

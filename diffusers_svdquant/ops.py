@@ -411,10 +411,9 @@ def svdquant_linear(
 
 
 def int8_peak_gops(num_threads: int | None = None) -> float:
-    """GOP/s of a tight ``vpmaddubsw`` + ``vpmaddwd`` loop (the AVX2 GEMM's inner step) on this CPU.
-
-    The int8 dot-product peak the benchmarks compare the GEMM against (2 ops per product).
-    ``num_threads`` defaults to ``torch.get_num_threads()``; 0.0 when the AVX2 path is not available.
+    """GOP/s of a tight loop of the selected CPU path's int8 instruction (``vpdpbusd`` on the VNNI
+    paths, ``vpmaddubsw`` + ``vpmaddwd`` otherwise): the peak the benchmarks compare the GEMM against
+    (2 ops per product). ``num_threads`` defaults to ``torch.get_num_threads()``; 0.0 without AVX2.
     """
     if _C is None or "avx2" not in _C.supported_cpu_isas():
         return 0.0

@@ -5,6 +5,7 @@
 // this path's flags only (CMakeLists.txt).
 #include <immintrin.h>
 
+#include <chrono>
 #include <cstring>
 #include <vector>
 

@@ -79,10 +79,12 @@ double int8_peak_gops(int num_threads, int64_t iters);
 namespace avxvnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
+double int8_peak_gops(int num_threads, int64_t iters);  // the vpdpbusd loop
 }  // namespace avxvnni
 namespace avx512vnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
+double int8_peak_gops(int num_threads, int64_t iters);  // the vpdpbusd loop
 }  // namespace avx512vnni
 
 // Dispatcher (dispatch.cpp, compiled without ISA flags).
