@@ -98,7 +98,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     # Median of a few runs: another process loading a core shows up as an outlier, not the figure.
     peak = statistics.median([ops.int8_peak_gops(threads) for _ in range(5)])
-    print(f"int8 peak (vpmaddubsw+vpmaddwd, {threads} threads): {peak:.0f} GOP/s")
+    loop = "vpdpbusd" if "vnni" in str(ops.cpu_isa()) else "vpmaddubsw+vpmaddwd"
+    print(f"int8 peak ({loop} loop, {threads} threads): {peak:.0f} GOP/s")
     print(
         f"{'M':>5} {'K':>6} {'N':>6} | {'W4A4 GOP/s':>10} {'% peak':>6} {'bf16 GFLOP/s':>12} {'fp32 GFLOP/s':>12} | "
         f"{'vs bf16':>7} {'vs fp32':>7} {'vs best':>7}"
