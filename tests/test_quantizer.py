@@ -152,6 +152,29 @@ def test_svdquant_beats_naive_w4a4_on_planted_outliers(saved):
     assert calibrated <= fixed_alpha * 1.1, (calibrated, fixed_alpha)
 
 
+def test_adaln_linears_quantized_on_request(saved, tmp_path):
+    """Dropping "*norm*" from the exclusions quantizes the AdaLN modulation linears too (the README's
+    recipe): fewer 16-bit bytes, a bounded error, and a reload that needs no config gives the same output."""
+    from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT
+
+    tiny = TINY_MODELS["flux"]
+    inputs = tiny.inputs(torch.bfloat16)
+    ref = run(tiny.cls.from_pretrained(saved["flux"], torch_dtype=torch.bfloat16), inputs)
+    patterns = [p for p in DEFAULT_MODULES_TO_NOT_CONVERT if p != "*norm*"]
+    default = _quantized(tiny, saved["flux"], rank=16)
+    model = _quantized(tiny, saved["flux"], rank=16, modules_to_not_convert=patterns)
+    assert isinstance(model.transformer_blocks[0].norm1.linear, SVDQuantLinear)
+    assert isinstance(model.single_transformer_blocks[0].norm.linear, SVDQuantLinear)
+    assert not isinstance(model.norm_out.linear, SVDQuantLinear)  # the top-level norm_out stays 16-bit
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(model) < size(default)
+    out = run(model, inputs)
+    # Measured 0.0126 (default config: 0.0109) on this tiny random model.
+    assert rel_err(out, ref) < 0.03
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(run(tiny.cls.from_pretrained(tmp_path / "q"), inputs), out)
+
+
 def test_calibration_file_through_from_pretrained(saved, tmp_path):
     """A statistics file in the config is used while quantizing on load (smooth != 1)."""
     tiny = TINY_MODELS["flux"]
