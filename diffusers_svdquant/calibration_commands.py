@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 
-from .calibration import DEFAULT_MAX_SAMPLES, CalibrationStats, _Processes, calibrate
+from .calibration import DEFAULT_MAX_SAMPLES, CalibrationStats, _denoiser_name, _Processes, calibrate
+from .cli import DTYPES
 from .config import SVDQuantConfig
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a diffusers pipeline: a local folder or a Hub repo id")
     p.add_argument("--component", default=None, help="the module to quantize (default: transformer or unet)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="load dtype (default: as saved)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="load dtype (default: as saved)")
     p.add_argument("--revision", default=None)
     p.add_argument("--pipeline-kwargs", type=json.loads, default={}, metavar="JSON",
                    help="extra arguments for every pipeline call, e.g. {\"height\": 512}")  # fmt: skip
@@ -95,7 +94,7 @@ def _load_pipeline(args: argparse.Namespace, procs: _Processes, **kwargs: Any) -
     from diffusers import DiffusionPipeline
 
     if args.dtype:
-        kwargs["torch_dtype"] = _DTYPES[args.dtype]
+        kwargs["torch_dtype"] = DTYPES[args.dtype]
     pipe = DiffusionPipeline.from_pretrained(args.model, revision=args.revision, **kwargs)
     if procs.state is not None and procs.state.device.type != "cpu":
         pipe.to(procs.state.device)
@@ -191,7 +190,7 @@ def _quantize_command(args: argparse.Namespace) -> int:
     config = SVDQuantConfig(rank=args.rank, calibration=calibration)
     kwargs: dict[str, Any] = {"revision": args.revision}
     if args.dtype:
-        kwargs["torch_dtype"] = _DTYPES[args.dtype]
+        kwargs["torch_dtype"] = DTYPES[args.dtype]
     if is_pipeline:
         index = DiffusionPipeline.load_config(args.model, revision=args.revision)
         component = args.component or next((n for n in ("transformer", "unet") if n in index), None)
@@ -231,7 +230,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         return 0
     prompts = _read_prompts(args.eval_prompts, args.num_eval_prompts, EVAL_PROMPTS)
     pipe = _load_pipeline(args, procs)
-    component = args.component or next(n for n in ("transformer", "unet") if getattr(pipe, n, None) is not None)
+    component = args.component or _denoiser_name(pipe)
     reference = getattr(pipe, component)
     call = {"num_inference_steps": args.eval_steps or args.steps} | args.pipeline_kwargs
     ref_images, ref_latents = quality.generate(pipe, prompts, args.seed, **call)
@@ -239,7 +238,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     for name, config in quality.method_configs(args.rank, stats).items():
         kwargs: dict[str, Any] = {"subfolder": component, "revision": args.revision, "quantization_config": config}
         if args.dtype:
-            kwargs["torch_dtype"] = _DTYPES[args.dtype]
+            kwargs["torch_dtype"] = DTYPES[args.dtype]
         quantized = AutoModel.from_pretrained(args.model, **kwargs).to(reference.device)
         setattr(pipe, component, quantized)
         images, latents = quality.generate(pipe, prompts, args.seed, **call)

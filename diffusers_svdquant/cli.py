@@ -13,6 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
+import torch
+
+# The --dtype choices of every subcommand that loads a model.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 # Feature modules that contribute subcommands; a module missing here (a partial install) is skipped.
 COMMAND_MODULES = (
     "diffusers_svdquant.demo",

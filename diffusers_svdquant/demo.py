@@ -20,11 +20,10 @@ import torch
 from diffusers import AutoModel
 
 from . import ops
+from .cli import DTYPES
 from .config import SVDQuantConfig
 from .linear import SVDQuantLinear
 from .model_zoo import flux_shaped, model_inputs, timestep_value, weight_bytes
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def generate(
@@ -77,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subfolder", default=None, help="subfolder of --model holding the denoiser")
     p.add_argument("--blocks", default="1,1", help="double,single blocks of the built-in FLUX.1-shaped model")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="16-bit dtype of the model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="16-bit dtype of the model")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--image-tokens", type=int, default=256, help="latent tokens (256 = a 256x256 FLUX image)")
     p.add_argument("--text-tokens", type=int, default=64)
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments; returns the exit code."""
     warnings.filterwarnings("ignore", category=FutureWarning)
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
 
     print(

@@ -547,14 +547,9 @@ def _upload_failure(api: HfApi, repo_id: str, revision: str, head: str, err: Exc
 def _dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
+    from .cli import DTYPES
+
+    table = {**DTYPES, **{str(d).removeprefix("torch."): d for d in DTYPES.values()}}
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; one of {sorted(table)}")
     return table[name]

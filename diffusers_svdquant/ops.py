@@ -134,11 +134,9 @@ def _(x, smooth, lora_down):
         return _reference_quantize_act(x, smooth, lora_down)
     m, k = x.shape
     r = lora_down.shape[1]
-    if not x.dtype == smooth.dtype == lora_down.dtype:
-        # The kernel reads all three in one dtype; float32 holds each of them exactly, so the
-        # result is the reference's (which computes in float32) rather than a rounded variant.
-        x, smooth, lora_down = x.float(), smooth.float(), lora_down.float()
-    x, smooth, lora_down = x.contiguous(), smooth.contiguous(), lora_down.contiguous()
+    # The kernel reads all three in one dtype; float32 holds each of them exactly, so mixed inputs give
+    # the reference's result (which computes in float32) rather than a rounded variant.
+    x, smooth, lora_down = _in_one_dtype(x, smooth, lora_down)
     q_x = torch.empty(m, k // 2, dtype=torch.uint8)
     s_x = torch.empty(m, k // reference.GROUP_SIZE, dtype=torch.float32)
     lora_act = torch.empty(m, r, dtype=torch.float32)
@@ -217,7 +215,7 @@ def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
         return reference.gemm_w4a4(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype)
     m, kh = q_x.shape
     n, r = q_w.shape[0], lora_act.shape[1]
-    s_w, lora_up, bias = _weights_in_one_dtype(s_w, lora_up, bias)
+    s_w, lora_up, bias = _in_one_dtype(s_w, lora_up, bias)
     # Every temporary is bound to a name: a pointer taken from an unnamed one dangles once it is freed.
     q_x, s_x, lora_act, q_w = (
         q_x.contiguous(),
@@ -234,7 +232,7 @@ def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
     return y.to(out_dtype)
 
 
-def _weights_in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+def _in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Contiguous, in one dtype the kernel reads: their common one, else float32 (which holds each of
     bfloat16 / float16 / float32 exactly, so the result does not change)."""
     dtypes = {t.dtype for t in tensors if t is not None}
@@ -299,7 +297,7 @@ def _(x, qweight, wscales, smooth, lora_down, lora_up, bias):
     m, k = x.shape
     n, r = qweight.shape[0], lora_down.shape[1]
     # One native call reads every float tensor in one dtype: x's when they all share it.
-    xs, sm, ld, ws, lu, b = _weights_in_one_dtype(x, smooth, lora_down, wscales, lora_up, bias)
+    xs, sm, ld, ws, lu, b = _in_one_dtype(x, smooth, lora_down, wscales, lora_up, bias)
     qw = qweight.contiguous()  # named: see gemm_w4a4's CPU kernel
     y = torch.empty(m, n, dtype=torch.float32)
     _C.linear(
@@ -381,7 +379,7 @@ def native_gemm_tiles(
         raise RuntimeError(f"diffusers_svdquant._C is not available: {_NATIVE_ERROR}")
     n, kh = qweight.shape
     g, r, t = 2 * kh // reference.GROUP_SIZE, lora_up.shape[1], math.ceil(n / _TILE_N)
-    ws, lu, b = _weights_in_one_dtype(wscales, lora_up, bias)
+    ws, lu, b = _in_one_dtype(wscales, lora_up, bias)
     qw = qweight.contiguous()
     wp = torch.empty(t, g, 512, dtype=torch.uint8)
     fl = torch.empty(t, g + r + 1, _TILE_N, dtype=torch.float32)
