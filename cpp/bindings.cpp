@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
@@ -238,8 +239,8 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 }
 
 // The kernel's tile layout of canonical weights, as the selected path builds it (for tests against
-// ops.pack_gemm_weights): wp uint8 [T, K/64, 512]; fl float32 [T, (K/64 + R + 1) * 16] holding each
-// tile's scales, lora_up and bias.
+// ops.pack_gemm_weights): wp uint8 [T, K/64 * (1024 + 32)] holding each tile's codes then its
+// int16 sums; fl float32 [T, (K/64 + R + 1) * 16] holding each tile's scales, lora_up and bias.
 void pack_gemm_tiles(const py::int_& qweight_, const py::int_& wscales_, const py::int_& lora_up_,
                      const py::int_& bias_, const py::int_& wp_, const py::int_& fl_, int64_t N, int64_t K,
                      int64_t R, int64_t wdtype) {
@@ -247,16 +248,23 @@ void pack_gemm_tiles(const py::int_& qweight_, const py::int_& wscales_, const p
   const svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, wdtype);
   const uintptr_t wp = as_ptr(fn, "wp", wp_), fl = as_ptr(fn, "fl", fl_);
   const int64_t T = (N + svdq::cpu::kTileN - 1) / svdq::cpu::kTileN, G = K / svdq::cpu::kGroupSize;
+  const int64_t bytes = G * (svdq::cpu::kTileBytes + svdq::cpu::kTileSumBytes);
   const int64_t floats = (G + R + 1) * svdq::cpu::kTileN;
-  check_ptr(fn, "wp", wp, T * G * svdq::cpu::kTileBytes);
+  check_ptr(fn, "wp", wp, T * bytes);
   check_ptr(fn, "fl", fl, T * floats);
   const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
-  for (int64_t t = 0; t < T; ++t) {
-    float* f = reinterpret_cast<float*>(fl) + t * floats;
+  for (int64_t t = 0; t < T; ++t)
     k.pack_tile(a, t,
-                svdq::cpu::Tile{reinterpret_cast<uint8_t*>(wp) + t * G * svdq::cpu::kTileBytes, f,
-                                f + G * svdq::cpu::kTileN, f + (G + R) * svdq::cpu::kTileN});
-  }
+                svdq::cpu::tile_at(reinterpret_cast<uint8_t*>(wp) + t * bytes,
+                                   reinterpret_cast<float*>(fl) + t * floats, G, R));
+}
+
+// GOP/s of one run of a peak loop (it returns the ops it did; the timing lives here, outside the
+// ISA-flagged files).
+[[maybe_unused]] double gops_of(double (*loop)(int, int64_t), int num_threads, int64_t iters) {
+  const auto start = std::chrono::steady_clock::now();
+  const double ops = loop(num_threads, iters);
+  return ops / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 1e9;
 }
 
 void set_cpu_isa(const std::string& name) {
@@ -428,7 +436,8 @@ Releases the GIL.)doc");
   m.def("pack_gemm_tiles", &pack_gemm_tiles, py::arg("qweight"), py::arg("wscales"), py::arg("lora_up"),
         py::arg("bias"), py::arg("wp"), py::arg("fl"), py::arg("N"), py::arg("K"), py::arg("R"),
         py::arg("wdtype"),
-        "The selected path's tile layout of canonical weights: wp uint8 [T, K/64, 512], fl float32 "
+        "The selected path's tile layout of canonical weights: wp uint8 [T, K/64 * 1056] (codes, then "
+        "int16 sums), fl float32 "
         "[T, (K/64 + R + 1) * 16] (scales, lora_up, bias per tile). For tests.");
   m.def(
       "int8_peak_gops",
@@ -441,20 +450,20 @@ Releases the GIL.)doc");
 #if defined(SVDQ_HAVE_AVXVNNI)
         if (current == "avxvnni") {
           py::gil_scoped_release release;
-          return svdq::cpu::avxvnni::int8_peak_gops(num_threads, iters);
+          return gops_of(svdq::cpu::avxvnni::int8_peak_ops, num_threads, iters);
         }
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
         if (current == "avx512vnni") {
           py::gil_scoped_release release;
-          return svdq::cpu::avx512vnni::int8_peak_gops(num_threads, iters);
+          return gops_of(svdq::cpu::avx512vnni::int8_peak_ops, num_threads, iters);
         }
 #endif
 #if defined(SVDQ_HAVE_AVX2)
         for (const auto& name : svdq::cpu::supported_isas()) {
           if (name == "avx2") {
             py::gil_scoped_release release;
-            return svdq::cpu::avx2::int8_peak_gops(num_threads, iters);
+            return gops_of(svdq::cpu::avx2::int8_peak_ops, num_threads, iters);
           }
         }
 #endif

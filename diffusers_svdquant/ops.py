@@ -314,14 +314,17 @@ class PackedGemmWeights(NamedTuple):
     torch functions are its specification, which the native packing is tested against.
 
     Attributes:
-        wp: uint8 ``[T, K/64, 512]``, T = ceil(N / 16): codes + 8 as nibbles, 16 columns x 64 k per block.
+        wq: int8 ``[T, K/64, 1024]``, T = ceil(N / 16): the codes of 16 columns x 64 k per block, ordered
+            ``[k4, half, column, j]`` (k = 4·k4 + j, column = 8·half + c).
+        wsum: int16 ``[T, K/64, 16]``: −8·Σ of each column's codes in the group (0 in padding columns).
         sw: float32 ``[T, K/64, 16]`` weight scales (0 in padding columns).
         lora_up: float32 ``[T, r, 16]``.
         bias: float32 ``[T * 16]`` or None.
         n: N, the number of real output columns.
     """
 
-    wp: torch.Tensor
+    wq: torch.Tensor
+    wsum: torch.Tensor
     sw: torch.Tensor
     lora_up: torch.Tensor
     bias: torch.Tensor | None
@@ -329,6 +332,7 @@ class PackedGemmWeights(NamedTuple):
 
 
 _TILE_N = 16
+_TILE_BYTES = 1024 + 32  # per (tile, group): the codes, then the int16 sums (gemm_layout.h)
 
 
 def pack_gemm_weights(
@@ -339,18 +343,18 @@ def pack_gemm_weights(
     k, r = 2 * kh, lora_up.shape[1]
     g, t = k // reference.GROUP_SIZE, math.ceil(n / _TILE_N)
     pad = t * _TILE_N - n
-    # Padding columns get code 0 (+8) and scale 0: they contribute exactly 0.
-    u = (reference.unpack_int4(qweight).to(torch.int16) + 8).to(torch.uint8)
-    u = torch.nn.functional.pad(u, (0, 0, 0, pad), value=8)
-    u = u.view(t, 2, 8, g, 16, 4).permute(0, 3, 4, 1, 2, 5)  # [t, g, k4, half, c, j]
-    wp = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).reshape(t, g, 512).contiguous()
+    # Padding columns get code 0 and scale 0: they contribute exactly 0.
+    codes = torch.nn.functional.pad(reference.unpack_int4(qweight), (0, 0, 0, pad))  # int8 [t*16, K]
+    wq = codes.view(t, 2, 8, g, 16, 4).permute(0, 3, 4, 1, 2, 5).reshape(t, g, 1024).contiguous()
+    wsum = (-8 * codes.view(t, _TILE_N, g, 64).sum(-1, dtype=torch.int32)).to(torch.int16).transpose(1, 2)
 
     def columns_last(v: torch.Tensor) -> torch.Tensor:  # [N, X] -> float32 [t, X, 16]
         v = torch.nn.functional.pad(v.float(), (0, 0, 0, pad))
         return v.view(t, _TILE_N, v.shape[1]).permute(0, 2, 1).contiguous()
 
     return PackedGemmWeights(
-        wp=wp,
+        wq=wq,
+        wsum=wsum.contiguous(),
         sw=columns_last(wscales),
         lora_up=columns_last(lora_up) if r else lora_up.new_zeros(t, 0, _TILE_N, dtype=torch.float32),
         bias=None if bias is None else torch.nn.functional.pad(bias.float(), (0, pad)),
@@ -359,15 +363,14 @@ def pack_gemm_weights(
 
 
 def unpack_gemm_weights(
-    wp: torch.Tensor, sw: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None, n: int
+    wq: torch.Tensor, wsum: torch.Tensor, sw: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Inverse of :func:`pack_gemm_weights`: canonical ``(qweight, wscales, lora_up, bias)`` (floats as float32)."""
-    t, g, _ = wp.shape
-    lo, hi = (wp & 0xF).view(t, g, 16, 8, 4), (wp >> 4).view(t, g, 16, 8, 4)
-    u = torch.stack((lo, hi), dim=3)  # [t, g, k4, half, c, j]
-    codes = (u.permute(0, 3, 4, 1, 2, 5).reshape(t * _TILE_N, g * 64)[:n].to(torch.int16) - 8).to(torch.int8)
+    """Inverse of :func:`pack_gemm_weights`: canonical ``(qweight, wscales, lora_up, bias)`` (floats as
+    float32). ``wsum`` is redundant with ``wq`` and not read."""
+    t, g, _ = wq.shape
+    codes = wq.view(t, g, 16, 2, 8, 4).permute(0, 3, 4, 1, 2, 5).reshape(t * _TILE_N, g * 64)[:n]
     cols = lambda v: v.permute(0, 2, 1).reshape(t * _TILE_N, v.shape[1])[:n]  # noqa: E731
-    return reference.pack_int4(codes), cols(sw), cols(lora_up), None if bias is None else bias[:n]
+    return reference.pack_int4(codes.contiguous()), cols(sw), cols(lora_up), None if bias is None else bias[:n]
 
 
 def native_gemm_tiles(
@@ -381,13 +384,15 @@ def native_gemm_tiles(
     g, r, t = 2 * kh // reference.GROUP_SIZE, lora_up.shape[1], math.ceil(n / _TILE_N)
     ws, lu, b = _in_one_dtype(wscales, lora_up, bias)
     qw = qweight.contiguous()
-    wp = torch.empty(t, g, 512, dtype=torch.uint8)
+    wp = torch.empty(t, g * _TILE_BYTES, dtype=torch.uint8)
     fl = torch.empty(t, g + r + 1, _TILE_N, dtype=torch.float32)
     _C.pack_gemm_tiles(
         qw.data_ptr(), ws.data_ptr(), lu.data_ptr(), 0 if b is None else b.data_ptr(),
         wp.data_ptr(), fl.data_ptr(), n, 2 * kh, r, _DTYPE_CODES[ws.dtype],
     )  # fmt: skip
-    return PackedGemmWeights(wp, fl[:, :g].contiguous(), fl[:, g : g + r].contiguous(), fl[:, -1].reshape(-1), n)
+    wq = wp[:, : g * 1024].contiguous().view(torch.int8).view(t, g, 1024)
+    wsum = wp[:, g * 1024 :].contiguous().view(torch.int16).view(t, g, _TILE_N)
+    return PackedGemmWeights(wq, wsum, fl[:, :g].contiguous(), fl[:, g : g + r].contiguous(), fl[:, -1].reshape(-1), n)
 
 
 def svdquant_linear(

@@ -36,8 +36,8 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-# 0..64 rows take one row chunk (tiles packed per thread, in place); 300 rows at K = 3072 take five
-# (the whole layer packed once into a shared scratch buffer). Both must equal the reference.
+# 0..64 rows take one row chunk; 300 rows at K = 3072 take five, which 2 threads split into row
+# ranges over the same panel of tiles (each thread packs its own copy). Both must equal the reference.
 @pytest.mark.parametrize("m", [0, 1, 3, 17, 64, 300])
 @pytest.mark.parametrize(("n", "k"), [(1, 64), (7, 192), (200, 128), (64, 3072)])
 @pytest.mark.parametrize("r", [0, 1, 32])
@@ -55,6 +55,28 @@ def test_gemm_matches_reference(isa, m, n, k, r, dtype):
         assert _rel(y, ref) < REL_TOL
     out = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, dtype)
     assert out.dtype == dtype and torch.equal(out, y.to(dtype))
+
+
+@pytest.mark.parametrize(("x_code", "w_code"), [(7, -8), (-8, -8), (7, 7), (-8, 7), ("random", "random")])
+@pytest.mark.parametrize(("m", "groups"), [(5, 17), (300, 40)])
+def test_gemm_integer_sums_are_exact_at_the_code_limits(isa, x_code, w_code, m, groups):
+    """With unit scales the output is the integer matmul of the codes, exactly: the unsigned-offset
+    correction (−8·Σq_w per group) and the 16-bit partial sums of the AVX2 path hold at the extremes
+    of [-8, 7]. 17 and 40 groups leave a partial K block; 300 rows take several row chunks."""
+    n, k = 37, 64 * groups
+    g = torch.Generator().manual_seed(1)
+
+    def codes(v, rows):
+        if v == "random":
+            return torch.where(torch.rand(rows, k, generator=g) < 0.5, -8, 7).to(torch.int8)
+        return torch.full((rows, k), v, dtype=torch.int8)
+
+    cx, cw = codes(x_code, m), codes(w_code, n)
+    y = torch.ops.svdquant.gemm_w4a4(
+        reference.pack_int4(cx), torch.ones(m, groups), reference.pack_int4(cw), torch.ones(n, groups),
+        torch.zeros(m, 0), torch.zeros(n, 0), None, torch.float32,
+    )  # fmt: skip
+    assert torch.equal(y, (cx.long() @ cw.long().T).float())
 
 
 @settings(max_examples=25, deadline=None)
@@ -77,11 +99,12 @@ def test_gemm_hypothesis(m, n, groups, r, has_bias, seed):
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_native_tiles_equal_the_layout_spec(isa, n, k, r, dtype, has_bias):
     """Each path's pack_tile (canonical weights -> kernel tiles) builds exactly ops.pack_gemm_weights'
-    layout: nibbles, scales, lora_up and bias, padding columns included."""
+    layout: codes, their sums, scales, lora_up and bias, padding columns included."""
     q, bias, _ = _case(1, n, k, r, dtype, has_bias)
     want = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
     got = ops.native_gemm_tiles(q.qweight, q.wscales, q.lora_up, bias)
-    assert torch.equal(got.wp, want.wp) and torch.equal(got.sw, want.sw) and torch.equal(got.lora_up, want.lora_up)
+    assert torch.equal(got.wq, want.wq) and torch.equal(got.wsum, want.wsum)
+    assert torch.equal(got.sw, want.sw) and torch.equal(got.lora_up, want.lora_up)
     assert torch.equal(got.bias, want.bias) if has_bias else bool((got.bias == 0).all())
 
 
@@ -92,6 +115,10 @@ def test_pack_round_trip(n, k, r):
     packed = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
     qweight, wscales, lora_up, b = ops.unpack_gemm_weights(*packed)
     assert torch.equal(qweight, q.qweight)
+    # The stored sums are −8·Σ of each column's codes per group; padding columns hold 0.
+    sums = -8 * reference.unpack_int4(q.qweight).view(n, k // 64, 64).sum(-1)
+    wsum = packed.wsum.transpose(1, 2).reshape(-1, k // 64)
+    assert torch.equal(wsum[:n].long(), sums) and not wsum[n:].any()
     assert torch.equal(wscales, q.wscales.float()) and torch.equal(lora_up, q.lora_up.float())
     assert torch.equal(b, bias.float())
 

@@ -26,16 +26,11 @@
 //
 // Nothing in here may instantiate a std:: template or any other inline function with external
 // linkage: the linker could keep this AVX2-compiled copy for the generic path too. Helpers live
-// in an anonymous namespace; scratch memory is plain aligned_alloc.
+// in an anonymous namespace; scratch memory is scalar.h's Buffer (plain aligned_alloc).
 
 #include <immintrin.h>
 
-#include <cstdlib>
 #include <cstring>
-#include <new>
-#if defined(_MSC_VER)
-#include <malloc.h>
-#endif
 
 #include "kernels.h"
 #include "scalar.h"
@@ -57,28 +52,6 @@ constexpr int kMicroRows = 4;      // register tile: 4 rows x 2 vectors = 8 inde
 constexpr int kMicroVecs = 2;
 
 static_assert(kBlockK % kGroupSize == 0, "a K block holds whole groups");
-
-// Float32 scratch that never touches the C++ allocator (see the note at the top).
-struct Scratch {
-  float* p = nullptr;
-  explicit Scratch(int64_t n) {
-    // aligned_alloc wants a size that is a multiple of the alignment.
-    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(float) + 63) & ~size_t{63};
-#if defined(_MSC_VER)
-    p = static_cast<float*>(_aligned_malloc(bytes, 64));
-#else
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-#endif
-    if (p == nullptr) throw std::bad_alloc();
-  }
-#if defined(_MSC_VER)
-  ~Scratch() { _aligned_free(p); }
-#else
-  ~Scratch() { std::free(p); }
-#endif
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
 
 // 8 consecutive elements of a `D` array, starting at element i, as float32.
 template <DType D>
@@ -285,14 +258,14 @@ void quantize_act_impl(const void* x, const void* smooth, const void* lora_down,
   const int nt = static_cast<int>(min_i64(num_threads, ntiles));
   const int64_t Rp = (R + 7) / 8 * 8;
 
-  Scratch sm(K);
+  Buffer<float> sm(K);
   for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(sm.p + k, load8<D>(smooth, k));  // K % 64 == 0
 
   const int64_t xh_n = kTileRows * kBlockK;
   const int64_t w_n = kBlockK * Rp;
   const int64_t acc_n = kTileRows * Rp;
   const int64_t per_thread = (xh_n + w_n + acc_n + 15) / 16 * 16;  // keep each thread's slice 64-byte aligned
-  Scratch scratch(per_thread * nt);
+  Buffer<float> scratch(per_thread * nt);
 
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t tile = 0; tile < ntiles; ++tile) {

@@ -1,29 +1,31 @@
-// AVX2 W4A4 GEMM (vpmaddubsw + vpmaddwd) on the packed layout of gemm_layout.h.
+// AVX2 W4A4 GEMM (vpmaddubsw + vpmaddwd) on the tile layout of gemm_layout.h.
 //
 // Micro-kernel: kRowsPerBlock (4) activation rows x one 16-column tile. Per 64-group, 16 steps each
-// load 32 bytes of weight nibbles (split by a mask and a shift into two vectors of 8 columns x 4 k,
-// unsigned q_w + 8) and broadcast 4 signed activation codes per row; vpmaddubsw (u8 x s8 -> pairs
-// summed into s16) accumulates in 16-bit registers for the whole group (|pair| <= 15·8·2 = 240,
-// 16 steps -> <= 3840: no saturation), so the 32-bit widening (vpmaddwd with ones), the −8·Σq_x
-// correction and the float scaling run once per group, not per step.
-// Registers: 8 s16 accumulators + 2 weight vectors + mask + broadcast + product; the float
-// accumulators live in a small stack array (touched once per group). The step is inline asm (see
-// tile_groups): GCC's schedule of the intrinsics spilled the accumulators, at ~60% of this speed.
-// Six rows per block (12 accumulators, mask from memory) measured the same as four on Zen 3.
+// load 64 bytes of signed weight codes (two vectors of 8 columns x 4 k) and broadcast 4 unsigned
+// activation codes (q_x + 8) per row; vpmaddubsw (u8 x s8 -> pairs summed into s16) accumulates in
+// 16-bit registers for the whole group, started at the tile's −8·Σq_w (|pair| <= 15·8·2 = 240,
+// 16 steps -> <= 3840, plus |−8·Σq_w| <= 4096: no saturation), so the 32-bit widening (vpmaddwd
+// with ones) and the float scaling run once per group, not per step. The weights are unpacked from
+// nibbles when a tile is packed, not in the inner loop: the step is 2 loads, and per row a
+// broadcast, 2 vpmaddubsw and 2 vpaddw, the same mix as the peak loop below.
+// Registers: 8 s16 accumulators + 2 weight vectors + broadcast + product; the float accumulators
+// live in a small array (touched once per group). The step is inline asm and tile_groups is never
+// inlined (see there): GCC's schedule of the intrinsics spilled the accumulators, at ~60% of this speed.
+// Six rows per block (12 accumulators) measured the same as four on Zen 3.
 //
-// Cache blocking: rows in chunks of ~192 KiB of int8 codes (rows_per_chunk, stays in L2) x one
-// tile (K·8 bytes of weights, 24 KiB at K = 3072). OpenMP over (chunk, tile), chunk-major,
-// so a thread sweeps the tiles with one activation chunk hot instead of streaming all of x per tile.
-//
-// The weights arrive canonical (qweight [N, K/2]); pack_tile builds a tile's layout with byte
-// shuffles and two 8x8 dword transposes per group. With one row chunk each tile is packed once,
-// into the thread's own buffer, right before use; with several, every tile is packed once per
-// call into a scratch buffer the chunks share (N·K/2 bytes, freed on return).
+// Cache blocking: rows in chunks of ~192 KiB of codes (rows_per_chunk, stays in L2); per tile, K
+// blocks of 16 groups (16 KiB of codes, stays in L1) run over every row block of the chunk.
+// OpenMP over (panel of tiles, row range) items (gemm_x86.inc, gemm_w4a4): each thread packs the
+// panels it runs from the canonical weights into its own ~256 KiB buffer (byte shuffles and 8x8
+// dword transposes) and sweeps its row chunks over them. Nothing layer-sized is allocated.
 #include <immintrin.h>
 
-#include <chrono>
 #include <cstring>
-#include <vector>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 #include "scalar.h"
@@ -32,11 +34,10 @@ namespace svdq::cpu::avx2 {
 
 #include "gemm_x86.inc"
 
-double int8_peak_gops(int num_threads, int64_t iters) {
+double int8_peak_ops(int num_threads, int64_t iters) {
   // The GEMM's inner step with nothing else: vpmaddubsw summed into s16 for 16 steps, then one
   // vpmaddwd widening to s32 (the kernel's per-group pattern), on operands already in registers.
   // 8 independent chains hide the latency; the asm body cannot be hoisted out of the loop.
-  const auto start = std::chrono::steady_clock::now();
   const int64_t outer = (iters + 15) / 16;
   int32_t sink = 0;
 #pragma omp parallel num_threads(num_threads) reduction(+ : sink)
@@ -74,11 +75,9 @@ double int8_peak_gops(int num_threads, int64_t iters) {
     for (int j = 1; j < 8; ++j) s = _mm256_add_epi32(s, acc[j]);
     sink += _mm256_extract_epi32(s, 0);
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   // 32 u8 x s8 products and their 32 additions per vpmaddubsw: 64 ops, as a GEMM counts 2·M·N·K.
   // (sink only keeps the accumulators alive; it is 0 times anything.)
-  const double ops = 64.0 * 8.0 * 16.0 * static_cast<double>(outer) * num_threads + 0.0 * sink;
-  return ops / secs / 1e9;
+  return 64.0 * 8.0 * 16.0 * static_cast<double>(outer) * num_threads + 0.0 * sink;
 }
 
 }  // namespace svdq::cpu::avx2

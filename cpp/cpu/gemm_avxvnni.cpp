@@ -5,9 +5,12 @@
 // this path's flags only (CMakeLists.txt).
 #include <immintrin.h>
 
-#include <chrono>
 #include <cstring>
-#include <vector>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 #include "scalar.h"

@@ -5,19 +5,22 @@
 // is the same layout in torch: the specification the native packing is tested against.
 //
 // Output columns are taken 16 at a time ("N tile", kTileN), padded with zero columns at the end.
-// For tile t and group g (64 values of K) the weights take 512 bytes, 4 bits per code, stored as
-// q + 8 in [0, 15] (unsigned: vpmaddubsw's unsigned operand):
+// For tile t and group g (64 values of K) the weight codes take 1024 bytes, one signed byte per code
+// (the nibbles are unpacked here, once per call, not in the inner loop):
 //
-//   wp[t][g][k4][c*4 + j]    k4 in 0..15 (4 consecutive k), c in 0..7, j in 0..3
-//     low nibble  = code of column 16t + c     at k = 64g + 4*k4 + j, plus 8
-//     high nibble = code of column 16t + 8 + c at the same k, plus 8
+//   wq[t][g][k4][h][c*4 + j]    k4 in 0..15 (4 consecutive k), h in 0..1, c in 0..7, j in 0..3
+//     = code of column 16t + 8h + c at k = 64g + 4*k4 + j, in [-8, 7]
 //
-// One 32-byte load and a mask / shift give two vectors of 8 columns x 4 k. With the 4 signed
-// activation codes q_x[m, 64g+4k4 .. +3] broadcast to every 32-bit lane, vpmaddubsw + vpmaddwd leave
-// lane c holding that column's 4-term dot product: lanes are columns, no horizontal sums.
-// (q_w + 8)·q_x = q_w·q_x + 8·Σq_x, so each row's per-group 8·Σq_x is subtracted once per group.
+// Two 32-byte loads give two vectors of 8 columns x 4 k. The activation codes are made unsigned,
+// q_x + 8 in [0, 15] (the u8 operand of vpmaddubsw / vpdpbusd); with 4 of them broadcast to every
+// 32-bit lane, lane c holds that column's 4-term dot product: lanes are columns, no horizontal sums.
+// (q_x + 8)·q_w = q_x·q_w + 8·Σq_w: the correction depends on the weights alone, so it is stored:
 //
-// Per tile, beside the nibbles, with lanes as columns:
+//   wsum[t][g][16]  int16, −8·Σ_k q_w over the group (in [−3584, 4096]; 0 in padding columns)
+//
+// and the kernels start each group's integer sums from it.
+//
+// Per tile, beside the codes, with lanes as columns:
 //   sw[g][16]       float32 weight scales (0 in padding columns)
 //   lora_up[r][16]  float32
 //   bias[16]        float32 (0 in padding columns, or when the layer has none)
@@ -28,8 +31,9 @@
 namespace svdq::cpu {
 
 constexpr int64_t kTileN = 16;
-constexpr int64_t kTileBytes = 512;   // per (tile, group): 16 columns x 64 k x 4 bits
-constexpr int64_t kRowsPerBlock = 4;  // activation rows per micro-kernel call
+constexpr int64_t kTileBytes = 1024;   // codes per (tile, group): 16 columns x 64 k, one byte each
+constexpr int64_t kTileSumBytes = 32;  // wsum per (tile, group): 16 int16
+constexpr int64_t kRowsPerBlock = 4;   // activation rows per micro-kernel call
 
 // Arguments of gemm_w4a4, shared by every path: the canonical weights (DESIGN.md §2).
 struct GemmArgs {
@@ -46,12 +50,21 @@ struct GemmArgs {
   int num_threads;
 };
 
-// One tile in the kernel layout (pointers into a caller's buffer).
+// One tile in the kernel layout (pointers into a caller's buffers). A tile's bytes are the codes of
+// all its groups followed by their sums: G * (kTileBytes + kTileSumBytes), wsum at wq + G * kTileBytes.
 struct Tile {
-  uint8_t* wp;  // [G][512]
-  float* sw;    // [G][16]
-  float* lu;    // [R][16]
-  float* bias;  // [16]
+  int8_t* wq;     // [G][1024]
+  int16_t* wsum;  // [G][16]
+  float* sw;      // [G][16]
+  float* lu;      // [R][16]
+  float* bias;    // [16]
 };
+
+// The tile whose bytes start at `bytes` and floats at `floats` ((G + R + 1) * 16 of them). Static:
+// each translation unit (each ISA path, compiled with its own flags) keeps its own copy.
+static inline Tile tile_at(uint8_t* bytes, float* floats, int64_t G, int64_t R) {
+  return Tile{reinterpret_cast<int8_t*>(bytes), reinterpret_cast<int16_t*>(bytes + G * kTileBytes), floats,
+              floats + G * kTileN, floats + (G + R) * kTileN};
+}
 
 }  // namespace svdq::cpu

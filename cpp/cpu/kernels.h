@@ -69,9 +69,11 @@ void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
-// Microbenchmark: GOP/s of a tight vpmaddubsw + vpmaddwd loop (iters x 8 instructions per thread),
-// the int8 dot-product peak the GEMM is measured against. Not in the table: not a kernel.
-double int8_peak_gops(int num_threads, int64_t iters);
+// Microbenchmark: a tight vpmaddubsw + vpaddw loop (about iters steps of 8 instructions per thread),
+// the int8 dot-product peak the GEMM is measured against; returns the ops done (2 per product), which
+// the caller times (bindings.cpp: no std:: template is instantiated under ISA flags, see scalar.h).
+// Not in the table: not a kernel.
+double int8_peak_ops(int num_threads, int64_t iters);
 }  // namespace avx2
 #endif
 
@@ -79,12 +81,12 @@ double int8_peak_gops(int num_threads, int64_t iters);
 namespace avxvnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
-double int8_peak_gops(int num_threads, int64_t iters);  // the vpdpbusd loop
+double int8_peak_ops(int num_threads, int64_t iters);  // the vpdpbusd loop
 }  // namespace avxvnni
 namespace avx512vnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
-double int8_peak_gops(int num_threads, int64_t iters);  // the vpdpbusd loop
+double int8_peak_ops(int num_threads, int64_t iters);  // the vpdpbusd loop
 }  // namespace avx512vnni
 
 // Dispatcher (dispatch.cpp, compiled without ISA flags).

@@ -6,7 +6,12 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#if defined(_MSC_VER)
+#include <malloc.h>
+#endif
 
 #include "kernels.h"
 
@@ -63,6 +68,32 @@ inline float load_f32(const void* p, int64_t i, DType dtype) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// An uninitialised, 64-byte aligned array of n T, freed on scope exit. The ISA paths use it instead
+// of std::vector: a std:: template instantiated in a TU built with -mavx2 (or wider) is an inline
+// function with external linkage, and the linker may keep that copy for a narrower path too.
+// Allocate outside OpenMP regions: a bad_alloc must not escape one.
+template <typename T>
+struct Buffer {
+  T* p = nullptr;
+  explicit Buffer(int64_t n) {
+    // aligned_alloc wants a size that is a multiple of the alignment.
+    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) & ~size_t{63};
+#if defined(_MSC_VER)
+    p = static_cast<T*>(_aligned_malloc(bytes, 64));
+#else
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+#endif
+    if (p == nullptr) throw std::bad_alloc();
+  }
+#if defined(_MSC_VER)
+  ~Buffer() { _aligned_free(p); }
+#else
+  ~Buffer() { std::free(p); }
+#endif
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
 
 }  // namespace
 }  // namespace svdq::cpu
