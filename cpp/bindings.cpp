@@ -63,6 +63,12 @@ void check_ptr(const char* fn, const char* name, uintptr_t p, int64_t numel) {
          " elements");
 }
 
+void check_dtype(const char* fn, const char* name, int64_t code) {
+  if (code < 0 || code > 2)
+    fail(std::string(fn) + ": " + name + " must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
+         std::to_string(code));
+}
+
 void check_threads(const char* fn, int64_t n) {
   if (n < 1 || n > 4096)
     fail(std::string(fn) + ": num_threads must be in [1, 4096], got " + std::to_string(n));
@@ -153,9 +159,7 @@ svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const 
   check_size(fn, "R", R);
   if (K % svdq::cpu::kGroupSize != 0)
     fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
-  if (wdtype < 0 || wdtype > 2)
-    fail(std::string(fn) + ": wdtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
-         std::to_string(wdtype));
+  check_dtype(fn, "wdtype", wdtype);
   check_product(fn, "N", N + svdq::cpu::kTileN, "K", K);
   check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
   check_ptr(fn, "qweight", qweight, N * (K / 2));
@@ -175,9 +179,10 @@ svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const 
 void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_act_,
                const py::int_& qweight_, const py::int_& wscales_, const py::int_& lora_up_,
                const py::int_& bias_, const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R,
-               int64_t wdtype, int64_t num_threads) {
+               int64_t wdtype, int64_t ydtype, int64_t num_threads) {
   const char* fn = "gemm_w4a4";
   svdq::cpu::GemmArgs a = weight_args(fn, qweight_, wscales_, lora_up_, bias_, N, K, R, wdtype);
+  check_dtype(fn, "ydtype", ydtype);
   const uintptr_t q_x = as_ptr(fn, "q_x", q_x_), s_x = as_ptr(fn, "s_x", s_x_),
                   lora_act = as_ptr(fn, "lora_act", lora_act_), y = as_ptr(fn, "y", y_);
   check_size(fn, "M", M);
@@ -193,7 +198,8 @@ void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_
   a.q_x = reinterpret_cast<const uint8_t*>(q_x);
   a.s_x = reinterpret_cast<const float*>(s_x);
   a.lora_act = reinterpret_cast<const float*>(lora_act);
-  a.y = reinterpret_cast<float*>(y);
+  a.y = reinterpret_cast<void*>(y);
+  a.ydtype = static_cast<int>(ydtype);
   a.M = M;
   a.num_threads = static_cast<int>(num_threads);
   const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
@@ -202,7 +208,7 @@ void gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& lora_
 }
 
 // The whole linear in one call: quantize_act into scratch buffers, then gemm_w4a4. x, smooth and
-// lora_down share the weights' dtype (the model dtype); y is float32 [M, N].
+// lora_down share the weights' dtype (the model dtype), and so does y [M, N].
 void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
             const py::int_& wscales_, const py::int_& lora_up_, const py::int_& bias_, const py::int_& y_,
             int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype, int64_t num_threads) {
@@ -232,7 +238,8 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
   a.q_x = q_x.data();
   a.s_x = s_x.data();
   a.lora_act = lora_act.data();
-  a.y = reinterpret_cast<float*>(y);
+  a.y = reinterpret_cast<void*>(y);
+  a.ydtype = static_cast<int>(dtype);
   a.M = M;
   a.num_threads = static_cast<int>(num_threads);
   k.gemm_w4a4(a);
@@ -420,18 +427,19 @@ Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Re
         py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
   m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("qweight"),
         py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("R"), py::arg("wdtype"), py::arg("num_threads"),
+        py::arg("K"), py::arg("R"), py::arg("wdtype"), py::arg("ydtype"), py::arg("num_threads"),
         R"doc(W4A4 GEMM + low-rank + bias on the canonical weights (DESIGN.md section 2).
 
 q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; qweight uint8 [N, K/2]; wscales
 [N, K/64], lora_up [N, R], bias [N] (or 0) in wdtype (0 float32, 1 bfloat16, 2 float16); writes y
-float32 [M, N]. The kernel builds its tile layout itself (cpp/cpu/gemm_layout.h). Releases the GIL.)doc");
+[M, N] in ydtype (same codes; computed in float32, rounded to nearest even once). The kernel builds its tile layout itself (cpp/cpu/gemm_layout.h). Releases the GIL.)doc");
   m.def("linear", &linear, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("qweight"),
         py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"),
         R"doc(A whole SVDQuant linear: quantize_act then gemm_w4a4 without leaving native code.
 
-x [M, K], smooth [K], lora_down [K, R] and the canonical weights all in dtype; writes y float32 [M, N].
+x [M, K], smooth [K], lora_down [K, R] and the canonical weights all in dtype; writes y [M, N] in dtype
+(computed in float32, rounded to nearest even once).
 Releases the GIL.)doc");
   m.def("pack_gemm_tiles", &pack_gemm_tiles, py::arg("qweight"), py::arg("wscales"), py::arg("lora_up"),
         py::arg("bias"), py::arg("wp"), py::arg("fl"), py::arg("N"), py::arg("K"), py::arg("R"),

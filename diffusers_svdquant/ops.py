@@ -223,11 +223,12 @@ def _(q_x, s_x, q_w, s_w, lora_act, lora_up, bias, out_dtype):
         lora_act.float().contiguous(),
         q_w.contiguous(),
     )
-    y = torch.empty(m, n, dtype=torch.float32)
+    # The kernel writes float32, bfloat16 and float16 itself (rounded once, as .to() would).
+    y = torch.empty(m, n, dtype=out_dtype if out_dtype in _DTYPE_CODES else torch.float32)
     _C.gemm_w4a4(
         q_x.data_ptr(), s_x.data_ptr(), lora_act.data_ptr(), q_w.data_ptr(), s_w.data_ptr(),
         lora_up.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-        m, n, 2 * kh, r, _DTYPE_CODES[s_w.dtype], torch.get_num_threads(),
+        m, n, 2 * kh, r, _DTYPE_CODES[s_w.dtype], _DTYPE_CODES[y.dtype], torch.get_num_threads(),
     )  # fmt: skip
     return y.to(out_dtype)
 
@@ -299,12 +300,12 @@ def _(x, qweight, wscales, smooth, lora_down, lora_up, bias):
     # One native call reads every float tensor in one dtype: x's when they all share it.
     xs, sm, ld, ws, lu, b = _in_one_dtype(x, smooth, lora_down, wscales, lora_up, bias)
     qw = qweight.contiguous()  # named: see gemm_w4a4's CPU kernel
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=xs.dtype)
     _C.linear(
         xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), lu.data_ptr(),
         0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, _DTYPE_CODES[xs.dtype], torch.get_num_threads(),
     )  # fmt: skip
-    return y.to(x.dtype)
+    return y.to(x.dtype)  # a no-op unless x's dtype was unified away (mixed dtypes compute in float32)
 
 
 class PackedGemmWeights(NamedTuple):

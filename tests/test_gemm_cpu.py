@@ -79,6 +79,28 @@ def test_gemm_integer_sums_are_exact_at_the_code_limits(isa, x_code, w_code, m, 
     assert torch.equal(y, (cx.long() @ cw.long().T).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_output_is_rounded_as_torch_rounds(isa, dtype):
+    """The kernels write bf16 / fp16 themselves: bit for bit torch's round-to-nearest-even of the
+    float32 result, at ties, subnormals, overflow to infinity and NaN (outputs = bias: zero codes)."""
+    one = 1.0
+    values = [one + 2**-8, one + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 2049.0, 65504.0, 65519.0, 65520.0,
+              1e5, 3e38, 1e-6, 6e-8, 2e-8, 1e-40, -2.5e-7, -(one + 2**-8), 0.0, -0.0, float("inf"),
+              float("-inf"), float("nan")]  # fmt: skip
+    values += torch.randn(19, generator=torch.Generator().manual_seed(3)).mul(1e3).tolist()
+    n, k, m = len(values), 64, 3
+    bias = torch.tensor(values, dtype=torch.float32)
+    args = (reference.pack_int4(torch.zeros(m, k, dtype=torch.int8)), torch.ones(m, 1),
+            reference.pack_int4(torch.zeros(n, k, dtype=torch.int8)), torch.ones(n, 1),
+            torch.zeros(m, 0), torch.zeros(n, 0), bias)  # fmt: skip
+    y32 = torch.ops.svdquant.gemm_w4a4(*args, torch.float32)
+    out = torch.ops.svdquant.gemm_w4a4(*args, dtype)
+    want = y32.to(dtype)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(0, 40), n=st.integers(1, 70), groups=st.integers(1, 6), r=st.integers(0, 9),
        has_bias=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
@@ -167,9 +189,11 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="smooth has shape"):
         lin(x, q.qweight, q.wscales, q.smooth[:64], q.lora_down, q.lora_up, bias)
     with pytest.raises(ValueError, match="gemm_w4a4: qweight is a null pointer but holds 32 elements"):
-        ops._C.gemm_w4a4(1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 64, 0, 0, 1)
+        ops._C.gemm_w4a4(1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 64, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="q_x must be a non-negative address"):
-        ops._C.gemm_w4a4(-1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 1)
+        ops._C.gemm_w4a4(-1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match=r"ydtype must be 0 \(float32\), 1 \(bfloat16\) or 2 \(float16\), got 3"):
+        ops._C.gemm_w4a4(1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 3, 1)
     with pytest.raises(ValueError, match="wdtype"):
         ops._C.linear(1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 64, 0, 7, 1)
 

@@ -16,8 +16,9 @@
 // Cache blocking: rows in chunks of ~192 KiB of codes (rows_per_chunk, stays in L2); per tile, K
 // blocks of 16 groups (16 KiB of codes, stays in L1) run over every row block of the chunk.
 // OpenMP over (panel of tiles, row range) items (gemm_x86.inc, gemm_w4a4): each thread packs the
-// panels it runs from the canonical weights into its own ~256 KiB buffer (byte shuffles and 8x8
-// dword transposes) and sweeps its row chunks over them. Nothing layer-sized is allocated.
+// panels it runs (up to 8 tiles, ~1 MiB) from the canonical weights into its own buffer, with byte
+// shuffles and 8x8 dword transposes, and sweeps its row chunks over them. Nothing layer-sized is
+// allocated.
 #include <immintrin.h>
 
 #include <cstring>

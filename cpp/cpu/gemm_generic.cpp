@@ -73,7 +73,19 @@ void gemm_w4a4(const GemmArgs& a) {
           float v = acc[col] + tile.bias[col];
           for (int64_t r = 0; r < a.R; ++r)
             v = std::fma(a.lora_act[m * a.R + r], tile.lu[r * kTileN + col], v);
-          a.y[m * a.N + n0 + col] = v;
+          const int64_t i = m * a.N + n0 + col;
+          switch (static_cast<DType>(a.ydtype)) {
+            case DType::kBFloat16:
+              static_cast<uint16_t*>(a.y)[i] = f32_to_bf16(v);
+              break;
+            case DType::kFloat16:
+              static_cast<uint16_t*>(a.y)[i] = f32_to_f16(v);
+              break;
+            case DType::kFloat32:
+            default:
+              static_cast<float*>(a.y)[i] = v;
+              break;
+          }
         }
       }
     }

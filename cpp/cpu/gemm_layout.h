@@ -45,7 +45,8 @@ struct GemmArgs {
   const void* lora_up;     // [N, R] wdtype (null when R == 0)
   const void* bias;        // [N] wdtype, or null
   int wdtype;              // DType of wscales / lora_up / bias (kernels.h)
-  float* y;                // [M, N] float32 output
+  void* y;                 // [M, N] output, ydtype
+  int ydtype;              // DType of y (kernels.h): float32, or bfloat16 / float16 rounded to nearest even
   int64_t M, N, K, R;
   int num_threads;
 };

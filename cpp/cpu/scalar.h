@@ -5,6 +5,7 @@
 // linker keeps for the generic path.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -50,6 +51,38 @@ inline float f16_to_f32(uint16_t h) {
     bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
   }
   return bits_to_f32(bits);
+}
+
+inline uint32_t f32_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// float32 -> bfloat16, round to nearest even; NaN -> 0x7FC0 (c10::BFloat16's rule, so outputs match
+// torch's .to(torch.bfloat16) bit for bit).
+inline uint16_t f32_to_bf16(float f) {
+  const uint32_t bits = f32_to_bits(f);
+  if (f != f) return 0x7FC0u;
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Exact IEEE binary32 -> binary16, round to nearest even, subnormals and overflow to infinity
+// included, without F16C; NaN -> 0x7E00. The rounding is done by the FPU: the magnitude is scaled
+// so that the float32 addition of a power of two whose ulp is binary16's ulp at that exponent leaves
+// the rounded binary16 significand in the low bits. Needs IEEE float32 arithmetic (no fast-math,
+// which CMakeLists.txt guarantees).
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t bits = f32_to_bits(f), twice = bits + bits, sign = (bits >> 16) & 0x8000u;
+  if (twice > 0xFF000000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  // |f| * 2^112 * 2^-110: overflows to infinity exactly where binary16 does, keeps the rest exact.
+  float base = std::fabs(f) * bits_to_f32(0x77800000u);  // 2^112
+  base *= bits_to_f32(0x08800000u);                      // 2^-110
+  uint32_t bias = twice & 0xFF000000u;                   // f's exponent, shifted left by one
+  if (bias < 0x71000000u) bias = 0x71000000u;            // below binary16's normal range: fixed ulp
+  base += bits_to_f32((bias >> 1) + 0x07800000u);
+  const uint32_t r = f32_to_bits(base);
+  return static_cast<uint16_t>(sign | (((r >> 13) & 0x7C00u) + (r & 0x0FFFu)));
 }
 
 // Element i of a `dtype` array as float32.
