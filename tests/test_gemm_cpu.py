@@ -57,6 +57,17 @@ def test_gemm_matches_reference(isa, m, n, k, r, dtype):
     assert out.dtype == dtype and torch.equal(out, y.to(dtype))
 
 
+# The micro-kernels take rows in blocks (4 on the ymm paths, 8 on the zmm one) and the last block of a
+# chunk takes whatever is left: every remainder has its own instantiation, so every one is run.
+@pytest.mark.parametrize("m", list(range(1, 17)))
+def test_every_row_block_remainder_matches_reference(isa, m):
+    q, bias, x = _case(m, 40, 192, 8, torch.bfloat16, has_bias=True, seed=m)
+    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
+    y = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+    ref = reference.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+    assert _rel(y, ref) < REL_TOL
+
+
 @pytest.mark.parametrize(("x_code", "w_code"), [(7, -8), (-8, -8), (7, 7), (-8, 7), ("random", "random")])
 @pytest.mark.parametrize(("m", "groups"), [(5, 17), (300, 40)])
 def test_gemm_integer_sums_are_exact_at_the_code_limits(isa, x_code, w_code, m, groups):

@@ -1,8 +1,14 @@
-// AVX-512 VNNI (EVEX vpdpbusd on ymm, AVX512VL: Ice Lake, Sapphire Rapids, Zen 4) W4A4 GEMM:
-// the AVX2 kernel with one vpdpbusd per weight vector instead of vpmaddubsw + vpaddw, and 32-bit
-// sums (no per-group widening). Same tiles, packing, blocking and epilogue (gemm_x86.inc);
-// quantize_act and the int4 packing of this path are the AVX2 ones (dispatch.cpp). Compiled with
-// this path's flags only (CMakeLists.txt).
+// AVX-512 VNNI (EVEX vpdpbusd on zmm: Ice Lake, Sapphire Rapids, Zen 4, Zen 5) W4A4 GEMM: the x86
+// kernel with one vpdpbusd per row and step on a whole 16-column zmm of weights, 8 rows per block,
+// 32-bit sums (no per-group widening), and a zmm epilogue. Same tiles, packing and blocking
+// (gemm_x86.inc); quantize_act and the int4 packing of this path are the AVX2 ones (dispatch.cpp).
+// Compiled with this path's flags only (CMakeLists.txt).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+// GCC 12's avx512fintrin.h self-initialises its _mm512_undefined_* values and then warns about them
+// wherever an intrinsic is inlined (GCC bug 105593, fixed in GCC 13): noise, not a finding.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include <cstring>
@@ -16,6 +22,7 @@
 #include "scalar.h"
 
 #define SVDQ_GEMM_VNNI 1
+#define SVDQ_GEMM_ZMM 1
 #define SVDQ_DPBUSD_ASM "vpdpbusd"
 
 namespace svdq::cpu::avx512vnni {

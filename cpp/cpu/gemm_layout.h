@@ -33,7 +33,6 @@ namespace svdq::cpu {
 constexpr int64_t kTileN = 16;
 constexpr int64_t kTileBytes = 1024;   // codes per (tile, group): 16 columns x 64 k, one byte each
 constexpr int64_t kTileSumBytes = 32;  // wsum per (tile, group): 16 int16
-constexpr int64_t kRowsPerBlock = 4;   // activation rows per micro-kernel call
 
 // Arguments of gemm_w4a4, shared by every path: the canonical weights (DESIGN.md §2).
 struct GemmArgs {
