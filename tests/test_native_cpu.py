@@ -309,8 +309,7 @@ def test_default_isa_is_best_supported():
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     current, best = out.stdout.split()[-2:]
-    # The VNNI paths stay opt-in until a run on such a CPU has verified them (dispatch.cpp).
-    assert current == best or (best in {"avxvnni", "avx512vnni"} and current == "avx2")
+    assert current == best
 
 
 def test_set_cpu_isa_roundtrip():

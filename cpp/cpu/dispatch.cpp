@@ -122,18 +122,16 @@ const IsaEntry kIsas[] = {
     // The GEMM with VEX vpdpbusd; quantize_act and int4 packing stay AVX2 (VNNI has nothing for them).
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
-     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avxvnni::gemm_w4a4, avxvnni::pack_tile},
-     /*default_ok=*/false},  // not yet run on an AVX-VNNI CPU
+     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avxvnni::gemm_w4a4, avxvnni::pack_tile}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
-    // The same GEMM with EVEX vpdpbusd on ymm registers (AVX512VL).
+    // The GEMM on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm parts it shares).
     {"avx512vnni",
      [](const CpuFeatures& f) {
        return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
               f.avx512dq && f.avx512vnni;
      },
-     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx512vnni::gemm_w4a4, avx512vnni::pack_tile},
-     /*default_ok=*/false},  // not yet run on an AVX-512 VNNI CPU
+     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx512vnni::gemm_w4a4, avx512vnni::pack_tile}},
 #endif
 };
 
