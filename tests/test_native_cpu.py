@@ -123,9 +123,10 @@ def assert_matches_reference(x, smooth, lora_down, num_threads: int | None = Non
 
 
 # The CPU path varies fastest (top decorator), so consecutive tests share a cached reference.
+# Ranks: none, below one vector, one ymm (8: staged on zmm), one zmm (16: read directly), and tails.
 @pytest.mark.parametrize("isa_name", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("r", [0, 1, 7, 32, 33])
+@pytest.mark.parametrize("r", [0, 1, 7, 8, 16, 32, 33])
 @pytest.mark.parametrize("k", [64, 128, 3072])
 @pytest.mark.parametrize("m", [0, 1, 3, 17, 64, 257])
 def test_quantize_act_matches_reference(isa_name, m, k, r, dtype):

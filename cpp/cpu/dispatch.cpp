@@ -125,13 +125,15 @@ const IsaEntry kIsas[] = {
      {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avxvnni::gemm_w4a4, avxvnni::pack_tile}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
-    // The GEMM on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm parts it shares).
+    // The GEMM and quantize_act on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm parts
+    // they share); the int4 packing stays AVX2.
     {"avx512vnni",
      [](const CpuFeatures& f) {
        return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
               f.avx512dq && f.avx512vnni;
      },
-     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx512vnni::gemm_w4a4, avx512vnni::pack_tile}},
+     {avx512::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx512vnni::gemm_w4a4,
+      avx512vnni::pack_tile}},
 #endif
 };
 

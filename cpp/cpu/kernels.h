@@ -77,6 +77,12 @@ double int8_peak_ops(int num_threads, int64_t iters);
 }  // namespace avx2
 #endif
 
+// quantize_act on zmm (quantize_avx512.cpp: quantize_x86.inc), for the avx512vnni path.
+namespace avx512 {
+void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
+                  float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
+}  // namespace avx512
+
 // The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp; gemm_x86.inc with vpdpbusd).
 namespace avxvnni {
 void gemm_w4a4(const GemmArgs& args);
