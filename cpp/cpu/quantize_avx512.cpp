@@ -74,9 +74,10 @@ inline float quantize_group(const void* x, const float* sm, float* xh, uint8_t* 
   const __m512 qmax = _mm512_set1_ps(7.0f);
   __m128i b[4];
   for (int j = 0; j < 4; ++j) {
-    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v[j], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_min_ps(qmax, _mm512_max_ps(qmin, r));
-    b[j] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));  // exact: r is an integer in [-8, 7]
+    // Clamping before rounding equals rounding before clamping (the bounds are integers), and the
+    // conversion's embedded rounding (nearest even) replaces a vrndscaleps.
+    const __m512 r = _mm512_min_ps(qmax, _mm512_max_ps(qmin, _mm512_div_ps(v[j], sv)));
+    b[j] = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   // 64 code bytes in order; each 16-bit lane is (even code | odd code << 8): fold it into
   // (even & 15) | (odd & 15) << 4 and keep the low byte of every lane.
