@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -125,6 +127,27 @@ def test_gemm_hypothesis(m, n, groups, r, has_bias, seed):
         if m:
             assert _rel(y, ref) < REL_TOL, name
     ops.set_cpu_isa(ops.supported_cpu_isas()[-1])
+
+
+def _gemm_and_reference(m, n, k, seed):
+    q, bias, x = _case(m, n, k, 32, torch.bfloat16, has_bias=True, seed=seed)
+    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
+    args = (q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+    return torch.ops.svdquant.gemm_w4a4(*args), reference.gemm_w4a4(*args)
+
+
+def test_gemm_scratch_is_per_thread_and_reused_safely(isa):
+    """The unpacked activations live in a per-thread block kept between calls: calls that grow and
+    shrink it in one thread, and calls from several threads at once (the GIL is released), must each
+    see only their own rows."""
+    shapes = [(300, 64, 3072), (5, 40, 192), (129, 33, 1024), (1, 16, 64), (300, 64, 3072)]
+    for i, (m, n, k) in enumerate(shapes):
+        y, ref = _gemm_and_reference(m, n, k, seed=i)
+        assert _rel(y, ref) < REL_TOL, (m, n, k)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda a: _gemm_and_reference(*a[1], seed=100 + a[0]), enumerate(shapes * 2)))
+    for (m, n, k), (y, ref) in zip(shapes * 2, results, strict=True):
+        assert _rel(y, ref) < REL_TOL, (m, n, k)
 
 
 @pytest.mark.parametrize(("n", "k", "r"), [(1, 64, 0), (37, 192, 3), (200, 3072, 32), (16, 128, 1)])
