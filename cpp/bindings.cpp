@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -230,14 +231,17 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
   const int64_t G = K / svdq::cpu::kGroupSize;
   const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
   py::gil_scoped_release release;
-  std::vector<uint8_t> q_x(static_cast<size_t>(M * (K / 2)));
-  std::vector<float> s_x(static_cast<size_t>(M * G)), lora_act(static_cast<size_t>(M * R));
+  // Uninitialised (quantize_act writes every element): a zero-filled vector was one more pass over
+  // M·K/2 bytes.
+  const std::unique_ptr<uint8_t[]> q_x(new uint8_t[static_cast<size_t>(M * (K / 2))]);
+  const std::unique_ptr<float[]> s_x(new float[static_cast<size_t>(M * G)]);
+  const std::unique_ptr<float[]> lora_act(new float[static_cast<size_t>(M * R)]);
   k.quantize_act(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(smooth),
-                 reinterpret_cast<const void*>(lora_down), q_x.data(), s_x.data(), lora_act.data(), M, K, R,
+                 reinterpret_cast<const void*>(lora_down), q_x.get(), s_x.get(), lora_act.get(), M, K, R,
                  static_cast<DType>(dtype), static_cast<int>(num_threads));
-  a.q_x = q_x.data();
-  a.s_x = s_x.data();
-  a.lora_act = lora_act.data();
+  a.q_x = q_x.get();
+  a.s_x = s_x.get();
+  a.lora_act = lora_act.get();
   a.y = reinterpret_cast<void*>(y);
   a.ydtype = static_cast<int>(dtype);
   a.M = M;
