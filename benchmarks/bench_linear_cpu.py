@@ -3,9 +3,10 @@
 W4A4 = activation quantization (smooth, INT4, low-rank down projection) + the INT4 GEMM with the
 low-rank and bias epilogue, bf16 in and out, as SVDQuantLinear runs it: one native call on the
 canonical weights (the kernel builds its tile layout itself, no resident second copy). Medians of repeated runs
-in one process; GOP/s counts 2·M·N·K; the ratio is against the faster torch path on this CPU.
-Beside it, the CPU's int8 dot-product peak (a tight vpmaddubsw+vpmaddwd loop in the native module,
-``_C.int8_peak_gops``, same thread count) and W4A4 as a % of it.
+in one process, the three calls timed in turn within each repeat; GOP/s counts 2·M·N·K; the ratio is against
+the faster torch path on this CPU. Beside it, the CPU's int8 dot-product peak (the GEMM's own inner
+instruction in a tight loop in the native module, ``_C.int8_peak_gops``, same thread count) and W4A4 as a %
+of it.
 
     python benchmarks/bench_linear_cpu.py [--quick] [--repeats 5] [--torchao]
 
@@ -38,6 +39,23 @@ def median_time(repeats: int, fn, *args) -> float:
         fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(repeats: int, *calls: tuple) -> list[float]:
+    """Median seconds of each ``(fn, *args)`` call, timed in turn within every repeat.
+
+    Round-robin rather than one call's repeats after the other's: a neighbour loading the (shared,
+    virtual) CPU for a few seconds then slows every call of that round alike instead of one side
+    of the ratio."""
+    for fn, *args in calls:
+        fn(*args)  # warm-up (allocator)
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, (fn, *args) in enumerate(calls):
+            start = time.perf_counter()
+            fn(*args)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -114,12 +132,13 @@ def main() -> None:
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             x32 = x.float()
-            reps = max(2, args.repeats if m * n * k < 2e10 else args.repeats // 2)
-            t_q = median_time(
-                reps, ops.svdquant_linear, x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, None
+            reps = max(3, args.repeats if m * n * k < 2e10 else args.repeats // 2 + 1)
+            t_q, t_16, t_32 = interleaved_medians(
+                reps,
+                (ops.svdquant_linear, x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, None),
+                (torch.nn.functional.linear, x, w16),
+                (torch.nn.functional.linear, x32, w),
             )
-            t_16 = median_time(reps, torch.nn.functional.linear, x, w16)
-            t_32 = median_time(reps, torch.nn.functional.linear, x32, w)
             ops_ = 2 * m * n * k / 1e9
             pct = f"{100 * ops_ / t_q / peak:>5.0f}%" if peak else f"{'-':>6}"
             print(
