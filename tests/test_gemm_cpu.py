@@ -48,6 +48,20 @@ def test_gemm_matches_reference(isa, m, n, k, r, dtype):
     """The CPU kernel of svdquant::gemm_w4a4 (canonical weights in) equals reference.gemm_w4a4."""
     if m == 300 and k != 3072:
         pytest.skip("the multi-chunk path needs M above one chunk (64 rows at K = 3072)")
+    _check_gemm(m, n, k, r, dtype)
+
+
+# M <= 16 reads the canonical weights directly on the AVX-512 path (no tiles): group counts past one
+# zmm of scales (G = 19), ranks past one zmm (17, 33), column counts that are not a multiple of its
+# 4-column blocks, and its 4-row blocks with their remainders.
+@pytest.mark.parametrize("m", [1, 4, 5, 16])
+@pytest.mark.parametrize(("n", "k", "r"), [(37, 64 * 19, 17), (40, 128, 33), (5, 64, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_few_rows_match_reference(isa, m, n, k, r, dtype):
+    _check_gemm(m, n, k, r, dtype)
+
+
+def _check_gemm(m, n, k, r, dtype):
     q, bias, x = _case(m, n, k, r, dtype, has_bias=(m + n) % 2 == 1)
     q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
     y = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)

@@ -1,8 +1,8 @@
 // AVX-512 VNNI (EVEX vpdpbusd on zmm: Ice Lake, Sapphire Rapids, Zen 4, Zen 5) W4A4 GEMM: the x86
 // kernel with one vpdpbusd per row, tile and step on a whole 16-column zmm of weights, blocks of 6
-// rows x 2 tiles, 32-bit sums (no per-group widening), and a zmm epilogue. Same tiles, packing and
-// blocking (gemm_x86.inc); quantize_act is quantize_avx512.cpp's, the int4 packing the AVX2 one
-// (dispatch.cpp).
+// rows x 2 tiles, 32-bit sums (no per-group widening), and a zmm epilogue; up to 16 rows it reads the
+// canonical weights directly instead (gemm_direct). Same tiles, packing and blocking (gemm_x86.inc);
+// quantize_act is quantize_avx512.cpp's, the int4 packing the AVX2 one (dispatch.cpp).
 // Compiled with this path's flags only (CMakeLists.txt).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
 // GCC 12's avx512fintrin.h self-initialises its _mm512_undefined_* values and then warns about them
