@@ -246,6 +246,25 @@ def test_bad_arguments_name_the_argument():
         ops._C.linear(1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 64, 0, 7, 1)
 
 
+@pytest.mark.parametrize("m", [3, 16, 130])
+def test_gemm_is_the_same_for_every_thread_count(isa, m):
+    """Each output is computed by one thread in a fixed order, whatever the split (direct path for few
+    rows, tiles over row chunks and panels otherwise): 1, 2, 3 and 8 threads give identical bits."""
+    q, bias, x = _case(m, 200, 3072, 32, torch.bfloat16, has_bias=True)
+    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
+    args = (q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            outs.append(torch.ops.svdquant.gemm_w4a4(*args))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert _rel(outs[0], reference.gemm_w4a4(*args)) < REL_TOL
+
+
 def test_int8_peak_microbenchmark():
     if "avx2" not in ops.supported_cpu_isas():
         assert ops.int8_peak_gops(1) == 0.0
