@@ -4,9 +4,9 @@ W4A4 = activation quantization (smooth, INT4, low-rank down projection) + the IN
 low-rank and bias epilogue, bf16 in and out, as SVDQuantLinear runs it: one native call on the
 canonical weights (the kernel builds its tile layout itself, no resident second copy). Medians of repeated runs
 in one process, the three calls timed in turn within each repeat; GOP/s counts 2·M·N·K; the ratio is against
-the faster torch path on this CPU. Beside it, the CPU's int8 dot-product peak (the GEMM's own inner
-instruction in a tight loop in the native module, ``_C.int8_peak_gops``, same thread count) and W4A4 as a %
-of it.
+the faster torch path on this CPU. Beside it, W4A4 as a % of the CPU's int8 dot-product peak (the GEMM's own
+inner instruction in a tight loop in the native module, ``_C.int8_peak_gops``, same thread count), that
+loop run in turn with the row's calls too, so that both sides of the % see the same moments of a shared CPU.
 
     python benchmarks/bench_linear_cpu.py [--quick] [--repeats 5] [--torchao]
 
@@ -41,8 +41,9 @@ def median_time(repeats: int, fn, *args) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(repeats: int, *calls: tuple) -> list[float]:
-    """Median seconds of each ``(fn, *args)`` call, timed in turn within every repeat.
+def interleaved_medians(repeats: int, *calls: tuple, probe=None) -> tuple[list[float], float | None]:
+    """Median seconds of each ``(fn, *args)`` call, timed in turn within every repeat, and the median of
+    ``probe()`` (a rate it measures itself, e.g. the int8 peak loop) sampled in the same turns.
 
     Round-robin rather than one call's repeats after the other's: a neighbour loading the (shared,
     virtual) CPU for a few seconds then slows every call of that round alike instead of one side
@@ -50,12 +51,15 @@ def interleaved_medians(repeats: int, *calls: tuple) -> list[float]:
     for fn, *args in calls:
         fn(*args)  # warm-up (allocator)
     times: list[list[float]] = [[] for _ in calls]
+    probes: list[float] = []
     for _ in range(repeats):
         for i, (fn, *args) in enumerate(calls):
             start = time.perf_counter()
             fn(*args)
             times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+        if probe is not None:
+            probes.append(probe())
+    return [statistics.median(t) for t in times], (statistics.median(probes) if probes else None)
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -114,14 +118,15 @@ def main() -> None:
         f"svdquant CPU path {ops.cpu_isa()}"
     )
     threads = torch.get_num_threads()
-    # The best of a few runs: a neighbour's load can only slow a run down (a median of 5 once came out at
-    # half the peak on a shared VM, and W4A4 at "120%" of it), so the fastest run is the CPU's peak.
     peak = max(ops.int8_peak_gops(threads) for _ in range(7))
     loop = "vpdpbusd" if "vnni" in str(ops.cpu_isa()) else "vpmaddubsw+vpmaddwd"
-    print(f"int8 peak ({loop} loop, {threads} threads): {peak:.0f} GOP/s")
+    print(
+        f"int8 peak ({loop} loop, {threads} threads): best of 7 runs {peak:.0f} GOP/s; each row's % is of the "
+        "loop's median over that row's repeats, run in turn with its calls (the same conditions)"
+    )
     print(
         f"{'M':>5} {'K':>6} {'N':>6} | {'W4A4 GOP/s':>10} {'% peak':>6} {'bf16 GFLOP/s':>12} {'fp32 GFLOP/s':>12} | "
-        f"{'vs bf16':>7} {'vs fp32':>7} {'vs best':>7}"
+        f"{'vs bf16':>7} {'vs fp32':>7} {'vs best':>7} | row's peak GOP/s"
     )
     torch.manual_seed(0)
     peer_rows: list = []
@@ -134,25 +139,23 @@ def main() -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             x32 = x.float()
             reps = max(5, args.repeats)  # medians of 3 still moved by a single burst of the VM
-            t_q, t_16, t_32 = interleaved_medians(
+            (t_q, t_16, t_32), row_peak = interleaved_medians(
                 reps,
                 (ops.svdquant_linear, x, q.qweight, q.wscales, q.smooth, q.lora_down, q.lora_up, None),
                 (torch.nn.functional.linear, x, w16),
                 (torch.nn.functional.linear, x32, w),
+                probe=(lambda: ops.int8_peak_gops(threads)) if peak else None,
             )
             ops_ = 2 * m * n * k / 1e9
-            if peak:  # sampled again beside each row: the peak only ever goes up (conservative %)
-                peak = max(peak, ops.int8_peak_gops(threads))
-            pct = f"{100 * ops_ / t_q / peak:>5.0f}%" if peak else f"{'-':>6}"
+            pct = f"{100 * ops_ / t_q / row_peak:>5.0f}%" if row_peak else f"{'-':>6}"
             print(
                 f"{m:>5} {k:>6} {n:>6} | {ops_ / t_q:>10.0f} {pct} {ops_ / t_16:>12.0f} {ops_ / t_32:>12.0f} | "
                 f"{t_16 / t_q:>6.2f}x {t_32 / t_q:>6.2f}x {min(t_16, t_32) / t_q:>6.2f}x"
+                + (f" | peak {row_peak:.0f}" if row_peak else "")
             )
             if args.torchao:
                 peer_rows.append((m, k, n, t_q, x, x32, peers))
 
-    if peak:
-        print(f"int8 peak, best of all samples: {peak:.0f} GOP/s (each % above used the best up to its row)")
     if args.torchao:
         print("\ntorchao's CPU int8 paths (the faster of bf16 / fp32 input each) vs W4A4:")
         names = ["torchao W8A8-dyn", "torchao int8-WO"]
