@@ -265,6 +265,19 @@ def test_gemm_is_the_same_for_every_thread_count(isa, m):
     assert _rel(outs[0], reference.gemm_w4a4(*args)) < REL_TOL
 
 
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_gemm_with_no_groups_is_the_low_rank_term_and_bias(isa, m):
+    """K = 0 (no groups): no dot products, the output is lora_act @ lora_up.T + bias, on the direct
+    path (few rows) and the tile path alike."""
+    g = torch.Generator().manual_seed(m)
+    q_x, s_x = torch.zeros(m, 0, dtype=torch.uint8), torch.zeros(m, 0)
+    q_w, s_w = torch.zeros(5, 0, dtype=torch.uint8), torch.zeros(5, 0)
+    args = (q_x, s_x, q_w, s_w, torch.randn(m, 4, generator=g), torch.randn(5, 4, generator=g),
+            torch.randn(5, generator=g), torch.float32)  # fmt: skip
+    y = torch.ops.svdquant.gemm_w4a4(*args)
+    assert _rel(y, reference.gemm_w4a4(*args)) < REL_TOL
+
+
 def test_int8_peak_microbenchmark():
     if "avx2" not in ops.supported_cpu_isas():
         assert ops.int8_peak_gops(1) == 0.0
