@@ -102,15 +102,19 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// Bytes of n T (at least one) rounded up to 64: aligned_alloc wants a multiple of the alignment.
+template <typename T>
+inline size_t aligned_bytes(int64_t n) {
+  return (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) & ~size_t{63};
+}
+
 // 64-byte aligned memory for n T (at least one), or null.
 template <typename T>
 inline T* alloc_aligned(int64_t n) {
-  // aligned_alloc wants a size that is a multiple of the alignment.
-  const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) & ~size_t{63};
 #if defined(_MSC_VER)
-  return static_cast<T*>(_aligned_malloc(bytes, 64));
+  return static_cast<T*>(_aligned_malloc(aligned_bytes<T>(n), 64));
 #else
-  return static_cast<T*>(std::aligned_alloc(64, bytes));
+  return static_cast<T*>(std::aligned_alloc(64, aligned_bytes<T>(n)));
 #endif
 }
 
@@ -161,7 +165,7 @@ template <typename T>
 struct ReusedBuffer {
   T* p = nullptr;
   explicit ReusedBuffer(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) & ~size_t{63};
+    const size_t bytes = aligned_bytes<T>(n);
     ThreadBlock& block = thread_block();
     if (bytes > kMaxReusedBytes || block.in_use) {
       p = alloc_aligned<T>(n);
