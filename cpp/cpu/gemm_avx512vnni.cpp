@@ -4,16 +4,10 @@
 // canonical weights directly instead (gemm_direct). Same tiles, packing and blocking (gemm_x86.inc);
 // quantize_act is quantize_avx512.cpp's, the int4 packing the AVX2 one (dispatch.cpp).
 // Compiled with this path's flags only (CMakeLists.txt).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-// GCC 12's avx512fintrin.h self-initialises its _mm512_undefined_* values and then warns about them
-// wherever an intrinsic is inlined (GCC bug 105593, fixed in GCC 13): noise, not a finding.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
 #include <cstring>
 #include <type_traits>
+
+#include "avx512_intrin.h"  // <immintrin.h>, GCC 12's false warnings silenced
 
 #ifdef _OPENMP
 #include <omp.h>

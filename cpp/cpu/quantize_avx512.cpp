@@ -5,16 +5,9 @@
 // x 2 zmm (16 FMA chains, one embedded broadcast each) cover the FMA latency at two per cycle; a group
 // is 4 zmm, packed to nibbles with vpmovdb / vpmovwb instead of the ymm lane-crossing packs.
 // Compiled with this path's flags only (CMakeLists.txt); nothing here instantiates a std:: template.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-// GCC 12's avx512fintrin.h self-initialises its _mm512_undefined_* values and then warns about them
-// wherever an intrinsic is inlined (GCC bug 105593, fixed in GCC 13): noise, not a finding.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
 #include <cstring>
 
+#include "avx512_intrin.h"  // <immintrin.h>, GCC 12's false warnings silenced
 #include "kernels.h"
 #include "scalar.h"
 
