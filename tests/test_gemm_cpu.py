@@ -34,6 +34,13 @@ def _case(m, n, k, r, dtype, has_bias, seed=0):
     return q, bias, x
 
 
+def _gemm_args(m, n, k, r=32, seed=0):
+    """gemm_w4a4's arguments (bf16 weights with a bias, float32 output) for reference-quantized activations."""
+    q, bias, x = _case(m, n, k, r, torch.bfloat16, has_bias=True, seed=seed)
+    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
+    return (q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -73,15 +80,13 @@ def _check_gemm(m, n, k, r, dtype):
     assert out.dtype == dtype and torch.equal(out, y.to(dtype))
 
 
-# The micro-kernels take rows in blocks (4 on the ymm paths, 8 on the zmm one) and the last block of a
-# chunk takes whatever is left: every remainder has its own instantiation, so every one is run.
+# The micro-kernels take rows in blocks (4 on the ymm paths, 6 on the zmm one; the direct path 2 or 4
+# up to 8 rows) and the last block takes whatever is left: every remainder has its own instantiation,
+# so every one is run.
 @pytest.mark.parametrize("m", list(range(1, 17)))
 def test_every_row_block_remainder_matches_reference(isa, m):
-    q, bias, x = _case(m, 40, 192, 8, torch.bfloat16, has_bias=True, seed=m)
-    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
-    y = torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
-    ref = reference.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
-    assert _rel(y, ref) < REL_TOL
+    args = _gemm_args(m, 40, 192, r=8, seed=m)
+    assert _rel(torch.ops.svdquant.gemm_w4a4(*args), reference.gemm_w4a4(*args)) < REL_TOL
 
 
 @pytest.mark.parametrize(("x_code", "w_code"), [(7, -8), (-8, -8), (7, 7), (-8, 7), ("random", "random")])
@@ -144,9 +149,7 @@ def test_gemm_hypothesis(m, n, groups, r, has_bias, seed):
 
 
 def _gemm_and_reference(m, n, k, seed):
-    q, bias, x = _case(m, n, k, 32, torch.bfloat16, has_bias=True, seed=seed)
-    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
-    args = (q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+    args = _gemm_args(m, n, k, seed=seed)
     return torch.ops.svdquant.gemm_w4a4(*args), reference.gemm_w4a4(*args)
 
 
@@ -250,9 +253,7 @@ def test_bad_arguments_name_the_argument():
 def test_gemm_is_the_same_for_every_thread_count(isa, m):
     """Each output is computed by one thread in a fixed order, whatever the split (direct path for few
     rows, tiles over row chunks and panels otherwise): 1, 2, 3 and 8 threads give identical bits."""
-    q, bias, x = _case(m, 200, 3072, 32, torch.bfloat16, has_bias=True)
-    q_x, s_x, lora_act = reference.quantize_act(x, q.smooth, q.lora_down)
-    args = (q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, torch.float32)
+    args = _gemm_args(m, 200, 3072)
     before = torch.get_num_threads()
     try:
         outs = []
