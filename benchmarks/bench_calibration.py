@@ -33,7 +33,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from diffusers_svdquant import SVDQuantConfig, algorithm, calibration, quantize_
-    from diffusers_svdquant.model_zoo import flux_shaped, model_inputs, timestep_value
+    from diffusers_svdquant.apps.model_zoo import flux_shaped
+    from diffusers_svdquant.denoisers import model_inputs, timestep_value
 
     procs = calibration._Processes()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs.world))

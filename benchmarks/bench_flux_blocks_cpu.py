@@ -22,7 +22,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantLinear, ops
-from diffusers_svdquant.model_zoo import flux_shaped, model_inputs, timestep_value
+from diffusers_svdquant.apps.model_zoo import flux_shaped
+from diffusers_svdquant.denoisers import model_inputs, timestep_value
 
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 

@@ -20,7 +20,8 @@ import statistics
 import torch
 
 from diffusers_svdquant import SVDQuantConfig, algorithm, ops, quantize_
-from diffusers_svdquant.model_zoo import FLUX1_CONFIG, flux_shaped, model_inputs, timestep_value
+from diffusers_svdquant.apps.model_zoo import FLUX1_CONFIG, flux_shaped
+from diffusers_svdquant.denoisers import model_inputs, timestep_value
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072)]
 ROWS = [1024, 4096]

@@ -29,7 +29,7 @@ import torch
 import diffusers_svdquant
 from diffusers import FluxTransformer2DModel
 from diffusers_svdquant import SVDQuantConfig
-from diffusers_svdquant.model_zoo import weight_bytes
+from diffusers_svdquant.apps.model_zoo import weight_bytes
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--shard-mb", type=int, default=256, help="shard size of the sharded checkpoint")
     args = p.parse_args()
-    from diffusers_svdquant.model_zoo import flux_shaped
+    from diffusers_svdquant.apps.model_zoo import flux_shaped
 
     double, single = (int(v) for v in args.blocks.split(","))
     mib = 2**20

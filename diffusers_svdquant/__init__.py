@@ -1,15 +1,23 @@
 """diffusers-svdquant: SVDQuant W4A4 quantization for diffusers models, on CPUs and NVIDIA GPUs.
 
-``import diffusers_svdquant`` registers ``quant_method: "svdquant"`` with diffusers, so both
+``import diffusers_svdquant`` registers ``quant_method: "svdquant"`` with diffusers (and transformers), so both
 ``Model.from_pretrained(repo, quantization_config=SVDQuantConfig(...))`` (quantize on load) and
 ``Model.from_pretrained(quantized_repo)`` (pre-quantized) work.
+
+The package's folders are its architecture (docs/design.md §3), data flowing one way:
+the runtime here (``config``, the math in ``reference`` and ``algorithm``, ``ops``, the layer in
+``linear``) <- ``calibration`` <- ``integrations`` (the loaders) <- ``hub`` <- ``apps`` (the
+``svdquant`` command, the demo, the quality report), which import the library and are never imported by it.
 """
 
 from . import ops
 from .calibration import CalibrationStats, calibrate
-from .config import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantMethod
+from .config import DEFAULT_MODULES_TO_NOT_CONVERT, DEFAULT_RANK, SVDQuantConfig, SVDQuantMethod
+from .integrations.diffusers_quantizer import SVDQuantDiffusersQuantizer
+from .integrations.layers import dequantize_, quantize_
+from .integrations.registration import register
+from .integrations.transformers_quantizer import SVDQuantHfQuantizer
 from .linear import SVDQuantLinear
-from .quantizer import SVDQuantDiffusersQuantizer, quantize_, register
 
 __version__ = "0.1.0"
 
@@ -17,8 +25,11 @@ __all__ = [
     "CalibrationStats",
     "calibrate",
     "DEFAULT_MODULES_TO_NOT_CONVERT",
+    "DEFAULT_RANK",
+    "dequantize_",
     "SVDQuantConfig",
     "SVDQuantDiffusersQuantizer",
+    "SVDQuantHfQuantizer",
     "SVDQuantLinear",
     "SVDQuantMethod",
     "ops",

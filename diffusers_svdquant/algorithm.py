@@ -1,7 +1,7 @@
 """SVDQuant's offline math: smoothing, the low-rank branch, INT4 residual quantization, packing.
 
 Everything here works on one linear layer's weight at a time, in float32, and returns the
-canonical tensors of DESIGN.md §2. The run-time math (activation quantization and the W4A4 GEMM)
+canonical tensors of docs/design.md §2. The run-time math (activation quantization and the W4A4 GEMM)
 lives in :mod:`diffusers_svdquant.reference`, whose group quantizer is reused here so the two
 sides cannot drift apart.
 """
@@ -28,7 +28,7 @@ _SMOOTH_MAX = 1e5
 
 
 class QuantizedWeight(NamedTuple):
-    """The canonical tensors of one quantized linear (DESIGN.md §2), bias excluded.
+    """The canonical tensors of one quantized linear (docs/design.md §2), bias excluded.
 
     Attributes:
         qweight: uint8 ``[N, K/2]`` packed INT4 residual codes.
@@ -324,7 +324,7 @@ def search_smoothing(
     svd_method: str = "auto",
     chunk_bytes: int = _SEARCH_CHUNK_BYTES,
 ) -> SmoothingSearch:
-    """Pick the layer's ``(α, β)`` by the output error after SVDQuant (DESIGN.md §1, step 1).
+    """Pick the layer's ``(α, β)`` by the output error after SVDQuant (docs/design.md §1, step 1).
 
     Every candidate is scored by :func:`quantized_output_error` on the calibration rows ``x``;
     candidates are evaluated in batches as large as ``chunk_bytes`` allows. Ties go to the earlier

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 from enum import Enum
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from torch import nn
+
+from .reference import GROUP_SIZE
 
 try:
     # One config class for both libraries: as a subclass of transformers' mixin too, SVDQuantConfig is
@@ -20,6 +24,10 @@ except ImportError:  # transformers absent or unusable: the config still serves 
 
 
 FORMAT_VERSION = 1
+# Rank of the 16-bit low-rank branch unless a user picks another: the paper's and Nunchaku's choice.
+DEFAULT_RANK = 32
+
+logger = logging.getLogger(__name__)
 
 # Kept in 16-bit by default, following Nunchaku's choice for FLUX / SD3 / SDXL: the input and output
 # projections and embedders see raw latents / text features whose scale differs per token, the AdaLN
@@ -64,12 +72,13 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
 
     The same object works as ``quantization_config`` of a diffusers model's and of a transformers
     model's ``from_pretrained`` (e.g. a T5 / CLIP text encoder); see
-    :mod:`diffusers_svdquant.transformers_quantizer`.
+    :mod:`diffusers_svdquant.integrations.transformers_quantizer`.
 
     Args:
         rank: rank ``r`` of the 16-bit low-rank branch (at most ``min(N, K)`` of every quantized
             layer; 0 drops the branch: plain W4A4, the baseline the quality report compares with).
-        group_size: INT4 group size along K. Only 64 is supported (the kernels are built for it).
+        group_size: INT4 group size along K. Only :data:`~diffusers_svdquant.reference.GROUP_SIZE` (64)
+            is supported: the kernels are built for it. Recorded so a checkpoint says what it holds.
         precision: ``"int4"``.
         modules_to_not_convert: module-name patterns kept in 16-bit (exact name, a parent module's
             name, or an fnmatch glob). ``None`` uses :data:`DEFAULT_MODULES_TO_NOT_CONVERT`.
@@ -86,13 +95,13 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         lowrank_iters: refinement iterations ``L ← SVD_r(Ŵ − Q(Ŵ − L))``; the best by weight error is kept.
         torch_dtype: dtype the model was quantized in, recorded so a reload without ``torch_dtype``
             gives the same model. Set by the quantizer.
-        format_version: on-disk format version (DESIGN.md §2).
+        format_version: on-disk format version (docs/design.md §2).
     """
 
     def __init__(
         self,
-        rank: int = 32,
-        group_size: int = 64,
+        rank: int = DEFAULT_RANK,
+        group_size: int = GROUP_SIZE,
         precision: str = "int4",
         modules_to_not_convert: list[str] | None = None,
         smoothing_alpha: float | None = None,
@@ -127,8 +136,10 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         """Validate the settings; raise ``ValueError`` naming the bad one."""
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"SVDQuantConfig: rank must be an integer >= 0, got {self.rank!r}")
-        if self.group_size != 64:
-            raise ValueError(f"SVDQuantConfig: group_size must be 64 (the kernels' group), got {self.group_size!r}")
+        if self.group_size != GROUP_SIZE:
+            raise ValueError(
+                f"SVDQuantConfig: group_size must be {GROUP_SIZE} (the kernels' group), got {self.group_size!r}"
+            )
         if self.precision != "int4":
             raise ValueError(f"SVDQuantConfig: precision must be 'int4', got {self.precision!r}")
         if self.smoothing_alpha is not None and (
@@ -182,3 +193,35 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         """The settings that differ from the defaults."""
         default = SVDQuantConfig().to_dict()
         return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}
+
+
+def quantizable_linears(model: nn.Module, config: SVDQuantConfig) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules ``config`` quantizes, by name: the one selection rule.
+
+    A linear stays in 16-bit when a :attr:`SVDQuantConfig.modules_to_not_convert` pattern matches
+    it or when its ``in_features`` is not a multiple of :data:`GROUP_SIZE` (documented fallback).
+    The same rule decides at calibration, at quantization and at reload, so a checkpoint needs no
+    per-layer list.
+
+    Raises:
+        ValueError: a target layer is smaller than the rank (names the layer and its shape).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or config.is_excluded(name):
+            continue
+        if module.in_features % GROUP_SIZE:
+            logger.info(
+                "svdquant: %s keeps 16-bit weights (in_features=%d is not a multiple of %d)",
+                name, module.in_features, GROUP_SIZE,
+            )  # fmt: skip
+            continue
+        if config.rank > min(module.in_features, module.out_features):
+            raise ValueError(
+                f"SVDQuantConfig: rank {config.rank} is larger than min(out, in) = "
+                f"{min(module.in_features, module.out_features)} of layer {name!r} "
+                f"(weight [{module.out_features}, {module.in_features}]); lower the rank or add the layer "
+                f"to modules_to_not_convert"
+            )
+        found[name] = module
+    return found

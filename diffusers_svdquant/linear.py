@@ -7,7 +7,7 @@ from torch import nn
 
 from . import algorithm, ops, reference
 
-# The canonical tensors, in the order DESIGN.md §2 lists them; bias is separate (optional).
+# The canonical tensors, in the order docs/design.md §2 lists them; bias is separate (optional).
 QUANT_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
 
 
@@ -19,7 +19,7 @@ class SVDQuantLinear(nn.Module):
     """A linear layer stored as SVDQuant W4A4 + a 16-bit low-rank branch.
 
     ``y = W4A4(x / smooth) + (x / smooth) @ lora_down @ lora_up.T + bias``, with the tensors of
-    DESIGN.md §2 as frozen parameters (so they move with ``.to()`` and load/save by name):
+    docs/design.md §2 as frozen parameters (so they move with ``.to()`` and load/save by name):
 
     * ``qweight`` uint8 ``[N, K/2]``, ``wscales`` ``[N, K/64]``, ``smooth`` ``[K]``,
       ``lora_down`` ``[K, r]``, ``lora_up`` ``[N, r]``, ``bias`` ``[N]`` (when ``bias=True``).

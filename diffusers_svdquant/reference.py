@@ -4,7 +4,7 @@ Every native kernel (CPU in ``cpp/cpu``, CUDA in ``cpp/cuda``) must reproduce th
 codes of these functions exactly (up to rare +-1 rounding ties) and their outputs within the
 tolerances the tests state. Nothing here is tuned for speed; it is written to be read.
 
-Conventions shared with ``DESIGN.md``:
+Conventions shared with ``docs/design.md``:
 
 * INT4 codes are two's complement in ``[-8, 7]``, packed two per byte along K, element ``2j``
   in the low nibble and ``2j + 1`` in the high nibble (:func:`pack_int4`).
@@ -211,7 +211,7 @@ def svdquant_linear(
 
     Args:
         x: ``[M, K]``; the result has ``x.dtype``.
-        qweight, wscales, smooth, lora_down, lora_up, bias: the canonical tensors (DESIGN.md §2).
+        qweight, wscales, smooth, lora_down, lora_up, bias: the canonical tensors (docs/design.md §2).
 
     Returns:
         ``[M, N]`` in ``x.dtype``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffusers_svdquant import hub_commands
+from diffusers_svdquant.apps import hub_commands
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,7 +269,7 @@ def test_lowrank_iters_improves_structured_weight():
 @pytest.mark.parametrize("r", [0, 8])
 @pytest.mark.parametrize("with_stats", [False, True])
 def test_output_shapes_and_dtypes(n, k, r, dtype, with_stats):
-    """quantize_weight / svdquant_weight return the DESIGN.md §2 table: qweight uint8 [N, K/2],
+    """quantize_weight / svdquant_weight return the docs/design.md §2 table: qweight uint8 [N, K/2],
     wscales [N, K/64], smooth [K], lora_down [K, r], lora_up [N, r], the float ones in the model
     dtype; contiguous and on the weight's device."""
     w = structured_weight(n, k).to(dtype)

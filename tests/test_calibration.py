@@ -314,7 +314,7 @@ def test_pipeline_statistics_equal_a_direct_recording(tiny_pipe):
     """calibrate(pipe, prompts) hooks exactly the denoiser layers the default config quantizes, and each
     layer's absmax / token count equal what a plain forward pre-hook sees over the same generations."""
     from diffusers_svdquant import SVDQuantConfig
-    from diffusers_svdquant.quantizer import quantizable_linears
+    from diffusers_svdquant.config import quantizable_linears
 
     stats = calibrate(tiny_pipe, prompts=PROMPTS, num_inference_steps=2, pipeline_kwargs=TINY_PIPELINE_KWARGS,
                       search=False)  # fmt: skip

@@ -13,7 +13,8 @@ import torch
 from diffusers import FluxPipeline
 from models import TINY_PIPELINE_KWARGS, build_pipeline
 
-from diffusers_svdquant import CalibrationStats, SVDQuantLinear, cli
+from diffusers_svdquant import CalibrationStats, SVDQuantLinear
+from diffusers_svdquant.apps import cli
 
 CALIB = ["--num-prompts", "4", "--steps", "2", "--rank", "16", "--pipeline-kwargs", json.dumps(TINY_PIPELINE_KWARGS)]
 
@@ -39,7 +40,7 @@ def _launch(launcher: list[str], args: list[str], tmp_path) -> subprocess.Comple
     # One thread per process in both runs: torch's CPU kernels may round differently with the thread count,
     # and two 2-thread processes on 2 cores would only fight.
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [*launcher, "-m", "diffusers_svdquant.cli", *args]
+    cmd = [*launcher, "-m", "diffusers_svdquant.apps.cli", *args]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -63,7 +64,7 @@ LAUNCHERS = {
 
 @pytest.fixture(scope="module")
 def one_process(pipe_dir, tmp_path_factory):
-    """The statistics file of a single-process `python -m diffusers_svdquant.cli calibrate` run."""
+    """The statistics file of a single-process `python -m diffusers_svdquant.apps.cli calibrate` run."""
     tmp = tmp_path_factory.mktemp("one")
     _launch([sys.executable], [*_calibrate_args(pipe_dir), "--out", str(tmp / "one.safetensors")], tmp)
     return tmp / "one.safetensors"

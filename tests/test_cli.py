@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from diffusers_svdquant import cli, demo
+from diffusers_svdquant.apps import cli, demo
 
 
 def test_svdquant_command_lists_demo(capsys):

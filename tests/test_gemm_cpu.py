@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import gemm_layout
 import pytest
 import torch
 from hypothesis import given, settings
@@ -171,11 +172,11 @@ def test_gemm_scratch_is_per_thread_and_reused_safely(isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_native_tiles_equal_the_layout_spec(isa, n, k, r, dtype, has_bias):
-    """Each path's pack_tile (canonical weights -> kernel tiles) builds exactly ops.pack_gemm_weights'
+    """Each path's pack_tile (canonical weights -> kernel tiles) builds exactly gemm_layout.pack_gemm_weights'
     layout: codes, their sums, scales, lora_up and bias, padding columns included."""
     q, bias, _ = _case(1, n, k, r, dtype, has_bias)
-    want = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
-    got = ops.native_gemm_tiles(q.qweight, q.wscales, q.lora_up, bias)
+    want = gemm_layout.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
+    got = gemm_layout.native_gemm_tiles(q.qweight, q.wscales, q.lora_up, bias)
     assert torch.equal(got.wq, want.wq) and torch.equal(got.wsum, want.wsum)
     assert torch.equal(got.sw, want.sw) and torch.equal(got.lora_up, want.lora_up)
     assert torch.equal(got.bias, want.bias) if has_bias else bool((got.bias == 0).all())
@@ -185,8 +186,8 @@ def test_native_tiles_equal_the_layout_spec(isa, n, k, r, dtype, has_bias):
 def test_pack_round_trip(n, k, r):
     """The tile layout is a pure re-arrangement: unpacking gives the canonical tensors back."""
     q, bias, _ = _case(1, n, k, r, torch.bfloat16, True)
-    packed = ops.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
-    qweight, wscales, lora_up, b = ops.unpack_gemm_weights(*packed)
+    packed = gemm_layout.pack_gemm_weights(q.qweight, q.wscales, q.lora_up, bias)
+    qweight, wscales, lora_up, b = gemm_layout.unpack_gemm_weights(*packed)
     assert torch.equal(qweight, q.qweight)
     # The stored sums are −8·Σ of each column's codes per group; padding columns hold 0.
     sums = -8 * reference.unpack_int4(q.qweight).view(n, k // 64, 64).sum(-1)
@@ -240,13 +241,13 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="smooth has shape"):
         lin(x, q.qweight, q.wscales, q.smooth[:64], q.lora_down, q.lora_up, bias)
     with pytest.raises(ValueError, match="gemm_w4a4: qweight is a null pointer but holds 32 elements"):
-        ops._C.gemm_w4a4(1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 64, 0, 0, 0, 1)
+        ops.native._C.gemm_w4a4(1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 64, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="q_x must be a non-negative address"):
-        ops._C.gemm_w4a4(-1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 0, 1)
+        ops.native._C.gemm_w4a4(-1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 0, 1)
     with pytest.raises(ValueError, match=r"ydtype must be 0 \(float32\), 1 \(bfloat16\) or 2 \(float16\), got 3"):
-        ops._C.gemm_w4a4(1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 3, 1)
+        ops.native._C.gemm_w4a4(1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 64, 0, 0, 3, 1)
     with pytest.raises(ValueError, match="wdtype"):
-        ops._C.linear(1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 64, 0, 7, 1)
+        ops.native._C.linear(1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 64, 0, 7, 1)
 
 
 @pytest.mark.parametrize("m", [3, 16, 130])
@@ -285,7 +286,7 @@ def test_int8_peak_microbenchmark():
         return
     assert ops.int8_peak_gops(1) > 0
     with pytest.raises(ValueError, match="num_threads"):
-        ops._C.int8_peak_gops(0)
+        ops.native._C.int8_peak_gops(0)
 
 
 @pytest.mark.parametrize(

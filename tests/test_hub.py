@@ -26,7 +26,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from models import TINY_MODELS, run
 
 import diffusers_svdquant
-from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, cli, hub
+from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, hub
+from diffusers_svdquant.apps import cli
 
 TOKEN = "hf_alice_write"
 BOB = "hf_bob_write"
@@ -285,13 +286,13 @@ def test_connection_dropped_mid_commit_leaves_the_repo_unchanged(server, fluxq, 
 
 def test_a_concurrent_push_is_not_overwritten(server, fluxq, tmp_path, monkeypatch):
     first = hub.push(_saved(fluxq, tmp_path, "alice/race"), "alice/race", token=TOKEN)
-    check = hub._check_same_model
+    check = hub.upload._check_same_model
 
     def someone_else_commits_meanwhile(api, *args):
         check(api, *args)
         HfApi(token=TOKEN).create_commit("alice/race", [CommitOperationAdd("notes.txt", b"hi")], commit_message="x")
 
-    monkeypatch.setattr(hub, "_check_same_model", someone_else_commits_meanwhile)
+    monkeypatch.setattr(hub.upload, "_check_same_model", someone_else_commits_meanwhile)
     second = _saved(fluxq, tmp_path, "alice/race", quality={"note": "second upload"})
     with pytest.raises(hub.HubUploadError, match=f"moved from {first.commit_id}") as e:
         hub.push(second, "alice/race", token=TOKEN)
@@ -428,7 +429,7 @@ def test_hf_endpoint_in_a_fresh_process(server, fluxq, tmp_path):
     """No patched constants: a new process configured only by HF_ENDPOINT (as a user would) reads the repo."""
     hub.push(_saved(fluxq, tmp_path, "alice/env"), "alice/env", token=TOKEN)
     env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home")}
-    code = "from diffusers_svdquant import cli; raise SystemExit(cli.main(['inspect', 'alice/env']))"
+    code = "from diffusers_svdquant.apps import cli; raise SystemExit(cli.main(['inspect', 'alice/env']))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"alice/env @ {server.head('alice/env')}" in proc.stdout and "SVDQuant W4A4 rank 16" in proc.stdout

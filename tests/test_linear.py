@@ -58,7 +58,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(("k", "n"), [(128, 96), (256, 320)])
 def test_from_linear_forward(k, n, bias, dtype):
     """Output shape [..., N] for 1-D to 4-D input, the layer's dtype, and relative error vs the
-    original nn.Linear below OUTPUT_REL_ERR; the parameters follow DESIGN.md §2."""
+    original nn.Linear below OUTPUT_REL_ERR; the parameters follow docs/design.md §2."""
     lin = _linear(k, n, bias, dtype)
     q = SVDQuantLinear.from_linear(lin, 16)
     assert (q.in_features, q.out_features, q.rank) == (k, n, 16)
@@ -152,7 +152,7 @@ def test_to_dtype_keeps_qweight_uint8(bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_state_dict_keys(bias):
-    """state_dict holds exactly the canonical tensors of DESIGN.md §2 (plus bias when present)."""
+    """state_dict holds exactly the canonical tensors of docs/design.md §2 (plus bias when present)."""
     q = SVDQuantLinear.from_linear(_linear(128, 64, bias, torch.bfloat16), 8)
     sd = q.state_dict()
     assert list(sd) == KEYS + (["bias"] if bias else [])

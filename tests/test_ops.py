@@ -1,8 +1,8 @@
-"""The ``torch.library`` ops in ``ops.py``: opcheck, agreement with ``reference.py`` on both CPU
-backends (the native ``_C`` kernel when it is built, and the reference fallback, forced by hiding
-``_C``), bad-input errors, ``torch.compile``, and the CPU ISA controls.
+"""The ``torch.library`` ops of ``diffusers_svdquant.ops``: opcheck, agreement of the native ``_C`` CPU
+kernels with ``reference.py``, the fallback without ``_C`` (runs ``reference.py``, warns once per op),
+bad-input errors, ``torch.compile``, and the CPU ISA controls.
 
-Tolerances: q_x and s_x must equal the reference bit for bit (DESIGN.md §1; the native kernel
+Tolerances: q_x and s_x must equal the reference bit for bit (docs/design.md §1; the native kernel
 promises IEEE division and round-half-even). lora_act may differ by float32 summation order:
 ``1e-5 * (|x̂| @ |lora_down|)``. gemm output: ``1e-5 * Σ|terms| + u_out * |y|`` with ``u_out`` the
 output dtype's unit roundoff (0 / 2**-8 / 2**-11 for fp32 / bf16 / fp16, plus 2**-24 absolute for
@@ -21,7 +21,7 @@ from torch import nn
 
 from diffusers_svdquant import SVDQuantLinear, algorithm, ops, reference
 
-pytestmark = pytest.mark.filterwarnings("ignore:diffusers_svdquant._C unavailable:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*diffusers_svdquant._C unavailable:RuntimeWarning")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Rounding two nearly equal float32 results (different accumulation orders) to a 16-bit dtype can land
@@ -38,16 +38,12 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(params=["reference", "native"])
-def backend(request, monkeypatch):
-    """Run the test with the native CPU kernel (skipped when ``_C`` is not built) and with the
-    reference fallback (``_C`` hidden from ops.py)."""
-    if request.param == "native":
-        if not ops.native_available():
-            pytest.skip(f"diffusers_svdquant._C not built: {ops.native_error()}")
-    else:
-        monkeypatch.setattr(ops, "_C", None)
-    return request.param
+@pytest.fixture
+def native():
+    """The native CPU kernels (the test is skipped when ``_C`` is not built): every kernel test here
+    compares them with ``reference.py``; the fallback without ``_C`` has its own test."""
+    if not ops.native_available():
+        pytest.skip(f"diffusers_svdquant._C not built: {ops.native_error()}")
 
 
 def _act_args(m, k, r, dtype, seed=0, transposed=False):
@@ -133,7 +129,7 @@ def _svdquant_op_names() -> set[str]:
 
 
 @pytest.mark.parametrize(("op_name", "case"), [(op, case) for op, cases in OPCHECK_CASES.items() for case in cases])
-def test_opcheck(backend, op_name, case):
+def test_opcheck(native, op_name, case):
     """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) passes, with
     the native kernel and with the reference fallback."""
     args = OPCHECK_CASES[op_name][case]()
@@ -165,7 +161,7 @@ def _assert_lora_act_close(got, x, smooth, lora_down):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize(("m", "k", "r"), [(0, 64, 3), (1, 64, 0), (5, 128, 3), (33, 192, 32)])
-def test_quantize_act_matches_reference(backend, m, k, r, dtype, transposed):
+def test_quantize_act_matches_reference(native, m, k, r, dtype, transposed):
     """The op's q_x and s_x equal reference.quantize_act exactly, lora_act within summation-order
     tolerance, for contiguous input and for a transposed (non-contiguous) view."""
     x, smooth, lora_down = _act_args(m, k, r, dtype, seed=m + k + r, transposed=transposed)
@@ -179,7 +175,7 @@ def test_quantize_act_matches_reference(backend, m, k, r, dtype, transposed):
     _assert_lora_act_close(lora_act, x, smooth, lora_down)
 
 
-def test_quantize_act_outputs_contiguous(backend):
+def test_quantize_act_outputs_contiguous(native):
     """The op's outputs are contiguous, as its fake impl (x.new_empty) declares, also for a
     transposed x: torch.compile plans with the fake strides."""
     x, smooth, lora_down = _act_args(7, 192, 3, torch.float32, transposed=True)
@@ -187,7 +183,7 @@ def test_quantize_act_outputs_contiguous(backend):
         assert t.is_contiguous(), t.stride()
 
 
-def test_quantize_act_noncontiguous_smooth_and_lora_down(backend):
+def test_quantize_act_noncontiguous_smooth_and_lora_down(native):
     """Strided smooth and a transposed lora_down give the same result as contiguous copies."""
     g = _gen(3)
     x = torch.randn(9, 128, generator=g)
@@ -200,7 +196,7 @@ def test_quantize_act_noncontiguous_smooth_and_lora_down(backend):
     _assert_lora_act_close(got[2], x, smooth, lora_down)
 
 
-def test_quantize_act_special_values(backend):
+def test_quantize_act_special_values(native):
     """All-zero groups give scale 0 and code 0 (no NaN); exact halfway ties round to even."""
     x = torch.zeros(3, 128)
     x[1, 64:] = torch.tensor([7.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, -3.5] * 8)
@@ -213,7 +209,7 @@ def test_quantize_act_special_values(backend):
     assert torch.isfinite(lora_act).all()
 
 
-def test_quantize_act_mixed_dtypes_match_reference(backend):
+def test_quantize_act_mixed_dtypes_match_reference(native):
     """smooth / lora_down in float32 with bfloat16 x: reference.quantize_act documents them as "any
     float dtype" and uses them in float32; the op must give the reference's codes."""
     g = _gen(4)
@@ -231,7 +227,7 @@ def test_native_kernel_is_used(monkeypatch):
     if not ops.native_available():
         pytest.skip("diffusers_svdquant._C not built")
     calls = []
-    real = ops._C
+    real = ops.native._C
 
     class Spy:
         def __getattr__(self, name):
@@ -241,29 +237,50 @@ def test_native_kernel_is_used(monkeypatch):
             calls.append(1)
             return real.quantize_act(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "_C", Spy())
+    monkeypatch.setattr(ops.native, "_C", Spy())
     x, smooth, lora_down = _act_args(3, 128, 5, torch.float32)
     got = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
     assert calls == [1]
     assert torch.equal(got[0], reference.quantize_act(x, smooth, lora_down)[0])
 
 
-def test_fallback_warns_once(monkeypatch):
-    """Without ``_C`` the op runs reference.py and says so once (RuntimeWarning), not per call."""
-    monkeypatch.setattr(ops, "_C", None)
-    monkeypatch.setattr(ops, "_warned", set())
-    args = _act_args(2, 64, 1, torch.float32)
-    with pytest.warns(RuntimeWarning, match="reference"):
-        torch.ops.svdquant.quantize_act(*args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        torch.ops.svdquant.quantize_act(*args)
+def test_fallback_without_native_runs_reference_and_warns_once(monkeypatch):
+    """Without ``_C`` every CPU op still runs (``reference.py``, bit for bit) and says so once per op
+    (RuntimeWarning), not per call."""
+    monkeypatch.setattr(ops.native, "_C", None)
+    monkeypatch.setattr(ops.native, "_warned", set())
+    x, smooth, lora_down = _act_args(3, 128, 4, torch.bfloat16)
+    q = algorithm.svdquant_weight(torch.randn(40, 128, generator=_gen(5)), 4, dtype=torch.bfloat16)
+    bias = torch.randn(40, generator=_gen(6)).to(torch.bfloat16)
+    q_x, s_x, lora_act = reference.quantize_act(x, smooth, lora_down)
+    calls = {
+        "quantize_act": (
+            lambda: torch.ops.svdquant.quantize_act(x, smooth, lora_down),
+            (q_x, s_x, lora_act),
+        ),
+        "gemm_w4a4": (
+            lambda: torch.ops.svdquant.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, x.dtype),
+            reference.gemm_w4a4(q_x, s_x, q.qweight, q.wscales, lora_act, q.lora_up, bias, x.dtype),
+        ),
+        "linear": (
+            lambda: torch.ops.svdquant.linear(x, q.qweight, q.wscales, smooth, lora_down, q.lora_up, bias),
+            reference.svdquant_linear(x, q.qweight, q.wscales, smooth, lora_down, q.lora_up, bias),
+        ),
+    }
+    for name, (call, want) in calls.items():
+        with pytest.warns(RuntimeWarning, match=f"{name}: diffusers_svdquant._C unavailable"):
+            got = call()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = call()
+        for g, a, w in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, again, want)), strict=True):
+            assert torch.equal(g, w) and torch.equal(a, w), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize(("m", "n", "k", "r"), [(0, 64, 64, 3), (1, 1, 64, 0), (7, 200, 192, 3), (64, 64, 128, 32)])
-def test_gemm_matches_reference(backend, m, n, k, r, has_bias, dtype):
+def test_gemm_matches_reference(native, m, n, k, r, has_bias, dtype):
     """The gemm op equals reference.gemm_w4a4 within the module tolerance, in the requested dtype."""
     args = _gemm_args(m, n, k, r, dtype, has_bias, seed=m + n + k + r)
     y = torch.ops.svdquant.gemm_w4a4(*args)
@@ -280,7 +297,7 @@ def test_gemm_matches_reference(backend, m, n, k, r, has_bias, dtype):
     assert bool(((y.double() - want.double()).abs() <= tol).all())
 
 
-def test_gemm_noncontiguous_inputs(backend):
+def test_gemm_noncontiguous_inputs(native):
     """Transposed / strided views of every gemm input give the same result as contiguous copies."""
     q_x, s_x, q_w, s_w, lora_act, lora_up, bias, dt = _gemm_args(6, 40, 128, 4, torch.float32, True, seed=9)
     views = (q_x.t().contiguous().t(), s_x.t().contiguous().t(), q_w.t().contiguous().t(),
@@ -292,7 +309,7 @@ def test_gemm_noncontiguous_inputs(backend):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
-def test_svdquant_linear_op_path_matches_reference(backend):
+def test_svdquant_linear_op_path_matches_reference(native):
     """ops.svdquant_linear (quantize_act op then gemm op) equals reference.svdquant_linear."""
     w = torch.randn(96, 192, generator=_gen(11)) * 0.05
     q = algorithm.quantize_weight(w, 8, dtype=torch.bfloat16)
@@ -431,7 +448,7 @@ def test_torch_compile_fullgraph_inductor():
 
 def test_isa_controls_without_native(monkeypatch):
     """Without ``_C``: no ISAs, cpu_isa() is None, set_cpu_isa raises RuntimeError."""
-    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops.native, "_C", None)
     assert ops.supported_cpu_isas() == []
     assert ops.cpu_isa() is None
     with pytest.raises(RuntimeError, match="not available"):

@@ -130,10 +130,11 @@ def test_svdquant_beats_naive_w4a4_on_planted_outliers(saved):
         torch.manual_seed(0)
         model = _plant_outliers(tiny.build())
         if naive:
-            from diffusers_svdquant.quantizer import _replace_module, quantizable_linears
+            from diffusers_svdquant.config import quantizable_linears
+            from diffusers_svdquant.integrations.layers import replace_module
 
             for n, lin in quantizable_linears(model, config).items():
-                _replace_module(model, n, SVDQuantLinear.from_linear(lin, 0))
+                replace_module(model, n, SVDQuantLinear.from_linear(lin, 0))
         else:
             quantize_(model, config)
         return rel_err(run(model, inputs), ref)

@@ -1,4 +1,4 @@
-"""The spec kernels in ``reference.py`` against independent float computations of DESIGN.md §1.
+"""The spec kernels in ``reference.py`` against independent float computations of docs/design.md §1.
 
 Tolerances (for :func:`reference.gemm_w4a4` against a float64 evaluation of the same formula):
 every element may differ by ``1e-5 * mag + u * |y|``, where ``mag = |X̃| @ |W̃|.T + |lora_act| @

@@ -18,7 +18,7 @@ from transformers.quantizers import auto as hf_auto
 
 import diffusers_svdquant
 from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, calibrate, quantize_
-from diffusers_svdquant.transformers_quantizer import SVDQuantHfQuantizer, register_transformers
+from diffusers_svdquant.integrations.transformers_quantizer import SVDQuantHfQuantizer
 
 WEIGHTS = "model.safetensors"
 RANK = 16
@@ -208,7 +208,6 @@ def test_dequantize_restores_linears(saved):
 def test_registration_is_idempotent():
     diffusers_svdquant.register()
     diffusers_svdquant.register()
-    assert register_transformers() and register_transformers()
     assert hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["svdquant"] is SVDQuantConfig
     assert hf_auto.AUTO_QUANTIZER_MAPPING["svdquant"] is SVDQuantHfQuantizer
 
@@ -224,9 +223,7 @@ def test_foreign_registration_is_never_overwritten(mapping_name):
     ours = {name: getattr(hf_auto, name).pop("svdquant") for name in names}
     mapping["svdquant"] = _ForeignQuantizer
     try:
-        with pytest.raises(RuntimeError, match="_ForeignQuantizer"):
-            register_transformers()
-        with pytest.raises(RuntimeError, match="_ForeignQuantizer"):
+        with pytest.raises(RuntimeError, match="transformers already maps.*_ForeignQuantizer"):
             diffusers_svdquant.register()
         assert mapping["svdquant"] is _ForeignQuantizer
         # Both keys are checked before either is written.
@@ -248,10 +245,10 @@ def test_register_without_transformers():
         "package = sys.modules['diffusers_svdquant'] = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(package)\n"
         "from diffusers.quantizers import auto\n"
-        "from diffusers_svdquant.transformers_quantizer import register_transformers\n"
         "package.register()\n"
         "assert auto.AUTO_QUANTIZER_MAPPING['svdquant'] is package.SVDQuantDiffusersQuantizer\n"
-        "assert register_transformers() is False\n"
+        "from diffusers_svdquant.integrations import transformers_quantizer\n"
+        "assert isinstance(transformers_quantizer.TRANSFORMERS_IMPORT_ERROR, ImportError)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,7 +6,7 @@ one config object serves ``FluxTransformer2DModel.from_pretrained`` and ``T5Enco
 transformers v5 loads through its own converter pipeline rather than diffusers' per-parameter hooks:
 
 * quantize on load — :meth:`SVDQuantHfQuantizer._process_model_before_weight_loading` swaps the target
-  ``nn.Linear``\\ s (chosen by :func:`~diffusers_svdquant.quantizer.quantizable_linears`, the same rule as
+  ``nn.Linear``\\ s (chosen by :func:`~diffusers_svdquant.config.quantizable_linears`, the same rule as
   for diffusers) for meta :class:`SVDQuantLinear` skeletons; ``param_needs_quantization`` marks each
   ``<layer>.weight``, and the loader hands the 16-bit tensor to :class:`SVDQuantQuantize`, which
   returns the canonical tensors instead;
@@ -30,33 +30,32 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import algorithm
-from .calibration import CalibrationStats, load_calibration
-from .config import SVDQuantConfig
-from .linear import QUANT_TENSORS, SVDQuantLinear
-from .quantizer import (
-    _replace_module,
+from .. import algorithm
+from ..calibration import CalibrationStats, load_calibration
+from ..config import SVDQuantConfig
+from ..linear import QUANT_TENSORS, SVDQuantLinear
+from .layers import (
     check_checkpoint_keys,
+    check_device_map,
     dequantize_,
-    quantizable_linears,
+    load_targets,
     quantize_layer_weight,
+    replace_with_skeletons,
 )
 
 try:
     from transformers.core_model_loading import ConversionOps
-    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.quantizers import HfQuantizer
 
-    _IMPORT_ERROR: ImportError | None = None
+    TRANSFORMERS_IMPORT_ERROR: ImportError | None = None
 except ImportError as e:  # transformers absent or older than v5: diffusers support must still load
     ConversionOps = HfQuantizer = object  # type: ignore[assignment,misc]  # inert bases, never registered
-    _IMPORT_ERROR = e
+    TRANSFORMERS_IMPORT_ERROR = e
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
-
-KEY = "svdquant"
 
 
 def _keep_in_fp32_patterns(model: nn.Module) -> list[str]:
@@ -148,9 +147,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
         self._hide_hooks: list[Any] = []
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("svdquant: offloading quantized layers to disk is not supported")
+        check_device_map(kwargs.get("device_map"))
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         # Recorded like the diffusers quantizer does; a transformers reload takes config.json's `dtype`.
@@ -178,30 +175,19 @@ class SVDQuantHfQuantizer(HfQuantizer):
         self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> PreTrainedModel:
         config = self.quantization_config
-        self.modules_to_not_convert = list(config.modules_to_not_convert) + _keep_in_fp32_patterns(model)
-        rule = SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": self.modules_to_not_convert})
-        targets = quantizable_linears(model, rule)
-        if not targets:
-            raise ValueError(
-                f"svdquant: no linear layer of {type(model).__name__} is quantizable (all excluded or "
-                f"in_features not a multiple of 64)"
-            )
+        keep = _keep_in_fp32_patterns(model)
+        targets = load_targets(model, config, keep)
+        self.modules_to_not_convert = list(config.modules_to_not_convert) + keep
         if self.pre_quantized:
             self._check_checkpoint_keys(model, targets, _checkpoint_keys(checkpoint_files))
         else:
             self._calibration = load_calibration(config.calibration)
-        for name, linear in targets.items():
-            # The meta linear was built in the load dtype (transformers' init context); keep it.
-            dtype = linear.weight.dtype
-            layer = SVDQuantLinear(
-                linear.in_features, linear.out_features, config.rank, linear.bias is not None, dtype, "meta"
-            )
-            # Quantize on load: the loader only routes checkpoint names the model exposes, so the placeholder
-            # also receives the 16-bit tensor. Pre-quantized: nothing may arrive for it, so hide it.
-            layer.weight = _placeholder(linear)
-            if self.pre_quantized:
-                self._hide_hooks.append(layer.register_state_dict_post_hook(_hide_placeholder))
-            _replace_module(model, name, layer)
+        # The meta linears were built in the load dtype (transformers' init context): keep it. Quantize on
+        # load: the loader only routes checkpoint names the model exposes, so the placeholder also receives
+        # the 16-bit tensor. Pre-quantized: nothing may arrive for it, so it is hidden from the state dict.
+        skeletons = replace_with_skeletons(model, targets, config.rank, lambda lin: lin.weight.dtype, _placeholder)
+        if self.pre_quantized:
+            self._hide_hooks = [layer.register_state_dict_post_hook(_hide_placeholder) for layer in skeletons.values()]
         logger.info("svdquant: %d linears of %s now SVDQuantLinear", len(targets), type(model).__name__)
         return model
 
@@ -267,36 +253,3 @@ class SVDQuantHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
-
-
-def register_transformers() -> bool:
-    """Register ``"svdquant"`` in transformers' quantization-config and quantizer registries.
-
-    Idempotent. Returns False (and logs) when transformers cannot be imported, so diffusers-only
-    installs still work.
-
-    Raises:
-        RuntimeError: another class already holds ``"svdquant"`` in either registry (it is never
-            overwritten: that would load checkpoints with the wrong code).
-    """
-    if _IMPORT_ERROR is not None:
-        logger.info("svdquant: transformers is not importable (%s); diffusers only", _IMPORT_ERROR)
-        return False
-    from transformers.quantizers import auto
-
-    entries = (
-        (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, SVDQuantConfig, register_quantization_config),
-        (auto.AUTO_QUANTIZER_MAPPING, SVDQuantHfQuantizer, register_quantizer),
-    )
-    # Check both before touching either, so a collision leaves transformers as it was.
-    for mapping, cls, _ in entries:
-        held = mapping.get(KEY)
-        if held is not None and held is not cls:
-            raise RuntimeError(
-                f"transformers already maps quant_method {KEY!r} to {held.__module__}.{held.__qualname__}; "
-                f"refusing to replace it with {cls.__module__}.{cls.__qualname__}"
-            )
-    for mapping, cls, register_fn in entries:
-        if KEY not in mapping:
-            register_fn(KEY)(cls)
-    return True

@@ -4,8 +4,8 @@ Each feature module exposes ``add_commands(subparsers)``, adding its subcommands
 ``set_defaults(func=...)``; ``func(args)`` returns the exit code. Keeping the subcommands beside
 the code they drive keeps this file a dispatcher.
 
-    svdquant demo ...                       (diffusers_svdquant.demo)
-    python -m diffusers_svdquant.cli ...    (same, e.g. under ``accelerate launch``)
+    svdquant demo ...                            (diffusers_svdquant.apps.demo)
+    python -m diffusers_svdquant.apps.cli ...    (same, e.g. under ``accelerate launch``)
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-import torch
-
-# The --dtype choices of every subcommand that loads a model.
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 # Feature modules that contribute subcommands; a module missing here (a partial install) is skipped.
 COMMAND_MODULES = (
-    "diffusers_svdquant.demo",
-    "diffusers_svdquant.hub_commands",
-    "diffusers_svdquant.calibration_commands",
+    "diffusers_svdquant.apps.demo",
+    "diffusers_svdquant.apps.hub_commands",
+    "diffusers_svdquant.apps.calibration_commands",
 )
 
 

@@ -1,6 +1,6 @@
 """``svdquant push | pull | generate | inspect``: the Hub workflow as subcommands (thin over :mod:`.hub`).
 
-    svdquant push SOURCE REPO_ID [--subfolder transformer] [--rank 32] [--calibration STATS.safetensors]
+    svdquant push SOURCE REPO_ID [--subfolder transformer] [--rank R] [--calibration STATS.safetensors]
     svdquant pull REPO_ID [--revision REV] [--subfolder transformer] [--cache-dir DIR]
     svdquant generate REPO_ID --prompt TEXT --out image.png [--base PIPELINE_REPO]
     svdquant inspect REPO_ID_OR_FOLDER [--revision REV] [--json]
@@ -16,7 +16,8 @@ import json
 import sys
 from typing import Any
 
-from . import hub
+from .. import hub
+from ..config import DEFAULT_RANK
 
 
 def _hub_options(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a diffusers model folder or Hub repo (16-bit: quantized on load; or SVDQuant)")
     p.add_argument("repo_id", nargs="?", default=None, help="namespace/name to push to (omit with --save-dir only)")
     p.add_argument("--subfolder", default=None, help="the model's folder in SOURCE, kept in the pushed repo")
-    p.add_argument("--rank", type=int, default=32, help="rank of the 16-bit low-rank branch")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the 16-bit low-rank branch")
     p.add_argument("--calibration", default=None, help="activation statistics (.safetensors) for smoothing")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype to quantize in")
     p.add_argument("--base-model", default=None, help="card metadata base_model (default: SOURCE if a repo id)")

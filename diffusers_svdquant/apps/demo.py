@@ -1,7 +1,7 @@
 """The main job: quantize a diffusion model on load, generate with it, and print memory, quality and speed.
 
-    python -m diffusers_svdquant.demo                      # a FLUX.1-shaped model built locally
-    python -m diffusers_svdquant.demo --model PATH_OR_REPO [--subfolder transformer]
+    svdquant demo                          # a FLUX.1-shaped model built locally
+    svdquant demo --model PATH_OR_REPO [--subfolder transformer]
 
 It runs the same flow-matching Euler trajectory (same seed, same inputs) with the 16-bit model and
 with the SVDQuant W4A4 model quantized on load, and compares the final latents.
@@ -10,7 +10,6 @@ with the SVDQuant W4A4 model quantized on load, and compares the final latents.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -19,11 +18,13 @@ import warnings
 import torch
 from diffusers import AutoModel
 
-from . import ops
-from .cli import DTYPES
-from .config import SVDQuantConfig
-from .linear import SVDQuantLinear
-from .model_zoo import flux_shaped, model_inputs, timestep_value, weight_bytes
+from .. import ops
+from ..config import DEFAULT_RANK, SVDQuantConfig
+from ..denoisers import model_inputs, timestep_value
+from ..dtypes import DTYPES
+from ..linear import SVDQuantLinear
+from ..metrics import cosine, psnr, rel_error
+from .model_zoo import flux_shaped, weight_bytes
 
 
 def generate(
@@ -52,13 +53,6 @@ def inputs_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB of ``a`` against ``ref`` over the reference's peak-to-peak range."""
-    mse = torch.mean((a - ref) ** 2).item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
 def _load(source: str, subfolder: str | None, dtype: torch.dtype, config: SVDQuantConfig | None):
     kwargs = {"torch_dtype": dtype}
     if subfolder:
@@ -71,11 +65,11 @@ def _load(source: str, subfolder: str | None, dtype: torch.dtype, config: SVDQua
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by ``python -m diffusers_svdquant.demo`` and ``svdquant demo``)."""
+    """The demo's options (shared by ``python -m diffusers_svdquant.apps.demo`` and ``svdquant demo``)."""
     p.add_argument("--model", help="a diffusers model folder or Hub repo (default: FLUX.1-shaped, built locally)")
     p.add_argument("--subfolder", default=None, help="subfolder of --model holding the denoiser")
     p.add_argument("--blocks", default="1,1", help="double,single blocks of the built-in FLUX.1-shaped model")
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="16-bit dtype of the model")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--image-tokens", type=int, default=256, help="latent tokens (256 = a 256x256 FLUX image)")
@@ -131,11 +125,9 @@ def run(args: argparse.Namespace) -> int:
         )
         out, timesq = generate(modelq, args.steps, args.image_tokens, args.text_tokens)
 
-    rel = ((out - ref).norm() / ref.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
     print(
-        f"quality after {args.steps} denoising steps vs {args.dtype}: relative error {rel:.4f}, "
-        f"cosine {cos:.5f}, PSNR {psnr(out, ref):.1f} dB"
+        f"quality after {args.steps} denoising steps vs {args.dtype}: relative error {rel_error(out, ref):.4f}, "
+        f"cosine {cosine(out, ref):.5f}, PSNR {psnr(out, ref):.1f} dB"
     )
     m16, mq = statistics.median(times16), statistics.median(timesq)
     print(f"speed per denoiser call: {args.dtype} {m16:.2f} s, W4A4 {mq:.2f} s ({m16 / mq:.2f}x)")

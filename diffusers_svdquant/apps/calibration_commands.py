@@ -3,8 +3,8 @@
 All three run unchanged on one process or several::
 
     svdquant calibrate PIPELINE --out stats.safetensors
-    accelerate launch --multi_gpu --num_processes N -m diffusers_svdquant.cli calibrate PIPELINE --out ...
-    torchrun --nproc_per_node N -m diffusers_svdquant.cli calibrate PIPELINE --out ...
+    accelerate launch --multi_gpu --num_processes N -m diffusers_svdquant.apps.cli calibrate PIPELINE --out ...
+    torchrun --nproc_per_node N -m diffusers_svdquant.apps.cli calibrate PIPELINE --out ...
 
 (``--multi_gpu`` is what makes accelerate start N processes even on a machine without a GPU; they
 then join one gloo group.) Prompts are split between processes, the statistics merged, the
@@ -24,9 +24,12 @@ from typing import Any
 
 import torch
 
-from .calibration import DEFAULT_MAX_SAMPLES, CalibrationStats, _denoiser_name, _Processes, calibrate
-from .cli import DTYPES
-from .config import SVDQuantConfig
+from ..calibration import CalibrationStats, calibrate
+from ..calibration.processes import Processes
+from ..calibration.recording import denoiser_name
+from ..calibration.stats import DEFAULT_MAX_SAMPLES
+from ..config import DEFAULT_RANK, SVDQuantConfig
+from ..dtypes import DTYPES
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line (default: shipped)")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per calibration prompt")
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
     p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES, help="input rows kept per layer")
     p.add_argument("--no-search", action="store_true", help="statistics only, no (alpha, beta) search")
 
@@ -90,7 +93,7 @@ def _read_prompts(path: Path | None, n: int | None, default: tuple[str, ...]) ->
     return prompts[:n] if n else prompts
 
 
-def _load_pipeline(args: argparse.Namespace, procs: _Processes, **kwargs: Any) -> Any:
+def _load_pipeline(args: argparse.Namespace, procs: Processes, **kwargs: Any) -> Any:
     from diffusers import DiffusionPipeline
 
     if args.dtype:
@@ -103,8 +106,8 @@ def _load_pipeline(args: argparse.Namespace, procs: _Processes, **kwargs: Any) -
     return pipe
 
 
-def _run_calibration(args: argparse.Namespace, procs: _Processes, config: SVDQuantConfig) -> CalibrationStats:
-    from .prompts import CALIBRATION_PROMPTS
+def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuantConfig) -> CalibrationStats:
+    from ..calibration.prompts import CALIBRATION_PROMPTS
 
     prompts = _read_prompts(args.prompts, args.num_prompts, CALIBRATION_PROMPTS)
     pipe = _load_pipeline(args, procs)
@@ -139,7 +142,7 @@ def _summary(stats: CalibrationStats, seconds: float) -> str:
 
 
 def _calibrate_command(args: argparse.Namespace) -> int:
-    procs = _Processes()
+    procs = Processes()
     start = time.perf_counter()
     stats = _run_calibration(args, procs, SVDQuantConfig(rank=args.rank))
     if procs.rank == 0:
@@ -169,11 +172,11 @@ def _quantize_command(args: argparse.Namespace) -> int:
     from diffusers import AutoModel, DiffusionPipeline
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    from . import hub
+    from .. import hub
 
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"svdquant: {str(args.out)!r} exists; pass --overwrite to replace it")
-    procs = _Processes()
+    procs = Processes()
     start = time.perf_counter()
     is_pipeline = Path(args.model, "model_index.json").is_file() or not Path(args.model, "config.json").is_file()
     calibration: Any = None
@@ -216,10 +219,10 @@ def _quantize_command(args: argparse.Namespace) -> int:
 def _eval_command(args: argparse.Namespace) -> int:
     from diffusers import AutoModel
 
-    from . import quality
-    from .prompts import EVAL_PROMPTS
+    from ..calibration.prompts import EVAL_PROMPTS
+    from . import quality_report as quality
 
-    procs = _Processes()
+    procs = Processes()
     if args.calibration is not None:
         stats = CalibrationStats.load(args.calibration)
         if not stats.samples:
@@ -230,7 +233,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         return 0
     prompts = _read_prompts(args.eval_prompts, args.num_eval_prompts, EVAL_PROMPTS)
     pipe = _load_pipeline(args, procs)
-    component = args.component or _denoiser_name(pipe)
+    component = args.component or denoiser_name(pipe)
     reference = getattr(pipe, component)
     call = {"num_inference_steps": args.eval_steps or args.steps} | args.pipeline_kwargs
     ref_images, ref_latents = quality.generate(pipe, prompts, args.seed, **call)

@@ -17,50 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import CalibrationStats
-from .config import SVDQuantConfig
-from .linear import SVDQuantLinear
-
-
-def _skimage_metrics() -> Any:
-    try:
-        from skimage import metrics
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the quality report needs scikit-image: pip install 'diffusers-svdquant[eval]'") from e
-    return metrics
-
-
-def psnr(test: torch.Tensor, ref: torch.Tensor, data_range: float | None = None) -> float:
-    """PSNR in dB of ``test`` against ``ref`` (any equal shapes); ``data_range`` defaults to the
-    reference's peak-to-peak range (1.0 for images in ``[0, 1]`` should be passed explicitly)."""
-    ref64, test64 = ref.double().cpu().numpy(), test.double().cpu().numpy()
-    if data_range is None:
-        data_range = float(ref64.max() - ref64.min()) or 1.0
-    if (ref64 == test64).all():
-        return math.inf
-    return float(_skimage_metrics().peak_signal_noise_ratio(ref64, test64, data_range=data_range))
-
-
-def ssim(test: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean SSIM of images ``[B, C, H, W]`` (or ``[C, H, W]``) with values in ``[0, 1]``."""
-    metrics = _skimage_metrics()
-    ref4, test4 = ref.reshape(-1, *ref.shape[-3:]), test.reshape(-1, *test.shape[-3:])
-    if ref4.shape != test4.shape:
-        raise ValueError(f"ssim: shapes differ, {tuple(test.shape)} vs {tuple(ref.shape)}")
-    scores = []
-    for a, b in zip(test4, ref4, strict=True):
-        a_np = a.double().permute(1, 2, 0).cpu().numpy()
-        b_np = b.double().permute(1, 2, 0).cpu().numpy()
-        # Small generated images: the 7x7 default window must fit (and be odd).
-        side = min(b_np.shape[:2])
-        win = 7 if side >= 7 else side - (side + 1) % 2
-        scores.append(metrics.structural_similarity(a_np, b_np, data_range=1.0, channel_axis=2, win_size=win))
-    return float(sum(scores) / len(scores))
-
-
-def rel_error(test: torch.Tensor, ref: torch.Tensor) -> float:
-    """``‖test − ref‖ / ‖ref‖`` in float64."""
-    return float((test.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+from ..calibration import CalibrationStats
+from ..config import SVDQuantConfig
+from ..linear import SVDQuantLinear
+from ..metrics import psnr, rel_error, ssim
 
 
 def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQuantConfig]:

@@ -1,35 +1,18 @@
-"""Real layer shapes of popular diffusion models, built locally with random weights.
+"""One call of a diffusers denoiser (Flux, SD3, UNet2DCondition) on seeded random inputs.
 
-Demos and benchmarks need FLUX-sized layers without downloading FLUX: these builders use the
-published configs (layer sizes, heads, embedding widths) with fewer blocks, and know how to make
-a batch of inputs for each model class.
+What the demo, the benchmarks and the hub's model card need to run a denoiser without a pipeline:
+inputs of the right shapes for the model class, the timestep convention, and the quality of one
+call of a quantized model against its 16-bit original.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-# FLUX.1-dev / schnell transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json),
-# 19 double + 38 single blocks in the real model.
-FLUX1_CONFIG = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
-}
-
-
-def flux_shaped(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0) -> FluxTransformer2DModel:
-    """A FluxTransformer2DModel with FLUX.1's layer sizes and ``num_layers`` + ``num_single_layers`` blocks."""
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(**{**FLUX1_CONFIG, "num_layers": num_layers, "num_single_layers": num_single_layers})
+from .metrics import cosine, psnr, rel_error
 
 
 def model_inputs(model: torch.nn.Module, image_tokens: int = 256, text_tokens: int = 64, seed: int = 0) -> dict:
@@ -94,13 +77,20 @@ def timestep_value(model: torch.nn.Module, t: float) -> torch.Tensor:
     return torch.tensor([t * 1000.0], dtype=dtype)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by a model's parameters and buffers (what ``save_pretrained`` writes, roughly)."""
-    seen = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.device.type == "meta":
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+def denoiser_quality(
+    model16: torch.nn.Module, modelq: torch.nn.Module, image_tokens: int = 64, text_tokens: int = 16
+) -> dict[str, float | str]:
+    """One call of both models on the same seeded inputs: relative error, cosine and PSNR of the quantized
+    output against the 16-bit one (``"inf"`` for identical outputs, so the dict stays JSON-safe)."""
+    outs = []
+    for model in (model16, modelq):
+        inputs = model_inputs(model, image_tokens, text_tokens)
+        with torch.no_grad():
+            outs.append(model(**inputs, timestep=timestep_value(model, 0.5), return_dict=False)[0].float())
+    ref, out = outs
+    p = psnr(out, ref)
+    return {
+        "relative error vs 16-bit (one denoiser call)": rel_error(out, ref),
+        "cosine vs 16-bit": cosine(out, ref),
+        "PSNR vs 16-bit (dB)": p if math.isfinite(p) else "inf",
+    }

@@ -1,0 +1,205 @@
+"""Calibration: activation statistics over real inputs, and the per-layer smoothing search.
+
+SVDQuant's smoothing ``λ_j = max|X_j|^α / max|W_j|^β`` needs ``max|X_j|`` per layer, and picking
+``(α, β)`` well needs real input rows to score candidates on. :func:`calibrate` runs the 16-bit
+model (or a whole diffusers pipeline over prompts and denoising steps) with forward pre-hooks that
+record, per target linear, the per-input-channel absmax and a bounded uniform sample of input
+rows; then it searches ``(α, β)`` per layer (:func:`diffusers_svdquant.algorithm.search_smoothing`).
+
+Across processes (``torchrun`` / ``accelerate launch --multi_gpu``, CPU or GPU): prompts are split
+between ranks, the statistics are merged exactly (max, sums, bottom-k samples), the layer search
+is split between ranks, and every rank ends with the same :class:`CalibrationStats`, so rank 0
+writes it. The row sample is a *bottom-k* sample: every row gets a pseudo-random key derived from
+(layer, prompt index, call, row), and the rows with the ``max_samples`` smallest keys are kept.
+That is a uniform sample, and merging two of them is again the bottom-k of the union, so one
+process and N processes keep exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SVDQuantConfig, quantizable_linears
+from .processes import Processes, progress_bar
+from .prompts import CALIBRATION_PROMPTS
+from .search import search_smoothing
+from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats, keep_bottom_k
+
+
+class _Recorder:
+    """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples)."""
+
+    def __init__(self, max_samples: int, seed: int) -> None:
+        self.stats = CalibrationStats()
+        self.max_samples = max_samples
+        self.seed = seed
+        self.item = 0  # index of the prompt (or run) being processed: part of every row's key
+        self._calls: dict[str, int] = {}
+
+    def start_item(self, item: int) -> None:
+        self.item = item
+        self._calls = {}
+
+    def hook(self, name: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else kwargs["input"]).detach()
+            x2 = x.reshape(-1, x.shape[-1])
+            call = self._calls.get(name, 0)
+            self._calls[name] = call + 1
+            if x2.shape[0] == 0:
+                return
+            stats = self.stats
+            m = x2.abs().amax(dim=0).float().cpu()
+            prev = stats.act_absmax.get(name)
+            stats.act_absmax[name] = m if prev is None else torch.maximum(prev, m)
+            stats.num_tokens[name] = stats.num_tokens.get(name, 0) + x2.shape[0]
+            if self.max_samples:
+                keys = self._keys(name, call, x2.shape[0])
+                if keys.numel() > self.max_samples:
+                    idx = torch.argsort(keys, stable=True)[: self.max_samples]
+                    keys, rows = keys[idx], x2[idx.to(x2.device)]
+                else:
+                    rows = x2
+                keep_bottom_k(stats, name, keys, rows.cpu().clone(), self.max_samples)
+
+        return record
+
+    def _keys(self, name: str, call: int, rows: int) -> torch.Tensor:
+        # crc32, not hash(): Python salts str hashes per process and every rank must agree.
+        seed = zlib.crc32(f"{self.seed}/{name}/{self.item}/{call}".encode())
+        return torch.rand(rows, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _target_linears(model: nn.Module, config: Any | None, module_filter: Callable | None) -> dict[str, nn.Linear]:
+    if config is not None:
+        layers = quantizable_linears(model, config)
+    else:
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if module_filter is not None:
+        layers = {n: m for n, m in layers.items() if module_filter(n, m)}
+    return layers
+
+
+def _is_pipeline(obj: Any) -> bool:
+    from diffusers import DiffusionPipeline
+
+    return isinstance(obj, DiffusionPipeline)
+
+
+def denoiser_name(pipe: Any) -> str:
+    """The attribute name of a pipeline's denoiser: ``transformer`` or ``unet``."""
+    for name in ("transformer", "unet"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise ValueError(f"{type(pipe).__name__} has no `transformer` or `unet`; pass component=... to calibrate")
+
+
+def calibrate(
+    target: Any,
+    run: Callable[[nn.Module], Any] | None = None,
+    *,
+    prompts: Sequence[str] | None = None,
+    num_inference_steps: int = 8,
+    component: str | None = None,
+    config: Any | None = None,
+    module_filter: Callable[[str, nn.Linear], bool] | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    search: bool | None = None,
+    seed: int = 0,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Collect activation statistics with the 16-bit model and search each layer's smoothing.
+
+    Two ways to drive the model::
+
+        stats = calibrate(pipe, prompts=[...], num_inference_steps=8)   # a diffusers pipeline
+        stats = calibrate(model, run=lambda m: m(**batch))                # any module + a callable
+
+    With a pipeline, its denoiser (``component``, default ``transformer`` or ``unet``) is hooked
+    and the pipeline generates every prompt (default:
+    :data:`~diffusers_svdquant.calibration.prompts.CALIBRATION_PROMPTS`) with
+    ``generator = manual_seed(seed + i)`` and ``output_type="latent"``; under several processes the
+    prompts are split between them. With ``run``, each process calls ``run(model)`` once (split the
+    data yourself when launching several).
+
+    Args:
+        target: a ``DiffusionPipeline`` or an ``nn.Module``.
+        run: with a module, called once with it, under ``torch.no_grad``.
+        prompts: with a pipeline, the calibration prompts.
+        num_inference_steps: with a pipeline, denoising steps per prompt.
+        component: with a pipeline, the attribute name of the module to calibrate.
+        config: an :class:`~diffusers_svdquant.SVDQuantConfig`: only the layers it quantizes are
+            recorded, and its ``rank`` / ``svd_method`` are what the search scores with. Default:
+            ``SVDQuantConfig()`` with a pipeline; every ``nn.Linear`` (and
+            :data:`~diffusers_svdquant.config.DEFAULT_RANK`) with a module.
+        module_filter: ``(name, linear) -> bool`` to restrict the recorded layers further.
+        max_samples: input rows kept per layer for the search (0: none, no search).
+        search: search ``(α, β)`` per layer (default: when ``max_samples > 0``).
+        seed: seeds the pipeline's generators and the row sampling.
+        pipeline_kwargs: extra arguments for every pipeline call (``height``, ``guidance_scale``...).
+        progress: tqdm bars on rank 0.
+
+    Returns:
+        :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
+    """
+    procs = Processes()
+    search = max_samples > 0 if search is None else search
+    if search and max_samples <= 0:
+        raise ValueError("calibrate: search=True needs max_samples > 0 input rows per layer")
+    if _is_pipeline(target):
+        if run is not None:
+            raise ValueError("calibrate: pass prompts for a pipeline, run= only for a module")
+        component = component or denoiser_name(target)
+        model = getattr(target, component, None)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"calibrate: pipeline {type(target).__name__} has no module component {component!r}")
+        config = config if config is not None else SVDQuantConfig()
+        prompts = list(CALIBRATION_PROMPTS if prompts is None else prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("calibrate: prompts must be a non-empty list of strings")
+        if num_inference_steps < 1:
+            raise ValueError(f"calibrate: num_inference_steps must be >= 1, got {num_inference_steps}")
+
+        def drive(recorder: _Recorder) -> None:
+            mine = procs.my_share(len(prompts))
+            kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
+            bar = progress_bar(mine, "calibration prompts", progress and procs.rank == 0)
+            target.set_progress_bar_config(disable=True)
+            for i in bar:
+                recorder.start_item(i)
+                device = getattr(target, "device", torch.device("cpu"))
+                gen = torch.Generator(device=device).manual_seed(seed + i)
+                target(prompt=prompts[i], generator=gen, **kwargs)
+
+        info = {"prompts": len(prompts), "num_inference_steps": num_inference_steps, "component": component}
+    else:
+        if not isinstance(target, nn.Module) or run is None:
+            raise TypeError("calibrate: pass a DiffusionPipeline (with prompts) or an nn.Module with run=callable")
+        model = target
+
+        def drive(recorder: _Recorder) -> None:
+            recorder.start_item(procs.rank)
+            run(model)
+
+        info = {}
+
+    layers = _target_linears(model, config, module_filter)
+    recorder = _Recorder(max_samples, seed)
+    handles = [m.register_forward_pre_hook(recorder.hook(n), with_kwargs=True) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            drive(recorder)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
+    stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
+    if search:
+        search_smoothing(model, stats, config, procs=procs, progress=progress)
+    return stats

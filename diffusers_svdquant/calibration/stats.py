@@ -1,0 +1,190 @@
+"""Calibration statistics and their file: what :func:`~diffusers_svdquant.calibrate` returns and the quantizers read.
+
+Per layer: the per-input-channel absmax of its input (what smoothing needs), token counts, a
+bounded uniform *bottom-k* sample of input rows (every row gets a pseudo-random key; the rows with
+the smallest keys are kept, so merging two samples is again the bottom-k of the union and one
+process and N processes keep exactly the same rows), and the searched ``(α, β)``. The file format
+is docs/design.md §2.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FILE_FORMAT = "svdquant-calibration"
+FILE_FORMAT_VERSION = 2
+DEFAULT_MAX_SAMPLES = 128
+# With neither a searched nor a configured α, SmoothQuant's default migration strength.
+DEFAULT_ALPHA = 0.5
+# Prefixes of the tensors in a statistics file; module names never contain ":".
+_ABSMAX, _SMOOTHING, _ERRORS, _SAMPLES, _KEYS = "act_absmax:", "smoothing:", "search_error:", "samples:", "sample_keys:"
+
+
+@dataclass
+class CalibrationStats:
+    """Per-layer calibration results; names are ``named_modules()`` names of the calibrated model.
+
+    Attributes:
+        act_absmax: name → float32 ``[K]``, the absmax of each input channel over every token seen.
+        num_tokens: name → number of input rows seen.
+        samples: name → ``[S, K]`` (the model dtype) uniformly sampled input rows, ``S <= max_samples``.
+        sample_keys: name → float64 ``[S]`` the rows' sampling keys (what makes samples mergeable).
+        smoothing: name → ``(α, β)`` found by the search.
+        search_errors: name → float64 ``[2]``: relative output error after quantization with the
+            searched ``(α, β)`` and with no smoothing, on the samples.
+        info: how the statistics were made (processes, prompts, steps, rank, ...), JSON-safe.
+    """
+
+    act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    smoothing: dict[str, tuple[float, float]] = field(default_factory=dict)
+    search_errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def smoothing_for(self, name: str, alpha: float | None) -> tuple[torch.Tensor | None, float, float]:
+        """What quantizing layer ``name`` uses: ``(act_absmax or None, α, β)``.
+
+        An explicit ``alpha`` (``SVDQuantConfig.smoothing_alpha``) applies to every layer with
+        ``β = 1 − α``; otherwise the searched pair, or ``(0.5, 0.5)`` where none was searched.
+        Without statistics for the layer, λ = 1 whatever α is.
+        """
+        absmax = self.act_absmax.get(name)
+        if alpha is not None:
+            return absmax, float(alpha), 1.0 - float(alpha)
+        a, b = self.smoothing.get(name, (DEFAULT_ALPHA, 1.0 - DEFAULT_ALPHA))
+        return absmax, a, b
+
+    def save(self, path: str | os.PathLike, include_samples: bool = False) -> None:
+        """Write a safetensors file that ``SVDQuantConfig(calibration=path)`` reads.
+
+        The file is written beside ``path`` and renamed over it, so a failed save leaves any
+        previous file intact. Samples (``S x K`` per layer) are left out unless asked for: the
+        quantizer needs only the absmax and the searched ``(α, β)``.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {_ABSMAX + k: v.float().contiguous() for k, v in self.act_absmax.items()}
+        tensors |= {_SMOOTHING + k: torch.tensor(v, dtype=torch.float64) for k, v in self.smoothing.items()}
+        tensors |= {_ERRORS + k: v.double().contiguous() for k, v in self.search_errors.items()}
+        if include_samples:
+            tensors |= {_SAMPLES + k: v.contiguous() for k, v in self.samples.items()}
+            tensors |= {_KEYS + k: v.contiguous() for k, v in self.sample_keys.items()}
+        meta = {
+            "format": FILE_FORMAT,
+            "format_version": str(FILE_FORMAT_VERSION),
+            "num_tokens": json.dumps(self.num_tokens),
+            "info": json.dumps(self.info),
+        }
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        """Read a file written by :meth:`save` (or a version-1 file of bare ``name → [K]`` absmax)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"calibration file {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{path!r} is not a safetensors calibration file: {e}") from e
+        version = int(meta.get("format_version", "1"))
+        if version > FILE_FORMAT_VERSION:
+            raise ValueError(
+                f"calibration file {path!r} has format_version {version}; this diffusers-svdquant reads up to "
+                f"{FILE_FORMAT_VERSION}: upgrade the package"
+            )
+        if version == 1:
+            return cls(tensors, ast.literal_eval(meta.get("num_tokens", "{}")))
+
+        def section(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        return cls(
+            act_absmax=section(_ABSMAX),
+            num_tokens={k: int(v) for k, v in json.loads(meta.get("num_tokens", "{}")).items()},
+            samples=section(_SAMPLES),
+            sample_keys=section(_KEYS),
+            smoothing={k: (float(v[0]), float(v[1])) for k, v in section(_SMOOTHING).items()},
+            search_errors=section(_ERRORS),
+            info=json.loads(meta.get("info", "{}")),
+        )
+
+    @classmethod
+    def merge(cls, parts: Sequence[CalibrationStats], max_samples: int = DEFAULT_MAX_SAMPLES) -> CalibrationStats:
+        """Exact union of statistics gathered on disjoint inputs (e.g. one part per process).
+
+        Absmax is the elementwise max, token counts add up, samples are the bottom-``max_samples``
+        rows of the union by key; the result does not depend on the order of ``parts``.
+        Search results and ``info`` come from the parts that have them.
+        """
+        out = cls()
+        for part in parts:
+            for name, m in part.act_absmax.items():
+                prev = out.act_absmax.get(name)
+                out.act_absmax[name] = m.clone() if prev is None else torch.maximum(prev, m)
+            for name, n in part.num_tokens.items():
+                out.num_tokens[name] = out.num_tokens.get(name, 0) + n
+            for name, rows in part.samples.items():
+                keep_bottom_k(out, name, part.sample_keys[name], rows, max_samples)
+            out.smoothing.update(part.smoothing)
+            out.search_errors.update(part.search_errors)
+            out.info.update(part.info)
+        return out
+
+
+def keep_bottom_k(stats: CalibrationStats, name: str, keys: torch.Tensor, rows: torch.Tensor, k: int) -> None:
+    """Merge ``rows`` (with ``keys``) into ``stats.samples[name]``, keeping the ``k`` smallest keys."""
+    if name in stats.samples:
+        keys = torch.cat((stats.sample_keys[name], keys))
+        rows = torch.cat((stats.samples[name], rows))
+    if keys.numel() > k:
+        # Sorting (not topk) keeps the kept rows in key order, so equal sets give equal tensors.
+        idx = torch.argsort(keys, stable=True)[:k]
+    else:
+        idx = torch.argsort(keys, stable=True)
+    stats.sample_keys[name] = keys[idx]
+    stats.samples[name] = rows[idx]
+
+
+def load_calibration(calibration: Any) -> CalibrationStats:
+    """The statistics a config's ``calibration`` names: None, a file path, a :class:`CalibrationStats`,
+    or a mapping ``name → [K]`` absmax."""
+    if calibration is None:
+        return CalibrationStats()
+    if isinstance(calibration, CalibrationStats):
+        return calibration
+    if isinstance(calibration, (str, os.PathLike)):
+        if not os.path.isfile(calibration):
+            raise FileNotFoundError(f"SVDQuantConfig: calibration file {os.fspath(calibration)!r} does not exist")
+        return CalibrationStats.load(calibration)
+    if isinstance(calibration, Mapping):
+        return CalibrationStats(act_absmax=dict(calibration))
+    raise TypeError(
+        f"SVDQuantConfig: calibration must be a path, a CalibrationStats or a mapping, got {type(calibration).__name__}"
+    )

@@ -1,0 +1,53 @@
+"""The native boundary: ``torch.library`` custom ops over the ``_C`` kernels (docs/design.md §4).
+
+* :mod:`.native` loads ``_C`` (the only module that imports it) and picks the CPU instruction path
+  (``SVDQ_CPU_ISA=generic|avx2|avxvnni|avx512vnni`` forces one at import);
+* :mod:`.canonical` defines the ops on the canonical tensors (``quantize_act``, ``gemm_w4a4``,
+  ``linear``) with their fakes, reference defaults and CPU kernels;
+* :mod:`.cuda` adds the CUDA kernels and the mma-fragment weight layout they read.
+
+Nothing outside this package calls ``_C``.
+"""
+
+from .canonical import gemm_w4a4, linear, quantize_act, svdquant_linear
+from .cuda import (
+    MmaPackedWeights,
+    cuda_kernels_available,
+    cuda_mma_path,
+    gemm_w4a4_mma,
+    pack_mma_weights,
+    set_cuda_mma_path,
+    svdquant_linear_mma,
+    unpack_mma_weights,
+)
+from .native import (
+    cpu_isa,
+    int8_peak_gops,
+    known_cpu_isas,
+    native_available,
+    native_error,
+    set_cpu_isa,
+    supported_cpu_isas,
+)
+
+__all__ = [
+    "MmaPackedWeights",
+    "cpu_isa",
+    "cuda_kernels_available",
+    "cuda_mma_path",
+    "gemm_w4a4",
+    "gemm_w4a4_mma",
+    "int8_peak_gops",
+    "known_cpu_isas",
+    "linear",
+    "native_available",
+    "native_error",
+    "pack_mma_weights",
+    "quantize_act",
+    "set_cpu_isa",
+    "set_cuda_mma_path",
+    "supported_cpu_isas",
+    "svdquant_linear",
+    "svdquant_linear_mma",
+    "unpack_mma_weights",
+]

@@ -1,0 +1,97 @@
+r"""Loading the ``_C`` extension and choosing its CPU instruction path: the one module that imports ``_C``.
+
+Importing never fails because of the native library: without ``_C`` every op runs
+:mod:`diffusers_svdquant.reference` and says so once. ``_C`` takes ``data_ptr()``\ s and shapes,
+never torch objects.
+
+Environment:
+    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``, ``avx2``, ``avxvnni``,
+    ``avx512vnni``) at import; an unknown or unsupported name is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    from .. import _C  # type: ignore[attr-defined]
+
+    _NATIVE_ERROR: Exception | None = None
+except ImportError as e:  # importing the package never fails because of the native library
+    _C = None
+    _NATIVE_ERROR = e
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn ``message`` the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def warn_fallback(op: str) -> None:
+    """Say once per op that it runs ``reference.py`` because ``_C`` is missing."""
+    warn_once(op, f"{op}: diffusers_svdquant._C unavailable ({_NATIVE_ERROR}); using reference.py")
+
+
+def native_available() -> bool:
+    """True when the ``_C`` extension was built and imported."""
+    return _C is not None
+
+
+def native_error() -> Exception | None:
+    """Why ``_C`` failed to import, or None."""
+    return _NATIVE_ERROR
+
+
+def supported_cpu_isas() -> list[str]:
+    """CPU instruction paths this machine can run, ``"generic"`` first (``[]`` without ``_C``)."""
+    return list(_C.supported_cpu_isas()) if _C is not None else []
+
+
+def known_cpu_isas() -> list[str]:
+    """CPU instruction paths compiled into ``_C`` (``[]`` without it), runnable here or not."""
+    return list(_C.known_cpu_isas()) if _C is not None else []
+
+
+def cpu_isa() -> str | None:
+    """The CPU instruction path in use, or None without ``_C``."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+def set_cpu_isa(name: str) -> None:
+    """Select a CPU instruction path; ``ValueError`` if this CPU cannot run it."""
+    if _C is None:
+        raise RuntimeError(f"diffusers_svdquant._C is not available: {_NATIVE_ERROR}")
+    _C.set_cpu_isa(name)
+
+
+if _C is not None and os.environ.get("SVDQ_CPU_ISA"):
+    try:
+        set_cpu_isa(os.environ["SVDQ_CPU_ISA"])
+    except ValueError as e:
+        warnings.warn(f"SVDQ_CPU_ISA ignored: {e}", RuntimeWarning, stacklevel=1)
+
+
+def in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Contiguous, in one dtype the kernel reads: their common one, else float32 (which holds each of
+    bfloat16 / float16 / float32 exactly, so the result does not change)."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_CODES else torch.float32
+    return [None if t is None else t.to(dtype).contiguous() for t in tensors]
+
+
+def int8_peak_gops(num_threads: int | None = None) -> float:
+    """GOP/s of a tight loop of the selected CPU path's int8 instruction (``vpdpbusd`` on the VNNI
+    paths, ``vpmaddubsw`` + ``vpmaddwd`` otherwise): the peak the benchmarks compare the GEMM against
+    (2 ops per product). ``num_threads`` defaults to ``torch.get_num_threads()``; 0.0 without AVX2.
+    """
+    if _C is None or "avx2" not in _C.supported_cpu_isas():
+        return 0.0
+    return _C.int8_peak_gops(torch.get_num_threads() if num_threads is None else num_threads)
