@@ -69,10 +69,10 @@ void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num
 void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
-// Microbenchmark: a tight vpmaddubsw + vpaddw loop (about iters steps of 8 instructions per thread),
-// the int8 dot-product peak the GEMM is measured against; returns the ops done (2 per product), which
-// the caller times (bindings.cpp: no std:: template is instantiated under ISA flags, see scalar.h).
-// Not in the table: not a kernel.
+// Microbenchmark (peak_loop.inc): a tight vpmaddubsw + vpaddw loop (about iters steps of 8 instructions
+// per thread), the int8 dot-product peak the GEMM is measured against; returns the ops done (2 per
+// product), which the caller times (bindings.cpp: no std:: template is instantiated under ISA flags,
+// see scalar.h). Not in the table: not a kernel.
 double int8_peak_ops(int num_threads, int64_t iters);
 }  // namespace avx2
 #endif
@@ -83,7 +83,7 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 }  // namespace avx512
 
-// The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp; gemm_x86.inc with vpdpbusd).
+// The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp: the GEMM of gemm_driver.inc with vpdpbusd).
 namespace avxvnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
