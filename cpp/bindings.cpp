@@ -114,39 +114,6 @@ void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& l
                  static_cast<DType>(dtype), static_cast<int>(num_threads));
 }
 
-void check_pack_args(const char* fn, const char* src_name, uintptr_t src, const char* dst_name, uintptr_t dst,
-                     int64_t rows, int64_t K, int64_t num_threads) {
-  check_size(fn, "rows", rows);
-  check_size(fn, "K", K);
-  if (K % 2 != 0) fail(std::string(fn) + ": K must be even, got K=" + std::to_string(K));
-  check_threads(fn, num_threads);
-  check_product(fn, "rows", rows, "K", K);
-  check_ptr(fn, src_name, src, rows * K);
-  check_ptr(fn, dst_name, dst, rows * K);
-}
-
-void pack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64_t K, int64_t num_threads) {
-  const char* fn = "pack_int4";
-  const uintptr_t src = as_ptr(fn, "src", src_), dst = as_ptr(fn, "dst", dst_);
-  check_pack_args(fn, "src", src, "dst", dst, rows, K, num_threads);
-  if (rows * K == 0) return;
-  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
-  py::gil_scoped_release release;
-  k.pack_int4(reinterpret_cast<const int8_t*>(src), reinterpret_cast<uint8_t*>(dst), rows, K,
-              static_cast<int>(num_threads));
-}
-
-void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64_t K, int64_t num_threads) {
-  const char* fn = "unpack_int4";
-  const uintptr_t src = as_ptr(fn, "src", src_), dst = as_ptr(fn, "dst", dst_);
-  check_pack_args(fn, "src", src, "dst", dst, rows, K, num_threads);
-  if (rows * K == 0) return;
-  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
-  py::gil_scoped_release release;
-  k.unpack_int4(reinterpret_cast<const uint8_t*>(src), reinterpret_cast<int8_t*>(dst), rows, K,
-                static_cast<int>(num_threads));
-}
-
 // The canonical weights of a gemm (DESIGN.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
 // lora_up [N, R] and bias [N] (null: none) in `wdtype`.
 svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const py::int_& wscales_,
@@ -425,10 +392,6 @@ PYBIND11_MODULE(_C, m) {
 x [M, K], smooth [K], lora_down [K, R]: all `dtype` (0 float32, 1 bfloat16, 2 float16), contiguous.
 Writes q_x uint8 [M, K/2] (element 2j low nibble), s_x float32 [M, K/64], lora_act float32 [M, R].
 Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Releases the GIL.)doc");
-  m.def("pack_int4", &pack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
-        py::arg("num_threads"), "int8 codes [rows, K] -> uint8 [rows, K/2], element 2j in the low nibble.");
-  m.def("unpack_int4", &unpack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
-        py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
   m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("qweight"),
         py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("R"), py::arg("wdtype"), py::arg("ydtype"), py::arg("num_threads"),
