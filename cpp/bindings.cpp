@@ -19,6 +19,7 @@
 #include "cpu/kernels.h"
 #if defined(SVDQ_HAVE_CUDA_KERNELS)
 #include "cuda/kernels.h"
+static_assert(svdq::cuda::kGroupSize == svdq::cpu::kGroupSize, "one INT4 group size (_C.GROUP_SIZE)");
 #endif
 
 namespace py = pybind11;
@@ -86,7 +87,8 @@ void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   if (group_size != svdq::cpu::kGroupSize)
-    fail(std::string(fn) + ": group_size must be 64, got " + std::to_string(group_size));
+    fail(std::string(fn) + ": group_size must be " + std::to_string(svdq::cpu::kGroupSize) + ", got " +
+         std::to_string(group_size));
   if (K % 2 != 0) fail(std::string(fn) + ": K must be even, got K=" + std::to_string(K));
   if (K % group_size != 0)
     fail(std::string(fn) + ": K must be a multiple of group_size=" + std::to_string(group_size) +
@@ -126,7 +128,8 @@ svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const 
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   if (K % svdq::cpu::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
+         ", got K=" + std::to_string(K));
   check_dtype(fn, "wdtype", wdtype);
   check_product(fn, "N", N + svdq::cpu::kTileN, "K", K);
   check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
@@ -383,6 +386,8 @@ std::string cuda_mma_path(int64_t device) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "SVDQuant W4A4 native kernels (raw pointers + sizes; no PyTorch types).";
+  // The INT4 group size the kernels are built for (reference.GROUP_SIZE on the Python side).
+  m.attr("GROUP_SIZE") = py::int_(svdq::cpu::kGroupSize);
 
   m.def("quantize_act", &quantize_act, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("q_x"),
         py::arg("s_x"), py::arg("lora_act"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("dtype"),

@@ -119,6 +119,11 @@ def assert_matches_reference(x, smooth, lora_down, num_threads: int | None = Non
     assert err <= LORA_RTOL * scale + 1e-30, f"lora_act relative error {err / max(scale, 1e-30):.3g}"
 
 
+def test_group_size_matches_reference():
+    # The kernels' INT4 group (C++ kGroupSize) is the one the Python side quantizes with.
+    assert _C.GROUP_SIZE == reference.GROUP_SIZE
+
+
 # --- quantize_act -------------------------------------------------------------------------------
 
 

@@ -73,6 +73,7 @@ inline void pack_group(const __m256i c[8], uint8_t* q) {
 
 // One group. x: the group's first element (`D`); sm: float32 [64] smooth; xh: float32 [64] out
 // (x̂); q: uint8 [32] out; returns the scale.
+static_assert(kGroupSize == 8 * kLanes, "quantize_group takes a group as 8 vectors");
 template <DType D>
 inline float quantize_group(const void* x, const float* sm, float* xh, uint8_t* q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);

@@ -52,6 +52,7 @@ inline __m512 vfma_bcast(const float* s, __m512 w, __m512 acc) {
 
 // One group. x: the group's first element (`D`); sm: float32 [64] smooth; xh: float32 [64] out
 // (x̂); q: uint8 [32] out; returns the scale. The same IEEE operations as the ymm version.
+static_assert(kGroupSize == 4 * kLanes, "quantize_group takes a group as 4 vectors");
 template <DType D>
 inline float quantize_group(const void* x, const float* sm, float* xh, uint8_t* q) {
   __m512 v[4];
