@@ -116,7 +116,7 @@ void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& l
                  static_cast<DType>(dtype), static_cast<int>(num_threads));
 }
 
-// The canonical weights of a gemm (DESIGN.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
+// The canonical weights of a gemm (docs/design.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
 // lora_up [N, R] and bias [N] (null: none) in `wdtype`.
 svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const py::int_& wscales_,
                                 const py::int_& lora_up_, const py::int_& bias_, int64_t N, int64_t K,
@@ -400,7 +400,7 @@ Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Re
   m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("qweight"),
         py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("R"), py::arg("wdtype"), py::arg("ydtype"), py::arg("num_threads"),
-        R"doc(W4A4 GEMM + low-rank + bias on the canonical weights (DESIGN.md section 2).
+        R"doc(W4A4 GEMM + low-rank + bias on the canonical weights (docs/design.md section 2).
 
 q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; qweight uint8 [N, K/2]; wscales
 [N, K/64], lora_up [N, R], bias [N] (or 0) in wdtype (0 float32, 1 bfloat16, 2 float16); writes y

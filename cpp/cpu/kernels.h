@@ -1,6 +1,6 @@
 // CPU kernel interface: one table of function pointers per instruction-set path.
 //
-// Contract shared by every path (DESIGN.md §1, diffusers_svdquant/reference.py):
+// Contract shared by every path (docs/design.md §1, diffusers_svdquant/reference.py):
 //   * Matrices are row-major and contiguous; sizes are element counts (int64).
 //   * INT4 codes are two's complement in [-8, 7], packed two per byte along K: element 2j in the
 //     low nibble, element 2j+1 in the high nibble.
