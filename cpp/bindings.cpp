@@ -19,6 +19,7 @@
 #include "cpu/kernels.h"
 #if defined(SVDQ_HAVE_CUDA_KERNELS)
 #include "cuda/kernels.h"
+static_assert(svdq::cuda::kGroupSize == svdq::cpu::kGroupSize, "one INT4 group size (_C.GROUP_SIZE)");
 #endif
 
 namespace py = pybind11;
@@ -86,7 +87,8 @@ void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   if (group_size != svdq::cpu::kGroupSize)
-    fail(std::string(fn) + ": group_size must be 64, got " + std::to_string(group_size));
+    fail(std::string(fn) + ": group_size must be " + std::to_string(svdq::cpu::kGroupSize) + ", got " +
+         std::to_string(group_size));
   if (K % 2 != 0) fail(std::string(fn) + ": K must be even, got K=" + std::to_string(K));
   if (K % group_size != 0)
     fail(std::string(fn) + ": K must be a multiple of group_size=" + std::to_string(group_size) +
@@ -114,40 +116,7 @@ void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& l
                  static_cast<DType>(dtype), static_cast<int>(num_threads));
 }
 
-void check_pack_args(const char* fn, const char* src_name, uintptr_t src, const char* dst_name, uintptr_t dst,
-                     int64_t rows, int64_t K, int64_t num_threads) {
-  check_size(fn, "rows", rows);
-  check_size(fn, "K", K);
-  if (K % 2 != 0) fail(std::string(fn) + ": K must be even, got K=" + std::to_string(K));
-  check_threads(fn, num_threads);
-  check_product(fn, "rows", rows, "K", K);
-  check_ptr(fn, src_name, src, rows * K);
-  check_ptr(fn, dst_name, dst, rows * K);
-}
-
-void pack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64_t K, int64_t num_threads) {
-  const char* fn = "pack_int4";
-  const uintptr_t src = as_ptr(fn, "src", src_), dst = as_ptr(fn, "dst", dst_);
-  check_pack_args(fn, "src", src, "dst", dst, rows, K, num_threads);
-  if (rows * K == 0) return;
-  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
-  py::gil_scoped_release release;
-  k.pack_int4(reinterpret_cast<const int8_t*>(src), reinterpret_cast<uint8_t*>(dst), rows, K,
-              static_cast<int>(num_threads));
-}
-
-void unpack_int4(const py::int_& src_, const py::int_& dst_, int64_t rows, int64_t K, int64_t num_threads) {
-  const char* fn = "unpack_int4";
-  const uintptr_t src = as_ptr(fn, "src", src_), dst = as_ptr(fn, "dst", dst_);
-  check_pack_args(fn, "src", src, "dst", dst, rows, K, num_threads);
-  if (rows * K == 0) return;
-  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
-  py::gil_scoped_release release;
-  k.unpack_int4(reinterpret_cast<const uint8_t*>(src), reinterpret_cast<int8_t*>(dst), rows, K,
-                static_cast<int>(num_threads));
-}
-
-// The canonical weights of a gemm (DESIGN.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
+// The canonical weights of a gemm (docs/design.md §2), validated: qweight [N, K/2] uint8; wscales [N, K/64],
 // lora_up [N, R] and bias [N] (null: none) in `wdtype`.
 svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const py::int_& wscales_,
                                 const py::int_& lora_up_, const py::int_& bias_, int64_t N, int64_t K,
@@ -159,7 +128,8 @@ svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const 
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   if (K % svdq::cpu::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
+         ", got K=" + std::to_string(K));
   check_dtype(fn, "wdtype", wdtype);
   check_product(fn, "N", N + svdq::cpu::kTileN, "K", K);
   check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
@@ -416,6 +386,8 @@ std::string cuda_mma_path(int64_t device) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "SVDQuant W4A4 native kernels (raw pointers + sizes; no PyTorch types).";
+  // The INT4 group size the kernels are built for (reference.GROUP_SIZE on the Python side).
+  m.attr("GROUP_SIZE") = py::int_(svdq::cpu::kGroupSize);
 
   m.def("quantize_act", &quantize_act, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("q_x"),
         py::arg("s_x"), py::arg("lora_act"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("dtype"),
@@ -425,14 +397,10 @@ PYBIND11_MODULE(_C, m) {
 x [M, K], smooth [K], lora_down [K, R]: all `dtype` (0 float32, 1 bfloat16, 2 float16), contiguous.
 Writes q_x uint8 [M, K/2] (element 2j low nibble), s_x float32 [M, K/64], lora_act float32 [M, R].
 Pointers are ints (tensor.data_ptr()); one may be 0 when its tensor is empty. Releases the GIL.)doc");
-  m.def("pack_int4", &pack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
-        py::arg("num_threads"), "int8 codes [rows, K] -> uint8 [rows, K/2], element 2j in the low nibble.");
-  m.def("unpack_int4", &unpack_int4, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("K"),
-        py::arg("num_threads"), "uint8 [rows, K/2] -> int8 codes [rows, K] in [-8, 7].");
   m.def("gemm_w4a4", &gemm_w4a4, py::arg("q_x"), py::arg("s_x"), py::arg("lora_act"), py::arg("qweight"),
         py::arg("wscales"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"),
         py::arg("K"), py::arg("R"), py::arg("wdtype"), py::arg("ydtype"), py::arg("num_threads"),
-        R"doc(W4A4 GEMM + low-rank + bias on the canonical weights (DESIGN.md section 2).
+        R"doc(W4A4 GEMM + low-rank + bias on the canonical weights (docs/design.md section 2).
 
 q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; qweight uint8 [N, K/2]; wscales
 [N, K/64], lora_up [N, R], bias [N] (or 0) in wdtype (0 float32, 1 bfloat16, 2 float16); writes y

@@ -1,6 +1,6 @@
-// AVX2 + FMA + F16C kernels: quantize_act (the driver in quantize_x86.inc on ymm vectors) and the
-// int4 packing. This is the only file built with -mavx2 -mfma -mf16c besides gemm_avx2.cpp; the
-// dispatcher calls into it only after cpuid and XCR0 say the CPU and OS support those.
+// AVX2 + FMA + F16C quantize_act: the driver in quantize_x86.inc on ymm vectors. This is the only
+// file built with -mavx2 -mfma -mf16c besides gemm_avx2.cpp; the dispatcher calls into it only after
+// cpuid and XCR0 say the CPU and OS support those.
 //
 // Nothing in here may instantiate a std:: template or any other inline function with external
 // linkage: the linker could keep this AVX2-compiled copy for the generic path too. Helpers live
@@ -24,9 +24,7 @@ typedef __m256 VecF;
 constexpr int kLanes = 8;
 constexpr int kMicroRows = 4;  // register tile: 4 rows x 2 vectors = 8 independent FMA chains
 constexpr int kMicroVecs = 2;
-// Measured on Zen 3 (single thread, K = 12288, R = 32): 1.3 ns per element of x, about 0.45 for the
-// quantization and 0.85 for the down projection (near the 2-FMA/cycle peak). Other tilings (12/6x2,
-// 16/2x4, 32/4x3, K blocks of 128/512) were within noise or slower.
+// Rows sharing one pass over lora_down: 16 keeps the down projection near the 2-FMA/cycle peak.
 constexpr int64_t kTileRows = 16;
 
 // 8 consecutive elements of a `D` array, starting at element i, as float32.
@@ -73,6 +71,7 @@ inline void pack_group(const __m256i c[8], uint8_t* q) {
 
 // One group. x: the group's first element (`D`); sm: float32 [64] smooth; xh: float32 [64] out
 // (x̂); q: uint8 [32] out; returns the scale.
+static_assert(kGroupSize == 8 * kLanes, "quantize_group takes a group as 8 vectors");
 template <DType D>
 inline float quantize_group(const void* x, const float* sm, float* xh, uint8_t* q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -107,74 +106,5 @@ inline float quantize_group(const void* x, const float* sm, float* xh, uint8_t* 
 }  // namespace
 
 #include "quantize_x86.inc"
-
-// Rows are contiguous and K is even, so a byte never straddles two rows: both directions run
-// over the flat array of n = rows * K / 2 bytes, in chunks whose boundaries are multiples of 32.
-namespace {
-constexpr int64_t kPackChunk = int64_t{1} << 15;  // output bytes per OpenMP work item
-
-inline int pack_threads(int64_t n, int num_threads) {
-  return static_cast<int>(min_i64(num_threads, ceil_div(n, kPackChunk)));
-}
-}  // namespace
-
-void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads) {
-  const int64_t n = rows * (K / 2);
-  if (n <= 0) return;
-  const int nt = pack_threads(n, num_threads);
-  const __m256i lo = _mm256_set1_epi16(0x000f);
-  const __m256i hi = _mm256_set1_epi16(0x00f0);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t c0 = 0; c0 < n; c0 += kPackChunk) {
-    const int64_t c1 = min_i64(n, c0 + kPackChunk);
-    int64_t i = c0;
-    for (; i + 32 <= c1; i += 32) {
-      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i));
-      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i + 32));
-      // Same fold as pack_group: 16-bit lane (even | odd << 8) -> (even & 15) | (odd & 15) << 4.
-      const __m256i r0 =
-          _mm256_or_si256(_mm256_and_si256(b0, lo), _mm256_and_si256(_mm256_srli_epi16(b0, 4), hi));
-      const __m256i r1 =
-          _mm256_or_si256(_mm256_and_si256(b1, lo), _mm256_and_si256(_mm256_srli_epi16(b1, 4), hi));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          _mm256_permute4x64_epi64(_mm256_packus_epi16(r0, r1), 0xD8));
-    }
-    for (; i < c1; ++i)
-      dst[i] = static_cast<uint8_t>((static_cast<uint8_t>(src[2 * i]) & 0x0f) |
-                                    ((static_cast<uint8_t>(src[2 * i + 1]) & 0x0f) << 4));
-  }
-}
-
-void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads) {
-  const int64_t n = rows * (K / 2);
-  if (n <= 0) return;
-  const int nt = pack_threads(n, num_threads);
-  const __m256i nib = _mm256_set1_epi8(0x0f);
-  const __m256i eight = _mm256_set1_epi8(0x08);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t c0 = 0; c0 < n; c0 += kPackChunk) {
-    const int64_t c1 = min_i64(n, c0 + kPackChunk);
-    int64_t i = c0;
-    for (; i + 32 <= c1; i += 32) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      const __m256i l = _mm256_and_si256(v, nib);
-      const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-      // unpack{lo,hi}_epi8 interleave per 128-bit lane: a = bytes [0..7 | 16..23], b = [8..15 | 24..31].
-      const __m256i a = _mm256_unpacklo_epi8(l, h);
-      const __m256i b = _mm256_unpackhi_epi8(l, h);
-      __m256i o0 = _mm256_permute2x128_si256(a, b, 0x20);
-      __m256i o1 = _mm256_permute2x128_si256(a, b, 0x31);
-      // (v ^ 8) - 8 sign-extends a 4-bit two's-complement value.
-      o0 = _mm256_sub_epi8(_mm256_xor_si256(o0, eight), eight);
-      o1 = _mm256_sub_epi8(_mm256_xor_si256(o1, eight), eight);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), o0);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i + 32), o1);
-    }
-    for (; i < c1; ++i) {
-      dst[2 * i] = static_cast<int8_t>(((src[i] & 0x0f) ^ 0x08) - 0x08);
-      dst[2 * i + 1] = static_cast<int8_t>(((src[i] >> 4) ^ 0x08) - 0x08);
-    }
-  }
-}
 
 }  // namespace svdq::cpu::avx2

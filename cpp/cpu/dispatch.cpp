@@ -101,46 +101,40 @@ struct IsaEntry {
   const char* name;
   bool (*runs_on)(const CpuFeatures&);
   KernelTable table;
-  // Picked by default when it is the best the CPU runs. A path that no test run has executed yet
-  // (on a CPU that has it) stays opt-in: SVDQ_CPU_ISA / set_isa select it, and the tests exercise
-  // every supported path, so the first run on such a CPU verifies it.
-  bool default_ok = true;
 };
 
-// From the most portable to the fastest: the default is the last default_ok row this CPU runs.
+// From the most portable to the fastest: the default is the last row this CPU runs.
 const IsaEntry kIsas[] = {
     {"generic",
      [](const CpuFeatures&) { return true; },
-     {generic::quantize_act, generic::pack_int4, generic::unpack_int4, generic::gemm_w4a4,
-      generic::pack_tile}},
+     {generic::quantize_act, generic::gemm_w4a4, generic::pack_tile}},
 #if defined(SVDQ_HAVE_AVX2)
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
-     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx2::gemm_w4a4, avx2::pack_tile}},
+     {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile}},
 #endif
 #if defined(SVDQ_HAVE_AVXVNNI)
-    // The GEMM with VEX vpdpbusd; quantize_act and int4 packing stay AVX2 (VNNI has nothing for them).
+    // The GEMM with VEX vpdpbusd; quantize_act stays AVX2 (VNNI has nothing for it).
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
-     {avx2::quantize_act, avx2::pack_int4, avx2::unpack_int4, avxvnni::gemm_w4a4, avxvnni::pack_tile}},
+     {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
     // The GEMM and quantize_act on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm parts
-    // they share); the int4 packing stays AVX2.
+    // they share).
     {"avx512vnni",
      [](const CpuFeatures& f) {
        return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
               f.avx512dq && f.avx512vnni;
      },
-     {avx512::quantize_act, avx2::pack_int4, avx2::unpack_int4, avx512vnni::gemm_w4a4,
-      avx512vnni::pack_tile}},
+     {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile}},
 #endif
 };
 
 const IsaEntry* best_entry() {
   const IsaEntry* best = &kIsas[0];
   for (const IsaEntry& e : kIsas)
-    if (e.default_ok && e.runs_on(features())) best = &e;
+    if (e.runs_on(features())) best = &e;
   return best;
 }
 

@@ -1,4 +1,4 @@
-// Tile layout of the CPU W4A4 GEMM. The kernels take the canonical tensors (DESIGN.md §2) and build
+// Tile layout of the CPU W4A4 GEMM. The kernels take the canonical tensors (docs/design.md §2) and build
 // these tiles themselves (pack_tile, per ISA): a whole layer once per call into a scratch buffer when
 // many row chunks reuse it, or one tile at a time into a per-thread buffer when one chunk covers all
 // rows. No second copy of the weights stays resident. diffusers_svdquant/ops.py `pack_gemm_weights`
@@ -34,7 +34,7 @@ constexpr int64_t kTileN = 16;
 constexpr int64_t kTileBytes = 1024;   // codes per (tile, group): 16 columns x 64 k, one byte each
 constexpr int64_t kTileSumBytes = 32;  // wsum per (tile, group): 16 int16
 
-// Arguments of gemm_w4a4, shared by every path: the canonical weights (DESIGN.md §2).
+// Arguments of gemm_w4a4, shared by every path: the canonical weights (docs/design.md §2).
 struct GemmArgs {
   const uint8_t* q_x;      // [M, K/2] packed activation codes (reference.pack_int4 order)
   const float* s_x;        // [M, G]

@@ -120,30 +120,4 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
   }
 }
 
-// Rows are contiguous and K is even, so a byte never straddles two rows: both directions run
-// over the flat array of rows * K / 2 bytes.
-
-void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads) {
-  const int64_t n = rows * (K / 2);
-  // Below ~64 KiB the fork/join costs more than the work.
-  const int nt = n >= (int64_t{1} << 16) ? num_threads : 1;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t lo = static_cast<uint8_t>(src[2 * i]) & 0x0f;
-    const uint8_t hi = static_cast<uint8_t>(src[2 * i + 1]) & 0x0f;
-    dst[i] = static_cast<uint8_t>(lo | (hi << 4));
-  }
-}
-
-void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads) {
-  const int64_t n = rows * (K / 2);
-  const int nt = n >= (int64_t{1} << 16) ? num_threads : 1;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < n; ++i) {
-    // (v ^ 8) - 8 sign-extends a 4-bit two's-complement value.
-    dst[2 * i] = static_cast<int8_t>(((src[i] & 0x0f) ^ 0x08) - 0x08);
-    dst[2 * i + 1] = static_cast<int8_t>(((src[i] >> 4) ^ 0x08) - 0x08);
-  }
-}
-
 }  // namespace svdq::cpu::generic

@@ -1,6 +1,6 @@
 // CPU kernel interface: one table of function pointers per instruction-set path.
 //
-// Contract shared by every path (DESIGN.md §1, diffusers_svdquant/reference.py):
+// Contract shared by every path (docs/design.md §1, diffusers_svdquant/reference.py):
 //   * Matrices are row-major and contiguous; sizes are element counts (int64).
 //   * INT4 codes are two's complement in [-8, 7], packed two per byte along K: element 2j in the
 //     low nibble, element 2j+1 in the high nibble.
@@ -32,10 +32,6 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 using QuantizeActFn = void (*)(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x,
                                float* s_x, float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype,
                                int num_threads);
-// src: int8 [rows, K] codes in [-8, 7]; dst: uint8 [rows, K/2]. K even.
-using PackInt4Fn = void (*)(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
-// src: uint8 [rows, K/2]; dst: int8 [rows, K]. K even.
-using UnpackInt4Fn = void (*)(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 
 // W4A4 GEMM with the low-rank + bias epilogue on the canonical weights (GemmArgs, gemm_layout.h):
 // y[m, n] = sum_g s_x[m,g] sw[n,g] (q_x[m,g,:] . q_w[n,g,:]) + lora_act[m] . lora_up[n] + bias[n].
@@ -46,8 +42,6 @@ using PackTileFn = void (*)(const GemmArgs& args, int64_t t, const Tile& out);
 
 struct KernelTable {
   QuantizeActFn quantize_act;
-  PackInt4Fn pack_int4;
-  UnpackInt4Fn unpack_int4;
   GemmW4A4Fn gemm_w4a4;
   PackTileFn pack_tile;
 };
@@ -55,8 +49,6 @@ struct KernelTable {
 namespace generic {
 void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
-void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
-void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 }  // namespace generic
@@ -65,14 +57,12 @@ void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 namespace avx2 {
 void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
-void pack_int4(const int8_t* src, uint8_t* dst, int64_t rows, int64_t K, int num_threads);
-void unpack_int4(const uint8_t* src, int8_t* dst, int64_t rows, int64_t K, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
-// Microbenchmark: a tight vpmaddubsw + vpaddw loop (about iters steps of 8 instructions per thread),
-// the int8 dot-product peak the GEMM is measured against; returns the ops done (2 per product), which
-// the caller times (bindings.cpp: no std:: template is instantiated under ISA flags, see scalar.h).
-// Not in the table: not a kernel.
+// Microbenchmark (peak_loop.inc): a tight vpmaddubsw + vpaddw loop (about iters steps of 8 instructions
+// per thread), the int8 dot-product peak the GEMM is measured against; returns the ops done (2 per
+// product), which the caller times (bindings.cpp: no std:: template is instantiated under ISA flags,
+// see scalar.h). Not in the table: not a kernel.
 double int8_peak_ops(int num_threads, int64_t iters);
 }  // namespace avx2
 #endif
@@ -83,7 +73,7 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 }  // namespace avx512
 
-// The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp; gemm_x86.inc with vpdpbusd).
+// The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp: the GEMM of gemm_driver.inc with vpdpbusd).
 namespace avxvnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);

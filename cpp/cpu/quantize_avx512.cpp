@@ -1,9 +1,8 @@
 // AVX-512 (F/BW/VL/DQ) quantize_act: the driver of quantize_x86.inc on zmm vectors, for the
-// avx512vnni path. On Zen 5 the fused down projection (x̂ @ lora_down, 2·M·K·R flops) ran at ~125
-// GFLOP/s on ymm FMAs, a quarter of the zmm FMA peak, and was 60% of quantize_act at K = 12288
-// (where the activations are 4x the GEMM's N): a third of the whole linear. Register tiles of 8 rows
-// x 2 zmm (16 FMA chains, one embedded broadcast each) cover the FMA latency at two per cycle; a group
-// is 4 zmm, packed to nibbles with vpmovdb / vpmovwb instead of the ymm lane-crossing packs.
+// avx512vnni path, because the fused down projection (x̂ @ lora_down, 2·M·K·R flops) dominates
+// quantize_act at large K and is FMA-bound. Register tiles of 8 rows x 2 zmm (16 FMA chains, one
+// embedded broadcast each) cover the FMA latency at two per cycle; a group is 4 zmm, packed to
+// nibbles with vpmovdb / vpmovwb instead of the ymm lane-crossing packs.
 // Compiled with this path's flags only (CMakeLists.txt); nothing here instantiates a std:: template.
 #include <cstring>
 
@@ -23,8 +22,7 @@ constexpr int kLanes = 16;
 constexpr int kMicroRows = 8;  // register tile: 8 rows x 2 vectors = 16 independent FMA chains
 constexpr int kMicroVecs = 2;
 // A tile is one register tile, so lora_down is read as it is (converted on the fly) instead of staged
-// as float32 per tile: on Zen 5, M = 4096, R = 32, bf16, 15.5 -> 11.7 ms at K = 12288 and 3.5 -> 2.9 ms
-// at K = 3072 against 16-row tiles (64 rows with K blocks of 128: 12.4 / 3.0 ms).
+// as float32 per tile: with zmm FMAs the staging costs more than the conversion it saves.
 constexpr int64_t kTileRows = kMicroRows;
 
 // 16 consecutive elements of a `D` array, starting at element i, as float32.
@@ -52,6 +50,7 @@ inline __m512 vfma_bcast(const float* s, __m512 w, __m512 acc) {
 
 // One group. x: the group's first element (`D`); sm: float32 [64] smooth; xh: float32 [64] out
 // (x̂); q: uint8 [32] out; returns the scale. The same IEEE operations as the ymm version.
+static_assert(kGroupSize == 4 * kLanes, "quantize_group takes a group as 4 vectors");
 template <DType D>
 inline float quantize_group(const void* x, const float* sm, float* xh, uint8_t* q) {
   __m512 v[4];

@@ -1,6 +1,6 @@
 // CUDA kernel interface, as seen from bindings.cpp (compiled by the host compiler: no CUDA headers).
 //
-// Contract (DESIGN.md §1, diffusers_svdquant/reference.py), on top of cpp/cpu/kernels.h's:
+// Contract (docs/design.md §1, diffusers_svdquant/reference.py), on top of cpp/cpu/kernels.h's:
 //   * Pointers are device pointers on `device`, contiguous and 16-byte aligned (ops.py guarantees
 //     both); `stream` is a cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream).
 //   * Every function returns "" on success, or a message saying what failed (a CUDA error, a
