@@ -23,7 +23,9 @@ except ImportError:  # transformers absent or unusable: the config still serves 
         """Stand-in base used when transformers cannot be imported."""
 
 
-FORMAT_VERSION = 1
+# 2: modules_to_not_convert patterns match as substrings (as in diffusers' other backends), "^" anchors.
+# 1: they matched exact names, parents and globs only; version-1 configs keep that meaning at reload.
+FORMAT_VERSION = 2
 # Rank of the 16-bit low-rank branch unless a user picks another: the paper's and Nunchaku's choice.
 DEFAULT_RANK = 32
 
@@ -33,24 +35,25 @@ logger = logging.getLogger(__name__)
 # projections and embedders see raw latents / text features whose scale differs per token, the AdaLN
 # modulation linears ("*norm*") produce per-channel scales and shifts that multiply every activation
 # downstream, and the time embeddings are tiny. Together they are a few percent of the weights.
-# A pattern matches a module name exactly, any module below it ("name." prefix), or as an fnmatch glob.
+# The top-level modules are anchored ("^"): a FLUX single block's own proj_out is quantized.
 DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
-    "x_embedder",
-    "context_embedder",
-    "pos_embed",
-    "time_text_embed",
-    "time_embed",
-    "time_embedding",
-    "add_embedding",
-    "encoder_hid_proj",
-    "caption_projection",
-    "proj_in",
-    "proj_out",
-    "norm_out",
+    "^x_embedder",
+    "^context_embedder",
+    "^pos_embed",
+    "^time_text_embed",
+    "^time_embed",
+    "^time_embedding",
+    "^add_embedding",
+    "^encoder_hid_proj",
+    "^caption_projection",
+    "^proj_in",
+    "^proj_out",
+    "^norm_out",
     "*norm*",
     "*time_emb_proj",
-    "lm_head",
+    "^lm_head",
 )
+_GLOB_CHARS = frozenset("*?[")
 
 
 class SVDQuantMethod(str, Enum):
@@ -59,12 +62,35 @@ class SVDQuantMethod(str, Enum):
     SVDQUANT = "svdquant"
 
 
-def module_matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
-    """True when a module name matches one of ``patterns`` (exact, ``pattern.`` prefix, or glob)."""
-    for p in patterns:
-        if name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p):
-            return True
-    return False
+def pattern_matches(name: str, pattern: str, format_version: int = FORMAT_VERSION) -> bool:
+    """Whether one ``modules_to_not_convert`` pattern selects the module called ``name``.
+
+    * ``"^proj_out"``: anchored, the module ``proj_out`` and every module below it;
+    * a pattern with ``*``, ``?`` or ``[``: an fnmatch glob over the whole name (``"*norm*"``);
+    * anything else: a substring of the name, as diffusers' other backends match it (``"to_q"`` is
+      every ``*.to_q``). Configs of ``format_version`` 1 matched a plain pattern as an exact name or a
+      parent instead, and keep that meaning, so their checkpoints select the same layers at reload.
+    """
+    if pattern.startswith("^"):
+        anchored = pattern[1:]
+        return name == anchored or name.startswith(anchored + ".")
+    if _GLOB_CHARS & set(pattern):
+        return fnmatch.fnmatchcase(name, pattern)
+    if format_version < 2:
+        return name == pattern or name.startswith(pattern + ".")
+    return pattern in name
+
+
+def module_matches(name: str, patterns: list[str] | tuple[str, ...], format_version: int = FORMAT_VERSION) -> bool:
+    """True when a module name matches one of ``patterns`` (see :func:`pattern_matches`)."""
+    return any(pattern_matches(name, p, format_version) for p in patterns)
+
+
+def component_patterns(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Patterns for module names given as path components, the way diffusers and transformers read their
+    ``_keep_in_fp32_modules`` (T5's ``"wo"`` is every ``...DenseReluDense.wo``): the top-level module,
+    any module of that name below another, and everything inside them."""
+    return [p for n in sorted(set(names)) for p in (f"^{n}", f"*.{n}", f"*.{n}.*")]
 
 
 class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
@@ -80,8 +106,11 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         group_size: INT4 group size along K. Only :data:`~diffusers_svdquant.reference.GROUP_SIZE` (64)
             is supported: the kernels are built for it. Recorded so a checkpoint says what it holds.
         precision: ``"int4"``.
-        modules_to_not_convert: module-name patterns kept in 16-bit (exact name, a parent module's
-            name, or an fnmatch glob). ``None`` uses :data:`DEFAULT_MODULES_TO_NOT_CONVERT`.
+        modules_to_not_convert: a list of module-name patterns kept in 16-bit: a substring of the name
+            (``"to_q"``: every ``*.to_q``, as in diffusers' other backends), ``"^name"`` (that module and
+            everything below it) or an fnmatch glob (``"*norm*"``); see :func:`pattern_matches`. ``None``
+            uses :data:`DEFAULT_MODULES_TO_NOT_CONVERT`. A pattern that matches no module of the model
+            is warned about by name.
         smoothing_alpha: ``None`` (default): each layer uses the ``(α, β)`` its calibration search
             found, or ``α = β = 0.5`` where none was searched. A number ``α`` forces
             ``λ_j = max|X_j|^α / max|W_j|^(1-α)`` on every layer. Without statistics for a layer,
@@ -121,6 +150,12 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         self.rank = rank
         self.group_size = group_size
         self.precision = precision
+        if isinstance(modules_to_not_convert, str):
+            # list("proj_out") would be ["p", "r", ...]: it quantizes the layer meant to stay 16-bit.
+            raise ValueError(
+                f"SVDQuantConfig: modules_to_not_convert must be a list of module-name patterns, got the string "
+                f"{modules_to_not_convert!r}; write [{modules_to_not_convert!r}]"
+            )
         self.modules_to_not_convert = (
             list(DEFAULT_MODULES_TO_NOT_CONVERT) if modules_to_not_convert is None else list(modules_to_not_convert)
         )
@@ -157,6 +192,11 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             )
         if isinstance(self.lowrank_iters, bool) or not isinstance(self.lowrank_iters, int) or self.lowrank_iters < 0:
             raise ValueError(f"SVDQuantConfig: lowrank_iters must be an integer >= 0, got {self.lowrank_iters!r}")
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(
+                f"SVDQuantConfig: format_version must be an integer >= 1, got {self.format_version!r} "
+                f"({type(self.format_version).__name__})"
+            )
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"SVDQuantConfig: checkpoint format_version {self.format_version} is newer than this "
@@ -169,7 +209,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
 
     def is_excluded(self, module_name: str) -> bool:
         """True when ``module_name`` stays in 16-bit by :attr:`modules_to_not_convert`."""
-        return module_matches(module_name, self.modules_to_not_convert)
+        return module_matches(module_name, self.modules_to_not_convert, self.format_version)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe settings for ``config.json`` (the calibration statistics are not part of it)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantMethod
-from diffusers_svdquant.config import FORMAT_VERSION, module_matches
+from diffusers_svdquant.config import FORMAT_VERSION, component_patterns, module_matches
 
 
 def test_defaults():
@@ -24,7 +24,7 @@ def test_defaults():
     assert c.svd_method == "auto"
     assert c.lowrank_iters == 0
     assert c.torch_dtype is None
-    assert c.format_version == FORMAT_VERSION == 1
+    assert c.format_version == FORMAT_VERSION == 2
     assert c.quant_method is SVDQuantMethod.SVDQUANT
     assert isinstance(c.quant_method, str) and c.quant_method.value == "svdquant"  # diffusers reads .value
 
@@ -130,7 +130,7 @@ def test_bad_settings_from_dict():
         {"smoothing_alpha": None},
         {"smoothing_alpha": 0.0},
         {"smoothing_alpha": 1},
-        {"format_version": 0},
+        {"format_version": 1},
     ],
 )
 def test_edge_settings_accepted(ok):
@@ -141,22 +141,82 @@ def test_edge_settings_accepted(ok):
 @pytest.mark.parametrize(
     ("name", "patterns", "expected"),
     [
-        ("proj_out", ["proj_out"], True),  # exact
-        ("proj_out.lora", ["proj_out"], True),  # child of an excluded module ("name." prefix)
-        ("proj_outer", ["proj_out"], False),  # prefix without the dot is a different module
-        ("single_transformer_blocks.0.proj_out", ["proj_out"], False),  # only the top-level one
-        ("transformer_blocks.3.norm1.linear", ["*norm*"], True),  # glob
+        ("transformer_blocks.3.attn.to_q", ["to_q"], True),  # substring, as diffusers' other backends
+        ("transformer_blocks.3.attn.to_q", ["attn.to_"], True),
+        ("transformer_blocks.3.attn.to_k", ["to_q"], False),
+        ("proj_out", ["^proj_out"], True),  # anchored: the top-level module...
+        ("proj_out.lora", ["^proj_out"], True),  # ...and everything below it
+        ("proj_outer", ["^proj_out"], False),
+        ("single_transformer_blocks.0.proj_out", ["^proj_out"], False),  # not a block's own proj_out
+        ("single_transformer_blocks.0.proj_out", ["proj_out"], True),
+        ("transformer_blocks.3.norm1.linear", ["*norm*"], True),  # glob over the whole name
         ("transformer_blocks.3.attn.to_q", ["*norm*"], False),
         ("transformer_blocks.3.attn.to_q", ["transformer_blocks.3"], True),
-        ("transformer_blocks.30.attn.to_q", ["transformer_blocks.3"], False),
+        ("transformer_blocks.30.attn.to_q", ["transformer_blocks.3."], False),
         ("down_blocks.0.resnets.0.time_emb_proj", ["*time_emb_proj"], True),
         ("anything", [], False),
     ],
 )
 def test_module_matches(name, patterns, expected):
-    """Exclusion patterns match the exact name, any module below it ("name." prefix), or a glob."""
+    """Patterns match as a substring, anchored with "^", or as a glob over the whole name."""
     assert module_matches(name, patterns) is expected
     assert SVDQuantConfig(modules_to_not_convert=patterns).is_excluded(name) is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "expected"),
+    [
+        ("proj_out", "proj_out", True),  # exact
+        ("proj_out.lora", "proj_out", True),  # a parent
+        ("single_transformer_blocks.0.proj_out", "proj_out", False),  # version 1: plain names are exact
+        ("transformer_blocks.3.attn.to_q", "to_q", False),
+        ("transformer_blocks.3.norm1.linear", "*norm*", True),
+        ("single_transformer_blocks.0.proj_out", "^proj_out", False),
+    ],
+)
+def test_version1_configs_keep_their_matching(name, pattern, expected):
+    """A config saved with format_version 1 selects the same layers at reload as when it was saved."""
+    assert module_matches(name, [pattern], format_version=1) is expected
+    assert SVDQuantConfig(modules_to_not_convert=[pattern], format_version=1).is_excluded(name) is expected
+
+
+def test_defaults_select_what_the_version1_defaults_selected():
+    """The anchored defaults keep the top-level modules 16-bit, exactly like the version-1 defaults did."""
+    old = ["x_embedder", "context_embedder", "pos_embed", "time_text_embed", "time_embed", "time_embedding",
+           "add_embedding", "encoder_hid_proj", "caption_projection", "proj_in", "proj_out", "norm_out", "*norm*",
+           "*time_emb_proj", "lm_head"]  # fmt: skip
+    names = [
+        "x_embedder", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+        "context_embedder", "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp",
+        "transformer_blocks.0.norm1.linear", "down_blocks.0.attentions.0.proj_in",
+        "down_blocks.0.attentions.0.proj_out", "down_blocks.0.resnets.0.time_emb_proj", "time_embedding.linear_1",
+        "add_embedding.linear_2", "lm_head", "encoder.block.0.layer.0.SelfAttention.q",
+        "transformer_blocks.0.attn.to_q", "caption_projection.linear_1", "pos_embed.proj",
+    ]  # fmt: skip
+    for name in names:
+        assert module_matches(name, list(DEFAULT_MODULES_TO_NOT_CONVERT)) == module_matches(name, old, 1), name
+
+
+def test_component_patterns_match_a_name_at_any_depth():
+    patterns = component_patterns(["wo"])
+    assert module_matches("wo", patterns) and module_matches("encoder.block.0.layer.1.DenseReluDense.wo", patterns)
+    assert module_matches("encoder.wo.inner", patterns)
+    assert not module_matches("encoder.block.0.layer.1.DenseReluDense.wo_extra", patterns)
+    assert not module_matches("two", patterns)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"modules_to_not_convert": "single_transformer_blocks.0.proj_out"}, r"list.*got the string.*write \["),
+        ({"format_version": "1"}, r"format_version must be an integer.*'1' \(str\)"),
+        ({"format_version": 0}, r"format_version must be an integer >= 1"),
+        ({"format_version": 1.0}, r"format_version must be an integer"),
+    ],
+)
+def test_bad_types_are_refused_with_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SVDQuantConfig(**kwargs)
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def test_model_card_metadata_parses(server, fluxq, tmp_path):
     assert {"svdquant", "4-bit"} <= set(meta["tags"])
     q = meta["svdquant"]
     assert q["config"]["rank"] == 16 and q["config"]["quant_method"] == "svdquant"
-    assert q["config"]["torch_dtype"] == "bfloat16" and q["config"]["format_version"] == 1
+    assert q["config"]["torch_dtype"] == "bfloat16" and q["config"]["format_version"] == 2
     dense, quant = hub.weight_sizes(fluxq)
     assert q["bytes_16bit"] == dense and q["bytes_quantized"] == quant and quant < dense
     assert q["checkpoint_bytes"] == (folder / "diffusion_pytorch_model.safetensors").stat().st_size
@@ -339,7 +339,7 @@ def test_cli_push_inspect_pull(server, flux16, tmp_path, capsys):
     # Only the safetensors header was read (Range requests), not whole weight files.
     assert cli.main(["inspect", "alice/cli"]) == 0
     text = capsys.readouterr().out
-    assert "SVDQuant W4A4 rank 16, format_version 1, dtype bfloat16" in text
+    assert "SVDQuant W4A4 rank 16, format_version 2, dtype bfloat16" in text
 
     assert cli.main(["pull", "alice/cli", "--cache-dir", str(tmp_path / "cache")]) == 0
     snapshot = Path(capsys.readouterr().out.strip())
