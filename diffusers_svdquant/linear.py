@@ -11,6 +11,20 @@ from . import algorithm, ops, reference
 QUANT_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
 
 
+def canonical_shapes(in_features: int, out_features: int, rank: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of each canonical tensor of a ``[out_features, in_features]`` layer (docs/design.md §2),
+    ``bias`` included when the layer has one: what a checkpoint must hold for it."""
+    k, n = in_features, out_features
+    shapes = {
+        "qweight": (n, k // 2),
+        "wscales": (n, k // reference.GROUP_SIZE),
+        "smooth": (k,),
+        "lora_down": (k, rank),
+        "lora_up": (n, rank),
+    }
+    return shapes | ({"bias": (n,)} if bias else {})
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -29,7 +43,7 @@ class SVDQuantLinear(nn.Module):
     Args:
         in_features: K, a multiple of 64.
         out_features: N.
-        rank: r, ``1 <= r <= min(N, K)``.
+        rank: r, ``0 <= r <= min(N, K)`` (0: no low-rank branch).
         bias: whether the layer has a bias.
         dtype: model dtype of the float tensors.
         device: where to allocate (``"meta"`` for a skeleton that loading fills in).
@@ -57,13 +71,14 @@ class SVDQuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
+        shapes = canonical_shapes(in_features, out_features, rank, bias)
         f = {"dtype": dtype, "device": device}
-        self.qweight = _frozen(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.wscales = _frozen(torch.zeros(out_features, in_features // g, **f))
-        self.smooth = _frozen(torch.ones(in_features, **f))
-        self.lora_down = _frozen(torch.zeros(in_features, rank, **f))
-        self.lora_up = _frozen(torch.zeros(out_features, rank, **f))
-        self.bias = _frozen(torch.zeros(out_features, **f)) if bias else None
+        self.qweight = _frozen(torch.zeros(shapes["qweight"], dtype=torch.uint8, device=device))
+        self.wscales = _frozen(torch.zeros(shapes["wscales"], **f))
+        self.smooth = _frozen(torch.ones(shapes["smooth"], **f))
+        self.lora_down = _frozen(torch.zeros(shapes["lora_down"], **f))
+        self.lora_up = _frozen(torch.zeros(shapes["lora_up"], **f))
+        self.bias = _frozen(torch.zeros(shapes["bias"], **f)) if bias else None
         # The CUDA GEMM's mma-fragment layout of the tensors above (ops.pack_mma_weights), rebuilt when
         # any of them changes (load_state_dict, .to(), load_quantized). A plain attribute: never in the
         # state dict. (The CPU kernels read the canonical tensors directly: no copy there.)

@@ -198,11 +198,35 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors"):
         CalibrationStats.load(tmp_path / "junk.safetensors")
-    save_file({"act_absmax:x": torch.ones(64)}, tmp_path / "v9.safetensors", metadata={"format_version": "9"})
+    save_file({"act_absmax:x": torch.ones(64)}, tmp_path / "v9.safetensors",
+              metadata={"format": "svdquant-calibration", "format_version": "9"})  # fmt: skip
     with pytest.raises(ValueError, match="format_version 9"):
         CalibrationStats.load(tmp_path / "v9.safetensors")
     with pytest.raises(TypeError, match="calibration must be"):
         load_calibration(42)
+
+
+def test_files_that_are_not_calibration_files_are_refused(tmp_path):
+    """A model's weights file (2-D, negative values) and another tool's safetensors file are refused by name."""
+    from safetensors.torch import save_file
+
+    weights = {"proj.weight": torch.randn(64, 64), "proj.bias": torch.randn(64)}
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors' is not a calibration file: tensor 'proj\.\w+'"):
+        CalibrationStats.load(tmp_path / "model.safetensors")
+    save_file({"act_absmax:x": torch.ones(64)}, tmp_path / "other.safetensors",
+              metadata={"format": "something-else", "format_version": "2"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"other.safetensors' is not a calibration file.*'something-else'"):
+        CalibrationStats.load(tmp_path / "other.safetensors")
+
+
+def test_statistics_record_what_they_were_made_from(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    stats = calibrate(model, run=lambda m: m(torch.randn(5, 64)), search=False, progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    info = CalibrationStats.load(tmp_path / "s.safetensors").info
+    assert info["model_class"] == "Sequential" and info["layers"] == {"0": [128, 64], "1": [64, 128]}
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):

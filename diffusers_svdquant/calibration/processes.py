@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,10 +39,3 @@ class Processes:
             return list(range(n))
         with self.state.split_between_processes(list(range(n))) as part:
             return list(part)
-
-
-def progress_bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
-    """tqdm over ``items`` unless ``enabled`` is False."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, disable=not enabled, leave=False)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..config import SVDQuantConfig, quantizable_linears
-from .processes import Processes, progress_bar
+from ..progress import progress_bar
+from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
 from .search import search_smoothing
 from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats, keep_bottom_k
@@ -169,7 +170,7 @@ def calibrate(
         def drive(recorder: _Recorder) -> None:
             mine = procs.my_share(len(prompts))
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
-            bar = progress_bar(mine, "calibration prompts", progress and procs.rank == 0)
+            bar = progress_bar(mine, desc="calibration prompts", enabled=progress and procs.rank == 0)
             target.set_progress_bar_config(disable=True)
             for i in bar:
                 recorder.start_item(i)
@@ -190,6 +191,11 @@ def calibrate(
         info = {}
 
     layers = _target_linears(model, config, module_filter)
+    # What the statistics were made from, so applying them to another model is refused, not silent.
+    info |= {
+        "model_class": type(model).__name__,
+        "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
+    }
     recorder = _Recorder(max_samples, seed)
     handles = [m.register_forward_pre_hook(recorder.hook(n), with_kwargs=True) for n, m in layers.items()]
     try:

@@ -9,7 +9,8 @@ from torch import nn
 
 from .. import algorithm, reference
 from ..config import DEFAULT_RANK
-from .processes import Processes, progress_bar
+from ..progress import progress_bar
+from .processes import Processes
 from .stats import CalibrationStats
 
 
@@ -48,7 +49,7 @@ def search_smoothing(
     # Largest first, dealt round-robin: the ranks' shares of work stay within one layer of each other.
     todo = [name for _, name in sorted(todo, key=lambda t: (-t[0], t[1]))][procs.rank :: procs.world]
     found: dict[str, tuple[float, float, torch.Tensor]] = {}
-    for name in progress_bar(todo, "smoothing search", progress and procs.rank == 0):
+    for name in progress_bar(todo, desc="smoothing search", enabled=progress and procs.rank == 0):
         weight = model.get_submodule(name).weight.detach()
         result = algorithm.search_smoothing(
             weight, stats.act_absmax[name], stats.samples[name], rank, dtype=weight.dtype, svd_method=svd_method

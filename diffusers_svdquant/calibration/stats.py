@@ -113,13 +113,22 @@ class CalibrationStats:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ValueError(f"{path!r} is not a safetensors calibration file: {e}") from e
-        version = int(meta.get("format_version", "1"))
+        try:
+            version = int(meta.get("format_version", "1"))
+        except ValueError as e:
+            raise ValueError(f"{path!r} is not a calibration file: format_version {meta['format_version']!r}") from e
+        if version >= 2 and meta.get("format") != FILE_FORMAT:
+            raise ValueError(
+                f"{path!r} is not a calibration file (its metadata says format {meta.get('format')!r}, expected "
+                f"{FILE_FORMAT!r}); pass what diffusers_svdquant.calibrate() saved, not a model's weights"
+            )
         if version > FILE_FORMAT_VERSION:
             raise ValueError(
                 f"calibration file {path!r} has format_version {version}; this diffusers-svdquant reads up to "
                 f"{FILE_FORMAT_VERSION}: upgrade the package"
             )
         if version == 1:
+            _check_version1_absmax(path, tensors)
             return cls(tensors, ast.literal_eval(meta.get("num_tokens", "{}")))
 
         def section(prefix: str) -> dict[str, torch.Tensor]:
@@ -133,6 +142,18 @@ class CalibrationStats:
             smoothing={k: (float(v[0]), float(v[1])) for k, v in section(_SMOOTHING).items()},
             search_errors=section(_ERRORS),
             info=json.loads(meta.get("info", "{}")),
+        )
+
+    def __repr__(self) -> str:
+        widths = sorted({int(v.shape[-1]) for v in self.act_absmax.values()})
+        span = f"{widths[0]}-{widths[-1]}" if len(widths) > 1 else (str(widths[0]) if widths else "0")
+        rows = sorted({int(v.shape[0]) for v in self.samples.values()})
+        made_from = self.info.get("model_class")
+        return (
+            f"CalibrationStats({len(self.act_absmax)} layers, {span} input channels, "
+            f"{rows[-1] if rows else 0} sampled rows per layer at most, {len(self.smoothing)} searched"
+            + (f", from {made_from}" if made_from else "")
+            + ")"
         )
 
     @classmethod
@@ -156,6 +177,17 @@ class CalibrationStats:
             out.search_errors.update(part.search_errors)
             out.info.update(part.info)
         return out
+
+
+def _check_version1_absmax(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A version-1 file is bare ``name -> [K]`` absmax: refuse anything else (a model's weights file would
+    otherwise become "statistics", 2-D and negative values included)."""
+    for name, t in tensors.items():
+        if t.dim() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError(
+                f"{path!r} is not a calibration file: tensor {name!r} ({t.dtype} {list(t.shape)}) is not a "
+                f"per-channel absmax (1-D, finite, >= 0); pass what diffusers_svdquant.calibrate() saved"
+            )
 
 
 def keep_bottom_k(stats: CalibrationStats, name: str, keys: torch.Tensor, rows: torch.Tensor, k: int) -> None:

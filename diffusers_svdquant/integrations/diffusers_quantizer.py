@@ -18,16 +18,17 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
-from ..calibration import CalibrationStats, load_calibration
 from ..config import SVDQuantConfig
 from ..dtypes import parse_dtype
 from ..linear import QUANT_TENSORS, SVDQuantLinear
 from .layers import (
-    check_checkpoint_keys,
+    OnLoadQuantizer,
+    check_checkpoint_tensors,
     check_device_map,
+    check_finite,
+    checkpoint_shapes,
     dequantize_,
     load_targets,
-    quantize_layer_weight,
     replace_with_skeletons,
 )
 
@@ -47,7 +48,8 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype | None = None
         self._loaded_keys: set[str] | None = None
-        self._calibration = CalibrationStats()
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._on_load: OnLoadQuantizer | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         check_device_map(kwargs.get("device_map"))
@@ -64,18 +66,21 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         self._loaded_keys = set(loaded_keys)
+        self._shapes = checkpoint_shapes(checkpoint_files)
         return loaded_keys
 
     def _process_model_before_weight_loading(
         self, model: ModelMixin, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
     ) -> None:
         config = self.quantization_config
-        targets = load_targets(model, config, keep_in_fp32_modules or [])
+        targets = load_targets(model, config, keep_in_fp32_modules or [], warn_unmatched=not self.pre_quantized)
         self.modules_to_not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
-        if self.pre_quantized and self._loaded_keys is not None:
-            check_checkpoint_keys(targets, self._loaded_keys.__contains__)
-        else:
-            self._calibration = load_calibration(config.calibration)
+        if self.pre_quantized and self._shapes is not None:
+            check_checkpoint_tensors(targets, config.rank, self._shapes.get)
+        elif self.pre_quantized and self._loaded_keys is not None:
+            check_checkpoint_tensors(targets, config.rank, lambda key: () if key in self._loaded_keys else None)
+        elif not self.pre_quantized:
+            self._on_load = OnLoadQuantizer(config, model, targets)
         dtype = self.torch_dtype or torch.float32
 
         def placeholder(linear: nn.Linear) -> nn.Parameter:
@@ -110,9 +115,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         module_name = param_name.rpartition(".")[0]
         layer: SVDQuantLinear = model.get_submodule(module_name)
         device = torch.device("cpu") if target_device in (None, "cpu") else torch.device(target_device)
-        q = quantize_layer_weight(
-            module_name, layer, param_value.to(device), self.quantization_config, self._calibration
-        )
+        q = self._on_load.quantize(module_name, layer, param_value.to(device))
         # The bias, if any, is loaded by name like any other tensor.
         layer.load_quantized(q, None)
         del layer.weight
@@ -126,6 +129,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
         return [k for k in missing_keys if k not in produced]
 
     def _process_model_after_weight_loading(self, model: ModelMixin, **kwargs: Any) -> ModelMixin:
+        self._on_load = OnLoadQuantizer.finish(self._on_load)  # the model keeps this quantizer: unpin the stats
         for name, module in model.named_modules():
             if not isinstance(module, SVDQuantLinear):
                 continue
@@ -134,6 +138,7 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
             for t, p in module.named_parameters(recurse=False):
                 if p.device.type == "meta":
                     raise ValueError(f"svdquant: {name}.{t} was not loaded from the checkpoint")
+        check_finite(model)
         return model
 
     def _dequantize(self, model: ModelMixin) -> ModelMixin:

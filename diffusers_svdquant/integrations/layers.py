@@ -9,6 +9,8 @@ checkpoint holds every canonical tensor (:func:`check_checkpoint_keys`). :func:`
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,8 +19,15 @@ from torch import nn
 
 from .. import algorithm
 from ..calibration import CalibrationStats, load_calibration
-from ..config import SVDQuantConfig, quantizable_linears
-from ..linear import QUANT_TENSORS, SVDQuantLinear
+from ..config import (
+    DEFAULT_MODULES_TO_NOT_CONVERT,
+    SVDQuantConfig,
+    component_patterns,
+    module_matches,
+    quantizable_linears,
+)
+from ..linear import SVDQuantLinear, canonical_shapes
+from ..progress import progress_bar
 from ..reference import GROUP_SIZE
 
 
@@ -34,14 +43,35 @@ def check_device_map(device_map: Any) -> None:
         raise ValueError("svdquant: offloading quantized layers to disk is not supported")
 
 
-def load_targets(model: nn.Module, config: SVDQuantConfig, extra_not_convert: Iterable[str]) -> dict[str, nn.Linear]:
-    """The layers a loader quantizes: :func:`quantizable_linears` with the loader's own 16-bit patterns
-    (``_keep_in_fp32_modules``) added to the config's.
+def warn_unmatched_patterns(model: nn.Module, config: SVDQuantConfig) -> None:
+    """Warn, by name, about each of the user's ``modules_to_not_convert`` patterns that matches no module
+    of ``model`` (a typo keeps nothing 16-bit). The built-in defaults cover many model families, so
+    they are not expected to match everywhere."""
+    names = [n for n, _ in model.named_modules() if n]
+    for p in config.modules_to_not_convert:
+        if p not in DEFAULT_MODULES_TO_NOT_CONVERT and not any(
+            module_matches(n, [p], config.format_version) for n in names
+        ):
+            warnings.warn(
+                f"svdquant: modules_to_not_convert pattern {p!r} matches no module of {type(model).__name__}; "
+                f"it keeps nothing 16-bit",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def load_targets(
+    model: nn.Module, config: SVDQuantConfig, keep_in_fp32: Iterable[str], warn_unmatched: bool = True
+) -> dict[str, nn.Linear]:
+    """The layers a loader quantizes: :func:`quantizable_linears` with the model's ``_keep_in_fp32_modules``
+    (module-name components, as diffusers and transformers read them) kept 16-bit too.
 
     Raises:
         ValueError: no layer of ``model`` is quantizable (names the model class).
     """
-    not_convert = list(config.modules_to_not_convert) + list(extra_not_convert)
+    if warn_unmatched:
+        warn_unmatched_patterns(model, config)
+    not_convert = list(config.modules_to_not_convert) + component_patterns(list(keep_in_fp32))
     rule = SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": not_convert})
     targets = quantizable_linears(model, rule)
     if not targets:
@@ -93,9 +123,16 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: ``model`` already holds SVDQuant layers of another rank or config (quantizing twice
+            would mix two settings in one model without a word).
     """
-    stats = load_calibration(config.calibration)
-    for name, linear in quantizable_linears(model, config).items():
+    _refuse_requantization(model, config)
+    warn_unmatched_patterns(model, config)
+    targets = quantizable_linears(model, config)
+    stats = calibration_for(config, model, targets)
+    for name, linear in targets.items():
         absmax, alpha, beta = stats.smoothing_for(name, config.smoothing_alpha)
         try:
             layer = SVDQuantLinear.from_linear(
@@ -111,6 +148,69 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
             raise ValueError(f"svdquant: cannot quantize layer {name!r}: {e}") from e
         replace_module(model, name, layer)
     return model
+
+
+def _refuse_requantization(model: nn.Module, config: SVDQuantConfig) -> None:
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
+    if not quantized:
+        return
+    recorded = getattr(getattr(model, "config", None), "quantization_config", None)
+    recorded = recorded.to_dict() if isinstance(recorded, SVDQuantConfig) else recorded
+    ignore = ("torch_dtype", "format_version")
+    same = {k: v for k, v in config.to_dict().items() if k not in ignore}
+    ranks = sorted({m.rank for m in quantized.values()})
+    if ranks != [config.rank] or (
+        isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k not in ignore} != same
+    ):
+        raise ValueError(
+            f"svdquant: {type(model).__name__} is already quantized ({len(quantized)} SVDQuantLinear layers, "
+            f"rank {', '.join(map(str, ranks))}); quantize_ with another config would mix two settings. Load the "
+            f"16-bit model again, or dequantize_ it first"
+        )
+
+
+def calibration_for(config: SVDQuantConfig, model: nn.Module, targets: dict[str, nn.Linear]) -> CalibrationStats:
+    """The statistics ``config.calibration`` names, checked against the layers they will smooth.
+
+    Raises:
+        ValueError: statistics that match none of ``targets`` (made from another model), or a layer whose
+            statistics have another width than its ``in_features``.
+
+    Warns:
+        UserWarning: statistics that cover only some of ``targets`` (the rest get λ = 1), with the counts.
+    """
+    stats = load_calibration(config.calibration)
+    if not stats.act_absmax:
+        return stats
+    made_from = stats.info.get("model_class")
+    source = f" (they were made from {made_from})" if made_from else ""
+    if made_from and made_from != type(model).__name__:
+        raise ValueError(
+            f"svdquant: the calibration statistics were made from {made_from}, not {type(model).__name__}: "
+            f"they belong to another model"
+        )
+    matched = [n for n in targets if n in stats.act_absmax]
+    if not matched:
+        raise ValueError(
+            f"svdquant: the calibration statistics cover none of the {len(targets)} quantized layers of "
+            f"{type(model).__name__}{source}: they belong to another model"
+        )
+    for name in matched:
+        got, k = tuple(stats.act_absmax[name].shape), targets[name].in_features
+        if got != (k,):
+            raise ValueError(
+                f"svdquant: calibration statistics for layer {name!r} have shape {list(got)}, but the layer takes "
+                f"{k} input features: they belong to another model{source}"
+            )
+    if len(matched) < len(targets):
+        missing = [n for n in targets if n not in stats.act_absmax]
+        warnings.warn(
+            f"svdquant: the calibration statistics cover {len(matched)} of the {len(targets)} quantized layers of "
+            f"{type(model).__name__}{source}; the other {len(missing)} (e.g. {missing[0]!r}) are not smoothed",
+            UserWarning,
+            stacklevel=3,
+        )
+    return stats
 
 
 def quantize_layer_weight(
@@ -146,27 +246,101 @@ def quantize_layer_weight(
         raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
 
 
-def check_checkpoint_keys(targets: dict[str, nn.Linear], present: Callable[[str], bool]) -> None:
-    """Fail before loading when a quantized layer's tensors are absent from a checkpoint.
+class OnLoadQuantizer:
+    """What a loader holds while it quantizes a model on load: the checked calibration statistics
+    (:func:`calibration_for`) and a progress bar over the layers. Dropped when loading ends, so the
+    model (which keeps its quantizer) does not pin the statistics."""
+
+    def __init__(self, config: SVDQuantConfig, model: nn.Module, targets: dict[str, nn.Linear]) -> None:
+        self.config = config
+        self.stats = calibration_for(config, model, targets)
+        self.bar = progress_bar(desc=f"svdquant: quantizing {type(model).__name__}", total=len(targets))
+
+    def quantize(self, module_name: str, layer: SVDQuantLinear, weight: torch.Tensor) -> algorithm.QuantizedWeight:
+        """:func:`quantize_layer_weight` for one arriving 16-bit weight ``[N, K]``, counted on the bar."""
+        q = quantize_layer_weight(module_name, layer, weight, self.config, self.stats)
+        self.bar.update()
+        return q
+
+    @staticmethod
+    def finish(on_load: OnLoadQuantizer | None) -> None:
+        """End ``on_load``'s bar, if there is one; returns None for the loader to drop it."""
+        if on_load is not None:
+            on_load.bar.close()
+
+
+def checkpoint_shapes(checkpoint_files: Iterable[str | os.PathLike] | None) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes in safetensors checkpoints by name (headers only), or None for other formats."""
+    files = [os.fspath(f) for f in checkpoint_files or ()]
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for key in h.keys():
+                shapes[key] = tuple(h.get_slice(key).get_shape())
+    return shapes
+
+
+def check_checkpoint_tensors(
+    targets: dict[str, nn.Linear], rank: int, shape_of: Callable[[str], tuple[int, ...] | None]
+) -> None:
+    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint or have
+    other shapes than the config describes (e.g. a ``rank`` in ``config.json`` that disagrees with them).
 
     Args:
         targets: the layers the config quantizes, by name (:func:`quantizable_linears`).
-        present: whether a tensor name is in the checkpoint.
+        rank: the config's rank.
+        shape_of: a tensor's shape in the checkpoint, ``()`` when only its presence is known, None when absent.
     """
     for name, linear in targets.items():
-        wanted = QUANT_TENSORS + (("bias",) if linear.bias is not None else ())
-        missing = [t for t in wanted if not present(f"{name}.{t}")]
-        if not missing:
-            continue
-        hint = (
-            " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
-            if present(f"{name}.weight")
-            else ""
-        )
-        raise ValueError(
-            f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
-            f"layer {name!r}{hint}"
-        )
+        wanted = canonical_shapes(linear.in_features, linear.out_features, rank, linear.bias is not None)
+        missing = [t for t in wanted if shape_of(f"{name}.{t}") is None]
+        if missing:
+            hint = (
+                " (it holds a 16-bit `weight` instead: was it saved with a different modules_to_not_convert?)"
+                if shape_of(f"{name}.weight") is not None
+                else ""
+            )
+            raise ValueError(
+                f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
+                f"layer {name!r}{hint}"
+            )
+        for t, shape in wanted.items():
+            got = shape_of(f"{name}.{t}")
+            if got and tuple(got) != shape:
+                raise ValueError(
+                    f"svdquant checkpoint: {name}.{t} has shape {list(got)}, but the quantization_config "
+                    f"(rank {rank}) describes {list(shape)} for layer {name!r} (weight [{linear.out_features}, "
+                    f"{linear.in_features}]); the config does not match the tensors. Fix the config; loading "
+                    f"with ignore_mismatched_sizes would give a layer of random weights"
+                )
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a quantized model whose scales or 16-bit tensors hold NaN or infinity (a damaged checkpoint:
+    its outputs would be all NaN), naming the layer and tensor.
+
+    One fused norm over every such tensor (NaN and infinity propagate into it) is the whole cost for a
+    sound model; only a non-finite norm, which a 16-bit norm can also reach by overflowing, is followed by
+    the exact per-tensor check.
+    """
+    owners, tensors = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, SVDQuantLinear):
+            for t_name, t in module.named_parameters(recurse=False):
+                if t.is_floating_point() and t.device.type != "meta":
+                    owners.append((name, t_name))
+                    tensors.append(t.detach())
+    if not tensors or torch.isfinite(torch.nn.utils.get_total_norm(tensors)):
+        return
+    for (name, t_name), t in zip(owners, tensors, strict=True):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"svdquant: layer {name!r} holds NaN or infinite values in {t_name}: the checkpoint is damaged"
+            )
 
 
 def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -23,23 +23,22 @@ a "missing" key) and removed once loading ends.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .. import algorithm
-from ..calibration import CalibrationStats, load_calibration
 from ..config import SVDQuantConfig
 from ..linear import QUANT_TENSORS, SVDQuantLinear
 from .layers import (
-    check_checkpoint_keys,
+    OnLoadQuantizer,
+    check_checkpoint_tensors,
     check_device_map,
+    check_finite,
+    checkpoint_shapes,
     dequantize_,
     load_targets,
-    quantize_layer_weight,
     replace_with_skeletons,
 )
 
@@ -58,30 +57,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _keep_in_fp32_patterns(model: nn.Module) -> list[str]:
-    """``modules_to_not_convert`` patterns for the model's ``_keep_in_fp32_modules(_strict)``.
-
-    transformers matches those names as module-name suffixes (T5's ``"wo"`` is every
-    ``...DenseReluDense.wo``); :func:`~diffusers_svdquant.config.module_matches` needs globs for that.
-    """
+def _keep_in_fp32_names(model: nn.Module) -> list[str]:
+    """The model's ``_keep_in_fp32_modules(_strict)``: module-name components (T5's ``"wo"``)."""
     names: set[str] = set()
     for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
         names.update(getattr(model, attr, None) or ())
-    return [p for n in sorted(names) for p in (n, f"*.{n}", f"*.{n}.*")]
-
-
-def _checkpoint_keys(checkpoint_files: Iterable[str | os.PathLike] | None) -> set[str] | None:
-    """Tensor names in safetensors checkpoints (headers only), or None for other formats."""
-    files = [os.fspath(f) for f in checkpoint_files or ()]
-    if not files or not all(f.endswith(".safetensors") for f in files):
-        return None
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            keys.update(h.keys())
-    return keys
+    return sorted(names)
 
 
 def _placeholder(linear: nn.Linear) -> nn.Parameter:
@@ -143,7 +124,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
-        self._calibration = CalibrationStats()
+        self._on_load: OnLoadQuantizer | None = None
         self._hide_hooks: list[Any] = []
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -175,13 +156,13 @@ class SVDQuantHfQuantizer(HfQuantizer):
         self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> PreTrainedModel:
         config = self.quantization_config
-        keep = _keep_in_fp32_patterns(model)
-        targets = load_targets(model, config, keep)
+        keep = _keep_in_fp32_names(model)
+        targets = load_targets(model, config, keep, warn_unmatched=not self.pre_quantized)
         self.modules_to_not_convert = list(config.modules_to_not_convert) + keep
         if self.pre_quantized:
-            self._check_checkpoint_keys(model, targets, _checkpoint_keys(checkpoint_files))
+            self._check_checkpoint_tensors(model, targets, checkpoint_shapes(checkpoint_files))
         else:
-            self._calibration = load_calibration(config.calibration)
+            self._on_load = OnLoadQuantizer(config, model, targets)
         # The meta linears were built in the load dtype (transformers' init context): keep it. Quantize on
         # load: the loader only routes checkpoint names the model exposes, so the placeholder also receives
         # the 16-bit tensor. Pre-quantized: nothing may arrive for it, so it is hidden from the state dict.
@@ -191,18 +172,23 @@ class SVDQuantHfQuantizer(HfQuantizer):
         logger.info("svdquant: %d linears of %s now SVDQuantLinear", len(targets), type(model).__name__)
         return model
 
-    @staticmethod
-    def _check_checkpoint_keys(model: nn.Module, targets: dict[str, nn.Linear], keys: set[str] | None) -> None:
-        """Fail before loading when a quantized layer's tensors are absent from the checkpoint."""
-        if keys is None:
-            return  # not safetensors: _process_model_after_weight_loading still catches it
+    def _check_checkpoint_tensors(
+        self, model: nn.Module, targets: dict[str, nn.Linear], shapes: dict[str, tuple[int, ...]] | None
+    ) -> None:
+        """Fail before loading when a quantized layer's tensors are absent from the checkpoint or disagree
+        with the config's rank."""
+        if shapes is None:
+            return  # not safetensors: _process_model_after_weight_loading still catches missing tensors
         prefix = getattr(model, "base_model_prefix", "") + "."
 
-        def present(key: str) -> bool:
+        def shape_of(key: str) -> tuple[int, ...] | None:
             # The loader also accepts names with the base-model prefix added or removed.
-            return key in keys or prefix + key in keys or key.removeprefix(prefix) in keys
+            for k in (key, prefix + key, key.removeprefix(prefix)):
+                if k in shapes:
+                    return shapes[k]
+            return None
 
-        check_checkpoint_keys(targets, present)
+        check_checkpoint_tensors(targets, self.quantization_config.rank, shape_of)
 
     def quantize_layer(
         self, module_name: str, layer: SVDQuantLinear, weight: torch.Tensor
@@ -211,13 +197,13 @@ class SVDQuantHfQuantizer(HfQuantizer):
 
         Returns the canonical tensors in ``layer``'s dtype, on ``weight``'s device.
         """
-        return quantize_layer_weight(module_name, layer, weight, self.quantization_config, self._calibration)
+        return self._on_load.quantize(module_name, layer, weight)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         for hook in self._hide_hooks:
             hook.remove()
         self._hide_hooks = []
-        self._calibration = CalibrationStats()  # the model keeps this quantizer: do not pin the statistics
+        self._on_load = OnLoadQuantizer.finish(self._on_load)  # the model keeps this quantizer: unpin the stats
         for name, module in model.named_modules():
             if not isinstance(module, SVDQuantLinear):
                 continue
@@ -238,6 +224,7 @@ class SVDQuantHfQuantizer(HfQuantizer):
                 )
             # The loader makes float parameters trainable; these are frozen quantized data.
             module.requires_grad_(False)
+        check_finite(model)
         return model
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
