@@ -480,3 +480,16 @@ def test_isa_controls_native():
     finally:
         ops.set_cpu_isa(original)
     assert ops.cpu_isa() == original
+
+
+def test_backward_through_a_quantized_layer_says_what_is_supported():
+    """A graph that needs a gradient through the ops gets one clear line, not torch's missing-formula error."""
+    layer = SVDQuantLinear.from_linear(nn.Linear(128, 64), 8)
+    x = torch.randn(3, 128, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"svdquant::linear has no backward.*torch.no_grad\(\)"):
+        layer(x).sum().backward()
+    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, layer.smooth, layer.lora_down)
+    with pytest.raises(RuntimeError, match=r"svdquant::quantize_act has no backward"):
+        lora_act.sum().backward()
+    with torch.no_grad():
+        assert layer(x).shape == (3, 64)

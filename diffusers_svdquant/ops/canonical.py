@@ -253,3 +253,19 @@ def svdquant_linear(
     On CPU it is one native call (quantize_act + GEMM); elsewhere the two ops.
     """
     return torch.ops.svdquant.linear(x, qweight, wscales, smooth, lora_down, lora_up, bias)
+
+
+def _no_backward(op: str):
+    def backward(ctx: object, *grads: torch.Tensor) -> None:
+        raise RuntimeError(
+            f"svdquant::{op} has no backward: SVDQuant layers are frozen inference layers (their 4-bit weights "
+            f"cannot take gradients). Run them under torch.no_grad() / torch.inference_mode(); to train, "
+            f"train on the 16-bit model"
+        )
+
+    return backward
+
+
+# A clear error instead of torch's "no autograd formula was registered" when a graph needs a gradient.
+for _op, _name in ((quantize_act, "quantize_act"), (gemm_w4a4, "gemm_w4a4"), (linear, "linear")):
+    _op.register_autograd(_no_backward(_name))

@@ -16,11 +16,15 @@ import warnings
 
 import torch
 
+from .. import reference
+
 try:
     from .. import _C  # type: ignore[attr-defined]
 
     _NATIVE_ERROR: Exception | None = None
-except ImportError as e:  # importing the package never fails because of the native library
+    if _C.GROUP_SIZE != reference.GROUP_SIZE:  # a stale build: its kernels would read the wrong groups
+        raise ImportError(f"_C was built for group size {_C.GROUP_SIZE}, reference.py uses {reference.GROUP_SIZE}")
+except (ImportError, AttributeError) as e:  # importing the package never fails because of the native library
     _C = None
     _NATIVE_ERROR = e
 
