@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from diffusers_svdquant.apps import hub_commands
+from svdquant_cli import arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run; returns the exit code."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hub_commands.add_inspect_arguments(p)
-    return hub_commands.run_inspect(p.parse_args(argv))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
+    arguments.add_inspect_arguments(p)
+    args = arguments.parse_args(p, argv)
+    # Imported once the arguments are good: it loads torch and diffusers (seconds), which --help needs not wait for.
+    from diffusers_svdquant.apps import hub_commands
+
+    return hub_commands.run_inspect(args)
 
 
 if __name__ == "__main__":

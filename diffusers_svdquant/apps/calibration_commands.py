@@ -8,7 +8,8 @@ All three run unchanged on one process or several::
 
 (``--multi_gpu`` is what makes accelerate start N processes even on a machine without a GPU; they
 then join one gloo group.) Prompts are split between processes, the statistics merged, the
-per-layer search split, and rank 0 writes the results.
+per-layer search split, and rank 0 writes the results. The options are in :mod:`svdquant_cli.arguments`
+(``add_calibrate_arguments`` ...); this module runs the parsed commands.
 """
 
 from __future__ import annotations
@@ -27,58 +28,8 @@ import torch
 from ..calibration import CalibrationStats, calibrate
 from ..calibration.processes import Processes
 from ..calibration.recording import denoiser_name
-from ..calibration.stats import DEFAULT_MAX_SAMPLES
-from ..config import DEFAULT_RANK, SVDQuantConfig
+from ..config import SVDQuantConfig
 from ..dtypes import DTYPES
-
-
-def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a diffusers pipeline: a local folder or a Hub repo id")
-    p.add_argument("--component", default=None, help="the module to quantize (default: transformer or unet)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="load dtype (default: as saved)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--pipeline-kwargs", type=json.loads, default={}, metavar="JSON",
-                   help="extra arguments for every pipeline call, e.g. {\"height\": 512}")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", type=Path, default=None, help="a text file, one prompt per line (default: shipped)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps per calibration prompt")
-    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
-    p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES, help="input rows kept per layer")
-    p.add_argument("--no-search", action="store_true", help="statistics only, no (alpha, beta) search")
-
-
-def add_commands(subparsers: Any) -> None:
-    """Add ``calibrate``, ``quantize`` and ``eval`` to the ``svdquant`` command."""
-    p = subparsers.add_parser("calibrate", help="activation statistics + per-layer smoothing search")
-    _add_pipeline_args(p)
-    _add_calibration_args(p)
-    p.add_argument("--out", type=Path, required=True, help="the statistics file to write (.safetensors)")
-    p.add_argument("--include-samples", action="store_true", help="also store the sampled input rows")
-    p.set_defaults(func=_calibrate_command)
-
-    p = subparsers.add_parser("quantize", help="(calibrate +) quantize + save_pretrained, one shot")
-    _add_pipeline_args(p)
-    _add_calibration_args(p)
-    p.add_argument("--out", type=Path, required=True, help="folder to write the quantized pipeline (or model) to")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--calibration", type=Path, default=None, help="a statistics file from `svdquant calibrate`")
-    source.add_argument("--calibrate", action="store_true", help="calibrate first (a pipeline only)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=_quantize_command)
-
-    p = subparsers.add_parser("eval", help="quality report: 16-bit vs naive W4A4 / SmoothQuant / SVDQuant")
-    _add_pipeline_args(p)
-    _add_calibration_args(p)
-    p.add_argument("--calibration", type=Path, default=None, help="statistics file (default: calibrate here)")
-    p.add_argument("--eval-prompts", type=Path, default=None, help="prompts to compare on (default: shipped)")
-    p.add_argument("--num-eval-prompts", type=int, default=4)
-    p.add_argument("--eval-steps", type=int, default=None, help="denoising steps when comparing (default: --steps)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
-    p.set_defaults(func=_eval_command)
 
 
 def _read_prompts(path: Path | None, n: int | None, default: tuple[str, ...]) -> list[str]:
@@ -97,7 +48,7 @@ def _load_pipeline(args: argparse.Namespace, procs: Processes, **kwargs: Any) ->
     from diffusers import DiffusionPipeline
 
     if args.dtype:
-        kwargs["torch_dtype"] = DTYPES[args.dtype]
+        kwargs["dtype"] = DTYPES[args.dtype]
     pipe = DiffusionPipeline.from_pretrained(args.model, revision=args.revision, **kwargs)
     if procs.state is not None and procs.state.device.type != "cpu":
         pipe.to(procs.state.device)
@@ -141,7 +92,8 @@ def _summary(stats: CalibrationStats, seconds: float) -> str:
     return line
 
 
-def _calibrate_command(args: argparse.Namespace) -> int:
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``svdquant calibrate``: statistics (+ smoothing search) of the parsed ``args``; rank 0 writes ``--out``."""
     procs = Processes()
     start = time.perf_counter()
     stats = _run_calibration(args, procs, SVDQuantConfig(rank=args.rank))
@@ -168,7 +120,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _quantize_command(args: argparse.Namespace) -> int:
+def run_quantize(args: argparse.Namespace) -> int:
+    """``svdquant quantize``: (calibrate +) quantize on load and save to ``--out``, replacing it only when done."""
     from diffusers import AutoModel, DiffusionPipeline
     from diffusers.quantizers import PipelineQuantizationConfig
 
@@ -193,7 +146,7 @@ def _quantize_command(args: argparse.Namespace) -> int:
     config = SVDQuantConfig(rank=args.rank, calibration=calibration)
     kwargs: dict[str, Any] = {"revision": args.revision}
     if args.dtype:
-        kwargs["torch_dtype"] = DTYPES[args.dtype]
+        kwargs["dtype"] = DTYPES[args.dtype]
     if is_pipeline:
         index = DiffusionPipeline.load_config(args.model, revision=args.revision)
         component = args.component or next((n for n in ("transformer", "unet") if n in index), None)
@@ -205,18 +158,22 @@ def _quantize_command(args: argparse.Namespace) -> int:
     else:
         obj = AutoModel.from_pretrained(args.model, quantization_config=config, **kwargs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+    # Saved beside --out (one file system, so the final rename is atomic) in a folder made by a plain mkdir
+    # inside a private scratch folder: mkdtemp's folders are mode 0700, and --out must get the umask's mode.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
+        tmp = scratch / args.out.name
+        tmp.mkdir()
         hub.save_quantized(obj, tmp, repo_id=str(args.out), base_model=args.model)
         _replace_dir(tmp, args.out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(scratch)
     print(f"quantized {args.model} (rank {args.rank}) in {time.perf_counter() - start:.1f} s -> {args.out}")
     return 0
 
 
-def _eval_command(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> int:
+    """``svdquant eval``: the quality report of each method against the 16-bit pipeline."""
     from diffusers import AutoModel
 
     from ..calibration.prompts import EVAL_PROMPTS
@@ -241,7 +198,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     for name, config in quality.method_configs(args.rank, stats).items():
         kwargs: dict[str, Any] = {"subfolder": component, "revision": args.revision, "quantization_config": config}
         if args.dtype:
-            kwargs["torch_dtype"] = DTYPES[args.dtype]
+            kwargs["dtype"] = DTYPES[args.dtype]
         quantized = AutoModel.from_pretrained(args.model, **kwargs).to(reference.device)
         setattr(pipe, component, quantized)
         images, latents = quality.generate(pipe, prompts, args.seed, **call)

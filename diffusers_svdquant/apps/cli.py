@@ -1,46 +1,18 @@
-"""The ``svdquant`` command: one entry point, subcommands contributed by feature modules.
+"""``python -m diffusers_svdquant.apps.cli``: the ``svdquant`` command, e.g. under ``accelerate launch``.
 
-Each feature module exposes ``add_commands(subparsers)``, adding its subcommands with
-``set_defaults(func=...)``; ``func(args)`` returns the exit code. Keeping the subcommands beside
-the code they drive keeps this file a dispatcher.
+    accelerate launch --multi_gpu --num_processes N -m diffusers_svdquant.apps.cli calibrate PIPELINE --out ...
+    torchrun --nproc_per_node N -m diffusers_svdquant.apps.cli calibrate PIPELINE --out ...
 
-    svdquant demo ...                            (diffusers_svdquant.apps.demo)
-    python -m diffusers_svdquant.apps.cli ...    (same, e.g. under ``accelerate launch``)
+The parsers and the dispatch live in the light top-level package :mod:`svdquant_cli` (what the ``svdquant``
+console script runs): ``--help`` there answers without importing this package, whose ``__init__`` loads torch
+and diffusers. This module is the same command under the package's name.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
+from svdquant_cli import build_parser, main
 
-# Feature modules that contribute subcommands; a module missing here (a partial install) is skipped.
-COMMAND_MODULES = (
-    "diffusers_svdquant.apps.demo",
-    "diffusers_svdquant.apps.hub_commands",
-    "diffusers_svdquant.apps.calibration_commands",
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``svdquant`` argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(prog="svdquant", description="SVDQuant W4A4 for diffusers models")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.add_commands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``svdquant`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

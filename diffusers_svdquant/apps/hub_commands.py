@@ -6,7 +6,8 @@
     svdquant inspect REPO_ID_OR_FOLDER [--revision REV] [--json]
 
 Errors from the Hub (bad token, missing repo, a repo holding another model, a dropped upload) print one message
-naming the repo and its state, and exit with status 1.
+naming the repo and its state, and exit with status 1. The options are in :mod:`svdquant_cli.arguments`
+(``add_push_arguments`` ...); this module runs the parsed commands.
 """
 
 from __future__ import annotations
@@ -17,31 +18,6 @@ import sys
 from typing import Any
 
 from .. import hub
-from ..config import DEFAULT_RANK
-
-
-def _hub_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
-    p.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-
-
-def add_push_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``svdquant push`` and ``hub_scripts/quantize_and_push.py``."""
-    p.add_argument("source", help="a diffusers model folder or Hub repo (16-bit: quantized on load; or SVDQuant)")
-    p.add_argument("repo_id", nargs="?", default=None, help="namespace/name to push to (omit with --save-dir only)")
-    p.add_argument("--subfolder", default=None, help="the model's folder in SOURCE, kept in the pushed repo")
-    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the 16-bit low-rank branch")
-    p.add_argument("--calibration", default=None, help="activation statistics (.safetensors) for smoothing")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype to quantize in")
-    p.add_argument("--base-model", default=None, help="card metadata base_model (default: SOURCE if a repo id)")
-    p.add_argument("--max-shard-size", default=None, help='shard the weights, e.g. "5GB"')
-    p.add_argument("--measure-quality", action="store_true", help="compare with the 16-bit model, put it on the card")
-    p.add_argument("--save-dir", default=None, help="keep the saved folder here (default: a temporary folder)")
-    p.add_argument("--revision", default="main", help="branch to commit to (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--overwrite", action="store_true", help="replace a repo that holds a different model")
-    p.add_argument("--no-create", action="store_true", help="fail if the repo does not exist")
-    _hub_options(p)
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -75,15 +51,6 @@ def _report_push(folder, result: hub.PushResult | None) -> None:
     print(result.url)
 
 
-def add_pull_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``svdquant pull``."""
-    p.add_argument("repo_id")
-    p.add_argument("--revision", default=None, help="branch or commit id")
-    p.add_argument("--subfolder", default=None, help="download only this folder (+ card, model_index.json)")
-    p.add_argument("--cache-dir", default=None)
-    _hub_options(p)
-
-
 def run_pull(args: argparse.Namespace) -> int:
     """Download into the cache; prints the snapshot folder and how to load it."""
 
@@ -93,25 +60,6 @@ def run_pull(args: argparse.Namespace) -> int:
         print(path)
 
     return _guard(pull)
-
-
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``svdquant generate`` and ``hub_scripts/pull_and_generate.py``."""
-    p.add_argument("repo_id", help="a quantized pipeline repo, or a quantized model repo with --base")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True, help="image file to write (.png, .jpg)")
-    p.add_argument("--base", default=None, help="16-bit pipeline to plug a quantized model repo into")
-    p.add_argument("--component", default=None, help="pipeline component the model replaces (default: transformer)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--subfolder", default=None, help="the model's folder in REPO_ID (with --base)")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra pipeline call argument, VALUE parsed as JSON when it can be (repeatable)")  # fmt: skip
-    p.add_argument("--token", default=None)
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -141,14 +89,6 @@ def run_generate(args: argparse.Namespace) -> int:
     return _guard(generate)
 
 
-def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``svdquant inspect`` and ``hub_scripts/inspect_repo.py``."""
-    p.add_argument("repo", help="a Hub repo id or a saved folder")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    _hub_options(p)
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     """Print what a quantized repo holds."""
 
@@ -167,19 +107,3 @@ def _guard(action) -> int:
         print(f"svdquant: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``push``, ``pull``, ``generate`` and ``inspect`` to the ``svdquant`` command."""
-    p = subparsers.add_parser("push", help="quantize a model (on load), save it with a model card, push it")
-    add_push_arguments(p)
-    p.set_defaults(func=run_push)
-    p = subparsers.add_parser("pull", help="download a quantized repo into the Hub cache")
-    add_pull_arguments(p)
-    p.set_defaults(func=run_pull)
-    p = subparsers.add_parser("generate", help="pull a quantized repo and generate an image")
-    add_generate_arguments(p)
-    p.set_defaults(func=run_generate)
-    p = subparsers.add_parser("inspect", help="what a quantized repo holds: layers, rank, sizes, format version")
-    add_inspect_arguments(p)
-    p.set_defaults(func=run_inspect)
