@@ -40,7 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs.world))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     double, single = (int(b) for b in args.blocks.split(","))
-    model = flux_shaped(double, single).to(dtype).eval()
+    model = flux_shaped(double, single, dtype=dtype).eval()
     config = SVDQuantConfig(rank=args.rank)
     calls = [model_inputs(model, args.image_tokens, args.text_tokens, seed=c) for c in range(args.calls)]
 

@@ -63,7 +63,7 @@ def main() -> None:
           f"+ {single} single blocks, {args.image_tokens} image + {args.text_tokens} text tokens, "
           f"rank {args.rank}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        flux_shaped(double, single).to(torch.bfloat16).save_pretrained(tmp)
+        flux_shaped(double, single, dtype=torch.bfloat16).save_pretrained(tmp)
         m16 = FluxTransformer2DModel.from_pretrained(tmp, torch_dtype=torch.bfloat16).eval()
         all_in_blocks = [p for p in DEFAULT_MODULES_TO_NOT_CONVERT if p != "*norm*"]
         configs = {

@@ -69,7 +69,7 @@ def bench_linears(shapes, rows, repeats: int, iters: int) -> None:
 
 
 def bench_block(repeats: int, iters: int, image_tokens: int, text_tokens: int) -> None:
-    model = flux_shaped(num_layers=1, num_single_layers=1).to(torch.bfloat16).cuda().eval()
+    model = flux_shaped(num_layers=1, num_single_layers=1, dtype=torch.bfloat16).cuda().eval()
     inputs = {
         k: v.cuda() if isinstance(v, torch.Tensor) else v
         for k, v in model_inputs(model, image_tokens, text_tokens).items()

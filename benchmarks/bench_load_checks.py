@@ -35,7 +35,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {torch.get_num_threads()}")  # fmt: skip
     with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as out:
-        flux_shaped(double, single).to(torch.bfloat16).save_pretrained(src)
+        flux_shaped(double, single, dtype=torch.bfloat16).save_pretrained(src)
         FluxTransformer2DModel.from_pretrained(
             src, dtype=torch.bfloat16, quantization_config=SVDQuantConfig()
         ).save_pretrained(out)

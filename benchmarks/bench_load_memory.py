@@ -68,7 +68,7 @@ def main() -> None:
     double, single = (int(v) for v in args.blocks.split(","))
     mib = 2**20
     with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as sharded:
-        model = flux_shaped(double, single).to(torch.bfloat16)
+        model = flux_shaped(double, single, dtype=torch.bfloat16)
         largest = max(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
         model.save_pretrained(one)
         model.save_pretrained(sharded, max_shard_size=f"{args.shard_mb}MB")

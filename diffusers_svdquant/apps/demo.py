@@ -13,13 +13,14 @@ import argparse
 import statistics
 import tempfile
 import time
-import warnings
 
 import torch
 from diffusers import AutoModel
 
+from svdquant_cli import arguments
+
 from .. import ops
-from ..config import DEFAULT_RANK, SVDQuantConfig
+from ..config import SVDQuantConfig
 from ..denoisers import model_inputs, timestep_value
 from ..dtypes import DTYPES
 from ..linear import SVDQuantLinear
@@ -54,7 +55,7 @@ def inputs_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _load(source: str, subfolder: str | None, dtype: torch.dtype, config: SVDQuantConfig | None):
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     if config is not None:
@@ -64,34 +65,15 @@ def _load(source: str, subfolder: str | None, dtype: torch.dtype, config: SVDQua
     return model, time.perf_counter() - start
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by ``python -m diffusers_svdquant.apps.demo`` and ``svdquant demo``)."""
-    p.add_argument("--model", help="a diffusers model folder or Hub repo (default: FLUX.1-shaped, built locally)")
-    p.add_argument("--subfolder", default=None, help="subfolder of --model holding the denoiser")
-    p.add_argument("--blocks", default="1,1", help="double,single blocks of the built-in FLUX.1-shaped model")
-    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="16-bit dtype of the model")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--image-tokens", type=int, default=256, help="latent tokens (256 = a 256x256 FLUX image)")
-    p.add_argument("--text-tokens", type=int, default=64)
-
-
-def add_commands(subparsers) -> None:
-    """Add ``svdquant demo`` to the ``svdquant`` command."""
-    p = subparsers.add_parser("demo", help="quantize a FLUX.1-shaped (or given) model and compare it with 16-bit")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """``python -m diffusers_svdquant.apps.demo``: parse ``argv`` (the options of ``svdquant demo``) and run."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
+    arguments.add_demo_arguments(p)
+    return run(arguments.parse_args(p, argv))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments; returns the exit code."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
 
@@ -106,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if source is None:
             double, single = (int(v) for v in args.blocks.split(","))
             print(f"building a FLUX.1-shaped transformer ({double} double + {single} single blocks, real layer sizes)")
-            flux_shaped(double, single).to(dtype).save_pretrained(tmp)
+            flux_shaped(double, single, dtype=dtype).save_pretrained(tmp)
             source = tmp
 
         model16, t16 = _load(source, args.subfolder, dtype, None)

@@ -26,10 +26,23 @@ FLUX1_CONFIG = {
 }
 
 
-def flux_shaped(num_layers: int = 1, num_single_layers: int = 2, seed: int = 0) -> FluxTransformer2DModel:
-    """A FluxTransformer2DModel with FLUX.1's layer sizes and ``num_layers`` + ``num_single_layers`` blocks."""
+def flux_shaped(
+    num_layers: int = 1, num_single_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> FluxTransformer2DModel:
+    """A FluxTransformer2DModel with FLUX.1's layer sizes and ``num_layers`` + ``num_single_layers`` blocks.
+
+    Built directly in ``dtype``: casting afterwards with ``.to(dtype)`` makes diffusers warn about
+    modules to keep in float32 (a list that is empty for FLUX).
+    """
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(**{**FLUX1_CONFIG, "num_layers": num_layers, "num_single_layers": num_single_layers})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return FluxTransformer2DModel(
+            **{**FLUX1_CONFIG, "num_layers": num_layers, "num_single_layers": num_single_layers}
+        )
+    finally:
+        torch.set_default_dtype(default)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

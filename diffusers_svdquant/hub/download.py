@@ -76,7 +76,7 @@ def load(
         "local_files_only": local_files_only,
     }
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype
     try:
         return AutoModel.from_pretrained(repo_id, **{k: v for k, v in kwargs.items() if v is not None}).eval()
     except Exception as e:

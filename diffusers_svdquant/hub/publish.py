@@ -63,7 +63,7 @@ def quantize_and_push(
     from diffusers import AutoModel
 
     dtype = parse_dtype(torch_dtype)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     if token is not None:
@@ -79,7 +79,7 @@ def quantize_and_push(
     pre_quantized = (config.get("quantization_config") or {}).get("quant_method") == "svdquant"
     if pre_quantized:
         # Loaded as saved: its recorded dtype, no re-quantization (rank and calibration do not apply).
-        del kwargs["torch_dtype"]
+        del kwargs["dtype"]
     else:
         kwargs["quantization_config"] = SVDQuantConfig(rank=rank, calibration=calibration)
     model = AutoModel.from_pretrained(str(source), **kwargs).eval()
