@@ -23,6 +23,7 @@ from ..dtypes import parse_dtype
 from ..linear import QUANT_TENSORS, SVDQuantLinear
 from .layers import (
     OnLoadQuantizer,
+    QuantizerTraits,
     check_checkpoint_tensors,
     check_device_map,
     check_finite,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
+class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
     """``DiffusersQuantizer`` for SVDQuant W4A4: quantize on load, or load a quantized checkpoint."""
 
     requires_calibration = False
@@ -146,12 +147,4 @@ class SVDQuantDiffusersQuantizer(DiffusersQuantizer):
 
     @property
     def is_serializable(self) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
         return True

@@ -246,6 +246,21 @@ def quantize_layer_weight(
         raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
 
 
+class QuantizerTraits:
+    """What the diffusers and the transformers quantizer answer alike: an SVDQuant model compiles and
+    does not train (the ops have no backward). Listed first among a quantizer's bases."""
+
+    @property
+    def is_trainable(self) -> bool:
+        """False: the 4-bit layers take no gradients."""
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """True: every op has a fake implementation, so torch.compile traces through the layers."""
+        return True
+
+
 class OnLoadQuantizer:
     """What a loader holds while it quantizes a model on load: the checked calibration statistics
     (:func:`calibration_for`) and a progress bar over the layers. Dropped when loading ends, so the

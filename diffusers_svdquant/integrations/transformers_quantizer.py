@@ -33,6 +33,7 @@ from ..config import SVDQuantConfig
 from ..linear import QUANT_TENSORS, SVDQuantLinear
 from .layers import (
     OnLoadQuantizer,
+    QuantizerTraits,
     check_checkpoint_tensors,
     check_device_map,
     check_finite,
@@ -111,7 +112,7 @@ class SVDQuantQuantize(ConversionOps):
         return out
 
 
-class SVDQuantHfQuantizer(HfQuantizer):
+class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
     """``HfQuantizer`` for SVDQuant W4A4: quantize a transformers model on load, or load a quantized one.
 
     Linears listed in the model's ``_keep_in_fp32_modules(_strict)`` stay 16-bit, as in the diffusers
@@ -231,12 +232,4 @@ class SVDQuantHfQuantizer(HfQuantizer):
         return dequantize_(model, dtype)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
         return True
