@@ -25,6 +25,15 @@ _SVD_SEED = 0
 # would otherwise produce a division by zero at run time.
 _SMOOTH_MIN = 1e-5
 _SMOOTH_MAX = 1e5
+# GPTQ: the Hessian's diagonal is raised by this fraction of its mean (Frantar et al.'s 1%). Measured:
+# on well-sampled inputs (2,048 rows, K <= 256) it lowers round-to-nearest's output error by 11-13% on
+# those rows and 3-7% on held-out ones. On real MiniLM with only ~100 calibration tokens (XᵀX
+# rank-deficient) the held-out cosine is 0.962 / 0.961 (alpha 0.5 / searched) at 0.01 and 0.968 / 0.962
+# at 0.1 (round-to-nearest: 0.959 / 0.957): more damping pays only with few rows. Diffusion calibration
+# sees thousands of tokens per call.
+GPTQ_DAMP = 0.01
+# Columns go in blocks of this many (a multiple of the group, so a group's scale is set inside a block).
+_GPTQ_BLOCK = 128
 
 
 class QuantizedWeight(NamedTuple):
@@ -113,6 +122,65 @@ def low_rank(w: torch.Tensor, rank: int, method: str = "auto") -> tuple[torch.Te
     return u * root, v * root
 
 
+def gptq_quantize_groups(
+    residual: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int = reference.GROUP_SIZE,
+    scale_dtype: torch.dtype = torch.float32,
+    damp: float = GPTQ_DAMP,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference.quantize_groups` with GPTQ's error compensation (Frantar et al., 2022).
+
+    Columns are quantized left to right; each one's rounding error is spread over the columns not yet
+    quantized, weighted by the inverse Hessian, so the layer *output* error ``‖X R − X Q(R)‖`` shrinks
+    rather than the weight error. A group's scale is ``absmax / 7`` of its columns as they stand when
+    the group is reached (after the earlier groups' corrections); codes are clamped to ``[-8, 7]``.
+    The result is in the canonical format: only the codes and scales differ from round-to-nearest.
+
+    Args:
+        residual: float ``[N, K]`` to quantize, K a multiple of ``group_size``.
+        hessian: ``[K, K]`` ``XᵀX`` of the inputs the layer sees (the same space as ``residual``'s columns).
+        group_size: elements per group.
+        scale_dtype: dtype the scales are rounded to before the codes are chosen.
+        damp: the diagonal is raised by ``damp · mean(diag)`` so the inverse exists.
+
+    Returns:
+        ``(codes, scales)``: int8 ``[N, K]`` and ``scale_dtype`` ``[N, K/group_size]``.
+    """
+    n, k = residual.shape
+    if k % group_size or hessian.shape != (k, k):
+        raise ValueError(f"gptq: residual [{n}, {k}] needs K % {group_size} == 0 and a [{k}, {k}] Hessian, "
+                         f"got {list(hessian.shape)}")  # fmt: skip
+    w = residual.to(torch.float32, copy=True)
+    h = hessian.to(device=w.device, dtype=torch.float32, copy=True)
+    dead = h.diagonal() <= 0  # inputs that were always 0: their weights never reach the output
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    # The upper Cholesky factor of H⁻¹: row j holds what column j's error does to the later columns.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n, k // group_size, dtype=scale_dtype, device=w.device)
+    block = max(group_size, _GPTQ_BLOCK // group_size * group_size)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, errs = w[:, b0:b1].clone(), torch.empty(n, b1 - b0, device=w.device)
+        for j in range(b1 - b0):
+            if j % group_size == 0:
+                s = (wb[:, j : j + group_size].abs().amax(dim=1) / reference.QMAX).to(scale_dtype)
+                scales[:, (b0 + j) // group_size] = s
+                s = s.float()
+                zero = s == 0
+                d = torch.where(zero, torch.ones_like(s), s)
+            q = (wb[:, j] / d).round_().clamp_(reference.QMIN, reference.QMAX).masked_fill_(zero, 0)
+            codes[:, b0 + j] = q.to(torch.int8)
+            err = (wb[:, j] - q * s) / u[b0 + j, b0 + j]
+            wb[:, j:].sub_(err.unsqueeze(1) * u[b0 + j, b0 + j : b1].unsqueeze(0))
+            errs[:, j] = err
+        w[:, b1:].sub_(errs @ u[b0:b1, b1:])
+    return codes, scales
+
+
 def quantize_weight(
     weight: torch.Tensor,
     rank: int,
@@ -122,6 +190,7 @@ def quantize_weight(
     group_size: int = reference.GROUP_SIZE,
     svd_method: str = "auto",
     lowrank_iters: int = 0,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize one linear weight with SVDQuant.
 
@@ -140,6 +209,9 @@ def quantize_weight(
         group_size: 64.
         svd_method: see :func:`low_rank`.
         lowrank_iters: refinement iterations (0 = plain SVD).
+        hessian: ``[K, K]`` ``XᵀX`` of the layer's (unsmoothed) calibration inputs, or None. When given,
+            the final residual is rounded by :func:`gptq_quantize_groups` against the smoothed inputs'
+            ``diag(1/λ) XᵀX diag(1/λ)`` instead of to nearest.
 
     Returns:
         :class:`QuantizedWeight` on ``weight.device``.
@@ -165,10 +237,16 @@ def quantize_weight(
         up, down = low_rank(target, rank, svd_method)
         return up.to(dtype), down.to(dtype)
 
+    def round_residual(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hessian is None:
+            return reference.quantize_groups(residual, group_size, dtype)
+        inv = 1.0 / smooth.float()
+        smoothed_h = hessian.to(device=residual.device, dtype=torch.float32) * inv.unsqueeze(0) * inv.unsqueeze(1)
+        return gptq_quantize_groups(residual, smoothed_h, group_size, dtype)
+
     up, down = factors(w_hat)
     if lowrank_iters == 0:
-        residual = w_hat.addmm_(up.float(), down.float().t(), alpha=-1)
-        codes, scales = reference.quantize_groups(residual, group_size, dtype)
+        codes, scales = round_residual(w_hat.addmm_(up.float(), down.float().t(), alpha=-1))
     else:
         best_err = None
         for it in range(lowrank_iters + 1):
@@ -181,6 +259,8 @@ def quantize_weight(
                 # Ŵ − Q(Ŵ − L) = (Ŵ − L − Q(Ŵ − L)) + L: the buffer already holds the first term.
                 up, down = factors(residual.addmm_(up.float(), down.float().t()))
         up, down, codes, scales = best
+        if hessian is not None:  # the branch is chosen by weight error; the codes by output error
+            codes, scales = round_residual(torch.addmm(w_hat, up.float(), down.float().t(), alpha=-1))
     return QuantizedWeight(
         qweight=reference.pack_int4(codes),
         wscales=scales,
@@ -200,6 +280,7 @@ def svdquant_weight(
     dtype: torch.dtype | None = None,
     svd_method: str = "auto",
     lowrank_iters: int = 0,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """:func:`smoothing_factors` then :func:`quantize_weight`: the whole SVDQuant of one weight.
 
@@ -208,10 +289,12 @@ def svdquant_weight(
         rank: low-rank branch rank.
         act_absmax: ``[K]`` calibration absmax of the layer's input, or None (λ = 1).
         smoothing_alpha, smoothing_beta: ``α`` and ``β`` of :func:`smoothing_factors`.
-        dtype, svd_method, lowrank_iters: as in :func:`quantize_weight`.
+        dtype, svd_method, lowrank_iters, hessian: as in :func:`quantize_weight`.
     """
     smooth = smoothing_factors(weight, act_absmax, smoothing_alpha, smoothing_beta)
-    return quantize_weight(weight, rank, smooth=smooth, dtype=dtype, svd_method=svd_method, lowrank_iters=lowrank_iters)
+    return quantize_weight(
+        weight, rank, smooth=smooth, dtype=dtype, svd_method=svd_method, lowrank_iters=lowrank_iters, hessian=hessian
+    )
 
 
 def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:

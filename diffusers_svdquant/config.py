@@ -122,6 +122,11 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``, seeded),
             or ``"auto"`` (exact up to 1024 on the short side, randomized above).
         lowrank_iters: refinement iterations ``L ← SVD_r(Ŵ − Q(Ŵ − L))``; the best by weight error is kept.
+        gptq: round the INT4 residual with GPTQ (error compensation against the calibration inputs'
+            ``XᵀX``, gathered by ``calibrate(..., hessian=True)``). ``None`` (default): wherever the
+            statistics carry ``XᵀX``; ``True``: the same, and a warning for every layer without it
+            (round-to-nearest there); ``False``: round to nearest everywhere. Changes only the codes and
+            scales, not the format.
         torch_dtype: dtype the model was quantized in, recorded so a reload without ``torch_dtype``
             gives the same model. Set by the quantizer.
         format_version: on-disk format version (docs/design.md §2).
@@ -137,6 +142,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         calibration: Any = None,
         svd_method: str = "auto",
         lowrank_iters: int = 0,
+        gptq: bool | None = None,
         torch_dtype: str | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -163,6 +169,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         self.calibration = calibration
         self.svd_method = svd_method
         self.lowrank_iters = lowrank_iters
+        self.gptq = gptq
         self.torch_dtype = torch_dtype
         self.format_version = format_version
         self.post_init()
@@ -192,6 +199,8 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             )
         if isinstance(self.lowrank_iters, bool) or not isinstance(self.lowrank_iters, int) or self.lowrank_iters < 0:
             raise ValueError(f"SVDQuantConfig: lowrank_iters must be an integer >= 0, got {self.lowrank_iters!r}")
+        if self.gptq not in (None, True, False):
+            raise ValueError(f"SVDQuantConfig: gptq must be None, True or False, got {self.gptq!r}")
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(
                 f"SVDQuantConfig: format_version must be an integer >= 1, got {self.format_version!r} "
@@ -222,6 +231,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             "smoothing_alpha": self.smoothing_alpha,
             "svd_method": self.svd_method,
             "lowrank_iters": self.lowrank_iters,
+            "gptq": self.gptq,
             "torch_dtype": self.torch_dtype,
             "format_version": self.format_version,
         }

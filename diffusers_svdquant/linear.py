@@ -96,6 +96,7 @@ class SVDQuantLinear(nn.Module):
         svd_method: str = "auto",
         lowrank_iters: int = 0,
         dtype: torch.dtype | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> SVDQuantLinear:
         """Quantize an ``nn.Linear`` (weight ``[N, K]``).
 
@@ -106,6 +107,7 @@ class SVDQuantLinear(nn.Module):
             smoothing_alpha, smoothing_beta: ``λ_j = max|X_j|^α / max|W_j|^β`` (β = 1 − α when None).
             svd_method, lowrank_iters: see :class:`~diffusers_svdquant.SVDQuantConfig`.
             dtype: model dtype of the float tensors.
+            hessian: ``[K, K]`` ``XᵀX`` of the layer's calibration inputs: GPTQ rounding of the residual.
         """
         w = linear.weight.detach()
         dtype = dtype or w.dtype
@@ -120,6 +122,7 @@ class SVDQuantLinear(nn.Module):
                 dtype=dtype,
                 svd_method=svd_method,
                 lowrank_iters=lowrank_iters,
+                hessian=hessian,
             ),
             None if linear.bias is None else linear.bias.detach().to(dtype),
         )

@@ -235,6 +235,11 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the 16-bit low-rank branch")
     p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES, help="input rows kept per layer")
     p.add_argument("--no-search", action="store_true", help="statistics only, no (alpha, beta) search")
+    p.add_argument(
+        "--gptq",
+        action="store_true",
+        help="also gather each layer's XᵀX, so quantization rounds the residual with GPTQ (4·K² bytes per layer)",
+    )
 
 
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:

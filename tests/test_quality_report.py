@@ -31,6 +31,10 @@ def test_methods_side_by_side():
     assert methods["smoothquant-w4a4"].rank == 0 and methods["smoothquant-w4a4"].smoothing_alpha == 0.5
     assert methods["svdquant"].calibration is None and methods["svdquant-calibrated"].calibration is stats
     assert list(quality.method_configs(32, None)) == ["naive-w4a4", "svdquant"]
+    with_moments = CalibrationStats(act_absmax={"a": torch.ones(64)}, hessian={"a": torch.eye(64)})
+    methods = quality.method_configs(32, with_moments)
+    assert list(methods)[-2:] == ["svdquant-calibrated", "svdquant-calibrated-gptq"]
+    assert methods["svdquant-calibrated"].gptq is False and methods["svdquant-calibrated-gptq"].gptq is True
 
 
 def test_format_report_lists_worst_layers():

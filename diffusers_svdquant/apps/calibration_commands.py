@@ -72,6 +72,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         search=not args.no_search,
         seed=args.seed,
         pipeline_kwargs=args.pipeline_kwargs,
+        hessian=args.gptq,
     )
 
 

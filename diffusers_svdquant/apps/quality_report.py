@@ -29,14 +29,17 @@ def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQu
     * ``naive-w4a4``: INT4 round-to-nearest weights and activations, group 64, no smoothing, no branch;
     * ``smoothquant-w4a4``: the same with SmoothQuant smoothing (α = 0.5) from the statistics;
     * ``svdquant``: rank-``rank`` branch, no statistics (λ = 1);
-    * ``svdquant-calibrated``: rank-``rank`` branch with the searched per-layer (α, β).
+    * ``svdquant-calibrated``: rank-``rank`` branch with the searched per-layer (α, β);
+    * ``svdquant-calibrated-gptq``: the same with the residual rounded by GPTQ (statistics with ``XᵀX``).
     """
     methods = {"naive-w4a4": SVDQuantConfig(rank=0)}
     if stats is not None:
         methods["smoothquant-w4a4"] = SVDQuantConfig(rank=0, calibration=stats, smoothing_alpha=0.5)
     methods["svdquant"] = SVDQuantConfig(rank=rank)
     if stats is not None:
-        methods["svdquant-calibrated"] = SVDQuantConfig(rank=rank, calibration=stats)
+        methods["svdquant-calibrated"] = SVDQuantConfig(rank=rank, calibration=stats, gptq=False)
+    if stats is not None and stats.has_hessian:
+        methods["svdquant-calibrated-gptq"] = SVDQuantConfig(rank=rank, calibration=stats, gptq=True)
     return methods
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
+from .hessian import PairwiseSum, input_moment
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
 from .search import search_smoothing
@@ -33,18 +34,29 @@ from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats, keep_bottom_k
 
 
 class _Recorder:
-    """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples)."""
+    """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples) and,
+    when asked, each layer's ``XᵀX`` per item (:class:`~.hessian.PairwiseSum`)."""
 
-    def __init__(self, max_samples: int, seed: int) -> None:
+    def __init__(self, max_samples: int, seed: int, hessian: bool = False) -> None:
         self.stats = CalibrationStats()
         self.max_samples = max_samples
         self.seed = seed
         self.item = 0  # index of the prompt (or run) being processed: part of every row's key
         self._calls: dict[str, int] = {}
+        self.hessian = hessian
+        self.moments: dict[str, PairwiseSum] = {}
+        self._item_moments: dict[str, torch.Tensor] = {}
 
     def start_item(self, item: int) -> None:
+        self.finish_item()
         self.item = item
         self._calls = {}
+
+    def finish_item(self) -> None:
+        """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
+        for name, moment in self._item_moments.items():
+            self.moments.setdefault(name, PairwiseSum()).add(self.item, moment)
+        self._item_moments = {}
 
     def hook(self, name: str) -> Callable[[nn.Module, tuple, dict], None]:
         def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -59,6 +71,10 @@ class _Recorder:
             prev = stats.act_absmax.get(name)
             stats.act_absmax[name] = m if prev is None else torch.maximum(prev, m)
             stats.num_tokens[name] = stats.num_tokens.get(name, 0) + x2.shape[0]
+            if self.hessian:
+                moment = input_moment(x2)
+                prev_moment = self._item_moments.get(name)
+                self._item_moments[name] = moment if prev_moment is None else prev_moment.add_(moment)
             if self.max_samples:
                 keys = self._keys(name, call, x2.shape[0])
                 if keys.numel() > self.max_samples:
@@ -114,6 +130,7 @@ def calibrate(
     seed: int = 0,
     pipeline_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    hessian: bool = False,
 ) -> CalibrationStats:
     """Collect activation statistics with the 16-bit model and search each layer's smoothing.
 
@@ -145,6 +162,10 @@ def calibrate(
         seed: seeds the pipeline's generators and the row sampling.
         pipeline_kwargs: extra arguments for every pipeline call (``height``, ``guidance_scale``...).
         progress: tqdm bars on rank 0.
+        hessian: also gather each layer's ``XᵀX`` (float32 ``[K, K]``), which makes quantization round the
+            residual with GPTQ (``SVDQuantConfig.gptq``). Memory: ``4·K²`` bytes per layer (times about
+            ``log2`` of the items per process while recording); restrict the layers with ``module_filter``
+            and calibrate in several passes for a large model. Merged exactly across processes.
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -196,7 +217,7 @@ def calibrate(
         "model_class": type(model).__name__,
         "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
     }
-    recorder = _Recorder(max_samples, seed)
+    recorder = _Recorder(max_samples, seed, hessian)
     handles = [m.register_forward_pre_hook(recorder.hook(n), with_kwargs=True) for n, m in layers.items()]
     try:
         with torch.no_grad():
@@ -204,7 +225,12 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
+    recorder.finish_item()
     stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
+    if hessian:
+        moments = procs.gather(recorder.moments)
+        for name in sorted({n for part in moments for n in part}):
+            stats.hessian[name] = PairwiseSum.merge([part[name] for part in moments if name in part]).total()
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
     if search:
         search_smoothing(model, stats, config, procs=procs, progress=progress)

@@ -29,6 +29,7 @@ DEFAULT_MAX_SAMPLES = 128
 DEFAULT_ALPHA = 0.5
 # Prefixes of the tensors in a statistics file; module names never contain ":".
 _ABSMAX, _SMOOTHING, _ERRORS, _SAMPLES, _KEYS = "act_absmax:", "smoothing:", "search_error:", "samples:", "sample_keys:"
+_HESSIAN = "hessian:"
 
 
 @dataclass
@@ -43,6 +44,9 @@ class CalibrationStats:
         smoothing: name → ``(α, β)`` found by the search.
         search_errors: name → float64 ``[2]``: relative output error after quantization with the
             searched ``(α, β)`` and with no smoothing, on the samples.
+        hessian: name → float32 ``[K, K]`` ``XᵀX`` over every input row seen (``calibrate(hessian=True)``),
+            what GPTQ rounds the residual against. A loaded file keeps them on disk and reads one layer's
+            at a time (:meth:`hessian_for`), so quantizing holds one ``K x K`` matrix, not all of them.
         info: how the statistics were made (processes, prompts, steps, rank, ...), JSON-safe.
     """
 
@@ -53,6 +57,25 @@ class CalibrationStats:
     smoothing: dict[str, tuple[float, float]] = field(default_factory=dict)
     search_errors: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian_file: str | None = field(default=None, repr=False)
+    hessian_names: frozenset[str] = field(default_factory=frozenset, repr=False)
+
+    def hessian_for(self, name: str) -> torch.Tensor | None:
+        """Layer ``name``'s ``XᵀX`` ``[K, K]``, or None when it was not gathered."""
+        if name in self.hessian:
+            return self.hessian[name]
+        if self.hessian_file is None or name not in self.hessian_names:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self.hessian_file, framework="pt") as f:
+            return f.get_tensor(_HESSIAN + name)
+
+    @property
+    def has_hessian(self) -> bool:
+        """Whether any layer's ``XᵀX`` was gathered."""
+        return bool(self.hessian or self.hessian_names)
 
     def smoothing_for(self, name: str, alpha: float | None) -> tuple[torch.Tensor | None, float, float]:
         """What quantizing layer ``name`` uses: ``(act_absmax or None, α, β)``.
@@ -79,6 +102,8 @@ class CalibrationStats:
         tensors = {_ABSMAX + k: v.float().contiguous() for k, v in self.act_absmax.items()}
         tensors |= {_SMOOTHING + k: torch.tensor(v, dtype=torch.float64) for k, v in self.smoothing.items()}
         tensors |= {_ERRORS + k: v.double().contiguous() for k, v in self.search_errors.items()}
+        names = sorted(set(self.hessian) | set(self.hessian_names))
+        tensors |= {_HESSIAN + k: self.hessian_for(k).float().contiguous() for k in names}
         if include_samples:
             tensors |= {_SAMPLES + k: v.contiguous() for k, v in self.samples.items()}
             tensors |= {_KEYS + k: v.contiguous() for k, v in self.sample_keys.items()}
@@ -110,7 +135,9 @@ class CalibrationStats:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                # The K x K moments stay on disk until a layer is quantized (hessian_for).
+                tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(_HESSIAN)}
+                hessian_names = frozenset(k[len(_HESSIAN) :] for k in f.keys() if k.startswith(_HESSIAN))
         except Exception as e:
             raise ValueError(f"{path!r} is not a safetensors calibration file: {e}") from e
         try:
@@ -142,6 +169,8 @@ class CalibrationStats:
             smoothing={k: (float(v[0]), float(v[1])) for k, v in section(_SMOOTHING).items()},
             search_errors=section(_ERRORS),
             info=json.loads(meta.get("info", "{}")),
+            hessian_file=path if hessian_names else None,
+            hessian_names=hessian_names,
         )
 
     def __repr__(self) -> str:
@@ -162,7 +191,8 @@ class CalibrationStats:
 
         Absmax is the elementwise max, token counts add up, samples are the bottom-``max_samples``
         rows of the union by key; the result does not depend on the order of ``parts``.
-        Search results and ``info`` come from the parts that have them.
+        ``XᵀX`` adds up in the order of ``parts`` (:func:`~diffusers_svdquant.calibrate` merges its
+        processes' by item instead, exactly). Search results and ``info`` come from the parts that have them.
         """
         out = cls()
         for part in parts:
@@ -173,6 +203,9 @@ class CalibrationStats:
                 out.num_tokens[name] = out.num_tokens.get(name, 0) + n
             for name, rows in part.samples.items():
                 keep_bottom_k(out, name, part.sample_keys[name], rows, max_samples)
+            for name in set(part.hessian) | set(part.hessian_names):
+                h = part.hessian_for(name)
+                out.hessian[name] = h.clone() if name not in out.hessian else out.hessian[name] + h
             out.smoothing.update(part.smoothing)
             out.search_errors.update(part.search_errors)
             out.info.update(part.info)

@@ -143,6 +143,7 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
                 smoothing_beta=beta,
                 svd_method=config.svd_method,
                 lowrank_iters=config.lowrank_iters,
+                hessian=gptq_hessian(config, stats, name),
             )
         except ValueError as e:
             raise ValueError(f"svdquant: cannot quantize layer {name!r}: {e}") from e
@@ -213,6 +214,22 @@ def calibration_for(config: SVDQuantConfig, model: nn.Module, targets: dict[str,
     return stats
 
 
+def gptq_hessian(config: SVDQuantConfig, stats: CalibrationStats, name: str) -> torch.Tensor | None:
+    """Layer ``name``'s ``XᵀX`` when ``config.gptq`` asks for GPTQ and the statistics carry it, else None
+    (round to nearest). With ``gptq=True`` a layer without it is warned about by name."""
+    if config.gptq is False:
+        return None
+    hessian = stats.hessian_for(name)
+    if hessian is None and config.gptq:
+        warnings.warn(
+            f"svdquant: gptq=True but the calibration statistics carry no XᵀX for layer {name!r} (gather it with "
+            f"calibrate(..., hessian=True)); its residual is rounded to nearest",
+            UserWarning,
+            stacklevel=3,
+        )
+    return hessian
+
+
 def quantize_layer_weight(
     module_name: str,
     layer: SVDQuantLinear,
@@ -241,6 +258,7 @@ def quantize_layer_weight(
             dtype=layer.wscales.dtype,
             svd_method=config.svd_method,
             lowrank_iters=config.lowrank_iters,
+            hessian=gptq_hessian(config, stats, module_name),
         )
     except ValueError as e:
         raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e

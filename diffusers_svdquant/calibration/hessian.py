@@ -1,0 +1,67 @@
+"""Second moments ``XᵀX`` of a layer's inputs for GPTQ, summed in an order that does not depend on how the
+calibration items were split between processes.
+
+Each item (a prompt, or a process's ``run``) contributes one ``[K, K]`` float32 sum. Floating-point
+addition is not associative, so the items are added along one fixed binary tree over their indices:
+the sum of an aligned block ``[j·2ᵏ, (j+1)·2ᵏ)`` is always (left half) + (right half), and what is left
+after pairing every block with its sibling is added left to right. A process holds only the maximal
+aligned blocks of its own items (O(log items) matrices), and merging the blocks of all processes
+rebuilds the same tree, so one process and N processes give the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PairwiseSum:
+    """Partial sums of per-item tensors along the fixed tree: ``blocks`` are ``(first item, items, sum)``
+    in item order, each an aligned block (its size a power of two dividing its first item)."""
+
+    blocks: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, item: int, value: torch.Tensor) -> None:
+        """Add item ``item``'s tensor; items must arrive in increasing order within one process."""
+        if self.blocks and item < self.blocks[-1][0] + self.blocks[-1][1]:
+            raise ValueError(
+                f"PairwiseSum: item {item} arrives after items up to {self.blocks[-1][0] + self.blocks[-1][1] - 1}"
+            )
+        self.blocks.append((item, 1, value))
+        self.blocks = _pair_siblings(self.blocks)
+
+    @classmethod
+    def merge(cls, parts: list[PairwiseSum]) -> PairwiseSum:
+        """The sum over the items of every part (parts hold disjoint items, in any order)."""
+        blocks = sorted((b for p in parts for b in p.blocks), key=lambda b: b[0])
+        return cls(_pair_siblings(blocks))
+
+    def total(self) -> torch.Tensor | None:
+        """The sum of every item, or None without any."""
+        if not self.blocks:
+            return None
+        out = self.blocks[0][2]
+        for _, _, value in self.blocks[1:]:
+            out = out + value
+        return out
+
+
+def _pair_siblings(blocks: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, torch.Tensor]]:
+    """Replace adjacent sibling blocks by their sum (left + right) until no two are siblings."""
+    out: list[tuple[int, int, torch.Tensor]] = []
+    for block in blocks:
+        out.append(block)
+        while len(out) >= 2:
+            (s0, n0, v0), (s1, n1, v1) = out[-2], out[-1]
+            if n0 != n1 or s0 % (2 * n0) or s1 != s0 + n0:
+                break
+            out[-2:] = [(s0, 2 * n0, v0 + v1)]
+    return out
+
+
+def input_moment(x: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` ``[K, K]`` in float32 on the CPU of a layer's input rows ``x`` ``[M, K]``."""
+    x32 = x.float()
+    return (x32.t() @ x32).cpu()
