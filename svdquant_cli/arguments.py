@@ -202,6 +202,11 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     _path_argument(p, "repo", hub_ok=True, help="a Hub repo id or a saved folder")
     p.add_argument("--revision", default=None, help="branch or commit id (default: the repo's default branch)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also compare every tensor with the checksums written at save time (downloads a remote repo's weights)",
+    )
     _hub_options(p)
 
 

@@ -183,7 +183,8 @@ def test_subfolder_and_stale_files_of_a_previous_upload_are_removed(server, flux
     result = hub.push(single, "alice/pipe-style", token=TOKEN)
     # One file now, and no stale shards or shard index next to it (diffusers would prefer the index).
     assert sorted(server.files("alice/pipe-style")) == [
-        ".gitattributes", "README.md", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+        ".gitattributes", "README.md", "svdquant_checksums.json", "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
     ]  # fmt: skip
     assert len(result.deleted) >= 4
     card = ModelCard.load(single / "README.md")

@@ -11,6 +11,8 @@
 * :func:`pull` / :func:`load` / :func:`generate` (:mod:`.download`) — ``snapshot_download`` into a cache, then
   plain ``from_pretrained(repo_id)``, with ``revision``, ``subfolder``, ``cache_dir`` and offline mode working as
   in diffusers.
+* :func:`verify_checksums` (:mod:`.checksums`) — compare a saved folder with the per-tensor checksums
+  ``save_quantized`` wrote.
 * :func:`inspect_repo` (:mod:`.repo_report`) — what a (remote or local) quantized repo holds, from the configs and the
   safetensors headers only (no weight download).
 
@@ -19,6 +21,7 @@ The endpoint is huggingface_hub's (``HF_ENDPOINT``) unless ``endpoint=`` is pass
 """
 
 from .card import DEFAULT_TAGS, load_snippet, model_card, save_quantized, weight_sizes
+from .checksums import verify_checksums, write_checksums
 from .download import generate, load, pull
 from .errors import HubAuthError, HubError, HubRepoNotFoundError, HubUploadError, RepoHoldsDifferentModelError
 from .publish import quantize_and_push
@@ -45,5 +48,7 @@ __all__ = [
     "push",
     "quantize_and_push",
     "save_quantized",
+    "verify_checksums",
     "weight_sizes",
+    "write_checksums",
 ]

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import SVDQuantConfig
 from ..linear import SVDQuantLinear
+from .checksums import write_checksums
 
 DEFAULT_TAGS = ("svdquant", "4-bit", "w4a4", "int4", "quantized", "diffusers")
 
@@ -189,7 +190,8 @@ def save_quantized(
     calibration: str | None = None,
     max_shard_size: int | str | None = None,
 ) -> Path:
-    """Save a quantized model or pipeline in the canonical format with a generated ``README.md`` model card.
+    """Save a quantized model or pipeline in the canonical format with a generated ``README.md`` model card
+    and ``svdquant_checksums.json`` (every tensor's CRC-32, for :func:`~.checksums.verify_checksums`).
 
     Args:
         obj: a model quantized with :class:`SVDQuantConfig` (or a pipeline holding one).
@@ -224,4 +226,5 @@ def save_quantized(
         calibration=calibration,
     )
     card.save(root / "README.md")
+    write_checksums(root)
     return root

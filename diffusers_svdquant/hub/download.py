@@ -13,6 +13,7 @@ from huggingface_hub import (
 )
 from torch import nn
 
+from .checksums import verify_checksums
 from .errors import pull_error
 
 
@@ -60,8 +61,14 @@ def load(
     token: str | None = None,
     torch_dtype: torch.dtype | None = None,
     local_files_only: bool | None = None,
+    verify: bool = False,
 ) -> nn.Module:
-    """``AutoModel.from_pretrained`` of a quantized model repo (as the card's snippet, class read from the config)."""
+    """``AutoModel.from_pretrained`` of a quantized model repo (as the card's snippet, class read from the config).
+
+    With ``verify=True`` the files are first compared with the checksums written at save time
+    (:func:`~.checksums.verify_checksums`, reading every tensor once): ``ValueError`` naming each tensor that
+    changed, ``FileNotFoundError`` for a checkpoint saved without them.
+    """
     from diffusers import AutoModel
 
     if local_files_only is None and constants.is_offline_mode():
@@ -77,6 +84,12 @@ def load(
     }
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if verify:
+        folder = Path(repo_id) if Path(repo_id).is_dir() else Path(pull(repo_id, revision=revision, cache_dir=cache_dir,
+                                                                        token=token))  # fmt: skip
+        problems = verify_checksums(folder)
+        if problems:
+            raise ValueError(f"{repo_id}: the checkpoint differs from its checksums: " + "; ".join(problems))
     try:
         return AutoModel.from_pretrained(repo_id, **{k: v for k, v in kwargs.items() if v is not None}).eval()
     except Exception as e:
