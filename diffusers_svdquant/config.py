@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 # Kept in 16-bit by default, following Nunchaku's choice for FLUX / SD3 / SDXL: the input and output
 # projections and embedders see raw latents / text features whose scale differs per token, the AdaLN
 # modulation linears ("*norm*") produce per-channel scales and shifts that multiply every activation
-# downstream, and the time embeddings are tiny. Together they are a few percent of the weights.
+# downstream, and the time embeddings are tiny (Z-Image's t_embedder is also read as .weight.dtype by
+# diffusers' own code, which a quantized layer does not have). Together they are a few percent of the weights.
 # The top-level modules are anchored ("^"): a FLUX single block's own proj_out is quantized.
 DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "^x_embedder",
@@ -43,6 +44,7 @@ DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "^time_text_embed",
     "^time_embed",
     "^time_embedding",
+    "^t_embedder",
     "^add_embedding",
     "^encoder_hid_proj",
     "^caption_projection",

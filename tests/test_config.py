@@ -182,16 +182,32 @@ def test_version1_configs_keep_their_matching(name, pattern, expected):
 
 def test_defaults_select_what_the_version1_defaults_selected():
     """The anchored defaults keep the top-level modules 16-bit, exactly like the version-1 defaults did."""
-    old = ["x_embedder", "context_embedder", "pos_embed", "time_text_embed", "time_embed", "time_embedding",
-           "add_embedding", "encoder_hid_proj", "caption_projection", "proj_in", "proj_out", "norm_out", "*norm*",
-           "*time_emb_proj", "lm_head"]  # fmt: skip
+    old = [
+        "x_embedder",
+        "context_embedder",
+        "pos_embed",
+        "time_text_embed",
+        "time_embed",
+        "time_embedding",
+        "add_embedding",
+        "encoder_hid_proj",
+        "caption_projection",
+        "proj_in",
+        "proj_out",
+        "norm_out",
+        "*norm*",
+        "*time_emb_proj",
+        "lm_head",
+        "t_embedder",
+    ]  # fmt: skip  (t_embedder: added for Z-Image since)
     names = [
         "x_embedder", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
         "context_embedder", "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp",
         "transformer_blocks.0.norm1.linear", "down_blocks.0.attentions.0.proj_in",
         "down_blocks.0.attentions.0.proj_out", "down_blocks.0.resnets.0.time_emb_proj", "time_embedding.linear_1",
         "add_embedding.linear_2", "lm_head", "encoder.block.0.layer.0.SelfAttention.q",
-        "transformer_blocks.0.attn.to_q", "caption_projection.linear_1", "pos_embed.proj",
+        "transformer_blocks.0.attn.to_q", "caption_projection.linear_1", "pos_embed.proj", "t_embedder.mlp.0",
+        "layers.0.t_embedder_like.linear",
     ]  # fmt: skip
     for name in names:
         assert module_matches(name, list(DEFAULT_MODULES_TO_NOT_CONVERT)) == module_matches(name, old, 1), name
