@@ -34,6 +34,9 @@ def _same_statistics(a: CalibrationStats, b: CalibrationStats) -> None:
     assert a.smoothing == b.smoothing
     for k in a.search_errors:
         assert torch.equal(a.search_errors[k], b.search_errors[k]), k
+    assert a.has_hessian == b.has_hessian
+    for k in a.act_absmax if a.has_hessian else ():
+        assert torch.equal(a.hessian_for(k), b.hessian_for(k)), k
 
 
 def _launch(launcher: list[str], args: list[str], tmp_path) -> subprocess.CompletedProcess:
@@ -71,21 +74,21 @@ def one_process(pipe_dir, tmp_path_factory):
 
 
 def _calibrate_args(pipe_dir) -> list[str]:
-    return ["calibrate", str(pipe_dir), *CALIB, "--include-samples"]
+    return ["calibrate", str(pipe_dir), *CALIB, "--include-samples", "--gptq"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_give_the_statistics_of_one(pipe_dir, one_process, tmp_path, launcher):
     """Two launched processes join one group (the file records world size 2) and produce exactly the
-    statistics, samples and searched (α, β) of a single process."""
+    statistics, samples, XᵀX (for GPTQ) and searched (α, β) of a single process."""
     one, two = one_process, tmp_path / "two.safetensors"
     out = _launch(LAUNCHERS[launcher](), [*_calibrate_args(pipe_dir), "--out", str(two)], tmp_path)
     assert "on 2 process(es)" in out.stdout
     a, b = CalibrationStats.load(one), CalibrationStats.load(two)
     assert a.info["num_processes"] == 1 and b.info["num_processes"] == 2
     _same_statistics(a, b)
-    assert len(a.smoothing) == len(a.act_absmax)
+    assert len(a.smoothing) == len(a.act_absmax) and a.has_hessian
 
 
 def test_calibrate_command_writes_a_file_the_quantizer_reads(pipe_dir, tmp_path, capsys):

@@ -61,7 +61,18 @@ def _pair_siblings(blocks: list[tuple[int, int, torch.Tensor]]) -> list[tuple[in
     return out
 
 
+# Rows per matmul: a BLAS may split a long reduction between threads, which changes the rounding with the
+# thread count (measured: 1,000+ rows differ between 1 and 2 threads); short ones it does not split.
+_MOMENT_ROWS = 128
+
+
 def input_moment(x: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` ``[K, K]`` in float32 on the CPU of a layer's input rows ``x`` ``[M, K]``."""
+    """``XᵀX`` ``[K, K]`` in float32 on the CPU of a layer's input rows ``x`` ``[M, K]``: chunks of 128 rows
+    added in order, so the bits do not depend on the thread count (processes of a launch may differ)."""
     x32 = x.float()
-    return (x32.t() @ x32).cpu()
+    out = None
+    for i in range(0, x32.shape[0], _MOMENT_ROWS):
+        chunk = x32[i : i + _MOMENT_ROWS]
+        part = chunk.t() @ chunk
+        out = part if out is None else out.add_(part)
+    return out.cpu()
