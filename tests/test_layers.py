@@ -138,3 +138,23 @@ def test_quantize_twice_with_another_config_is_refused():
     with pytest.raises(ValueError, match=r"already quantized \(2 SVDQuantLinear layers, rank 16\)"):
         quantize_(model, SVDQuantConfig(rank=8))
     quantize_(model, SVDQuantConfig(rank=16))  # the same config again: nothing left to do, no error
+
+
+class _KeepToQ(FLUX.cls):
+    """A FLUX model whose class keeps every attention's to_q in float32 (as some diffusers models keep norms)."""
+
+    _keep_in_fp32_modules = ["to_q"]
+
+
+def test_keep_in_fp32_modules_are_matched_at_any_depth_and_version1_keeps_its_selection(saved, tmp_path):
+    model = _KeepToQ.from_pretrained(saved["flux"], dtype=torch.bfloat16, quantization_config=SVDQuantConfig(rank=8))
+    to_q = {n for n, _ in model.named_modules() if n.endswith(".to_q")}
+    assert to_q and not to_q & _quantized_names(model)
+    # A version-1 config matched the class's names at the top level only: its to_q layers were quantized, and a
+    # checkpoint saved that way reloads with the same layers.
+    old = _KeepToQ.from_pretrained(
+        saved["flux"], dtype=torch.bfloat16, quantization_config=SVDQuantConfig(rank=8, format_version=1)
+    )
+    assert to_q <= _quantized_names(old)
+    old.save_pretrained(tmp_path / "v1")
+    assert _quantized_names(_KeepToQ.from_pretrained(tmp_path / "v1")) == _quantized_names(old)

@@ -74,7 +74,13 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         self, model: ModelMixin, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
     ) -> None:
         config = self.quantization_config
-        targets = load_targets(model, config, keep_in_fp32_modules or [], warn_unmatched=not self.pre_quantized)
+        targets = load_targets(
+            model,
+            config,
+            keep_in_fp32_modules or [],
+            warn_unmatched=not self.pre_quantized,
+            keep_top_level_only=config.format_version < 2,
+        )
         self.modules_to_not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
         if self.pre_quantized and self._shapes is not None:
             check_checkpoint_tensors(targets, config.rank, self._shapes.get)

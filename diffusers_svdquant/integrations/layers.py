@@ -3,7 +3,7 @@
 Both loaders pick their layers with :func:`~diffusers_svdquant.config.quantizable_linears`, put
 meta :class:`SVDQuantLinear` skeletons in their place (:func:`replace_with_skeletons`), quantize
 each 16-bit weight as it arrives (:func:`quantize_layer_weight`) or check that a pre-quantized
-checkpoint holds every canonical tensor (:func:`check_checkpoint_keys`). :func:`quantize_` and
+checkpoint holds every canonical tensor (:func:`check_checkpoint_tensors`). :func:`quantize_` and
 :func:`dequantize_` do the same on a model already in memory.
 """
 
@@ -61,17 +61,26 @@ def warn_unmatched_patterns(model: nn.Module, config: SVDQuantConfig) -> None:
 
 
 def load_targets(
-    model: nn.Module, config: SVDQuantConfig, keep_in_fp32: Iterable[str], warn_unmatched: bool = True
+    model: nn.Module,
+    config: SVDQuantConfig,
+    keep_in_fp32: Iterable[str],
+    warn_unmatched: bool = True,
+    keep_top_level_only: bool = False,
 ) -> dict[str, nn.Linear]:
     """The layers a loader quantizes: :func:`quantizable_linears` with the model's ``_keep_in_fp32_modules``
     (module-name components, as diffusers and transformers read them) kept 16-bit too.
+
+    ``keep_top_level_only``: match those names only at the top level, as the diffusers loader did for
+    checkpoints of ``format_version`` 1, so they reload with the layers they were saved with.
 
     Raises:
         ValueError: no layer of ``model`` is quantizable (names the model class).
     """
     if warn_unmatched:
         warn_unmatched_patterns(model, config)
-    not_convert = list(config.modules_to_not_convert) + component_patterns(list(keep_in_fp32))
+    keep = list(keep_in_fp32)
+    extra = [f"^{n}" for n in keep] if keep_top_level_only else component_patterns(keep)
+    not_convert = list(config.modules_to_not_convert) + extra
     rule = SVDQuantConfig(**{**config.to_dict(), "modules_to_not_convert": not_convert})
     targets = quantizable_linears(model, rule)
     if not targets:
