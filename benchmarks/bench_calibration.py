@@ -7,12 +7,15 @@ new timestep. Three phases are timed on each process count:
 * collect: the 16-bit forwards with the statistics hooks (calls split between processes),
 * search: the per-layer (alpha, beta) grid search (layers split between processes),
 * quantize: SVDQuant of every target layer with the searched smoothing (one process, as
-  ``from_pretrained`` does it).
+  ``from_pretrained`` does it); with ``--gptq`` the statistics also carry each layer's XᵀX and the
+  residual is rounded with GPTQ, timed beside round-to-nearest on the same statistics.
+
+Peak memory is the process's maximum resident set (``ru_maxrss``).
 
 Then the per-layer seconds of one double and one single block project the search + quantization
 time of the full FLUX.1 transformer (19 double + 38 single blocks).
 
-    python benchmarks/bench_calibration.py [--blocks 1,1] [--calls 4] [--processes 1,2]
+    python benchmarks/bench_calibration.py [--blocks 1,1] [--calls 4] [--processes 1,2] [--gptq]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -34,9 +38,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from diffusers_svdquant import SVDQuantConfig, algorithm, calibration, quantize_
     from diffusers_svdquant.apps.model_zoo import flux_shaped
+    from diffusers_svdquant.calibration.processes import Processes
     from diffusers_svdquant.denoisers import model_inputs, timestep_value
 
-    procs = calibration._Processes()
+    procs = Processes()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs.world))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     double, single = (int(b) for b in args.blocks.split(","))
@@ -60,7 +65,9 @@ def worker(args: argparse.Namespace) -> None:
 
     algorithm.search_smoothing = timed_search
     t0 = time.perf_counter()
-    stats = calibration.calibrate(model, run, config=config, max_samples=args.max_samples, search=False, progress=False)
+    stats = calibration.calibrate(
+        model, run, config=config, max_samples=args.max_samples, search=False, progress=False, hessian=args.gptq
+    )
     t1 = time.perf_counter()
     calibration.search_smoothing(model, stats, config, procs=procs, progress=False)
     t2 = time.perf_counter()
@@ -69,6 +76,13 @@ def worker(args: argparse.Namespace) -> None:
         return
     layers = len(stats.smoothing)
     names = list(stats.smoothing)
+    rtn_s = None
+    if args.gptq:  # the same statistics without GPTQ, on a copy, for the comparison
+        import copy
+
+        start = time.perf_counter()
+        quantize_(copy.deepcopy(model), SVDQuantConfig(rank=args.rank, calibration=stats, gptq=False))
+        rtn_s = time.perf_counter() - start
     t3 = time.perf_counter()
     quantize_(model, SVDQuantConfig(rank=args.rank, calibration=stats))
     t4 = time.perf_counter()
@@ -86,6 +100,8 @@ def worker(args: argparse.Namespace) -> None:
                 "search_s": t2 - t1,
                 "search_cpu_s": sum(sum(d.values()) for d in search_times),
                 "quantize_s": t4 - t3,
+                "quantize_rtn_s": rtn_s,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "double_layers": sum(n.startswith("transformer_blocks.") for n in names),
                 "single_layers": sum(n.startswith("single_transformer_blocks.") for n in names),
                 "double_weight": sum(s[0] * s[1] * 2 for n, s in shapes.items() if n.startswith("transformer_")),
@@ -113,6 +129,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 is emulated on CPUs without AVX-512 BF16: fp32 is the fast path there")  # fmt: skip
     p.add_argument("--processes", default="1,2", help="process counts to compare")
+    p.add_argument("--gptq", action="store_true", help="gather XᵀX too and round the residual with GPTQ")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -142,11 +159,17 @@ def main() -> None:
 
     base = results[0]
     print(f"\n{'procs':>5} {'threads':>7} {'layers':>6} {'collect s':>10} {'search s':>9} {'s/layer':>8} "
-          f"{'quantize s':>10} {'search speed-up':>15}")  # fmt: skip
+          f"{'quantize s':>10} {'search speed-up':>15} {'peak MiB':>9}")  # fmt: skip
     for r in results:
         print(f"{r['processes']:>5} {r['threads']:>7} {r['layers']:>6} {r['collect_s']:>10.2f} {r['search_s']:>9.2f} "
               f"{r['search_s'] / r['layers']:>8.2f} {r['quantize_s']:>10.2f} "
-              f"{base['search_s'] / r['search_s']:>14.2f}x")  # fmt: skip
+              f"{base['search_s'] / r['search_s']:>14.2f}x {r['peak_rss_mib']:>9.0f}")  # fmt: skip
+    if base["quantize_rtn_s"] is not None:
+        extra = base["quantize_s"] - base["quantize_rtn_s"]
+        total = base["collect_s"] + base["search_s"] + base["quantize_rtn_s"]
+        print(f"\nGPTQ: quantize {base['quantize_s']:.2f} s vs {base['quantize_rtn_s']:.2f} s rounding to nearest "
+              f"({extra / base['layers']:.2f} s per layer); collecting XᵀX is inside 'collect'. GPTQ adds "
+              f"{100 * extra / total:.0f}% to collect + search + quantize on 1 process")  # fmt: skip
 
     # Projection: one process's search + quantization seconds per weight byte, split by block kind.
     b = base
