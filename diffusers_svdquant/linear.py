@@ -73,8 +73,11 @@ class SVDQuantLinear(nn.Module):
         self.rank = rank
         shapes = canonical_shapes(in_features, out_features, rank, bias)
         f = {"dtype": dtype, "device": device}
-        self.qweight = _frozen(torch.zeros(shapes["qweight"], dtype=torch.uint8, device=device))
+        # A float tensor is registered first: diffusers reads a module's dtype as
+        # next(module.parameters()).dtype (Wan's time embedder casts the timestep to it), and uint8 codes
+        # there would turn the timestep into garbage without an error.
         self.wscales = _frozen(torch.zeros(shapes["wscales"], **f))
+        self.qweight = _frozen(torch.zeros(shapes["qweight"], dtype=torch.uint8, device=device))
         self.smooth = _frozen(torch.ones(shapes["smooth"], **f))
         self.lora_down = _frozen(torch.zeros(shapes["lora_down"], **f))
         self.lora_up = _frozen(torch.zeros(shapes["lora_up"], **f))

@@ -155,7 +155,7 @@ def test_state_dict_keys(bias):
     """state_dict holds exactly the canonical tensors of docs/design.md §2 (plus bias when present)."""
     q = SVDQuantLinear.from_linear(_linear(128, 64, bias, torch.bfloat16), 8)
     sd = q.state_dict()
-    assert list(sd) == KEYS + (["bias"] if bias else [])
+    assert sorted(sd) == sorted(KEYS + (["bias"] if bias else []))
     assert sd["qweight"].dtype == torch.uint8
     assert all(sd[k].dtype == torch.bfloat16 for k in sd if k != "qweight")
 
@@ -208,3 +208,11 @@ def test_dtype_override():
     q = SVDQuantLinear.from_linear(_linear(128, 64, True, torch.float32), 8, dtype=torch.bfloat16)
     assert q.wscales.dtype == q.smooth.dtype == q.lora_up.dtype == q.bias.dtype == torch.bfloat16
     assert q(torch.randn(2, 128)).dtype == torch.bfloat16
+
+
+def test_a_float_tensor_is_the_first_parameter():
+    """diffusers reads a module's dtype as next(module.parameters()).dtype (Wan's time embedder casts the
+    timestep to it); the uint8 codes there turned the timestep into garbage without an error."""
+    layer = SVDQuantLinear.from_linear(torch.nn.Linear(128, 64).to(torch.bfloat16), 8)
+    assert next(layer.parameters()).dtype == torch.bfloat16
+    assert next(SVDQuantLinear(128, 64, 8, dtype=torch.float16, device="meta").parameters()).dtype == torch.float16
