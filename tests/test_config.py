@@ -198,8 +198,17 @@ def test_defaults_select_what_the_version1_defaults_selected():
         "*norm*",
         "*time_emb_proj",
         "lm_head",
+        # added since version 1 (as exact names / globs in that version's matching):
         "t_embedder",
-    ]  # fmt: skip  (t_embedder: added for Z-Image since)
+        "img_in",
+        "txt_in",
+        "*.img_mod.*",
+        "*.txt_mod.*",
+        "distilled_guidance_layer",
+        "*stream_modulation*",
+        "time_guidance_embed",
+        "condition_embedder",
+    ]
     names = [
         "x_embedder", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
         "context_embedder", "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp",
@@ -207,6 +216,8 @@ def test_defaults_select_what_the_version1_defaults_selected():
         "down_blocks.0.attentions.0.proj_out", "down_blocks.0.resnets.0.time_emb_proj", "time_embedding.linear_1",
         "add_embedding.linear_2", "lm_head", "encoder.block.0.layer.0.SelfAttention.q",
         "transformer_blocks.0.attn.to_q", "caption_projection.linear_1", "pos_embed.proj", "t_embedder.mlp.0",
+        "img_in", "transformer_blocks.0.img_mod.1", "double_stream_modulation_img.linear",
+        "condition_embedder.time_embedder.linear_1", "transformer_blocks.0.attn.add_q_proj",
         "layers.0.t_embedder_like.linear",
     ]  # fmt: skip
     for name in names:
