@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .. import hub
@@ -97,14 +96,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         report = hub.inspect_repo(args.repo, revision=args.revision, token=args.token, endpoint=args.endpoint)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
         if args.verify:
-            folder = (
-                Path(args.repo)
-                if Path(args.repo).is_dir()
-                else hub.pull(args.repo, revision=args.revision, token=args.token, endpoint=args.endpoint)
-            )
-            problems = hub.verify_checksums(folder)
-            if problems:
-                raise ValueError("checksums differ: " + "; ".join(problems))
+            hub.verify_repo(args.repo, revision=args.revision, token=args.token, endpoint=args.endpoint)
             print("checksums: every tensor matches the saved checksums")
 
     return _guard(inspect)

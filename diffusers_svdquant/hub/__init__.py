@@ -22,7 +22,7 @@ The endpoint is huggingface_hub's (``HF_ENDPOINT``) unless ``endpoint=`` is pass
 
 from .card import DEFAULT_TAGS, load_snippet, model_card, save_quantized, weight_sizes
 from .checksums import verify_checksums, write_checksums
-from .download import generate, load, pull
+from .download import generate, load, pull, verify_repo
 from .errors import HubAuthError, HubError, HubRepoNotFoundError, HubUploadError, RepoHoldsDifferentModelError
 from .publish import quantize_and_push
 from .repo_report import ModelReport, RepoReport, inspect_repo
@@ -49,6 +49,7 @@ __all__ = [
     "quantize_and_push",
     "save_quantized",
     "verify_checksums",
+    "verify_repo",
     "weight_sizes",
     "write_checksums",
 ]

@@ -85,11 +85,7 @@ def load(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if verify:
-        folder = Path(repo_id) if Path(repo_id).is_dir() else Path(pull(repo_id, revision=revision, cache_dir=cache_dir,
-                                                                        token=token))  # fmt: skip
-        problems = verify_checksums(folder)
-        if problems:
-            raise ValueError(f"{repo_id}: the checkpoint differs from its checksums: " + "; ".join(problems))
+        verify_repo(repo_id, revision=revision, cache_dir=cache_dir, token=token)
     try:
         return AutoModel.from_pretrained(repo_id, **{k: v for k, v in kwargs.items() if v is not None}).eval()
     except Exception as e:
@@ -97,6 +93,28 @@ def load(
         if mapped is None:
             raise
         raise mapped from e
+
+
+def verify_repo(
+    repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> None:
+    """Compare a saved folder, or a Hub repo pulled into the cache, with the checksums written at save time.
+
+    Raises:
+        ValueError: a tensor or file differs, naming each one.
+        FileNotFoundError: the checkpoint was saved without checksums (plain ``save_pretrained``).
+    """
+    folder = Path(repo_id)
+    if not folder.is_dir():
+        folder = pull(str(repo_id), revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint)
+    problems = verify_checksums(folder)
+    if problems:
+        raise ValueError(f"{repo_id}: the checkpoint differs from its checksums: " + "; ".join(problems))
 
 
 _COMPONENT_BY_CLASS = {"UNet2DConditionModel": "unet"}

@@ -23,7 +23,7 @@ from ..config import (
     DEFAULT_MODULES_TO_NOT_CONVERT,
     SVDQuantConfig,
     component_patterns,
-    module_matches,
+    pattern_matches,
     quantizable_linears,
 )
 from ..linear import SVDQuantLinear, canonical_shapes
@@ -50,7 +50,7 @@ def warn_unmatched_patterns(model: nn.Module, config: SVDQuantConfig) -> None:
     names = [n for n, _ in model.named_modules() if n]
     for p in config.modules_to_not_convert:
         if p not in DEFAULT_MODULES_TO_NOT_CONVERT and not any(
-            module_matches(n, [p], config.format_version) for n in names
+            pattern_matches(n, p, config.format_version) for n in names
         ):
             warnings.warn(
                 f"svdquant: modules_to_not_convert pattern {p!r} matches no module of {type(model).__name__}; "
