@@ -11,6 +11,8 @@ Conventions shared with ``docs/design.md``:
 * Groups are ``group_size`` (64) consecutive elements along K.
 * Activation scales and the low-rank activations are float32; weight scales are stored in the
   model dtype.
+* The weight-only (W4A16) layers' codes are *unsigned* in ``[0, 15]`` with a per-group scale and
+  minimum (llama.cpp's Q4_1 form, :func:`quantize_groups_affine`), packed the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 GROUP_SIZE = 64
 QMAX = 7
 QMIN = -8
+UQMAX = 15
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,60 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     groups = scales.shape[-1]
     q = codes.float().reshape(*lead, groups, k // groups)
     return (q * scales.float().unsqueeze(-1)).reshape(*lead, k)
+
+
+def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
+    """Unsigned nibbles of ``packed``: uint8 ``[..., K/2]`` → uint8 ``[..., K]`` in ``[0, 15]``
+    (element ``2j`` from the low nibble, as :func:`pack_int4` stores them)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_groups_affine(
+    x: torch.Tensor, group_size: int = GROUP_SIZE, param_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group INT4 quantization along the last dimension: ``x ≈ q · s + m``.
+
+    ``m = min(group)`` (rounded to ``param_dtype``), ``s = (max(group) − m) / 15`` (rounded to
+    ``param_dtype``), ``q = clamp(round_half_even((x − m) / s), 0, 15)``; a constant group gets
+    ``s = 0`` and codes 0 (it is ``m`` exactly). The minimum and scale are rounded *before* the codes
+    are chosen, so the codes are the best ones for the parameters that are kept.
+
+    Args:
+        x: float tensor ``[..., K]``, K a multiple of ``group_size``; computed in float32.
+        group_size: elements per group.
+        param_dtype: dtype of the kept scales and minima (the model dtype).
+
+    Returns:
+        ``(codes, scales, mins)``: uint8 ``[..., K]`` in ``[0, 15]``, ``param_dtype`` ``[..., K/group_size]`` twice.
+    """
+    *lead, k = x.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    g = x.float().reshape(*lead, k // group_size, group_size)
+    lo, hi = torch.aminmax(g, dim=-1)
+    mins = lo.to(param_dtype)
+    m = mins.float().unsqueeze(-1)
+    scales = ((hi - m.squeeze(-1)) / UQMAX).to(param_dtype)
+    s = scales.float().unsqueeze(-1)
+    zero = s == 0
+    q = ((g - m) / torch.where(zero, torch.ones_like(s), s)).round_().clamp_(0, UQMAX).masked_fill_(zero, 0)
+    return q.to(torch.uint8).reshape(*lead, k), scales, mins
+
+
+def dequantize_groups_affine(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Float32 values ``q · s + m`` of per-group unsigned INT4 codes.
+
+    Args:
+        codes: uint8 ``[..., K]`` in ``[0, 15]``.
+        scales, mins: ``[..., K/G]`` any float dtype.
+
+    Returns:
+        float32 ``[..., K]``.
+    """
+    *lead, k = codes.shape
+    groups = scales.shape[-1]
+    q = codes.float().reshape(*lead, groups, k // groups)
+    return (q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).reshape(*lead, k)
 
 
 def fake_quantize_groups(
@@ -218,3 +275,40 @@ def svdquant_linear(
     """
     q_x, s_x, lora_act = quantize_act(x, smooth, lora_down, group_size)
     return gemm_w4a4(q_x, s_x, qweight, wscales, lora_act, lora_up, bias, x.dtype)
+
+
+def linear_w4a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wmins: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """A weight-only (W4A16) linear: 16-bit activations times 4-bit weights, plus the low-rank branch.
+
+    ``x̂ = x / smooth`` in float32; ``W[n, k] = q[n, k] · wscales[n, g] + wmins[n, g]`` (``g = k // 64``,
+    codes unsigned, :func:`quantize_groups_affine`); ``y = x̂ Wᵀ + (x̂ @ lora_down) @ lora_upᵀ + bias``,
+    all in float32, rounded once to ``x.dtype``. Kernels may sum in another order (per group
+    ``s · (x̂_g · q_g) + m · Σ x̂_g``); the tests state the tolerance.
+
+    Args:
+        x: ``[M, K]`` float32 / bfloat16 / float16.
+        qweight: uint8 ``[N, K/2]`` unsigned codes, packed as :func:`pack_int4` packs.
+        wscales, wmins: ``[N, K/64]`` model dtype.
+        smooth: ``[K]`` activation-aware scaling λ (ones when uncalibrated).
+        lora_down: ``[K, r]``; lora_up: ``[N, r]`` (``r >= 0``); bias: ``[N]`` or None.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+    """
+    xs = x.float() / smooth.float()
+    w = dequantize_groups_affine(unpack_uint4(qweight), wscales, wmins)
+    y = xs @ w.t()
+    if lora_down.shape[-1]:
+        y += (xs @ lora_down.float()) @ lora_up.float().t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)

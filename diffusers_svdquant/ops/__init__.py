@@ -4,6 +4,7 @@
   (``SVDQ_CPU_ISA=generic|avx2|avxvnni|avx512vnni`` forces one at import);
 * :mod:`.canonical` defines the ops on the canonical tensors (``quantize_act``, ``gemm_w4a4``,
   ``linear``) with their fakes, reference defaults and CPU kernels;
+* :mod:`.weight_only` defines the weight-only op ``linear_w4a16`` the same way;
 * :mod:`.cuda` adds the CUDA kernels and the mma-fragment weight layout they read.
 
 Nothing outside this package calls ``_C``.
@@ -29,6 +30,7 @@ from .native import (
     set_cpu_isa,
     supported_cpu_isas,
 )
+from .weight_only import linear_w4a16
 
 __all__ = [
     "MmaPackedWeights",
@@ -40,6 +42,7 @@ __all__ = [
     "int8_peak_gops",
     "known_cpu_isas",
     "linear",
+    "linear_w4a16",
     "native_available",
     "native_error",
     "pack_mma_weights",
