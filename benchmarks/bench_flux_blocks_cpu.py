@@ -1,9 +1,9 @@
 """A FLUX.1-shaped transformer (real layer sizes, a few blocks, random weights) on CPU: W4A4 vs 16-bit.
 
 The model is saved in bf16 and loaded in one process as: 16-bit; SVDQuant with the default config
-(AdaLN modulation linears, embedders and the output projection stay 16-bit, as Nunchaku keeps them);
-SVDQuant with every linear inside the blocks quantized (AdaLN included; only the embedders,
-``norm_out`` and ``proj_out`` stay 16-bit); and the latter with its 16-bit parts in fp32. Printed: the
+(the AdaLN modulation linears weight-only W4A16, the other block linears W4A4; embedders, ``norm_out``
+and ``proj_out`` 16-bit); the previous default (AdaLN 16-bit); AdaLN W4A4 too; and the default with its
+16-bit parts in fp32. Printed: the
 weight memory of the block stack and of the whole model (what stays resident: the CPU kernels read
 the canonical tensors, there is no second packed copy), the end-to-end forward time against bf16 and
 against fp32 (torch's faster dtype on CPUs without AVX-512 BF16), and the output error against fp32.
@@ -21,7 +21,7 @@ import time
 import torch
 from diffusers import FluxTransformer2DModel
 
-from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantLinear, ops
+from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantLinear, W4A16Linear, ops
 from diffusers_svdquant.apps.model_zoo import flux_shaped
 from diffusers_svdquant.denoisers import model_inputs, timestep_value
 
@@ -65,19 +65,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         flux_shaped(double, single, dtype=torch.bfloat16).save_pretrained(tmp)
         m16 = FluxTransformer2DModel.from_pretrained(tmp, torch_dtype=torch.bfloat16).eval()
-        all_in_blocks = [p for p in DEFAULT_MODULES_TO_NOT_CONVERT if p != "*norm*"]
         configs = {
-            "W4A4 (default: AdaLN 16-bit)": SVDQuantConfig(rank=args.rank),
-            "W4A4 (all block linears)": SVDQuantConfig(rank=args.rank, modules_to_not_convert=all_in_blocks),
+            "default (AdaLN W4A16)": SVDQuantConfig(rank=args.rank),
+            "AdaLN 16-bit (until v3)": SVDQuantConfig(
+                rank=args.rank,
+                modules_to_not_convert=[*DEFAULT_MODULES_TO_NOT_CONVERT, "*norm*"],
+                weight_only_modules=[],
+            ),
+            "AdaLN W4A4": SVDQuantConfig(rank=args.rank, weight_only_modules=[]),
         }
         quantized = {
             name: FluxTransformer2DModel.from_pretrained(tmp, quantization_config=c, torch_dtype=torch.bfloat16).eval()
             for name, c in configs.items()
         }
-        # On CPUs without AVX-512 BF16, torch's bf16 attention / norms are emulated: the same W4A4 model with its
+        # On CPUs without AVX-512 BF16, torch's bf16 attention / norms are emulated: the same model with its
         # 16-bit parts (and scales, low-rank branch) in fp32 is the faster one there.
-        quantized["W4A4 all, fp32 non-linears"] = FluxTransformer2DModel.from_pretrained(
-            tmp, quantization_config=configs["W4A4 (all block linears)"], torch_dtype=torch.float32
+        quantized["default, fp32 non-linears"] = FluxTransformer2DModel.from_pretrained(
+            tmp, quantization_config=configs["default (AdaLN W4A16)"], torch_dtype=torch.float32
         ).eval()
     inputs = model_inputs(m16, args.image_tokens, args.text_tokens)
     inputs["timestep"] = timestep_value(m16, 0.5)
@@ -97,10 +101,11 @@ def main() -> None:
         bq, aq = block_bytes(model), all_bytes(model)
         dtype_inputs = inputs32 if next(model.parameters()).dtype == torch.float32 else inputs
         tq, out = forward_time(model, dtype_inputs, args.repeats)
-        layers = sum(isinstance(m, SVDQuantLinear) for m in model.modules())
+        w4a16 = sum(isinstance(m, W4A16Linear) for m in model.modules())
+        w4a4 = sum(isinstance(m, SVDQuantLinear) for m in model.modules()) - w4a16
         print(f"{name:<30} {bq / 2**20:>10.1f} MiB {b16 / bq:>8.2f}x {aq / 2**20:>8.1f} MiB {a16 / aq:>8.2f}x "
               f"{tq:>9.2f} {t16 / tq:>7.2f}x {t32 / tq:>7.2f}x {rel(out, ref32):>8.4f}   "
-              f"({layers} layers W4A4)")  # fmt: skip
+              f"({w4a4} layers W4A4, {w4a16} W4A16)")  # fmt: skip
     print("\nrel err: ||out - out_fp32|| / ||out_fp32|| of the model output (fp32 is the 16-bit weights in fp32).")
 
 

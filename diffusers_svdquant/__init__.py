@@ -12,12 +12,18 @@ the runtime here (``config``, the math in ``reference`` and ``algorithm``, ``ops
 
 from . import ops
 from .calibration import CalibrationStats, calibrate
-from .config import DEFAULT_MODULES_TO_NOT_CONVERT, DEFAULT_RANK, SVDQuantConfig, SVDQuantMethod
+from .config import (
+    DEFAULT_MODULES_TO_NOT_CONVERT,
+    DEFAULT_RANK,
+    DEFAULT_WEIGHT_ONLY_MODULES,
+    SVDQuantConfig,
+    SVDQuantMethod,
+)
 from .integrations.diffusers_quantizer import SVDQuantDiffusersQuantizer
 from .integrations.layers import dequantize_, quantize_
 from .integrations.registration import register
 from .integrations.transformers_quantizer import SVDQuantHfQuantizer
-from .linear import SVDQuantLinear
+from .linear import SVDQuantLinear, W4A16Linear
 
 __version__ = "0.1.0"
 
@@ -25,12 +31,14 @@ __all__ = [
     "CalibrationStats",
     "calibrate",
     "DEFAULT_MODULES_TO_NOT_CONVERT",
+    "DEFAULT_WEIGHT_ONLY_MODULES",
     "DEFAULT_RANK",
     "dequantize_",
     "SVDQuantConfig",
     "SVDQuantDiffusersQuantizer",
     "SVDQuantHfQuantizer",
     "SVDQuantLinear",
+    "W4A16Linear",
     "SVDQuantMethod",
     "ops",
     "quantize_",

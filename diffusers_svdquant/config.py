@@ -23,9 +23,11 @@ except ImportError:  # transformers absent or unusable: the config still serves 
         """Stand-in base used when transformers cannot be imported."""
 
 
+# 3: weight-only (W4A16) layers, chosen by weight_only_modules, with a `wmins` tensor each.
 # 2: modules_to_not_convert patterns match as substrings (as in diffusers' other backends), "^" anchors.
 # 1: they matched exact names, parents and globs only; version-1 configs keep that meaning at reload.
-FORMAT_VERSION = 2
+# Configs of versions 1 and 2 have no weight-only layers: their checkpoints reload as they were saved.
+FORMAT_VERSION = 3
 # Rank of the 16-bit low-rank branch unless a user picks another: the paper's and Nunchaku's choice.
 DEFAULT_RANK = 32
 
@@ -51,7 +53,6 @@ DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "^proj_in",
     "^proj_out",
     "^norm_out",
-    "*norm*",
     "*time_emb_proj",
     "^lm_head",
     # The same kinds of layers in other families, kept 16-bit where it measured better on their tiny models
@@ -68,6 +69,12 @@ DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "^time_guidance_embed",
     "^condition_embedder",
 )
+# Quantized weight-only (W4A16) by default: the AdaLN modulation linears ("*norm*": FLUX's and SD3's
+# norm1.linear / norm1_context.linear / norm.linear), a third of a FLUX block's weights. They produce
+# per-channel scales and shifts (W4A4 there costs quality) from one token per image (so 4-bit activations
+# buy no speed); 4-bit weights make the model 3.5x smaller instead of 2.1x. Measured: README, "Per-layer
+# precision". Matched after modules_to_not_convert, which wins (``^norm_out`` stays 16-bit).
+DEFAULT_WEIGHT_ONLY_MODULES: tuple[str, ...] = ("*norm*",)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -109,7 +116,7 @@ def component_patterns(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
-    """Settings of SVDQuant W4A4 quantization (arXiv 2411.05007).
+    """Settings of SVDQuant quantization (arXiv 2411.05007): W4A4 layers, weight-only W4A16 ones, 16-bit ones.
 
     The same object works as ``quantization_config`` of a diffusers model's and of a transformers
     model's ``from_pretrained`` (e.g. a T5 / CLIP text encoder); see
@@ -126,6 +133,12 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             everything below it) or an fnmatch glob (``"*norm*"``); see :func:`pattern_matches`. ``None``
             uses :data:`DEFAULT_MODULES_TO_NOT_CONVERT`. A pattern that matches no module of the model
             is warned about by name.
+        weight_only_modules: patterns (the same forms) of layers quantized weight-only, W4A16
+            (:class:`~diffusers_svdquant.W4A16Linear`: 4-bit weights with a per-group scale and minimum,
+            16-bit activations) instead of W4A4; ``["*"]`` makes every quantized layer W4A16 (text
+            encoders). ``modules_to_not_convert`` wins over it. ``None`` uses
+            :data:`DEFAULT_WEIGHT_ONLY_MODULES` (the AdaLN modulation linears); configs of
+            ``format_version`` < 3 had no weight-only layers and keep none at reload.
         smoothing_alpha: ``None`` (default): each layer uses the ``(α, β)`` its calibration search
             found, or ``α = β = 0.5`` where none was searched. A number ``α`` forces
             ``λ_j = max|X_j|^α / max|W_j|^(1-α)`` on every layer. Without statistics for a layer,
@@ -153,6 +166,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         group_size: int = GROUP_SIZE,
         precision: str = "int4",
         modules_to_not_convert: list[str] | None = None,
+        weight_only_modules: list[str] | None = None,
         smoothing_alpha: float | None = None,
         calibration: Any = None,
         svd_method: str = "auto",
@@ -171,15 +185,21 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         self.rank = rank
         self.group_size = group_size
         self.precision = precision
-        if isinstance(modules_to_not_convert, str):
-            # list("proj_out") would be ["p", "r", ...]: it quantizes the layer meant to stay 16-bit.
-            raise ValueError(
-                f"SVDQuantConfig: modules_to_not_convert must be a list of module-name patterns, got the string "
-                f"{modules_to_not_convert!r}; write [{modules_to_not_convert!r}]"
-            )
+        for setting, value in (("modules_to_not_convert", modules_to_not_convert),
+                               ("weight_only_modules", weight_only_modules)):  # fmt: skip
+            if isinstance(value, str):
+                # list("proj_out") would be ["p", "r", ...]: patterns that select the wrong layers without a word.
+                raise ValueError(
+                    f"SVDQuantConfig: {setting} must be a list of module-name patterns, got the string "
+                    f"{value!r}; write [{value!r}]"
+                )
         self.modules_to_not_convert = (
             list(DEFAULT_MODULES_TO_NOT_CONVERT) if modules_to_not_convert is None else list(modules_to_not_convert)
         )
+        if weight_only_modules is None:
+            new_format = isinstance(format_version, int) and format_version >= 3
+            weight_only_modules = list(DEFAULT_WEIGHT_ONLY_MODULES) if new_format else []
+        self.weight_only_modules = list(weight_only_modules)
         self.smoothing_alpha = smoothing_alpha
         self.calibration = calibration
         self.svd_method = svd_method
@@ -226,14 +246,23 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
                 f"SVDQuantConfig: checkpoint format_version {self.format_version} is newer than this "
                 f"diffusers-svdquant understands ({FORMAT_VERSION}); upgrade diffusers-svdquant"
             )
-        if not isinstance(self.modules_to_not_convert, list) or not all(
-            isinstance(p, str) for p in self.modules_to_not_convert
-        ):
-            raise ValueError("SVDQuantConfig: modules_to_not_convert must be a list of strings")
+        for setting in ("modules_to_not_convert", "weight_only_modules"):
+            value = getattr(self, setting)
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise ValueError(f"SVDQuantConfig: {setting} must be a list of strings")
+        if self.weight_only_modules and self.format_version < 3:
+            raise ValueError(
+                f"SVDQuantConfig: weight_only_modules needs format_version >= 3, got {self.format_version}"
+            )
 
     def is_excluded(self, module_name: str) -> bool:
         """True when ``module_name`` stays in 16-bit by :attr:`modules_to_not_convert`."""
         return module_matches(module_name, self.modules_to_not_convert, self.format_version)
+
+    def is_weight_only(self, module_name: str) -> bool:
+        """True when the quantized layer ``module_name`` is W4A16 by :attr:`weight_only_modules` (whether it
+        is quantized at all is :func:`quantizable_linears`' decision)."""
+        return module_matches(module_name, self.weight_only_modules, self.format_version)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe settings for ``config.json`` (the calibration statistics are not part of it)."""
@@ -243,6 +272,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             "group_size": self.group_size,
             "precision": self.precision,
             "modules_to_not_convert": list(self.modules_to_not_convert),
+            "weight_only_modules": list(self.weight_only_modules),
             "smoothing_alpha": self.smoothing_alpha,
             "svd_method": self.svd_method,
             "lowrank_iters": self.lowrank_iters,

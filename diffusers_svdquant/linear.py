@@ -11,9 +11,12 @@ from . import algorithm, ops, reference
 QUANT_TENSORS = ("qweight", "wscales", "smooth", "lora_down", "lora_up")
 
 
-def canonical_shapes(in_features: int, out_features: int, rank: int, bias: bool) -> dict[str, tuple[int, ...]]:
+def canonical_shapes(
+    in_features: int, out_features: int, rank: int, bias: bool, weight_only: bool = False
+) -> dict[str, tuple[int, ...]]:
     """The shape of each canonical tensor of a ``[out_features, in_features]`` layer (docs/design.md §2),
-    ``bias`` included when the layer has one: what a checkpoint must hold for it."""
+    ``bias`` included when the layer has one, ``wmins`` when it is weight-only (W4A16): what a checkpoint
+    must hold for it."""
     k, n = in_features, out_features
     shapes = {
         "qweight": (n, k // 2),
@@ -22,6 +25,8 @@ def canonical_shapes(in_features: int, out_features: int, rank: int, bias: bool)
         "lora_down": (k, rank),
         "lora_up": (n, rank),
     }
+    if weight_only:
+        shapes["wmins"] = shapes["wscales"]
     return shapes | ({"bias": (n,)} if bias else {})
 
 
@@ -40,6 +45,9 @@ class SVDQuantLinear(nn.Module):
 
     Input ``[..., K]`` is cast to the layer's dtype; output is ``[..., N]`` in that dtype.
 
+    :class:`W4A16Linear`, the weight-only kind, is a subclass: ``isinstance(m, SVDQuantLinear)`` finds
+    every quantized layer.
+
     Args:
         in_features: K, a multiple of 64.
         out_features: N.
@@ -48,6 +56,10 @@ class SVDQuantLinear(nn.Module):
         dtype: model dtype of the float tensors.
         device: where to allocate (``"meta"`` for a skeleton that loading fills in).
     """
+
+    #: The canonical tensors of this kind of layer, bias excluded (docs/design.md §2).
+    QUANT_TENSORS: tuple[str, ...] = QUANT_TENSORS
+    WEIGHT_ONLY = False
 
     def __init__(
         self,
@@ -71,7 +83,7 @@ class SVDQuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        shapes = canonical_shapes(in_features, out_features, rank, bias)
+        shapes = canonical_shapes(in_features, out_features, rank, bias, self.WEIGHT_ONLY)
         f = {"dtype": dtype, "device": device}
         # A float tensor is registered first: diffusers reads a module's dtype as
         # next(module.parameters()).dtype (Wan's time embedder casts the timestep to it), and uint8 codes
@@ -81,6 +93,8 @@ class SVDQuantLinear(nn.Module):
         self.smooth = _frozen(torch.ones(shapes["smooth"], **f))
         self.lora_down = _frozen(torch.zeros(shapes["lora_down"], **f))
         self.lora_up = _frozen(torch.zeros(shapes["lora_up"], **f))
+        if self.WEIGHT_ONLY:
+            self.wmins = _frozen(torch.zeros(shapes["wmins"], **f))
         self.bias = _frozen(torch.zeros(shapes["bias"], **f)) if bias else None
         # The CUDA GEMM's mma-fragment layout of the tensors above (ops.pack_mma_weights), rebuilt when
         # any of them changes (load_state_dict, .to(), load_quantized). A plain attribute: never in the
@@ -115,6 +129,7 @@ class SVDQuantLinear(nn.Module):
         w = linear.weight.detach()
         dtype = dtype or w.dtype
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype, w.device)
+        # The class decides the kind: W4A16Linear.from_linear quantizes weight-only.
         layer.load_quantized(
             algorithm.svdquant_weight(
                 w,
@@ -126,6 +141,7 @@ class SVDQuantLinear(nn.Module):
                 svd_method=svd_method,
                 lowrank_iters=lowrank_iters,
                 hessian=hessian,
+                weight_only=cls.WEIGHT_ONLY,
             ),
             None if linear.bias is None else linear.bias.detach().to(dtype),
         )
@@ -133,7 +149,10 @@ class SVDQuantLinear(nn.Module):
 
     def load_quantized(self, q: algorithm.QuantizedWeight, bias: torch.Tensor | None) -> None:
         """Replace this layer's tensors with ``q`` (and ``bias``), on ``q``'s device."""
-        for name in QUANT_TENSORS:
+        if (q.wmins is not None) != self.WEIGHT_ONLY:
+            kind = "weight-only (W4A16)" if self.WEIGHT_ONLY else "W4A4"
+            raise ValueError(f"{type(self).__name__} is {kind}; the quantized weight given is not")
+        for name in self.QUANT_TENSORS:
             setattr(self, name, _frozen(getattr(q, name)))
         if bias is not None:
             self.bias = _frozen(bias)
@@ -169,10 +188,45 @@ class SVDQuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 ``[N, K]`` weight this layer computes with (up to activation quantization)."""
-        return algorithm.dequantize_weight(algorithm.QuantizedWeight(*(getattr(self, n) for n in QUANT_TENSORS)))
+        tensors = {n: getattr(self, n) for n in self.QUANT_TENSORS}
+        return algorithm.dequantize_weight(algorithm.QuantizedWeight(**tensors))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, dtype={self.wscales.dtype}"
         )
+
+
+class W4A16Linear(SVDQuantLinear):
+    """A weight-only INT4 linear: 16-bit activations times 4-bit weights, plus the 16-bit low-rank branch.
+
+    ``y = (x / smooth) @ Wᵀ + (x / smooth) @ lora_down @ lora_up.T + bias`` with ``W = q · wscales + wmins``
+    per group of 64 along K (unsigned codes, ``reference.quantize_groups_affine``). For layers whose
+    activations do not take 4 bits well or that see few tokens (FLUX's AdaLN modulation, text encoders):
+    no activation quantization, and the weights are read once per call, 3.5x fewer bytes than 16-bit.
+
+    Tensors: those of :class:`SVDQuantLinear` (``qweight`` then holds unsigned codes) and ``wmins``
+    ``[N, K/64]`` in the model dtype. ``smooth`` is the activation-aware scale from calibration (ones
+    without). Arguments as for :class:`SVDQuantLinear`.
+    """
+
+    QUANT_TENSORS: tuple[str, ...] = (*QUANT_TENSORS, "wmins")
+    WEIGHT_ONLY = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` → ``[..., N]`` in the layer's dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"W4A16Linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}), expected {self.in_features}"
+            )
+        lead = x.shape[:-1]
+        y = ops.linear_w4a16(
+            x.reshape(-1, self.in_features).to(self.wscales.dtype),
+            self.qweight, self.wscales, self.wmins, self.smooth, self.lora_down, self.lora_up, self.bias,
+        )  # fmt: skip
+        return y.reshape(*lead, self.out_features)
+
+    def mma_weights(self) -> ops.MmaPackedWeights:
+        """Not used: the W4A16 kernels read the canonical tensors."""
+        raise TypeError("W4A16Linear has no W4A4 mma layout")

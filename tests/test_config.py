@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantMethod
+from diffusers_svdquant import (
+    DEFAULT_MODULES_TO_NOT_CONVERT,
+    DEFAULT_WEIGHT_ONLY_MODULES,
+    SVDQuantConfig,
+    SVDQuantMethod,
+)
 from diffusers_svdquant.config import FORMAT_VERSION, component_patterns, module_matches
 
 
@@ -24,7 +29,8 @@ def test_defaults():
     assert c.svd_method == "auto"
     assert c.lowrank_iters == 0
     assert c.torch_dtype is None
-    assert c.format_version == FORMAT_VERSION == 2
+    assert c.format_version == FORMAT_VERSION == 3
+    assert c.weight_only_modules == list(DEFAULT_WEIGHT_ONLY_MODULES)
     assert c.quant_method is SVDQuantMethod.SVDQUANT
     assert isinstance(c.quant_method, str) and c.quant_method.value == "svdquant"  # diffusers reads .value
 
@@ -181,7 +187,8 @@ def test_version1_configs_keep_their_matching(name, pattern, expected):
 
 
 def test_defaults_select_what_the_version1_defaults_selected():
-    """The anchored defaults keep the top-level modules 16-bit, exactly like the version-1 defaults did."""
+    """The anchored defaults keep the top-level modules 16-bit, exactly like the version-1 defaults did, and
+    make the rest of what version 1 kept (the AdaLN linears) weight-only."""
     old = [
         "x_embedder",
         "context_embedder",
@@ -220,8 +227,13 @@ def test_defaults_select_what_the_version1_defaults_selected():
         "condition_embedder.time_embedder.linear_1", "transformer_blocks.0.attn.add_q_proj",
         "layers.0.t_embedder_like.linear",
     ]  # fmt: skip
+    c = SVDQuantConfig()
     for name in names:
-        assert module_matches(name, list(DEFAULT_MODULES_TO_NOT_CONVERT)) == module_matches(name, old, 1), name
+        # Since version 3 the AdaLN linears ("*norm*" in version 1) are quantized weight-only instead.
+        kept_or_weight_only = c.is_excluded(name) or c.is_weight_only(name)
+        assert kept_or_weight_only == module_matches(name, old, 1), name
+        weight_only = c.is_weight_only(name) and not c.is_excluded(name)  # exclusion wins
+        assert weight_only == (module_matches(name, ["*norm*"], 1) and not c.is_excluded(name)), name
 
 
 def test_component_patterns_match_a_name_at_any_depth():
@@ -252,7 +264,7 @@ def test_bad_types_are_refused_with_one_line(kwargs, match):
         ("proj_out", True),
         ("single_transformer_blocks.0.proj_out", False),
         ("norm_out.linear", True),
-        ("transformer_blocks.0.norm1.linear", True),
+        ("transformer_blocks.0.norm1.linear", False),  # weight-only (test_default_weight_only)
         ("x_embedder", True),
         ("time_text_embed.timestep_embedder.linear_1", True),
         ("transformer_blocks.0.attn.to_q", False),
@@ -264,6 +276,43 @@ def test_default_exclusions(name, expected):
     """The default list keeps FLUX's embedders, norms and top-level proj_out in 16-bit and quantizes
     the attention / MLP linears, including the single blocks' own proj_out."""
     assert SVDQuantConfig().is_excluded(name) is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("transformer_blocks.0.norm1.linear", True),
+        ("transformer_blocks.0.norm1_context.linear", True),
+        ("single_transformer_blocks.0.norm.linear", True),
+        ("transformer_blocks.0.attn.to_q", False),
+        ("single_transformer_blocks.0.proj_mlp", False),
+    ],
+)
+def test_default_weight_only(name, expected):
+    """By default the AdaLN modulation linears are W4A16, the attention / MLP linears W4A4."""
+    assert SVDQuantConfig().is_weight_only(name) is expected
+
+
+def test_weight_only_everywhere_and_precedence():
+    """``["*"]`` makes every quantized layer weight-only; ``modules_to_not_convert`` wins over it."""
+    c = SVDQuantConfig(weight_only_modules=["*"])
+    assert c.is_weight_only("encoder.layer.0.attention.self.query") and c.is_weight_only("to_q")
+    assert c.is_excluded("norm_out.linear")  # matched first: stays 16-bit
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_configs_have_no_weight_only_layers(version):
+    """A config of format_version < 3 (a checkpoint saved before W4A16 existed) makes no layer weight-only,
+    so its checkpoint reloads with the layers it was saved with; asking for some there is refused."""
+    c = SVDQuantConfig.from_dict({"quant_method": "svdquant", "format_version": version})
+    assert c.weight_only_modules == [] and not c.is_weight_only("transformer_blocks.0.norm1.linear")
+    with pytest.raises(ValueError, match="weight_only_modules needs format_version >= 3"):
+        SVDQuantConfig(weight_only_modules=["*norm*"], format_version=version)
+
+
+def test_weight_only_modules_string_is_refused():
+    with pytest.raises(ValueError, match=r"weight_only_modules must be a list .* write \['\*norm\*'\]"):
+        SVDQuantConfig(weight_only_modules="*norm*")
 
 
 def test_calibration_not_serialized(tmp_path):

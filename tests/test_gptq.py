@@ -38,18 +38,22 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, q: algorithm.QuantizedWeight
 
 @pytest.mark.parametrize(("n", "k", "rank"), [(64, 128, 0), (96, 256, 8), (130, 192, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gptq_lowers_the_output_error_of_round_to_nearest(n, k, rank, dtype):
+@pytest.mark.parametrize("weight_only", [False, True], ids=["w4a4", "w4a16"])
+def test_gptq_lowers_the_output_error_of_round_to_nearest(n, k, rank, dtype, weight_only):
     torch.manual_seed(n + k)
     w = torch.randn(n, k)
     fit, held_out = _inputs(2048, k, 0), _inputs(512, k, 1)
-    rtn = algorithm.quantize_weight(w, rank, dtype=dtype)
-    gptq = algorithm.quantize_weight(w, rank, dtype=dtype, hessian=fit.t() @ fit)
+    rtn = algorithm.quantize_weight(w, rank, dtype=dtype, weight_only=weight_only)
+    gptq = algorithm.quantize_weight(w, rank, dtype=dtype, hessian=fit.t() @ fit, weight_only=weight_only)
     # Measured (float32), GPTQ's error over round-to-nearest's: 0.89 / 0.87 / 0.89 on the rows it was fitted
     # on, 0.93 / 0.97 / 0.94 on held-out rows of the same distribution.
     assert _output_error(fit, w, gptq) < 0.92 * _output_error(fit, w, rtn)
     assert _output_error(held_out, w, gptq) < 0.985 * _output_error(held_out, w, rtn)
     # The canonical format: same tensors, shapes and dtypes; only codes and scales differ.
+    assert (rtn.wmins is None) == (gptq.wmins is None) == (not weight_only)
     for name, t in rtn._asdict().items():
+        if t is None:
+            continue
         assert getattr(gptq, name).shape == t.shape and getattr(gptq, name).dtype == t.dtype, name
     assert torch.equal(gptq.lora_up, rtn.lora_up) and torch.equal(gptq.smooth, rtn.smooth)
 
@@ -79,7 +83,7 @@ def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
     torch.manual_seed(0)
     r = torch.randn(40, 192)
     h = torch.diag(torch.rand(192) + 0.5)
-    codes, scales = algorithm.gptq_quantize_groups(r, h)
+    codes, scales, _ = algorithm.gptq_quantize_groups(r, h)
     want_codes, want_scales = reference.quantize_groups(r)
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
 
@@ -88,7 +92,7 @@ def test_gptq_ignores_dead_inputs_and_checks_shapes():
     torch.manual_seed(0)
     x = _inputs(256, 128, 0)
     x[:, 5] = 0  # an input channel that is always 0: its weights never reach the output
-    codes, scales = algorithm.gptq_quantize_groups(torch.randn(8, 128), x.t() @ x)
+    codes, scales, _ = algorithm.gptq_quantize_groups(torch.randn(8, 128), x.t() @ x)
     assert codes.abs().max() <= 8 and torch.isfinite(scales).all() and (codes[:, 5] == 0).all()
     with pytest.raises(ValueError, match=r"needs K % 64 == 0 and a \[128, 128\] Hessian"):
         algorithm.gptq_quantize_groups(torch.randn(8, 128), torch.eye(64))

@@ -117,7 +117,7 @@ def test_model_card_metadata_parses(server, fluxq, tmp_path):
     assert {"svdquant", "4-bit"} <= set(meta["tags"])
     q = meta["svdquant"]
     assert q["config"]["rank"] == 16 and q["config"]["quant_method"] == "svdquant"
-    assert q["config"]["torch_dtype"] == "bfloat16" and q["config"]["format_version"] == 2
+    assert q["config"]["torch_dtype"] == "bfloat16" and q["config"]["format_version"] == 3
     dense, quant = hub.weight_sizes(fluxq)
     assert q["bytes_16bit"] == dense and q["bytes_quantized"] == quant and quant < dense
     assert q["checkpoint_bytes"] == (folder / "diffusion_pytorch_model.safetensors").stat().st_size
@@ -332,7 +332,7 @@ def test_cli_push_inspect_pull(server, flux16, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     (model,) = report["models"]
     assert model["class_name"] == "FluxTransformer2DModel" and model["quantization"]["rank"] == 16
-    assert model["ranks"] == [16] and model["quantized_layers"] > 0
+    assert model["ranks"] == [16] and model["quantized_layers"] > model["weight_only_layers"] > 0  # AdaLN: W4A16
     assert report["card"]["svdquant"]["calibration"] is None
     quality = report["card"]["svdquant"]["quality"]
     assert 0 < quality["relative error vs 16-bit (one denoiser call)"] < 0.2
@@ -340,7 +340,7 @@ def test_cli_push_inspect_pull(server, flux16, tmp_path, capsys):
     # Only the safetensors header was read (Range requests), not whole weight files.
     assert cli.main(["inspect", "alice/cli"]) == 0
     text = capsys.readouterr().out
-    assert "SVDQuant W4A4 rank 16, format_version 2, dtype bfloat16" in text
+    assert "SVDQuant rank 16, format_version 3, dtype bfloat16" in text
 
     assert cli.main(["pull", "alice/cli", "--cache-dir", str(tmp_path / "cache")]) == 0
     snapshot = Path(capsys.readouterr().out.strip())
@@ -433,4 +433,4 @@ def test_hf_endpoint_in_a_fresh_process(server, fluxq, tmp_path):
     code = "from diffusers_svdquant.apps import cli; raise SystemExit(cli.main(['inspect', 'alice/env']))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert f"alice/env @ {server.head('alice/env')}" in proc.stdout and "SVDQuant W4A4 rank 16" in proc.stdout
+    assert f"alice/env @ {server.head('alice/env')}" in proc.stdout and "SVDQuant rank 16" in proc.stdout

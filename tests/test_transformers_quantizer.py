@@ -103,7 +103,7 @@ def test_quantize_on_load_save_reload(name, saved, tmp_path):
     model.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "svdquant" and cfg["rank"] == RANK and cfg["torch_dtype"] == "bfloat16"
-    assert cfg["format_version"] == 2
+    assert cfg["format_version"] == 3
     tensors = load_file(out / WEIGHTS)
     for n, m in layers.items():
         n_out, k = m.out_features, m.in_features

@@ -130,10 +130,11 @@ def model_card(
     body = [
         f"# {title}",
         "",
-        f"SVDQuant W4A4 ([arXiv 2411.05007](https://arxiv.org/abs/2411.05007)) {class_name}{where}"
+        f"SVDQuant ([arXiv 2411.05007](https://arxiv.org/abs/2411.05007)) {class_name}{where}"
         + (f", quantized from [`{base_model}`](https://huggingface.co/{base_model})" if base_model else "")
-        + ": the linear layers' weights and activations are INT4 in groups of 64 along the input, with a "
-        "16-bit low-rank branch absorbing the outliers. Made with diffusers-svdquant; one checkpoint runs on x86 "
+        + ": the linear layers' weights and activations are INT4 in groups of 64 along the input (W4A4), with a "
+        "16-bit low-rank branch absorbing the outliers; the layers `weight_only_modules` names keep 16-bit "
+        "activations and 4-bit weights (W4A16). Made with diffusers-svdquant; one checkpoint runs on x86 "
         "CPUs and NVIDIA GPUs.",
         "",
         "## Load",

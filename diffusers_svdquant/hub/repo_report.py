@@ -26,6 +26,7 @@ class ModelReport:
     class_name: str | None
     quantization: dict | None
     quantized_layers: int = 0
+    weight_only_layers: int = 0
     ranks: list[int] = field(default_factory=list)
     tensors: int = 0
     weight_files: list[str] = field(default_factory=list)
@@ -63,8 +64,9 @@ class RepoReport:
                 continue
             q = m.quantization
             lines.append(
-                f"  {where}: {m.class_name}, SVDQuant W4A4 rank {q.get('rank')}, format_version "
-                f"{q.get('format_version')}, dtype {q.get('torch_dtype')}: {m.quantized_layers} quantized layers, "
+                f"  {where}: {m.class_name}, SVDQuant rank {q.get('rank')}, format_version "
+                f"{q.get('format_version')}, dtype {q.get('torch_dtype')}: {m.quantized_layers} quantized layers "
+                f"({m.quantized_layers - m.weight_only_layers} W4A4, {m.weight_only_layers} W4A16), "
                 f"{m.tensors} tensors in {len(m.weight_files)} file(s), {m.weight_bytes:,} bytes"
             )
         if self.card:
@@ -85,6 +87,8 @@ def _summarize(report: ModelReport, headers: dict[str, dict[str, tuple[str, list
         for key, (_, shape) in tensors.items():
             if key.endswith(".qweight"):
                 report.quantized_layers += 1
+            if key.endswith(".wmins"):  # a weight-only (W4A16) layer
+                report.weight_only_layers += 1
             elif key.endswith(".lora_down") and len(shape) == 2 and shape[1] not in report.ranks:
                 report.ranks.append(shape[1])
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import SVDQuantConfig
 from ..dtypes import parse_dtype
-from ..linear import QUANT_TENSORS, SVDQuantLinear
+from ..linear import SVDQuantLinear
 from .layers import (
     OnLoadQuantizer,
     QuantizerTraits,
@@ -83,9 +83,9 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         )
         self.modules_to_not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
         if self.pre_quantized and self._shapes is not None:
-            check_checkpoint_tensors(targets, config.rank, self._shapes.get)
+            check_checkpoint_tensors(targets, config, self._shapes.get)
         elif self.pre_quantized and self._loaded_keys is not None:
-            check_checkpoint_tensors(targets, config.rank, lambda key: () if key in self._loaded_keys else None)
+            check_checkpoint_tensors(targets, config, lambda key: () if key in self._loaded_keys else None)
         elif not self.pre_quantized:
             self._on_load = OnLoadQuantizer(config, model, targets)
         dtype = self.torch_dtype or torch.float32
@@ -95,9 +95,7 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
             return nn.Parameter(torch.empty(linear.out_features, linear.in_features, dtype=dtype, device="meta"),
                                 requires_grad=False)  # fmt: skip
 
-        replace_with_skeletons(
-            model, targets, config.rank, lambda _: dtype, None if self.pre_quantized else placeholder
-        )
+        replace_with_skeletons(model, targets, config, lambda _: dtype, None if self.pre_quantized else placeholder)
         model.config.quantization_config = config
         logger.info("svdquant: %d linear layers replaced by SVDQuantLinear", len(targets))
 
@@ -131,7 +129,7 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         if self.pre_quantized:
             return missing_keys
         produced = {
-            f"{name}.{t}" for name, m in model.named_modules() if isinstance(m, SVDQuantLinear) for t in QUANT_TENSORS
+            f"{name}.{t}" for name, m in model.named_modules() if isinstance(m, SVDQuantLinear) for t in m.QUANT_TENSORS
         }
         return [k for k in missing_keys if k not in produced]
 

@@ -26,7 +26,7 @@ from ..config import (
     pattern_matches,
     quantizable_linears,
 )
-from ..linear import SVDQuantLinear, canonical_shapes
+from ..linear import SVDQuantLinear, W4A16Linear, canonical_shapes
 from ..progress import progress_bar
 from ..reference import GROUP_SIZE
 
@@ -91,18 +91,24 @@ def load_targets(
     return targets
 
 
+def layer_class(config: SVDQuantConfig, name: str) -> type[SVDQuantLinear]:
+    """The kind of quantized layer ``config`` makes of the target ``name``: W4A4 or weight-only."""
+    return W4A16Linear if config.is_weight_only(name) else SVDQuantLinear
+
+
 def replace_with_skeletons(
     model: nn.Module,
     targets: dict[str, nn.Linear],
-    rank: int,
+    config: SVDQuantConfig,
     dtype: Callable[[nn.Linear], torch.dtype],
     placeholder: Callable[[nn.Linear], nn.Parameter] | None,
 ) -> dict[str, SVDQuantLinear]:
-    """Swap each target for a meta :class:`SVDQuantLinear` of the same shape that loading fills in.
+    """Swap each target for a meta :class:`SVDQuantLinear` (or :class:`W4A16Linear`, by
+    :func:`layer_class`) of the same shape that loading fills in.
 
     Args:
         targets: from :func:`load_targets`.
-        rank: the low-rank branch's rank.
+        config: gives each layer's kind and the low-rank branch's rank.
         dtype: the skeleton's float dtype for each linear.
         placeholder: when given, a meta ``weight`` ``[N, K]`` for the skeleton to expose (the loaders
             only route checkpoint names the model has, so quantize-on-load needs one to receive the
@@ -113,9 +119,8 @@ def replace_with_skeletons(
     """
     skeletons = {}
     for name, linear in targets.items():
-        layer = SVDQuantLinear(
-            linear.in_features, linear.out_features, rank, linear.bias is not None, dtype(linear), "meta"
-        )
+        k, n, bias = linear.in_features, linear.out_features, linear.bias is not None
+        layer = layer_class(config, name)(k, n, config.rank, bias, dtype(linear), "meta")
         if placeholder is not None:
             layer.weight = placeholder(linear)
         replace_module(model, name, layer)
@@ -126,7 +131,8 @@ def replace_with_skeletons(
 def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
     """Quantize an already-loaded model in place (any ``nn.Module``, e.g. a transformers encoder).
 
-    The layers :func:`quantizable_linears` selects become :class:`SVDQuantLinear`, using
+    The layers :func:`quantizable_linears` selects become :class:`SVDQuantLinear` (or
+    :class:`W4A16Linear` where ``config.weight_only_modules`` says so), using
     ``config.calibration`` for smoothing when given. ``from_pretrained(..., quantization_config=...)``
     is the memory-frugal route for diffusers models; this one needs the 16-bit model in memory.
 
@@ -142,9 +148,10 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
     targets = quantizable_linears(model, config)
     stats = calibration_for(config, model, targets)
     for name, linear in targets.items():
-        absmax, alpha, beta = stats.smoothing_for(name, config.smoothing_alpha)
+        cls = layer_class(config, name)
+        absmax, alpha, beta = stats.smoothing_for(name, config.smoothing_alpha, cls.WEIGHT_ONLY)
         try:
-            layer = SVDQuantLinear.from_linear(
+            layer = cls.from_linear(
                 linear,
                 config.rank,
                 act_absmax=absmax,
@@ -253,7 +260,7 @@ def quantize_layer_weight(
     ``weight``'s device; ``ValueError`` naming the layer for a wrong shape or a weight the
     algorithm rejects.
     """
-    act_absmax, alpha, beta = stats.smoothing_for(module_name, config.smoothing_alpha)
+    act_absmax, alpha, beta = stats.smoothing_for(module_name, config.smoothing_alpha, layer.WEIGHT_ONLY)
     expected = (layer.out_features, layer.in_features)
     if tuple(weight.shape) != expected:
         raise ValueError(f"svdquant: {module_name}.weight has shape {tuple(weight.shape)}, expected {list(expected)}")
@@ -268,6 +275,7 @@ def quantize_layer_weight(
             svd_method=config.svd_method,
             lowrank_iters=config.lowrank_iters,
             hessian=gptq_hessian(config, stats, module_name),
+            weight_only=layer.WEIGHT_ONLY,
         )
     except ValueError as e:
         raise ValueError(f"svdquant: cannot quantize layer {module_name!r}: {e}") from e
@@ -327,18 +335,26 @@ def checkpoint_shapes(checkpoint_files: Iterable[str | os.PathLike] | None) -> d
 
 
 def check_checkpoint_tensors(
-    targets: dict[str, nn.Linear], rank: int, shape_of: Callable[[str], tuple[int, ...] | None]
+    targets: dict[str, nn.Linear], config: SVDQuantConfig, shape_of: Callable[[str], tuple[int, ...] | None]
 ) -> None:
-    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint or have
-    other shapes than the config describes (e.g. a ``rank`` in ``config.json`` that disagrees with them).
+    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint, have
+    other shapes than the config describes (e.g. a ``rank`` in ``config.json`` that disagrees with them), or
+    are of the other kind (W4A4 / weight-only) than the config's selection rule makes of the layer.
 
     Args:
         targets: the layers the config quantizes, by name (:func:`quantizable_linears`).
-        rank: the config's rank.
+        config: the checkpoint's config: each layer's kind and rank.
         shape_of: a tensor's shape in the checkpoint, ``()`` when only its presence is known, None when absent.
     """
+    rank = config.rank
     for name, linear in targets.items():
-        wanted = canonical_shapes(linear.in_features, linear.out_features, rank, linear.bias is not None)
+        weight_only = layer_class(config, name).WEIGHT_ONLY
+        if not weight_only and shape_of(f"{name}.wmins") is not None:
+            raise ValueError(
+                f"svdquant checkpoint: layer {name!r} holds weight-only (W4A16) tensors ({name}.wmins), but the "
+                f"quantization_config's weight_only_modules make it W4A4; the config does not match the tensors"
+            )
+        wanted = canonical_shapes(linear.in_features, linear.out_features, rank, linear.bias is not None, weight_only)
         missing = [t for t in wanted if shape_of(f"{name}.{t}") is None]
         if missing:
             hint = (
@@ -346,6 +362,8 @@ def check_checkpoint_tensors(
                 if shape_of(f"{name}.weight") is not None
                 else ""
             )
+            if missing == ["wmins"]:
+                hint = " (it holds W4A4 tensors: the quantization_config's weight_only_modules do not match them)"
             raise ValueError(
                 f"svdquant checkpoint is missing {', '.join(f'{name}.{t}' for t in missing)} for quantized "
                 f"layer {name!r}{hint}"

@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import algorithm
 from ..config import SVDQuantConfig
-from ..linear import QUANT_TENSORS, SVDQuantLinear
+from ..linear import SVDQuantLinear
 from .layers import (
     OnLoadQuantizer,
     QuantizerTraits,
@@ -106,7 +106,7 @@ class SVDQuantQuantize(ConversionOps):
                 out[key] = value
                 continue
             q = self.hf_quantizer.quantize_layer(module_name, layer, value)
-            out.update({f"{module_name}.{t}": getattr(q, t) for t in QUANT_TENSORS})
+            out.update({f"{module_name}.{t}": getattr(q, t) for t in layer.QUANT_TENSORS})
             if missing_keys is not None:
                 missing_keys.discard(key)
         return out
@@ -167,7 +167,7 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
         # The meta linears were built in the load dtype (transformers' init context): keep it. Quantize on
         # load: the loader only routes checkpoint names the model exposes, so the placeholder also receives
         # the 16-bit tensor. Pre-quantized: nothing may arrive for it, so it is hidden from the state dict.
-        skeletons = replace_with_skeletons(model, targets, config.rank, lambda lin: lin.weight.dtype, _placeholder)
+        skeletons = replace_with_skeletons(model, targets, config, lambda lin: lin.weight.dtype, _placeholder)
         if self.pre_quantized:
             self._hide_hooks = [layer.register_state_dict_post_hook(_hide_placeholder) for layer in skeletons.values()]
         logger.info("svdquant: %d linears of %s now SVDQuantLinear", len(targets), type(model).__name__)
@@ -189,7 +189,7 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
                     return shapes[k]
             return None
 
-        check_checkpoint_tensors(targets, self.quantization_config.rank, shape_of)
+        check_checkpoint_tensors(targets, self.quantization_config, shape_of)
 
     def quantize_layer(
         self, module_name: str, layer: SVDQuantLinear, weight: torch.Tensor
@@ -216,7 +216,7 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
                 for t, p in module.named_parameters(recurse=False)
                 if p.device.type != "meta" and not getattr(p, "_is_hf_initialized", False)
             ]
-            if not self.pre_quantized and set(unloaded) & set(QUANT_TENSORS):
+            if not self.pre_quantized and set(unloaded) & set(module.QUANT_TENSORS):
                 raise ValueError(f"svdquant: the checkpoint has no weight for layer {name!r} to quantize")
             if unloaded:
                 raise ValueError(
