@@ -117,11 +117,11 @@ def test_smoothing_clamped_finite_for_zero_channels():
     assert (lam >= 1e-5).all() and (lam <= 1e5).all()
     assert lam[9].item() == pytest.approx(1e5)
     q = algorithm.svdquant_weight(w, 8, act_absmax=a)
-    for t in q:
+    for t in q[:5]:  # wmins is None: a W4A4 weight
         assert torch.isfinite(t.float()).all()
     x = torch.randn(4, 128, generator=g)
     x[:, 3] = 0
-    y = reference.svdquant_linear(x, *q, None)
+    y = reference.svdquant_linear(x, *q[:5], None)
     assert torch.isfinite(y).all()
 
 
@@ -458,7 +458,7 @@ def test_output_error_is_the_quantized_layers_error(dtype, rank):
     for (a, b), score in zip(pairs, scores.tolist(), strict=True):
         q = algorithm.svdquant_weight(w, rank, act_absmax=absmax, smoothing_alpha=a, smoothing_beta=b,
                                       svd_method="exact")  # fmt: skip
-        out = reference.svdquant_linear(x.float(), *q, None).double()
+        out = reference.svdquant_linear(x.float(), *q[:5], None).double()
         want = ((out - y).pow(2).sum() / y.pow(2).sum()).item()
         assert score == pytest.approx(want, rel=2e-3), (a, b)
 
@@ -477,7 +477,7 @@ def test_search_beats_fixed_alpha_and_no_smoothing():
 
     def err(a, b):
         q = algorithm.svdquant_weight(w, 16, act_absmax=absmax, smoothing_alpha=a, smoothing_beta=b)
-        return rel(reference.svdquant_linear(held_out, *q, None), y)
+        return rel(reference.svdquant_linear(held_out, *q[:5], None), y)
 
     assert err(found.alpha, found.beta) <= min(err(0.5, 0.5), err(0.0, 0.0)) * 1.02
 
@@ -505,3 +505,36 @@ def test_search_rejects_bad_samples():
         algorithm.search_smoothing(w, x.abs().amax(0), x[:, :128], 8)
     with pytest.raises(ValueError, match=r"\[S >= 1, 256\]"):
         algorithm.search_smoothing(w, x.abs().amax(0), x[:0], 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), [(1, 64), (33, 192), (256, 512)])
+def test_affine_groups_never_worse_than_min_max(n, k, dtype):
+    """The weight-only rounding: unsigned codes in [0, 15], parameters in the model dtype, and per group a
+    squared error never above min-max rounding's (reference.quantize_groups_affine), lower in total.
+    Measured on Gaussian weights: 0.90 of min-max's total."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    w[0, :64] = 0.25  # a constant group: exact, scale 0
+    codes, scales, mins = algorithm.affine_groups(w, 64, dtype)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and codes.shape == (n, k)
+    assert scales.dtype == mins.dtype == dtype and scales.shape == mins.shape == (n, k // 64)
+    assert scales[0, 0] == 0 and torch.equal(reference.dequantize_groups_affine(codes, scales, mins)[0, :64],
+                                             torch.full((64,), 0.25))  # fmt: skip
+
+    def group_err(c, s, m):
+        return (reference.dequantize_groups_affine(c, s, m) - w).square().reshape(n, k // 64, 64).sum(-1)
+
+    refit, minmax = group_err(codes, scales, mins), group_err(*reference.quantize_groups_affine(w, 64, dtype))
+    assert (refit <= minmax).all()
+    if n > 1:
+        assert refit.sum() < 0.95 * minmax.sum()
+
+
+def test_weight_only_quantize_weight_is_complete():
+    """``quantize_weight(weight_only=True)``: unsigned codes, ``wmins`` set, and ``dequantize_weight`` gives the
+    weight back within the 4-bit error; W4A4 weights keep ``wmins`` None."""
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+    q = algorithm.quantize_weight(w, 8, weight_only=True)
+    assert q.wmins is not None and q.wmins.shape == q.wscales.shape
+    assert algorithm.quantize_weight(w, 8).wmins is None
+    assert ((algorithm.dequantize_weight(q) - w).norm() / w.norm()).item() < 0.1  # measured 0.060

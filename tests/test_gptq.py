@@ -170,3 +170,14 @@ def test_gptq_required_without_statistics_warns_and_rounds_to_nearest():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         quantize_(nn.Sequential(nn.Linear(128, 64)), SVDQuantConfig(rank=8, calibration=stats))  # auto: silent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affine_gptq_with_uncorrelated_inputs_is_round_to_nearest(dtype):
+    """With XᵀX = I no column's error moves to another: the affine GPTQ codes, scales and minima are exactly
+    those of min-max rounding (reference.quantize_groups_affine)."""
+    r = torch.randn(16, 192, generator=torch.Generator().manual_seed(3))
+    codes, scales, mins = algorithm.gptq_quantize_groups(r, torch.eye(192), scale_dtype=dtype, damp=0.0, affine=True)
+    want = reference.quantize_groups_affine(r, 64, dtype)
+    assert codes.dtype == torch.uint8
+    assert torch.equal(codes, want[0]) and torch.equal(scales, want[1]) and torch.equal(mins, want[2])

@@ -315,8 +315,8 @@ def test_svdquant_linear_op_path_matches_reference(native):
     q = algorithm.quantize_weight(w, 8, dtype=torch.bfloat16)
     x = torch.randn(10, 192, generator=_gen(12)).to(torch.bfloat16)
     bias = torch.randn(96, generator=_gen(13)).to(torch.bfloat16)
-    y = ops.svdquant_linear(x, *q, bias)
-    want = reference.svdquant_linear(x, *q, bias)
+    y = ops.svdquant_linear(x, *q[:5], bias)
+    want = reference.svdquant_linear(x, *q[:5], bias)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, rtol=2.0**-7, atol=1e-5)
 

@@ -262,7 +262,7 @@ def test_svdquant_linear_approximates_dense(m, n, k, r, dtype):
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     q = algorithm.quantize_weight(w, r, dtype=dtype)
-    y = reference.svdquant_linear(x, *q, bias)
+    y = reference.svdquant_linear(x, *q[:5], bias)
     assert y.dtype == dtype and y.shape == (m, n)
     exact = x.double() @ w.double().t() + bias.double()
     noise = (y.double() - exact).norm() / (x.double() @ w.double().t()).norm()
