@@ -537,4 +537,4 @@ def test_weight_only_quantize_weight_is_complete():
     q = algorithm.quantize_weight(w, 8, weight_only=True)
     assert q.wmins is not None and q.wmins.shape == q.wscales.shape
     assert algorithm.quantize_weight(w, 8).wmins is None
-    assert ((algorithm.dequantize_weight(q) - w).norm() / w.norm()).item() < 0.1  # measured 0.060
+    assert ((algorithm.dequantize_weight(q) - w).norm() / w.norm()).item() < 0.12  # measured 0.077

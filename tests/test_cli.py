@@ -53,7 +53,7 @@ def test_demo_runs_end_to_end(capsys):
     assert smaller > 1.6
     rel = float(re.search(r"relative error ([\d.]+)", out).group(1))
     assert rel < 0.05
-    assert re.search(r"speed per denoiser call: fp32 [\d.]+ s, W4A4 [\d.]+ s", out)
+    assert re.search(r"speed per denoiser call: fp32 [\d.]+ s, SVDQuant [\d.]+ s", out)
 
 
 def test_demo_rejects_a_model_it_cannot_drive(tmp_path):

@@ -158,3 +158,25 @@ def test_keep_in_fp32_modules_are_matched_at_any_depth_and_version1_keeps_its_se
     assert to_q <= _quantized_names(old)
     old.save_pretrained(tmp_path / "v1")
     assert _quantized_names(_KeepToQ.from_pretrained(tmp_path / "v1")) == _quantized_names(old)
+
+
+def test_checkpoint_of_the_other_kind_names_the_layer(saved, tmp_path):
+    """A checkpoint whose tensors are W4A16 where its config's rule says W4A4 (or the reverse) fails loudly,
+    naming the layer, instead of loading a layer of the wrong kind."""
+    out = _saved_quantized(saved, tmp_path)  # default: the AdaLN linears are W4A16
+    _edit_config(out, weight_only_modules=[])
+    with pytest.raises(ValueError, match=r"layer 'transformer_blocks\.0\.norm1\.linear' holds weight-only \(W4A16\)"):
+        FLUX.cls.from_pretrained(out)
+    _edit_config(out, weight_only_modules=["*"])
+    with pytest.raises(ValueError, match=r"missing transformer_blocks\.0\.attn\.\w+\.wmins .*W4A4 tensors"):
+        FLUX.cls.from_pretrained(out)
+
+
+def test_quantize_makes_each_layer_its_kind():
+    """``quantize_`` on a model in memory follows ``weight_only_modules`` layer by layer."""
+    from diffusers_svdquant import W4A16Linear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    quantize_(model, SVDQuantConfig(rank=4, weight_only_modules=["^1"], modules_to_not_convert=[]))
+    assert type(model[0]) is SVDQuantLinear and type(model[1]) is W4A16Linear

@@ -26,14 +26,20 @@ def test_layer_errors_equal_a_direct_computation():
 def test_methods_side_by_side():
     stats = CalibrationStats(act_absmax={"a": torch.ones(64)})
     methods = quality.method_configs(32, stats)
-    assert list(methods) == ["naive-w4a4", "smoothquant-w4a4", "svdquant", "svdquant-calibrated"]
+    adaln = ["svdquant-adaln-16bit", "svdquant-adaln-w4a4"]
+    assert list(methods) == ["naive-w4a4", "smoothquant-w4a4", "svdquant", "svdquant-calibrated", *adaln]
     assert methods["naive-w4a4"].rank == 0 and methods["naive-w4a4"].calibration is None
     assert methods["smoothquant-w4a4"].rank == 0 and methods["smoothquant-w4a4"].smoothing_alpha == 0.5
     assert methods["svdquant"].calibration is None and methods["svdquant-calibrated"].calibration is stats
-    assert list(quality.method_configs(32, None)) == ["naive-w4a4", "svdquant"]
+    # The AdaLN rows differ from svdquant-calibrated in the AdaLN linears' precision only.
+    assert methods["svdquant-adaln-16bit"].is_excluded("transformer_blocks.0.norm1.linear")
+    assert methods["svdquant-adaln-16bit"].calibration is stats and methods["svdquant-adaln-w4a4"].calibration is stats
+    assert not methods["svdquant-adaln-w4a4"].is_weight_only("transformer_blocks.0.norm1.linear")
+    assert methods["svdquant-calibrated"].is_weight_only("transformer_blocks.0.norm1.linear")
+    assert list(quality.method_configs(32, None)) == ["naive-w4a4", "svdquant", *adaln]
     with_moments = CalibrationStats(act_absmax={"a": torch.ones(64)}, hessian={"a": torch.eye(64)})
     methods = quality.method_configs(32, with_moments)
-    assert list(methods)[-2:] == ["svdquant-calibrated", "svdquant-calibrated-gptq"]
+    assert list(methods)[-4:-2] == ["svdquant-calibrated", "svdquant-calibrated-gptq"]
     assert methods["svdquant-calibrated"].gptq is False and methods["svdquant-calibrated-gptq"].gptq is True
 
 

@@ -4,7 +4,8 @@
     svdquant demo --model PATH_OR_REPO [--subfolder transformer]
 
 It runs the same flow-matching Euler trajectory (same seed, same inputs) with the 16-bit model and
-with the SVDQuant W4A4 model quantized on load, and compares the final latents.
+with the SVDQuant model quantized on load (the default config: W4A4 linears, the AdaLN modulation
+linears weight-only W4A16), and compares the final latents.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .. import ops
 from ..config import SVDQuantConfig
 from ..denoisers import model_inputs, timestep_value
 from ..dtypes import DTYPES
-from ..linear import SVDQuantLinear
+from ..linear import SVDQuantLinear, W4A16Linear
 from ..metrics import cosine, psnr, rel_error
 from .model_zoo import flux_shaped, weight_bytes
 
@@ -101,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
         modelq, tq = _load(source, args.subfolder, dtype, config)
         bytesq = weight_bytes(modelq)
         n_quant = sum(isinstance(m, SVDQuantLinear) for m in modelq.modules())
+        n_w4a16 = sum(isinstance(m, W4A16Linear) for m in modelq.modules())
         print(
-            f"SVDQuant W4A4 r{args.rank}: {n_quant} layers quantized on load in {tq:.1f} s, "
+            f"SVDQuant r{args.rank}: {n_quant} layers quantized on load ({n_quant - n_w4a16} W4A4, {n_w4a16} "
+            f"weight-only W4A16) in {tq:.1f} s, "
             f"{bytesq / 2**20:,.1f} MiB of weights ({bytes16 / bytesq:.2f}x smaller)"
         )
         out, timesq = generate(modelq, args.steps, args.image_tokens, args.text_tokens)
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         f"cosine {cosine(out, ref):.5f}, PSNR {psnr(out, ref):.1f} dB"
     )
     m16, mq = statistics.median(times16), statistics.median(timesq)
-    print(f"speed per denoiser call: {args.dtype} {m16:.2f} s, W4A4 {mq:.2f} s ({m16 / mq:.2f}x)")
+    print(f"speed per denoiser call: {args.dtype} {m16:.2f} s, SVDQuant {mq:.2f} s ({m16 / mq:.2f}x)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Quality report: the 16-bit pipeline against quantized ones, same prompts and seeds.
 
-For each method (naive W4A4 RTN, SmoothQuant-style W4A4, SVDQuant without and with calibration)
+For each method (naive W4A4 RTN, SmoothQuant-style W4A4, SVDQuant without and with calibration, and
+SVDQuant with the AdaLN linears 16-bit or W4A4 instead of weight-only)
 the denoiser is quantized on load from the same checkpoint, swapped into the pipeline, and the
 same prompts are generated with the same seeds. Images are compared by PSNR and SSIM
 (scikit-image), final latents by PSNR over the reference's range and relative error, and every
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationStats
-from ..config import SVDQuantConfig
+from ..config import DEFAULT_MODULES_TO_NOT_CONVERT, DEFAULT_WEIGHT_ONLY_MODULES, SVDQuantConfig
 from ..linear import SVDQuantLinear
 from ..metrics import psnr, rel_error, ssim
 
@@ -30,7 +31,12 @@ def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQu
     * ``smoothquant-w4a4``: the same with SmoothQuant smoothing (α = 0.5) from the statistics;
     * ``svdquant``: rank-``rank`` branch, no statistics (λ = 1);
     * ``svdquant-calibrated``: rank-``rank`` branch with the searched per-layer (α, β);
-    * ``svdquant-calibrated-gptq``: the same with the residual rounded by GPTQ (statistics with ``XᵀX``).
+    * ``svdquant-calibrated-gptq``: the same with the residual rounded by GPTQ (statistics with ``XᵀX``);
+    * ``svdquant-adaln-16bit`` / ``svdquant-adaln-w4a4``: ``svdquant-calibrated`` (``svdquant`` without
+      ``stats``) with the AdaLN modulation linears kept 16-bit / quantized W4A4 instead of the default
+      weight-only W4A16, so the default's choice is shown against both alternatives.
+
+    Every method quantizes the same layers, the AdaLN linears weight-only unless named otherwise.
     """
     methods = {"naive-w4a4": SVDQuantConfig(rank=0)}
     if stats is not None:
@@ -40,6 +46,10 @@ def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQu
         methods["svdquant-calibrated"] = SVDQuantConfig(rank=rank, calibration=stats, gptq=False)
     if stats is not None and stats.has_hessian:
         methods["svdquant-calibrated-gptq"] = SVDQuantConfig(rank=rank, calibration=stats, gptq=True)
+    base = {"rank": rank, "calibration": stats, "gptq": False}
+    keep_adaln = [*DEFAULT_MODULES_TO_NOT_CONVERT, *DEFAULT_WEIGHT_ONLY_MODULES]
+    methods["svdquant-adaln-16bit"] = SVDQuantConfig(**base, modules_to_not_convert=keep_adaln, weight_only_modules=[])
+    methods["svdquant-adaln-w4a4"] = SVDQuantConfig(**base, weight_only_modules=[])
     return methods
 
 

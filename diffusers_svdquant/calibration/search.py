@@ -24,7 +24,8 @@ def search_smoothing(
 ) -> CalibrationStats:
     """Fill ``stats.smoothing`` / ``stats.search_errors`` by :func:`algorithm.search_smoothing` per layer.
 
-    Layers with samples whose K is a multiple of 64 and ``rank <= min(N, K)`` are searched; under
+    Layers with samples whose K is a multiple of 64 and ``rank <= min(N, K)`` are searched, except those
+    ``config`` makes weight-only (the search scores W4A4 error; they take α = 0.5); under
     several processes the layers are dealt round-robin by size between ranks and the results
     gathered, so every rank returns the same statistics.
 
@@ -41,7 +42,10 @@ def search_smoothing(
     rank = getattr(config, "rank", DEFAULT_RANK)
     svd_method = getattr(config, "svd_method", "auto")
     todo = []
+    weight_only = getattr(config, "is_weight_only", lambda name: False)
     for name, rows in stats.samples.items():
+        if weight_only(name):
+            continue
         weight = model.get_submodule(name).weight
         n, k = weight.shape
         if k % reference.GROUP_SIZE == 0 and rank <= min(n, k) and rows.shape[0] > 0:
