@@ -44,7 +44,8 @@ DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "^context_embedder",
     "^pos_embed",
     "^time_text_embed",
-    "^time_embed",
+    "^time_embed.emb",
+    "^adaln_single.emb",
     "^time_embedding",
     "^t_embedder",
     "^add_embedding",
@@ -70,11 +71,13 @@ DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "^condition_embedder",
 )
 # Quantized weight-only (W4A16) by default: the AdaLN modulation linears ("*norm*": FLUX's and SD3's
-# norm1.linear / norm1_context.linear / norm.linear), a third of a FLUX block's weights. They produce
+# norm1.linear / norm1_context.linear / norm.linear, a third of a FLUX block's weights; the modulation
+# linear of SANA's / LTX's time_embed and PixArt's adaln_single, whose timestep MLP `.emb` stays 16-bit
+# above, as every family's time embedder does: quantizing PixArt's tripled its error). They produce
 # per-channel scales and shifts (W4A4 there costs quality) from one token per image (so 4-bit activations
 # buy no speed); 4-bit weights make the model 3.5x smaller instead of 2.1x. Measured: README, "Per-layer
 # precision". Matched after modules_to_not_convert, which wins (``^norm_out`` stays 16-bit).
-DEFAULT_WEIGHT_ONLY_MODULES: tuple[str, ...] = ("*norm*",)
+DEFAULT_WEIGHT_ONLY_MODULES: tuple[str, ...] = ("*norm*", "^time_embed.linear", "^adaln_single.linear")
 _GLOB_CHARS = frozenset("*?[")
 
 
