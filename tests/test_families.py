@@ -14,7 +14,7 @@ from families import FAMILIES, MISSING, output
 from models import rel_err
 from torch import nn
 
-from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear
+from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, W4A16Linear
 
 # Relative error of one forward call of the rank-8 model (default config: W4A4, AdaLN modulation W4A16) vs the
 # same model in bf16, measured on these
@@ -50,8 +50,9 @@ PARAMS = [pytest.param(name, marks=KNOWN_FAILURES.get(name, ()), id=name) for na
 ]
 
 
-def _quantized_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
+def _quantized_names(model: nn.Module) -> dict[str, type]:
+    """Each quantized layer's name and kind (W4A4 ``SVDQuantLinear`` or weight-only ``W4A16Linear``)."""
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
 
 
 def _kept_by_rule(model: nn.Module, name: str) -> bool:
@@ -76,6 +77,9 @@ def test_family_quantize_run_save_reload(name, tmp_path):
 
     quantized = _quantized_names(model)
     assert quantized, f"no layer of {family.cls.__name__} was quantized"
+    config = model.config.quantization_config
+    for n, kind in quantized.items():  # the AdaLN modulation linears weight-only, the rest W4A4
+        assert (kind is W4A16Linear) == config.is_weight_only(n), n
     # Every linear the INT4 kernels could take and the rule does not keep 16-bit was quantized.
     for n, m in model.named_modules():
         if type(m) is nn.Linear and m.in_features % 64 == 0:
