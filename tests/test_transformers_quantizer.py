@@ -252,3 +252,30 @@ def test_register_without_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_weight_only_encoder_save_reload(name, saved, tmp_path):
+    """``weight_only_modules=["*"]`` makes every quantized linear of a text encoder W4A16: ``wmins`` in the
+    files, an error below the W4A4 one, and a bit-identical reload without a config, layer kinds kept."""
+    from diffusers_svdquant import W4A16Linear
+
+    cls, _ = ENCODERS[name]
+    ref = _hidden(cls.from_pretrained(saved[name], dtype=torch.bfloat16))
+    config = SVDQuantConfig(rank=RANK, weight_only_modules=["*"])
+    model = cls.from_pretrained(saved[name], dtype=torch.bfloat16, quantization_config=config)
+    layers = _quantized_layers(model)
+    assert layers and all(type(m) is W4A16Linear for m in layers.values())
+    y = _hidden(model)
+    w4a4 = _hidden(
+        cls.from_pretrained(saved[name], dtype=torch.bfloat16, quantization_config=SVDQuantConfig(rank=RANK))
+    )
+    assert rel_err(y, ref) < rel_err(w4a4, ref)
+    out = tmp_path / "q"
+    model.save_pretrained(out)
+    tensors = load_file(out / WEIGHTS)
+    for n, m in layers.items():
+        assert tensors[f"{n}.wmins"].shape == (m.out_features, m.in_features // 64)
+    reloaded = cls.from_pretrained(out)
+    assert {n: type(m) for n, m in _quantized_layers(reloaded).items()} == {n: W4A16Linear for n in layers}
+    assert torch.equal(_hidden(reloaded), y)
