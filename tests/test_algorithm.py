@@ -282,7 +282,7 @@ def test_output_shapes_and_dtypes(n, k, r, dtype, with_stats):
             "lora_down": (dtype, (k, r)),
             "lora_up": (dtype, (n, r)),
         }
-        assert list(q._fields) == list(expected)
+        assert list(q._fields) == [*expected, "wmins"] and q.wmins is None  # W4A4: no minima
         for name, (dt, shape) in expected.items():
             t = getattr(q, name)
             assert t.dtype == dt, name
@@ -406,8 +406,8 @@ def test_svdquant_beats_naive_w4a4_on_outliers(dtype):
     y = x.double() @ w.double().t()
     naive = algorithm.svdquant_weight(w, 0)
     svdq = algorithm.svdquant_weight(w, 32, act_absmax=x.float().abs().amax(0), smoothing_alpha=0.5)
-    e_naive = rel(reference.svdquant_linear(x, *naive, None), y)
-    e_svdq = rel(reference.svdquant_linear(x, *svdq, None), y)
+    e_naive = rel(reference.svdquant_linear(x, *naive[:5], None), y)
+    e_svdq = rel(reference.svdquant_linear(x, *svdq[:5], None), y)
     assert e_svdq < SVDQ_OUTLIER_REL_ERR, (e_svdq, e_naive)
     assert e_svdq * SVDQ_IMPROVEMENT < e_naive, (e_svdq, e_naive)
 

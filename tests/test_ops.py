@@ -74,6 +74,13 @@ def _linear_args(m, n, k, r, dtype, has_bias, seed=0, transposed=False):
     return x, q_w, s_w, smooth, lora_down, lora_up, bias
 
 
+def _w4a16_args(m, n, k, r, dtype, has_bias, seed=0, transposed=False):
+    """``linear_w4a16``'s arguments: random unsigned codes, scales and minima like a W4A16 layer's."""
+    x, q_w, s_w, smooth, lora_down, lora_up, bias = _linear_args(m, n, k, r, dtype, has_bias, seed, transposed)
+    mins = (-8 * s_w.float()).to(dtype)  # q·s + m centred on 0, as a weight's groups are
+    return x, q_w, s_w, mins, smooth, lora_down, lora_up, bias
+
+
 # ------------------------------------------------------------------------------------------ opcheck
 
 # Every op in the ``svdquant`` namespace must have cases here (test_every_op_is_opchecked).
@@ -99,6 +106,13 @@ OPCHECK_CASES = {
         "M1-fp16-bias-r0": lambda: _linear_args(1, 64, 64, 0, torch.float16, True),
         "M7-fp32-transposed": lambda: _linear_args(7, 200, 192, 3, torch.float32, False, transposed=True),
         "M70-bf16-bias": lambda: _linear_args(70, 64, 3072, 32, torch.bfloat16, True),
+    },
+    "linear_w4a16": {
+        "M0-fp32-bias": lambda: _w4a16_args(0, 64, 64, 4, torch.float32, True),
+        "M1-bf16": lambda: _w4a16_args(1, 33, 128, 4, torch.bfloat16, False),
+        "M1-fp16-bias-r0": lambda: _w4a16_args(1, 64, 64, 0, torch.float16, True),
+        "M7-fp32-transposed": lambda: _w4a16_args(7, 200, 192, 3, torch.float32, False, transposed=True),
+        "M70-bf16-bias": lambda: _w4a16_args(70, 64, 3072, 32, torch.bfloat16, True),
     },
     # The CUDA GEMM's layout; off CUDA the op unpacks and runs the reference (test_cuda.py opchecks it on a GPU).
     "gemm_w4a4_mma": {
