@@ -121,8 +121,8 @@ const IsaEntry kIsas[] = {
      {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
-    // The GEMM and quantize_act on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm parts
-    // they share).
+    // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm
+    // parts they share).
     {"avx512vnni",
      [](const CpuFeatures& f) {
        return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
