@@ -219,6 +219,113 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
   k.gemm_w4a4(a);
 }
 
+// The weight-only (W4A16) linear (reference.linear_w4a16): the path's quantize_act for lora_act (x̂ lora_down;
+// its codes are not used) when R > 0, then the W4A16 kernel. Every float tensor is in `dtype`, y [M, N] too.
+void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
+                  const py::int_& wscales_, const py::int_& wmins_, const py::int_& lora_up_, const py::int_& bias_,
+                  const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype,
+                  int64_t num_threads) {
+  const char* fn = "linear_w4a16";
+  const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
+                  lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
+                  wscales = as_ptr(fn, "wscales", wscales_), wmins = as_ptr(fn, "wmins", wmins_),
+                  lora_up = as_ptr(fn, "lora_up", lora_up_), bias = as_ptr(fn, "bias", bias_),
+                  y = as_ptr(fn, "y", y_);
+  check_size(fn, "M", M);
+  check_size(fn, "N", N);
+  check_size(fn, "K", K);
+  check_size(fn, "R", R);
+  if (K % svdq::cpu::kGroupSize != 0)
+    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
+         ", got K=" + std::to_string(K));
+  check_dtype(fn, "dtype", dtype);
+  check_threads(fn, num_threads);
+  check_product(fn, "M", M, "K", K);
+  check_product(fn, "M", M, "N", N);
+  check_product(fn, "M", M, "R", R);
+  check_product(fn, "N", N, "K", K);
+  check_product(fn, "N", N, "R", R);
+  check_product(fn, "K", K, "R", R);
+  const bool work = M > 0 && N > 0;  // nothing is read otherwise
+  check_ptr(fn, "x", x, work ? M * K : 0);
+  check_ptr(fn, "smooth", smooth, work ? K : 0);
+  check_ptr(fn, "lora_down", lora_down, work ? K * R : 0);
+  check_ptr(fn, "qweight", qweight, work ? N * (K / 2) : 0);
+  check_ptr(fn, "wscales", wscales, work ? N * (K / svdq::cpu::kGroupSize) : 0);
+  check_ptr(fn, "wmins", wmins, work ? N * (K / svdq::cpu::kGroupSize) : 0);
+  check_ptr(fn, "lora_up", lora_up, work ? N * R : 0);
+  check_ptr(fn, "y", y, M * N);
+  if (!work) return;
+  svdq::cpu::W4A16Args a{};
+  a.x = reinterpret_cast<const void*>(x);
+  a.smooth = reinterpret_cast<const void*>(smooth);
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight);
+  a.wscales = reinterpret_cast<const void*>(wscales);
+  a.wmins = reinterpret_cast<const void*>(wmins);
+  a.lora_up = reinterpret_cast<const void*>(lora_up);
+  a.bias = reinterpret_cast<const void*>(bias);  // null: no bias
+  a.y = reinterpret_cast<void*>(y);
+  a.dtype = static_cast<int>(dtype);
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.R = R;
+  a.num_threads = static_cast<int>(num_threads);
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  std::unique_ptr<float[]> lora_act;
+  if (R > 0) {
+    const std::unique_ptr<uint8_t[]> q_x(new uint8_t[static_cast<size_t>(M * (K / 2))]);
+    const std::unique_ptr<float[]> s_x(new float[static_cast<size_t>(M * (K / svdq::cpu::kGroupSize))]);
+    lora_act.reset(new float[static_cast<size_t>(M * R)]);
+    k.quantize_act(a.x, a.smooth, reinterpret_cast<const void*>(lora_down), q_x.get(), s_x.get(), lora_act.get(), M,
+                   K, R, static_cast<DType>(dtype), static_cast<int>(num_threads));
+  }
+  a.lora_act = lora_act.get();
+  k.linear_w4a16(a);
+}
+
+// Rows [0, N) of a W4A16 layer's weight over the smoothing, out[n * ldo + k] = (q s + m) / smooth[k] (smooth 0:
+// none), in odtype; the weights in wdtype.
+void dequantize_w4a16(const py::int_& qweight_, const py::int_& wscales_, const py::int_& wmins_,
+                      const py::int_& smooth_, const py::int_& out_, int64_t N, int64_t K, int64_t ldo,
+                      int64_t wdtype, int64_t odtype, int64_t num_threads) {
+  const char* fn = "dequantize_w4a16";
+  const uintptr_t qweight = as_ptr(fn, "qweight", qweight_), wscales = as_ptr(fn, "wscales", wscales_),
+                  wmins = as_ptr(fn, "wmins", wmins_), smooth = as_ptr(fn, "smooth", smooth_),
+                  out = as_ptr(fn, "out", out_);
+  check_size(fn, "N", N);
+  check_size(fn, "K", K);
+  if (K % svdq::cpu::kGroupSize != 0)
+    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
+         ", got K=" + std::to_string(K));
+  check_dtype(fn, "wdtype", wdtype);
+  check_dtype(fn, "odtype", odtype);
+  check_threads(fn, num_threads);
+  if (ldo < K) fail(std::string(fn) + ": ldo must be >= K, got ldo=" + std::to_string(ldo) + ", K=" + std::to_string(K));
+  check_product(fn, "N", N, "ldo", ldo);
+  check_ptr(fn, "qweight", qweight, N * (K / 2));
+  check_ptr(fn, "wscales", wscales, N * (K / svdq::cpu::kGroupSize));
+  check_ptr(fn, "wmins", wmins, N * (K / svdq::cpu::kGroupSize));
+  check_ptr(fn, "out", out, N * K);
+  if (N == 0 || K == 0) return;
+  svdq::cpu::DequantW4A16Args a{};
+  a.qweight = reinterpret_cast<const uint8_t*>(qweight);
+  a.wscales = reinterpret_cast<const void*>(wscales);
+  a.wmins = reinterpret_cast<const void*>(wmins);
+  a.smooth = reinterpret_cast<const void*>(smooth);  // null: no smoothing factor
+  a.out = reinterpret_cast<void*>(out);
+  a.wdtype = static_cast<int>(wdtype);
+  a.odtype = static_cast<int>(odtype);
+  a.N = N;
+  a.K = K;
+  a.ldo = ldo;
+  a.num_threads = static_cast<int>(num_threads);
+  const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
+  py::gil_scoped_release release;
+  k.dequantize_w4a16(a);
+}
+
 // The kernel's tile layout of canonical weights, as the selected path builds it (for tests against
 // ops.pack_gemm_weights): wp uint8 [T, K/64 * (1024 + 32)] holding each tile's codes then its
 // int16 sums; fl float32 [T, (K/64 + R + 1) * 16] holding each tile's scales, lora_up and bias.
@@ -413,6 +520,22 @@ q_x uint8 [M, K/2], s_x float32 [M, K/64], lora_act float32 [M, R]; qweight uint
 x [M, K], smooth [K], lora_down [K, R] and the canonical weights all in dtype; writes y [M, N] in dtype
 (computed in float32, rounded to nearest even once).
 Releases the GIL.)doc");
+  m.def("linear_w4a16", &linear_w4a16, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("qweight"),
+        py::arg("wscales"), py::arg("wmins"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"),
+        R"doc(The weight-only INT4 linear (reference.linear_w4a16) for few rows.
+
+x [M, K], smooth [K], lora_down [K, R]; qweight uint8 [N, K/2] unsigned codes (element 2j low nibble);
+wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in dtype (0 float32,
+1 bfloat16, 2 float16), contiguous. Writes y [M, N] in dtype (float32 arithmetic, rounded once).
+Releases the GIL.)doc");
+  m.def("dequantize_w4a16", &dequantize_w4a16, py::arg("qweight"), py::arg("wscales"), py::arg("wmins"),
+        py::arg("smooth"), py::arg("out"), py::arg("N"), py::arg("K"), py::arg("ldo"), py::arg("wdtype"),
+        py::arg("odtype"), py::arg("num_threads"),
+        R"doc(A W4A16 weight over the smoothing: out[n, k] = (q[n, k] s[n, g] + m[n, g]) * (1 / smooth[k]).
+
+qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing) in wdtype; writes out
+[N, K] in odtype, rows ldo >= K elements apart (float32 arithmetic, rounded once). Releases the GIL.)doc");
   m.def("pack_gemm_tiles", &pack_gemm_tiles, py::arg("qweight"), py::arg("wscales"), py::arg("lora_up"),
         py::arg("bias"), py::arg("wp"), py::arg("fl"), py::arg("N"), py::arg("K"), py::arg("R"),
         py::arg("wdtype"),

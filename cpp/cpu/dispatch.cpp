@@ -107,27 +107,29 @@ struct IsaEntry {
 const IsaEntry kIsas[] = {
     {"generic",
      [](const CpuFeatures&) { return true; },
-     {generic::quantize_act, generic::gemm_w4a4, generic::pack_tile}},
+     {generic::quantize_act, generic::gemm_w4a4, generic::pack_tile, generic::linear_w4a16,
+      generic::dequantize_w4a16}},
 #if defined(SVDQ_HAVE_AVX2)
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
-     {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile}},
+     {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16}},
 #endif
 #if defined(SVDQ_HAVE_AVXVNNI)
-    // The GEMM with VEX vpdpbusd; quantize_act stays AVX2 (VNNI has nothing for it).
+    // The GEMM with VEX vpdpbusd; quantize_act and W4A16 stay AVX2 (VNNI has nothing for them).
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
-     {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile}},
+     {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
-    // The GEMM and quantize_act on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm parts
-    // they share).
+    // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm
+    // parts they share).
     {"avx512vnni",
      [](const CpuFeatures& f) {
        return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
               f.avx512dq && f.avx512vnni;
      },
-     {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile}},
+     {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
+      avx512::dequantize_w4a16}},
 #endif
 };
 

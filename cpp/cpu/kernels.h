@@ -40,10 +40,47 @@ using GemmW4A4Fn = void (*)(const GemmArgs& args);
 // lora_act and y are not read. Exposed so tests can compare it with ops.pack_gemm_weights.
 using PackTileFn = void (*)(const GemmArgs& args, int64_t t, const Tile& out);
 
+// The weight-only (W4A16) linear, reference.linear_w4a16: unsigned codes q in [0, 15] packed as q_x is,
+// W[n, k] = q · wscales[n, k/64] + wmins[n, k/64]; y = x̂ Wᵀ + lora_act lora_upᵀ + bias with x̂ = x / smooth,
+// every float tensor in `dtype`, float32 arithmetic, y rounded once to `dtype`. lora_act (x̂ lora_down,
+// float32 [M, R]) comes from the path's quantize_act, called by the binding before the kernel.
+struct W4A16Args {
+  const void* x;           // [M, K] dtype
+  const void* smooth;      // [K] dtype
+  const float* lora_act;   // [M, R] float32 (null when R == 0)
+  const uint8_t* qweight;  // [N, K/2] unsigned nibbles, element 2j low
+  const void* wscales;     // [N, K/64] dtype
+  const void* wmins;       // [N, K/64] dtype
+  const void* lora_up;     // [N, R] dtype (null when R == 0)
+  const void* bias;        // [N] dtype, or null
+  void* y;                 // [M, N] dtype
+  int dtype;               // DType of every float tensor above but lora_act
+  int64_t M, N, K, R;
+  int num_threads;
+};
+using LinearW4A16Fn = void (*)(const W4A16Args& args);
+
+// The dequantized weight of rows [0, N) of a W4A16 layer over the smoothing: out[n * ldo + k] =
+// (q · s + m) · (1 / smooth[k]) in float32 (1 / smooth rounded to float32 once; smooth null: no factor),
+// rounded once to `odtype`. For the large-M path, which hands torch.mm dequantized panels.
+struct DequantW4A16Args {
+  const uint8_t* qweight;  // [N, K/2]
+  const void* wscales;     // [N, K/64] wdtype
+  const void* wmins;       // [N, K/64] wdtype
+  const void* smooth;      // [K] wdtype, or null
+  void* out;               // [N, K] odtype, rows ldo elements apart (ldo >= K)
+  int wdtype, odtype;
+  int64_t N, K, ldo;
+  int num_threads;
+};
+using DequantW4A16Fn = void (*)(const DequantW4A16Args& args);
+
 struct KernelTable {
   QuantizeActFn quantize_act;
   GemmW4A4Fn gemm_w4a4;
   PackTileFn pack_tile;
+  LinearW4A16Fn linear_w4a16;
+  DequantW4A16Fn dequantize_w4a16;
 };
 
 namespace generic {
@@ -51,6 +88,8 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
+void linear_w4a16(const W4A16Args& args);
+void dequantize_w4a16(const DequantW4A16Args& args);
 }  // namespace generic
 
 #if defined(SVDQ_HAVE_AVX2)
@@ -64,13 +103,19 @@ void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 // product), which the caller times (bindings.cpp: no std:: template is instantiated under ISA flags,
 // see scalar.h). Not in the table: not a kernel.
 double int8_peak_ops(int num_threads, int64_t iters);
+// W4A16 on ymm (w4a16_avx2.cpp: w4a16_x86.inc), for the avx2 and avxvnni paths.
+void linear_w4a16(const W4A16Args& args);
+void dequantize_w4a16(const DequantW4A16Args& args);
 }  // namespace avx2
 #endif
 
-// quantize_act on zmm (quantize_avx512.cpp: quantize_x86.inc), for the avx512vnni path.
+// quantize_act on zmm (quantize_avx512.cpp: quantize_x86.inc) and W4A16 on zmm (w4a16_avx512.cpp:
+// w4a16_x86.inc), for the avx512vnni path.
 namespace avx512 {
 void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
+void linear_w4a16(const W4A16Args& args);
+void dequantize_w4a16(const DequantW4A16Args& args);
 }  // namespace avx512
 
 // The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp: the GEMM of gemm_driver.inc with vpdpbusd).

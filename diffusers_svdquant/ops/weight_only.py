@@ -4,6 +4,16 @@ One schema, a fake (meta) implementation for ``torch.compile``, a default that r
 :func:`diffusers_svdquant.reference.linear_w4a16` on any device, and a backward with respect to the
 input (the weights are frozen: the QLoRA workflow trains adapters on top), and the CPU kernel from
 ``_C`` when the extension is built.
+
+The CPU kernel has two regimes (docs/design.md §4, "W4A16 on CPU"):
+
+* up to :data:`GEMV_MAX_ROWS` rows (4 in bfloat16, 16 in float32 / float16), one native call streams
+  the 4-bit weights once and computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up
+  to summation order;
+* more rows are compute-bound: the weight is dequantized natively in panels of columns
+  (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂. A bfloat16 ``x`` gets bfloat16
+  panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels, the precision of a bfloat16
+  ``nn.Linear``); float32 and float16 inputs get float32 panels and float32 x̂.
 """
 
 from __future__ import annotations
@@ -12,6 +22,14 @@ import torch
 
 from .. import reference
 from . import native
+
+# Rows up to which the native float32 kernel is faster than dequantized panels + torch.mm, per input dtype
+# (measured on an AMX Xeon, benchmarks/bench_w4a16_cpu.py: bfloat16 panels ride torch's AMX kernels,
+# float32 ones its much slower float32 GEMM).
+GEMV_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
+# Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
+# in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
+PANEL_BYTES = 8 << 20
 
 
 def check_linear_w4a16_args(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias) -> None:
@@ -77,6 +95,64 @@ def dequantized_w4a16(qweight, wscales, wmins, smooth, lora_down, lora_up) -> to
     if lora_down.shape[-1]:
         w = w.addmm_(lora_up.float(), lora_down.float().t())
     return w.div_(smooth.float().unsqueeze(0))
+
+
+@linear_w4a16.register_kernel("cpu")
+def _(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias):
+    check_linear_w4a16_args(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
+    if native._C is None:
+        native.warn_fallback("linear_w4a16")
+        return reference.linear_w4a16(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
+    if x.shape[0] > GEMV_MAX_ROWS[x.dtype]:
+        return _linear_w4a16_panels(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
+    m, k = x.shape
+    n, r = qweight.shape[0], lora_down.shape[1]
+    # One native call reads every float tensor in one dtype: x's when they all share it (else float32,
+    # which holds each of them exactly).
+    xs, sm, ld, ws, wm, lu, b = native.in_one_dtype(x, smooth, lora_down, wscales, wmins, lora_up, bias)
+    qw = qweight.contiguous()  # named: a pointer taken from an unnamed temporary dangles once it is freed
+    y = torch.empty(m, n, dtype=xs.dtype)
+    native._C.linear_w4a16(
+        xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), wm.data_ptr(), lu.data_ptr(),
+        0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, native.DTYPE_CODES[xs.dtype],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y.to(x.dtype)
+
+
+def _linear_w4a16_panels(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias) -> torch.Tensor:
+    """Many rows: ``yᵀ`` panel by panel, ``[W_panel | lora_up_panel] @ [x̂ᵀ ; lora_actᵀ] + bias`` in one
+    ``torch.addmm`` each, W_panel dequantized natively into the same buffer. The panel is the row operand:
+    measured faster than ``x̂ @ panelᵀ``, whose weight operand torch repacks per call."""
+    m, k = x.shape
+    n, r = qweight.shape[0], lora_down.shape[1]
+    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    xh = x.float() / smooth.float()
+    rhs = torch.empty(k + r, m, dtype=dtype)  # [x̂ᵀ ; lora_actᵀ]
+    rhs[:k] = xh.t()
+    if r:
+        rhs[k:] = (xh @ lora_down.float()).t()
+    ws, wm = native.in_one_dtype(wscales, wmins)
+    qw = qweight.contiguous()
+    cols = min(n, max(16, PANEL_BYTES // ((k + r) * dtype.itemsize) // 16 * 16))
+    panel = torch.empty(cols, k + r, dtype=dtype)
+    yt = torch.empty(cols, m, dtype=dtype)  # a panel's yᵀ, copied into y while it is in cache
+    y = torch.empty(m, n, dtype=x.dtype)
+    zeros = torch.zeros(cols, 1, dtype=dtype)
+    for n0 in range(0, n, cols):
+        n1 = min(n, n0 + cols)
+        p = panel[: n1 - n0]
+        native._C.dequantize_w4a16(
+            qw[n0:n1].data_ptr(), ws[n0:n1].data_ptr(), wm[n0:n1].data_ptr(), 0, p.data_ptr(), n1 - n0, k, k + r,
+            native.DTYPE_CODES[ws.dtype], native.DTYPE_CODES[dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        p[:, k:] = lora_up[n0:n1]
+        out = yt[: n1 - n0]
+        # addmm even without a bias: torch 2.13's plain bfloat16 mm of these shapes takes a path 30x slower
+        # on 2 threads (measured), its addmm does not.
+        torch.addmm(zeros[: n1 - n0] if bias is None else bias[n0:n1].to(dtype).unsqueeze(1), p, rhs, out=out)
+        y[:, n0:n1] = out.t()
+    return y
 
 
 def _setup_context(ctx, inputs, output) -> None:

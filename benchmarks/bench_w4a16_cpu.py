@@ -1,0 +1,104 @@
+"""The weight-only INT4 linear (W4A16) on CPU vs torch.nn.functional.linear in bf16 and fp32, same process.
+
+``ops.linear_w4a16`` on bf16 input (rank-32 low-rank branch, bias), as a W4A16 layer of a bf16 model runs it:
+up to 4 rows one native call that streams the 4-bit weights, above that natively dequantized panels through
+torch.mm (ops/weight_only.py). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32
+weights on the same shapes; the ratio is against the faster of the two. FLUX.1's shapes: the AdaLN
+modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072). Medians of repeated runs,
+the three calls timed in turn within each repeat (a neighbour loading the shared CPU slows a whole round
+alike rather than one side of a ratio); the load average is printed with the results.
+
+    python benchmarks/bench_w4a16_cpu.py [--repeats 7] [--rows 1 4 16 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from diffusers_svdquant import ops, reference
+
+SHAPES = [(3072, 18432), (3072, 12288), (12288, 3072)]  # (K, N): AdaLN, MLP up, MLP down
+ROWS = [1, 4, 16, 256]
+RANK = 32
+
+
+def interleaved_medians(repeats: int, *calls: tuple) -> list[float]:
+    """Median seconds of each ``(fn, *args)``, timed in turn within every repeat."""
+    for fn, *args in calls:
+        fn(*args)  # warm-up (allocator, oneDNN primitive cache)
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, (fn, *args) in enumerate(calls):
+            start = time.perf_counter()
+            fn(*args)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def w4a16_layer(w: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """The W4A16 tensors of weight ``w`` [N, K] (reference.quantize_groups_affine), smoothing and low rank."""
+    n, k = w.shape
+    codes, wscales, wmins = reference.quantize_groups_affine(w, param_dtype=dtype)
+    smooth = torch.empty(k).uniform_(0.5, 2.0).to(dtype)
+    lora_down = (torch.randn(k, RANK) / k**0.5).to(dtype)
+    lora_up = (torch.randn(n, RANK) * 0.01).to(dtype)
+    return reference.pack_int4(codes), wscales, wmins, smooth, lora_down, lora_up
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    args = p.parse_args()
+    if not ops.native_available():
+        raise SystemExit(f"the native kernels are not built: {ops.native_error()}")
+    print(
+        f"CPU: {cpu_model()}; torch {torch.__version__}, get_cpu_capability() = "
+        f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
+        f"svdquant CPU path {ops.cpu_isa()}; load average before {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'M':>4} {'K':>6} {'N':>6} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
+        f"{'torch best':>10} {'vs best':>7}"
+    )
+    torch.manual_seed(0)
+    for k, n in SHAPES:
+        w = torch.randn(n, k) / k**0.5
+        bias = torch.randn(n) * 0.1
+        layer = w4a16_layer(w, torch.bfloat16)
+        w16, b16 = w.to(torch.bfloat16), bias.to(torch.bfloat16)
+        for m in args.rows:
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            x32 = x.float()
+            t_q, t_16, t_32 = interleaved_medians(
+                args.repeats,
+                (ops.linear_w4a16, x, *layer, b16),
+                (F.linear, x, w16, b16),
+                (F.linear, x32, w, bias),
+            )
+            best, which = (t_16, "bf16") if t_16 <= t_32 else (t_32, "fp32")
+            print(
+                f"{m:>4} {k:>6} {n:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {1e3 * t_32:>8.2f} | "
+                f"{which:>10} {best / t_q:>6.2f}x",
+                flush=True,
+            )
+    print(f"load average after {os.getloadavg()[0]:.2f} (2 = both vCPUs busy)")
+
+
+if __name__ == "__main__":
+    main()
