@@ -47,8 +47,11 @@ def cuda_w4a16_path() -> str:
     return {v: k for k, v in _PATHS.items()}[_path]
 
 
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _sm_count(index: int) -> int:
     if index not in _sms:
         _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _sms[index]
@@ -76,7 +79,8 @@ def _cuda_linear_w4a16(x, qweight, wscales, wmins, smooth, lora_down, lora_up, b
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     if m == 0 or n == 0:
         return y
-    path, sms = _path_for(m), _sm_count(dev)
+    index = _device_index(dev)
+    path, sms = _path_for(m), _sm_count(index)
     workspace = torch.empty(native._C.cuda_w4a16_plan(m, n, k, r, path, sms)["bytes"], dtype=torch.uint8, device=dev)
     x, qweight, workspace = _aligned(x), _aligned(qweight), _aligned(workspace)
     wscales, wmins, smooth = wscales.contiguous(), wmins.contiguous(), smooth.contiguous()
@@ -85,8 +89,8 @@ def _cuda_linear_w4a16(x, qweight, wscales, wmins, smooth, lora_down, lora_up, b
     native._C.cuda_linear_w4a16(
         x.data_ptr(), qweight.data_ptr(), wscales.data_ptr(), wmins.data_ptr(), smooth.data_ptr(),
         lora_down.data_ptr(), lora_up.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-        workspace.data_ptr(), workspace.numel(), m, n, k, r, native.DTYPE_CODES[x.dtype], path, sms,
-        dev.index if dev.index is not None else torch.cuda.current_device(), _stream(dev),
+        workspace.data_ptr(), workspace.numel(), m, n, k, r, native.DTYPE_CODES[x.dtype], path, sms, index,
+        _stream(dev),
     )  # fmt: skip
     return y
 
