@@ -444,6 +444,7 @@ void cuda_linear_w4a16(const py::int_& x_, const py::int_& qweight_, const py::i
   if (!work) return;
   check_aligned(fn, "x", x);
   check_aligned(fn, "qweight", qweight);
+  check_aligned(fn, "smooth", smooth);
   check_aligned(fn, "workspace", workspace);
   svdq::cuda::W4A16Args a{};
   a.x = reinterpret_cast<const void*>(x);
@@ -589,7 +590,7 @@ writes y [M, N] in out_dtype (0 float32, 1 bfloat16, 2 float16). mma_path: 0 aut
 
 x [M, K]; qweight uint8 [N, K/2] unsigned codes; wscales, wmins [N, K/64]; smooth [K]; lora_down [K, R];
 lora_up [N, R]; bias [N] or 0; y [M, N]: all floats in `dtype` (1 bfloat16, 2 float16), contiguous.
-workspace: cuda_w4a16_plan(...)['bytes'] bytes. x, qweight, workspace 16-byte aligned. path: 0 auto
+workspace: cuda_w4a16_plan(...)['bytes'] bytes. x, qweight, smooth, workspace 16-byte aligned. path: 0 auto
 (GEMV up to 16 rows, mma GEMM above), 1 gemv, 2 gemm. sms: the device's multiprocessor count.)doc");
   m.def("cuda_mma_path", &cuda_mma_path, py::arg("device"),
         "The GEMM path auto-selected on a CUDA device: 's4' (sm_8x), 's8' (sm_90+), '' (cannot run); "

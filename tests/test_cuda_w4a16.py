@@ -369,6 +369,7 @@ def _binding_args(**over):
     ("over", "match"),
     [({"dtype": 0}, r"dtype must be 1 \(bfloat16\) or 2 \(float16\)"), ({"K": 96}, "positive multiple of 64"),
      ({"x": 8}, "x must be 16-byte aligned"), ({"workspace": 168}, "workspace must be 16-byte aligned"),
+     ({"smooth": 84}, "smooth must be 16-byte aligned"),
      ({"qweight": 0}, "qweight is a null pointer"), ({"workspace_bytes": 0}, "workspace has 0 bytes"),
      ({"path": 3}, "path must be"), ({"x": -16}, "non-negative address"), ({"device": -1}, "device must be"),
      ({"path": 1, "M": 17}, "at most 16 rows"), ({"N": -1}, "N must be >= 0")],
@@ -441,7 +442,7 @@ def test_wrapper_passes_contiguous_aligned_inputs(fake_native, dtype, has_bias):
     assert (call["M"], call["N"], call["K"], call["R"]) == (5, 24, 128, 3)
     assert call["dtype"] == native.DTYPE_CODES[dtype] and call["path"] == 0 and call["sms"] == 132
     assert call["device"] == 3 and call["stream"] == 1234 and call["workspace_bytes"] == 1005
-    assert call["x"] % 16 == 0 and call["qweight"] % 16 == 0 and call["workspace"] % 16 == 0
+    assert all(call[name] % 16 == 0 for name in ("x", "qweight", "smooth", "workspace"))
     assert (call["bias"] == 0) == (bias is None)
     np.testing.assert_array_equal(call["x_values"], _bits(x).reshape(-1))
     assert call["y"] == y.data_ptr()

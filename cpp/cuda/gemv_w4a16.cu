@@ -15,7 +15,8 @@
 // contiguous bytes (conflict-free) and the 4 column lanes read the same addresses (broadcast).
 // Per 32 k and column: t = x̂ · q (exact float codes, nibbles_to_float), then
 //   acc += s · t + m · Σx̂          (per group: W = q · s + m; two FMAs per 32 k, not one per weight)
-// A ring of 4 (2 for MT >= 8) steps of codes and scales per lane stays in flight. A 3-step xor shuffle sums the 8 k lanes.
+// A ring of 4 (2 for MT >= 8) steps of codes and scales per lane stays in flight. A 3-step xor shuffle sums
+// the 8 k lanes.
 // One K slice: the epilogue adds lora_act · lora_up and bias and stores; more: partial sums, and the last
 // block of a column tile to arrive sums the slices in order and does the epilogue.
 #include "w4a16.cuh"

@@ -58,7 +58,7 @@ const char* auto_mma_path(int cc);
 //   y = x̂ Wᵀ + (x̂ lora_down) lora_upᵀ + bias,  x̂ = x / smooth,  W[n, k] = q[n, k] · wscales[n, g] + wmins[n, g]
 // x [M, K] and every float tensor in one 16-bit dtype (1 bfloat16, 2 float16); qweight uint8 [N, K/2] unsigned
 // codes (element 2j in the low nibble); wscales, wmins [N, K/64]; smooth [K]; lora_down [K, R]; lora_up [N, R];
-// bias [N] or null; y [M, N]. x, qweight and the workspace 16-byte aligned; float32 accumulation throughout.
+// bias [N] or null; y [M, N]. x, qweight, smooth and the workspace 16-byte aligned; float32 accumulation throughout.
 enum class W4A16Path : int { kAuto = 0, kGemv = 1, kGemm = 2 };
 // kAuto runs the GEMV (CUDA-core FMAs, weights streamed once) up to this many rows, the mma GEMM above.
 constexpr int kW4A16GemvMaxRows = 16;

@@ -82,8 +82,8 @@ def _cuda_linear_w4a16(x, qweight, wscales, wmins, smooth, lora_down, lora_up, b
     index = _device_index(dev)
     path, sms = _path_for(m), _sm_count(index)
     workspace = torch.empty(native._C.cuda_w4a16_plan(m, n, k, r, path, sms)["bytes"], dtype=torch.uint8, device=dev)
-    x, qweight, workspace = _aligned(x), _aligned(qweight), _aligned(workspace)
-    wscales, wmins, smooth = wscales.contiguous(), wmins.contiguous(), smooth.contiguous()
+    x, qweight, smooth, workspace = _aligned(x), _aligned(qweight), _aligned(smooth), _aligned(workspace)
+    wscales, wmins = wscales.contiguous(), wmins.contiguous()
     lora_down, lora_up = lora_down.contiguous(), lora_up.contiguous()
     bias = None if bias is None else bias.contiguous()
     native._C.cuda_linear_w4a16(
@@ -109,8 +109,8 @@ def linear_w4a16_cuda(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bi
     if not _native_inputs(*args):
         native.warn_once(
             "cuda-linear_w4a16-dtype",
-            "linear_w4a16 on CUDA: the kernels take bfloat16 / float16 x with every float tensor in its dtype "
-            f"(got x {x.dtype}, wscales {wscales.dtype}); using reference.py",
+            "linear_w4a16 on CUDA: the kernels take K > 0 and bfloat16 / float16 x with every float tensor in "
+            f"its dtype (got K={x.shape[1]}, x {x.dtype}, wscales {wscales.dtype}); using reference.py",
         )
         return reference.linear_w4a16(*args)
     return _cuda_linear_w4a16(*args)
