@@ -349,7 +349,8 @@ def test_plan_rejects_bad_sizes():
     for args, match in [((1, 8, 96, 0, 0, 132), "K must be a positive multiple of 64"),
                         ((1, 8, 0, 0, 0, 132), "K must be a positive multiple of 64"),
                         ((1, 8, 64, 0, 3, 132), "path must be 0"), ((1, 8, 64, 0, 0, 0), "sms must be"),
-                        ((-1, 8, 64, 0, 0, 132), "M must be >= 0")]:  # fmt: skip
+                        ((-1, 8, 64, 0, 0, 132), "M must be >= 0"),
+                        ((16, 8, 64 << 20, 0, 0, 132), "too long for the GEMV")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             native._C.cuda_w4a16_plan(*args)
 

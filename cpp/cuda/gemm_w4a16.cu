@@ -318,6 +318,8 @@ std::string plan_w4a16(int64_t M, int64_t N, int64_t K, int64_t R, W4A16Path pat
     const int64_t ksplit = std::max(cdiv(K, kmax), want);
     plan.gemv_kslice = static_cast<int>(cdiv(cdiv(K, ksplit), kGemvStepK) * kGemvStepK);
     plan.gemv_ksplit = static_cast<int>(cdiv(K, plan.gemv_kslice));
+    if (plan.gemv_ksplit > 65535)  // grid.y
+      return fn + "K=" + std::to_string(K) + " is too long for the GEMV (" + std::to_string(M) + " rows)";
   } else {
     plan.gemm_bm = cdiv(M, 128) * cdiv(N, kGemmBN) >= sms ? 128 : 64;
   }
