@@ -6,8 +6,9 @@ Run anywhere (no GPU needed):
     dequantization into the swizzled 16-bit weight tile, the ldmatrix.x4 addresses of A and B, fed through
     the PTX ISA's mma.m16n8k16 fragment layouts (transcribed below independently of the kernel) and the
     epilogue's accumulator -> output map, against x @ W'ᵀ; bank-conflict freedom of those accesses;
-  * a numpy mirror of the GEMV's data flow (permuted x̂ in shared memory, k lanes / column lanes, per-32-k
-    scaling, xor reduction, split-K slices and the rows each lane stores) against the reference;
+  * numpy mirrors of the GEMV's data flow (permuted x̂ in shared memory, k lanes / column lanes, per-32-k
+    scaling, xor reduction, split-K slices and the rows each lane stores) and of the prologue's (x̂, its
+    32-k sums, 1 / smooth, row / rank tiles, the split-K sum of x̂ lora_down) against the reference;
   * the launch plan (``_C.cuda_w4a16_plan``: a pure function of the sizes and the SM count), the binding's
     argument checks (ValueError before any CUDA call), a clean RuntimeError without a GPU, and the Python
     wrapper's dispatch with the native entry points replaced by fakes.
@@ -289,6 +290,89 @@ def test_gemv_xhat_reads_are_conflict_free():
     for i in range(8):
         assert [i * 32 + kl * 4 for kl in range(8)] == list(range(i * 32, i * 32 + 32, 4))
         assert [perm[(32 * kl + 4 * i) // 4] for kl in range(8)] == [i * 32 + kl * 4 for kl in range(8)]
+
+
+def _prologue_mirror(x, smooth, lora_down, kslice: int, rows: int, want_xhat: bool, want_inv: bool):
+    """prologue_kernel's data flow block by block (grid: K slices x 32-row tiles x 32-rank tiles): what each
+    output receives and how often it is written. Returns (xhat, xsum, inv_smooth, lora_act, writes)."""
+    m_all, k = x.shape
+    r = lora_down.shape[1]
+    xf, sm, ld = x.float().numpy(), smooth.float().numpy(), lora_down.float().numpy()
+    xhat, xsum = np.full((m_all, k), np.nan, np.float32), np.full((m_all, k // 32), np.nan, np.float32)
+    inv, lora_part = np.full(k, np.nan, np.float32), {}
+    writes = {"xhat": np.zeros((m_all, k), int), "xsum": np.zeros((m_all, k // 32), int), "inv": np.zeros(k, int),
+              "lora_act": np.zeros((m_all, r), int)}  # fmt: skip
+    slices, row_tiles, rank_tiles = -(-k // kslice), max(1, -(-rows // 32)), max(1, -(-r // 32))
+    for bx in range(slices):
+        for by in range(row_tiles):
+            for bz in range(rank_tiles):
+                m0, r0, k_begin, k_end = by * 32, bz * 32, bx * kslice, min(k, bx * kslice + kslice)
+                rc = min(32, r - r0)
+                acc = np.zeros((32, 32))
+                for k0 in range(k_begin, k_end, 128):
+                    xs_s = np.zeros((32, 128), np.float32)
+                    for tid in range(256):
+                        seg, row0 = tid & 15, tid >> 4
+                        kk = k0 + seg * 8
+                        if want_inv and by == 0 and bz == 0 and row0 == 0 and kk < k_end:
+                            inv[kk : kk + 8] = np.float32(1) / sm[kk : kk + 8]
+                            writes["inv"][kk : kk + 8] += 1
+                        for h in range(2):
+                            row = row0 + h * 16
+                            mm = m0 + row
+                            if mm < rows and kk < k_end:
+                                v = xf[mm, kk : kk + 8] / sm[kk : kk + 8]
+                                xs_s[row, seg * 8 : seg * 8 + 8] = v
+                                if want_xhat and bz == 0:
+                                    xhat[mm, kk : kk + 8] = v
+                                    writes["xhat"][mm, kk : kk + 8] += 1
+                                    if seg & 3 == 0:  # lanes seg..seg+3 (xor 1, 2) hold the other 24
+                                        xsum[mm, kk // 32] = (xf[mm, kk : kk + 32] / sm[kk : kk + 32]).sum()
+                                        writes["xsum"][mm, kk // 32] += 1
+                    if rc > 0:
+                        ld_s = np.zeros((128, 32), np.float32)
+                        n_k = min(128, k_end - k0)
+                        ld_s[:n_k, :rc] = ld[k0 : k0 + n_k, r0 : r0 + rc]
+                        acc += xs_s.astype(np.float64) @ ld_s
+                if rc > 0:
+                    lora_part[(bx, by, bz)] = acc
+    lora_act = np.full((m_all, r), np.nan)
+    for by in range(row_tiles):  # the last block of each (row tile, rank tile) adds the slices in order
+        for bz in range(rank_tiles):
+            if (0, by, bz) not in lora_part:
+                continue
+            total = sum(lora_part[(bx, by, bz)] for bx in range(slices))
+            for i in range(32):
+                for rr in range(min(32, r - bz * 32)):
+                    if by * 32 + i < rows:
+                        lora_act[by * 32 + i, bz * 32 + rr] = total[i, rr]
+                        writes["lora_act"][by * 32 + i, bz * 32 + rr] += 1
+    return xhat, xsum, inv, lora_act, writes
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "r", "kslice", "gemv"),
+    [(35, 640, 40, 256, False), (3, 320, 0, 128, True), (16, 192, 32, 512, True), (40, 128, 0, 128, False)],
+)
+def test_prologue_mirror_matches_reference(m, k, r, kslice, gemv):
+    """The prologue's indexing (slices, partial chunks, row and rank tiles) writes x̂ (GEMV) bit for bit as
+    x / smooth, its 32-k sums, 1 / smooth (GEMM) and x̂ lora_down, each exactly once."""
+    x, _, _, _, smooth, lora_down, _, _ = _w4a16_args(m, 8, k, r, False, torch.bfloat16, seed=k)
+    rows = m if gemv or r else 0
+    xhat, xsum, inv, lora_act, writes = _prologue_mirror(x, smooth, lora_down, kslice, rows, gemv, not gemv)
+    want_xhat = (x.float() / smooth.float()).numpy()
+    if gemv:
+        assert (writes["xhat"] == 1).all() and (writes["xsum"] == 1).all()
+        np.testing.assert_array_equal(xhat, want_xhat)
+        np.testing.assert_allclose(xsum, want_xhat.reshape(m, k // 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
+    else:
+        assert (writes["xhat"] == 0).all() and (writes["inv"] == 1).all()
+        np.testing.assert_array_equal(inv, np.float32(1) / smooth.float().numpy())
+    assert (writes["lora_act"] == (1 if r else 0)).all()
+    if r:
+        xh = want_xhat.astype(np.float64)
+        want, mag = xh @ lora_down.double().numpy(), np.abs(xh) @ np.abs(lora_down.double().numpy())
+        assert (np.abs(lora_act - want) <= 1e-5 * mag + 1e-30).all()
 
 
 # --------------------------------------------------------------------------------- plan and binding
