@@ -511,6 +511,11 @@ def fake_native(monkeypatch):
     monkeypatch.setattr(cuda_w4a16, "_device_index", lambda device: 3)
     monkeypatch.setattr(cuda_w4a16, "_sm_count", lambda index: 132)
     monkeypatch.setattr(cuda_w4a16, "_stream", lambda device: 1234)
+    monkeypatch.setattr(
+        cuda_w4a16,
+        "_workspace_bytes",
+        lambda m, n, k, r, path, sms: fake.cuda_w4a16_plan(m, n, k, r, path, sms)["bytes"],
+    )
     yield fake
     ops.set_cuda_w4a16_path("auto")
 

@@ -11,6 +11,7 @@ Environment: ``SVDQ_CUDA_W4A16=auto|gemv|gemm`` forces the kernel at import (``g
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -61,6 +62,11 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+@functools.lru_cache(maxsize=1024)
+def _workspace_bytes(m: int, n: int, k: int, r: int, path: int, sms: int) -> int:
+    return native._C.cuda_w4a16_plan(m, n, k, r, path, sms)["bytes"]
+
+
 def _path_for(m: int) -> int:
     # A forced GEMV takes at most 16 rows; larger inputs run the GEMM rather than fail.
     return 0 if _path == _PATHS["gemv"] and m > GEMV_MAX_ROWS else _path
@@ -81,7 +87,7 @@ def _cuda_linear_w4a16(x, qweight, wscales, wmins, smooth, lora_down, lora_up, b
         return y
     index = _device_index(dev)
     path, sms = _path_for(m), _sm_count(index)
-    workspace = torch.empty(native._C.cuda_w4a16_plan(m, n, k, r, path, sms)["bytes"], dtype=torch.uint8, device=dev)
+    workspace = torch.empty(_workspace_bytes(m, n, k, r, path, sms), dtype=torch.uint8, device=dev)
     x, qweight, smooth, workspace = _aligned(x), _aligned(qweight), _aligned(smooth), _aligned(workspace)
     wscales, wmins = wscales.contiguous(), wmins.contiguous()
     lora_down, lora_up = lora_down.contiguous(), lora_up.contiguous()
