@@ -108,4 +108,35 @@ struct Convert<__half> {
   static __device__ __forceinline__ uint32_t bits(__half v) { return __half_as_ushort(v); }
 };
 
+// Eight consecutive elements of a 16-byte aligned row as float32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = Convert<T>::to_float(h[j]);
+  }
+}
+
+// Two adjacent outputs: one 64/32-bit store when `vector` (both in range and the pair aligned), else one or two
+// scalar stores (`both`: the second is in range).
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* p, float v0, float v1, bool both, bool vector) {
+  if (vector) {
+    if constexpr (sizeof(OutT) == 4) {
+      *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    } else {
+      *reinterpret_cast<uint32_t*>(p) = Convert<OutT>::bits(Convert<OutT>::from_float(v0)) |
+                                        (Convert<OutT>::bits(Convert<OutT>::from_float(v1)) << 16);
+    }
+  } else {
+    p[0] = Convert<OutT>::from_float(v0);
+    if (both) p[1] = Convert<OutT>::from_float(v1);
+  }
+}
+
 }  // namespace svdq::cuda

@@ -91,21 +91,6 @@ __device__ __forceinline__ float small_int_to_float_div256(int d) {
 __device__ __forceinline__ uint32_t even_x16(uint32_t r) { return (r << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t odd_x16(uint32_t r) { return r & 0xF0F0F0F0u; }
 
-template <typename OutT>
-__device__ __forceinline__ void store_pair(OutT* p, float v0, float v1, bool both, bool vector) {
-  if (vector) {
-    if constexpr (sizeof(OutT) == 4) {
-      *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
-    } else {
-      *reinterpret_cast<uint32_t*>(p) = Convert<OutT>::bits(Convert<OutT>::from_float(v0)) |
-                                        (Convert<OutT>::bits(Convert<OutT>::from_float(v1)) << 16);
-    }
-  } else {
-    p[0] = Convert<OutT>::from_float(v0);
-    if (both) p[1] = Convert<OutT>::from_float(v1);
-  }
-}
-
 template <bool kS8, typename OutT>
 __device__ __forceinline__ void gemm_body(const Params& p, uint8_t* smem) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

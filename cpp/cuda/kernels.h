@@ -54,4 +54,51 @@ std::string device_capability(int device, int* cc);
 // kernels cannot run there (cc < 8.0).
 const char* auto_mma_path(int cc);
 
+// ---- W4A16 (weight-only; cpp/cuda/gemm_w4a16.cu, gemv_w4a16.cu, docs/design.md §4) ----------------------
+//   y = x̂ Wᵀ + (x̂ lora_down) lora_upᵀ + bias,  x̂ = x / smooth,  W[n, k] = q[n, k] · wscales[n, g] + wmins[n, g]
+// x [M, K] and every float tensor in one 16-bit dtype (1 bfloat16, 2 float16); qweight uint8 [N, K/2] unsigned
+// codes (element 2j in the low nibble); wscales, wmins [N, K/64]; smooth [K]; lora_down [K, R]; lora_up [N, R];
+// bias [N] or null; y [M, N]. x, qweight, smooth and the workspace 16-byte aligned; float32 accumulation throughout.
+enum class W4A16Path : int { kAuto = 0, kGemv = 1, kGemm = 2 };
+// kAuto runs the GEMV (CUDA-core FMAs, weights streamed once) up to this many rows, the mma GEMM above.
+constexpr int kW4A16GemvMaxRows = 16;
+
+// How one call runs, from its sizes and the device's SM count alone (so the caller can size the workspace,
+// and tests can check the plan without a GPU). Offsets are in bytes into the workspace, 16-byte aligned.
+struct W4A16Plan {
+  bool gemv = false;
+  int gemv_rows = 0;     // GEMV: the kernel's row count, M rounded up to 1, 2, 4, 8 or 16
+  int gemv_ksplit = 1;   // GEMV: K split over this many blocks (grid.y) ...
+  int gemv_kslice = 0;   // ... of this many k each (a multiple of 256; the last one may be shorter)
+  int gemm_bm = 0;       // GEMM: rows per block, 64 or 128
+  int pro_rows = 0;      // prologue: rows of x it reads (0 when it only computes 1 / smooth)
+  int pro_kslices = 1;   // prologue: K split over this many blocks ...
+  int pro_kslice = 0;    // ... of this many k each (a multiple of 128)
+  int64_t counters = 0;      // int32 split-K arrival counters at offset 0, zeroed by every call:
+  int64_t pro_counters = 0;  // the prologue's first, then the GEMV's
+  int64_t lora_act_off = -1, lora_part_off = -1, xhat_off = -1, xsum_off = -1, partial_off = -1,
+          inv_smooth_off = -1;  // float32 regions, -1 when not used
+  int64_t bytes = 0;            // workspace size
+};
+// "" and *plan filled, or what is wrong with the sizes. sms: the device's multiprocessor count (>= 1).
+std::string plan_w4a16(int64_t M, int64_t N, int64_t K, int64_t R, W4A16Path path, int sms, W4A16Plan* plan);
+
+struct W4A16Args {
+  const void* x;
+  const uint8_t* qweight;
+  const void* wscales;
+  const void* wmins;
+  const void* smooth;
+  const void* lora_down;
+  const void* lora_up;
+  const void* bias;  // null: none
+  void* y;
+  void* workspace;  // plan_w4a16(...).bytes bytes
+  int64_t M, N, K, R;
+  int dtype;
+};
+// Up to three launches on `stream`: a memset of the split-K counters, the prologue (x̂, its 32-element sums,
+// 1 / smooth, x̂ lora_down, as the path needs them) and the GEMV or GEMM with the low-rank + bias epilogue.
+std::string linear_w4a16(const W4A16Args& args, W4A16Path path, int sms, int device, uintptr_t stream);
+
 }  // namespace svdq::cuda

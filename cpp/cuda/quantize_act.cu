@@ -26,19 +26,6 @@ constexpr int kRankTile = 32;
 constexpr int kXsStride = kChunk + 4;  // float4-aligned rows
 
 template <typename T>
-__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
-  if constexpr (sizeof(T) == 4) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  } else {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = Convert<T>::to_float(h[j]);
-  }
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
     quantize_act_kernel(const T* __restrict__ x, const T* __restrict__ smooth,
                         const T* __restrict__ lora_down, uint8_t* __restrict__ q_x, float* __restrict__ s_x,

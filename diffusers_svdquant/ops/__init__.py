@@ -5,7 +5,8 @@
 * :mod:`.canonical` defines the ops on the canonical tensors (``quantize_act``, ``gemm_w4a4``,
   ``linear``) with their fakes, reference defaults and CPU kernels;
 * :mod:`.weight_only` defines the weight-only op ``linear_w4a16`` the same way;
-* :mod:`.cuda` adds the CUDA kernels and the mma-fragment weight layout they read.
+* :mod:`.cuda` adds the CUDA kernels and the mma-fragment weight layout they read;
+* :mod:`.cuda_w4a16` adds the CUDA kernel of ``linear_w4a16`` (GEMV for small M, mma GEMM above).
 
 Nothing outside this package calls ``_C``.
 """
@@ -21,6 +22,7 @@ from .cuda import (
     svdquant_linear_mma,
     unpack_mma_weights,
 )
+from .cuda_w4a16 import cuda_w4a16_path, set_cuda_w4a16_path
 from .native import (
     cpu_isa,
     int8_peak_gops,
@@ -37,6 +39,7 @@ __all__ = [
     "cpu_isa",
     "cuda_kernels_available",
     "cuda_mma_path",
+    "cuda_w4a16_path",
     "gemm_w4a4",
     "gemm_w4a4_mma",
     "int8_peak_gops",
@@ -49,6 +52,7 @@ __all__ = [
     "quantize_act",
     "set_cpu_isa",
     "set_cuda_mma_path",
+    "set_cuda_w4a16_path",
     "supported_cpu_isas",
     "svdquant_linear",
     "svdquant_linear_mma",
