@@ -275,12 +275,12 @@ def quantize_layer_weight(
 
 class QuantizerTraits:
     """What the diffusers and the transformers quantizer answer alike: an SVDQuant model compiles and
-    does not train (the ops have no backward). Listed first among a quantizer's bases."""
+    trains adapters (QLoRA). Listed first among a quantizer's bases."""
 
     @property
     def is_trainable(self) -> bool:
-        """False: the 4-bit layers take no gradients."""
-        return False
+        """True: gradients flow through the frozen 4-bit layers to their input, so LoRA adapters train on top."""
+        return True
 
     @property
     def is_compileable(self) -> bool:
