@@ -94,7 +94,7 @@ def load_targets(
 def replace_with_skeletons(
     model: nn.Module,
     targets: dict[str, nn.Linear],
-    rank: int,
+    rank: int | dict[str, int],
     dtype: Callable[[nn.Linear], torch.dtype],
     placeholder: Callable[[nn.Linear], nn.Parameter] | None,
 ) -> dict[str, SVDQuantLinear]:
@@ -102,7 +102,7 @@ def replace_with_skeletons(
 
     Args:
         targets: from :func:`load_targets`.
-        rank: the low-rank branch's rank.
+        rank: the low-rank branch's rank, or each layer's (from :func:`check_checkpoint_tensors`).
         dtype: the skeleton's float dtype for each linear.
         placeholder: when given, a meta ``weight`` ``[N, K]`` for the skeleton to expose (the loaders
             only route checkpoint names the model has, so quantize-on-load needs one to receive the
@@ -113,9 +113,9 @@ def replace_with_skeletons(
     """
     skeletons = {}
     for name, linear in targets.items():
-        layer = SVDQuantLinear(
-            linear.in_features, linear.out_features, rank, linear.bias is not None, dtype(linear), "meta"
-        )
+        r = rank if isinstance(rank, int) else rank[name]
+        layer = SVDQuantLinear(linear.in_features, linear.out_features, r, linear.bias is not None, dtype(linear),
+                               "meta")  # fmt: skip
         if placeholder is not None:
             layer.weight = placeholder(linear)
         replace_module(model, name, layer)
@@ -328,17 +328,28 @@ def checkpoint_shapes(checkpoint_files: Iterable[str | os.PathLike] | None) -> d
 
 def check_checkpoint_tensors(
     targets: dict[str, nn.Linear], rank: int, shape_of: Callable[[str], tuple[int, ...] | None]
-) -> None:
-    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint or have
-    other shapes than the config describes (e.g. a ``rank`` in ``config.json`` that disagrees with them).
+) -> dict[str, int]:
+    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint or do not fit
+    the layer; return each layer's rank, read from its tensors.
+
+    A layer's rank is ``lora_down``'s second dimension (``[K, r]``, docs/design.md §2), not the config's ``rank``:
+    a fused LoRA (``fuse_lora``) widens the branch of the layers it touches, so one checkpoint holds several ranks.
+    Where only a tensor's presence is known (not safetensors), the config's ``rank`` is assumed.
 
     Args:
         targets: the layers the config quantizes, by name (:func:`quantizable_linears`).
-        rank: the config's rank.
+        rank: the config's rank (the fallback).
         shape_of: a tensor's shape in the checkpoint, ``()`` when only its presence is known, None when absent.
+
+    Returns:
+        ``{layer name: rank}`` for every target.
     """
+    ranks = {}
     for name, linear in targets.items():
-        wanted = canonical_shapes(linear.in_features, linear.out_features, rank, linear.bias is not None)
+        down = shape_of(f"{name}.lora_down")
+        # A 2-D lora_down [K, r] sets r; anything else is judged against the config's rank below.
+        ranks[name] = down[1] if down is not None and len(down) == 2 else rank
+        wanted = canonical_shapes(linear.in_features, linear.out_features, ranks[name], linear.bias is not None)
         missing = [t for t in wanted if shape_of(f"{name}.{t}") is None]
         if missing:
             hint = (
@@ -354,11 +365,17 @@ def check_checkpoint_tensors(
             got = shape_of(f"{name}.{t}")
             if got and tuple(got) != shape:
                 raise ValueError(
-                    f"svdquant checkpoint: {name}.{t} has shape {list(got)}, but the quantization_config "
-                    f"(rank {rank}) describes {list(shape)} for layer {name!r} (weight [{linear.out_features}, "
-                    f"{linear.in_features}]); the config does not match the tensors. Fix the config; loading "
-                    f"with ignore_mismatched_sizes would give a layer of random weights"
+                    f"svdquant checkpoint: {name}.{t} has shape {list(got)}, but layer {name!r} (weight "
+                    f"[{linear.out_features}, {linear.in_features}], rank {ranks[name]} from its lora_down) needs "
+                    f"{list(shape)}; the tensors do not fit the model. Loading with ignore_mismatched_sizes would give "
+                    f"a layer of random weights"
                 )
+        if not ranks[name] <= min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"svdquant checkpoint: {name}.lora_down has rank {ranks[name]}, more than min(in, out) = "
+                f"{min(linear.in_features, linear.out_features)} for layer {name!r}"
+            )
+    return ranks
 
 
 def check_finite(model: nn.Module) -> None:
