@@ -2,7 +2,8 @@
 
 ``import diffusers_svdquant`` registers ``quant_method: "svdquant"`` with diffusers (and transformers), so both
 ``Model.from_pretrained(repo, quantization_config=SVDQuantConfig(...))`` (quantize on load) and
-``Model.from_pretrained(quantized_repo)`` (pre-quantized) work.
+``Model.from_pretrained(quantized_repo)`` (pre-quantized) work, and routes PEFT's LoRA layers for
+:class:`SVDQuantLinear` to :class:`SVDQuantLoraLinear`, so ``pipe.load_lora_weights(...)`` works on quantized models.
 
 The package's folders are its architecture (docs/design.md §3), data flowing one way:
 the runtime here (``config``, the math in ``reference`` and ``algorithm``, ``ops``, the layer in
@@ -15,6 +16,7 @@ from .calibration import CalibrationStats, calibrate
 from .config import DEFAULT_MODULES_TO_NOT_CONVERT, DEFAULT_RANK, SVDQuantConfig, SVDQuantMethod
 from .integrations.diffusers_quantizer import SVDQuantDiffusersQuantizer
 from .integrations.layers import dequantize_, quantize_
+from .integrations.peft import SVDQuantLoraLinear, register_peft
 from .integrations.registration import register
 from .integrations.transformers_quantizer import SVDQuantHfQuantizer
 from .linear import SVDQuantLinear
@@ -31,10 +33,13 @@ __all__ = [
     "SVDQuantDiffusersQuantizer",
     "SVDQuantHfQuantizer",
     "SVDQuantLinear",
+    "SVDQuantLoraLinear",
     "SVDQuantMethod",
     "ops",
     "quantize_",
     "register",
+    "register_peft",
 ]
 
 register()
+register_peft()
