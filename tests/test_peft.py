@@ -151,9 +151,13 @@ def test_unfused_lora_is_the_quantized_output_plus_the_16bit_delta(quantized_dir
     model = _load(quantized_dirs, name)
     base = _out(model, name)
     targets = _quantized_names(model)
-    model.load_lora_adapter(_lora(model, targets), adapter_name="style", prefix=None)
+    sd = _lora(model, targets)
+    model.load_lora_adapter(sd, adapter_name="style", prefix=None)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLoraLinear)]
     assert wrapped == targets
+    for n in targets:  # the file's tensors, as they are (bf16 model: no cast)
+        assert torch.equal(model.get_submodule(n).lora_A["style"].weight, sd[f"{n}.lora_A.weight"])
+        assert torch.equal(model.get_submodule(n).lora_B["style"].weight, sd[f"{n}.lora_B.weight"])
     with _layer_calls(model) as calls:
         with_lora = _out(model, name)
     _check_calls(calls)
