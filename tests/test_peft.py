@@ -136,7 +136,7 @@ def _check_fused_calls(calls):
         torch.testing.assert_close(y, want, rtol=2 * EPS, atol=2 * EPS * want.abs().max().item())
 
 
-def _check_calls(calls, fp32=False, scale=EPS):
+def _check_calls(calls, fp32=False, scale=2 * EPS):
     assert calls
     for layer, x, y in calls:
         want = _base_plus_deltas(layer, x, fp32=fp32)

@@ -9,8 +9,10 @@ diffusers' ``load_lora_adapter`` (which builds its ``LoraConfig`` itself), trans
 ``add_adapter``, ``inject_adapter_in_model`` and ``get_peft_model`` — whereas ``LoraConfig._register_custom_module``
 only reaches configs the caller builds.
 
-Unfused, the adapters run beside the fused W4A4 kernel in 16-bit (PEFT's own ``Linear.forward``: adapter switching,
-weights, mixed batches). Fused (``merge``, what ``fuse_lora`` calls), an adapter ``B·A`` with scale ``s`` is appended
+Unfused, the adapters keep PEFT's semantics (adapter switching, weights, disable, mixed batches); for CPU inference
+their columns are appended to the low-rank branch for the call only, so the layer is still one GEMM pass, and
+elsewhere (training, CUDA) they run beside the fused W4A4 kernel in 16-bit (PEFT's own ``Linear.forward``).
+Fused (``merge``, what ``fuse_lora`` calls), an adapter ``B·A`` with scale ``s`` is appended
 to the layer's low-rank branch, which sees the smoothed input ``x̂ = x / λ``: ``x Aᵀ = x̂ (diag(λ) Aᵀ)``, so
 ``lora_down ← [lora_down | diag(λ)·Aᵀ]`` and ``lora_up ← [lora_up | s·B]``; the 4-bit residual is untouched and the
 layer stays one kernel call. ``unmerge`` drops exactly the columns that were appended, so the layer's tensors are
@@ -28,6 +30,7 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .. import ops
 from ..linear import SVDQuantLinear
 
 # The base layer's record of the adapters fused into its branch, in order: [(adapter name, columns)]. A plain
@@ -42,7 +45,7 @@ def fused_loras(layer: SVDQuantLinear) -> list[tuple[str, int]]:
 
 
 def branch_columns(
-    layer: SVDQuantLinear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+    layer: SVDQuantLinear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An adapter as columns of ``layer``'s low-rank branch: ``(diag(λ)·Aᵀ, s·B)``.
 
@@ -51,6 +54,7 @@ def branch_columns(
         lora_a: the adapter's down projection ``A`` ``[r, K]``.
         lora_b: its up projection ``B`` ``[N, r]``.
         scale: ``s`` (PEFT's ``lora_alpha / r`` times the adapter weight).
+        check: refuse a non-finite result (merging); a forward call skips the check.
 
     Returns:
         ``[K, r]`` and ``[N, r]`` in the layer's dtype and on its device, computed in float32 and rounded once.
@@ -61,7 +65,7 @@ def branch_columns(
     dtype, device = layer.lora_down.dtype, layer.lora_down.device
     down = (layer.smooth.float().unsqueeze(1) * lora_a.detach().to(device).float().t()).to(dtype)
     up = (lora_b.detach().to(device).float() * scale).to(dtype)
-    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+    if check and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise ValueError(
             f"svdquant: fusing this LoRA into an SVDQuantLinear [{layer.out_features}, {layer.in_features}] overflows "
             f"{dtype} (diag(smooth)·Aᵀ or scale·B is not finite); keep it unfused"
@@ -98,8 +102,12 @@ class SVDQuantLoraLinear(PeftLoraLinear):
     """PEFT's LoRA ``Linear`` around an :class:`SVDQuantLinear` (``base_layer``).
 
     The adapters are PEFT's ``lora_A`` (``[r, K]``) and ``lora_B`` (``[N, r]``) in the layer's dtype, on its device.
-    ``forward(x)`` (``[..., K]`` → ``[..., N]`` in the layer's dtype) is PEFT's: the quantized layer's output plus
-    ``Σ scaling · B(A(dropout(x)))`` over the active adapters, computed in 16-bit. ``merge`` / ``unmerge`` move
+    ``forward(x)`` (``[..., K]`` → ``[..., N]`` in the layer's dtype) is the quantized layer's output plus
+    ``Σ scaling · B(A(dropout(x)))`` over the active adapters. On CPU without autograd (inference) the active
+    adapters ride in the kernel's low-rank branch for the call (the columns ``merge`` would append, built per call
+    from the current adapters and weights, accumulated in float32: one GEMM pass); otherwise, and for dropout in
+    training, ``lora_bias``, mixed batches and CUDA (fast 16-bit matmuls), it is PEFT's forward beside the layer in
+    16-bit. ``merge`` / ``unmerge`` move
     adapters into and out of the layer's low-rank branch (see the module docstring). Plain LoRA only: variants that
     rewrite the dense weight (DoRA, PiSSA/OLoRA-style inits, ...) are refused, as is merging ``lora_bias``.
     """
@@ -129,6 +137,38 @@ class SVDQuantLoraLinear(PeftLoraLinear):
     @property
     def lora_variants(self) -> dict[tuple[str, ...], None]:
         return {(): None}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``[..., K]`` → ``[..., N]`` in the layer's dtype (see the class docstring for the two paths)."""
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if args or kwargs or not active or not self._folds(x, active):
+            return super().forward(x, *args, **kwargs)
+        base: SVDQuantLinear = self.get_base_layer()
+        downs, ups = [base.lora_down], [base.lora_up]
+        for a in active:
+            down, up = branch_columns(base, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], False)
+            downs.append(down)
+            ups.append(up)
+        x2 = x.reshape(-1, base.in_features).to(base.wscales.dtype)
+        y = ops.svdquant_linear(
+            x2, base.qweight, base.wscales, base.smooth, torch.cat(downs, 1), torch.cat(ups, 1), base.bias
+        )
+        return y.reshape(*x.shape[:-1], base.out_features)
+
+    def _folds(self, x: torch.Tensor, active: list[str]) -> bool:
+        # The per-call fold needs: CPU (the CUDA path caches packed weights by pointer, and its 16-bit matmuls are
+        # fast anyway), no merged or disabled state, no gradient wanted (the op has no backward for the branch), no
+        # dropout at work and no lora_bias.
+        if x.device.type != "cpu" or self.disable_adapters or self.merged:
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for a in active for p in (*self.lora_A[a].parameters(),
+                                                                             *self.lora_B[a].parameters()))
+        ):  # fmt: skip
+            return False
+        if self.training and not all(isinstance(self.lora_dropout[a], nn.Identity) for a in active):
+            return False
+        return not any(self.lora_bias.get(a) for a in active)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Append the adapters (default: the active ones) to the base layer's low-rank branch.
