@@ -2,7 +2,8 @@
 
 ``import diffusers_svdquant`` registers ``quant_method: "svdquant"`` with diffusers (and transformers), so both
 ``Model.from_pretrained(repo, quantization_config=SVDQuantConfig(...))`` (quantize on load) and
-``Model.from_pretrained(quantized_repo)`` (pre-quantized) work.
+``Model.from_pretrained(quantized_repo)`` (pre-quantized) work, and routes PEFT's LoRA layers for
+:class:`SVDQuantLinear` to :class:`SVDQuantLoraLinear`, so ``pipe.load_lora_weights(...)`` works on quantized models.
 
 The package's folders are its architecture (docs/design.md §3), data flowing one way:
 the runtime here (``config``, the math in ``reference`` and ``algorithm``, ``ops``, the layer in
@@ -21,6 +22,7 @@ from .config import (
 )
 from .integrations.diffusers_quantizer import SVDQuantDiffusersQuantizer
 from .integrations.layers import dequantize_, quantize_
+from .integrations.peft import SVDQuantLoraLinear, register_peft
 from .integrations.registration import register
 from .integrations.transformers_quantizer import SVDQuantHfQuantizer
 from .linear import SVDQuantLinear, W4A16Linear
@@ -39,10 +41,13 @@ __all__ = [
     "SVDQuantHfQuantizer",
     "SVDQuantLinear",
     "W4A16Linear",
+    "SVDQuantLoraLinear",
     "SVDQuantMethod",
     "ops",
     "quantize_",
     "register",
+    "register_peft",
 ]
 
 register()
+register_peft()

@@ -355,6 +355,47 @@ def test_cli_push_inspect_pull(server, flux16, tmp_path, capsys):
     assert torch.equal(_out(copy), _out(hub.load("alice/cli", cache_dir=tmp_path / "cache")))
 
 
+def _fused(flux16) -> FluxTransformer2DModel:
+    """A quantized model with two LoRAs fused into some layers (ranks 16 + 4, 16 + 4 + 8), wrappers unloaded."""
+    model = _quantize(flux16)
+    names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)][:4]
+    g = torch.Generator().manual_seed(0)
+    for adapter, r, layers in (("style", 4, names), ("detail", 8, names[:2])):
+        sd = {}
+        for n in layers:
+            m = model.get_submodule(n)
+            sd[f"{n}.lora_A.weight"] = (torch.randn(r, m.in_features, generator=g) * 0.05).to(torch.bfloat16)
+            sd[f"{n}.lora_B.weight"] = (torch.randn(m.out_features, r, generator=g) * 0.05).to(torch.bfloat16)
+        model.load_lora_adapter(sd, adapter_name=adapter, prefix=None)
+    model.set_adapters(["style", "detail"], weights=[1.0, 0.5])
+    model.fuse_lora()
+    model.unload_lora()
+    return model
+
+
+def test_cli_push_of_a_fused_model_names_its_loras(server, flux16, tmp_path, capsys):
+    """save_quantized's card lists the fused LoRAs from the layers; `svdquant push` of that folder reloads it (mixed
+    ranks read from the tensors) and carries the names over; a folder saved without a card says they are unnamed."""
+    model = _fused(flux16)
+    folder = _saved(model, tmp_path, "alice/fused")
+    meta = ModelCard.load(folder / "README.md").data.to_dict()["svdquant"]
+    style, detail = {"name": "style", "layers": 4, "rank": 4}, {"name": "detail", "layers": 2, "rank": 8}
+    assert meta["fused_loras"] == [style, detail]
+    assert cli.main(["push", str(folder), "alice/fused", "--token", TOKEN]) == 0
+    capsys.readouterr()
+    loaded = hub.load("alice/fused", cache_dir=tmp_path / "cache")
+    assert torch.equal(_out(loaded), _out(model))
+    assert sorted({m.rank for m in loaded.modules() if isinstance(m, SVDQuantLinear)}) == [16, 20, 28]
+    card = server.files("alice/fused")["README.md"].decode()
+    assert "## Fused LoRAs" in card and "| `style` | 4 | 4 |" in card and "| `detail` | 2 | 8 |" in card
+    assert "4 layers carry a branch wider than the config's `rank`" in card
+
+    model.save_pretrained(tmp_path / "plain")  # no card: the widths are known, the names are not
+    assert cli.main(["push", str(tmp_path / "plain"), "alice/fused-plain", "--token", TOKEN]) == 0
+    card = server.files("alice/fused-plain")["README.md"].decode()
+    assert "4 layers carry a branch wider" in card and "names were not recorded" in card
+
+
 def test_cli_errors_exit_1_with_the_reason(server, flux16, capsys):
     assert cli.main(["push", str(flux16), "alice/x", "--rank", "16", "--token", "hf_wrong"]) == 1
     err = capsys.readouterr().err

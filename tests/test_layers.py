@@ -121,13 +121,24 @@ def test_format_version_must_be_an_integer(saved, tmp_path):
         FLUX.cls.from_pretrained(out)
 
 
-def test_config_rank_that_disagrees_with_the_tensors_names_layer_and_shapes(saved, tmp_path):
+def test_rank_is_read_from_the_tensors_not_the_config(saved, tmp_path):
+    """A layer's rank is its lora_down's width (a fused LoRA widens some layers): a config rank that differs loads."""
     out = _saved_quantized(saved, tmp_path, rank=8)
     _edit_config(out, rank=16)
+    model = FLUX.cls.from_pretrained(out)
+    assert {m.rank for m in model.modules() if isinstance(m, SVDQuantLinear)} == {8}
+
+
+def test_tensors_that_disagree_with_each_other_name_layer_and_shapes(saved, tmp_path):
+    out = _saved_quantized(saved, tmp_path, rank=8)
+    tensors = load_file(out / WEIGHTS)
+    name = next(k for k in sorted(tensors) if k.endswith(".lora_up"))
+    tensors[name] = tensors[name][:, :6].contiguous()
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
     with pytest.raises(ValueError) as e:
         FLUX.cls.from_pretrained(out)
     msg = str(e.value)
-    assert "lora_down has shape [" in msg and ", 8], but the quantization_config (rank 16) describes" in msg
+    assert f"{name} has shape [" in msg and ", 6], but layer" in msg and "rank 8 from its lora_down) needs [" in msg
     assert "ignore_mismatched_sizes" in msg and "random weights" in msg  # named as the trap it is, not suggested
 
 

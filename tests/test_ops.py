@@ -496,14 +496,41 @@ def test_isa_controls_native():
     assert ops.cpu_isa() == original
 
 
-def test_backward_through_a_quantized_layer_says_what_is_supported():
-    """A graph that needs a gradient through the ops gets one clear line, not torch's missing-formula error."""
+# ----------------------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_reaches_the_input_through_the_dequantized_weight(dtype):
+    """svdquant::linear's backward (QLoRA): dx = dy @ ((deq(q_w, s_w) + lora_up lora_downᵀ) / λ), in x's dtype;
+    the 4-bit tensors and the branch stay frozen (no gradient)."""
+    torch.manual_seed(0)
+    layer = SVDQuantLinear.from_linear(nn.Linear(128, 64), 8, act_absmax=torch.rand(128) + 0.5, dtype=dtype)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    dy = torch.randn(3, 5, 64, dtype=dtype)
+    layer(x).backward(dy)
+    want = (dy.float().reshape(-1, 64) @ layer.dequantized_weight()).reshape(3, 5, 128)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    assert all(p.grad is None and not p.requires_grad for p in layer.parameters())
+
+
+def test_cuda_path_backward_matches_the_canonical_op():
+    """svdquant_linear_mma (the CUDA fast path, here on its CPU reference) takes the same input gradient."""
+    torch.manual_seed(1)
+    layer = SVDQuantLinear.from_linear(nn.Linear(128, 192), 16, act_absmax=torch.rand(128) + 0.5)
+    x = torch.randn(7, 128, requires_grad=True)
+    ops.svdquant_linear_mma(x, layer.smooth, layer.lora_down, layer.mma_weights()).square().sum().backward()
+    got, x.grad = x.grad, None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_through_the_code_ops_says_where_gradients_flow():
+    """quantize_act / gemm_w4a4 output codes: a graph that needs their gradient gets one clear line."""
     layer = SVDQuantLinear.from_linear(nn.Linear(128, 64), 8)
     x = torch.randn(3, 128, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"svdquant::linear has no backward.*torch.no_grad\(\)"):
-        layer(x).sum().backward()
     q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, layer.smooth, layer.lora_down)
-    with pytest.raises(RuntimeError, match=r"svdquant::quantize_act has no backward"):
+    with pytest.raises(RuntimeError, match=r"svdquant::quantize_act has no backward.*svdquant::linear"):
         lora_act.sum().backward()
     with torch.no_grad():
         assert layer(x).shape == (3, 64)

@@ -14,6 +14,7 @@ from huggingface_hub import (
 from torch import nn
 
 from ..config import SVDQuantConfig
+from ..integrations.peft import fused_loras as layer_fused_loras
 from ..linear import SVDQuantLinear
 from .checksums import write_checksums
 
@@ -60,6 +61,47 @@ def _quant_config(module: nn.Module) -> dict | None:
     return None
 
 
+def fused_lora_summary(obj: Any) -> list[dict[str, Any]]:
+    """The LoRAs fused into a model's (or pipeline's) SVDQuant layers, from the layers' records (``fuse_lora``):
+    ``[{"name": adapter, "layers": how many layers, "rank": the widest it made a branch}]``, in fusion order."""
+    out: dict[str, dict[str, Any]] = {}
+    for module in _modules(obj).values():
+        for m in module.modules():
+            if isinstance(m, SVDQuantLinear):
+                for name, r in layer_fused_loras(m):
+                    entry = out.setdefault(name, {"name": name, "layers": 0, "rank": 0})
+                    entry["layers"] += 1
+                    entry["rank"] = max(entry["rank"], r)
+    return list(out.values())
+
+
+def _widened_layers(modules: dict[str, nn.Module]) -> int:
+    """How many SVDQuant layers have a wider branch than their model's config rank (fused LoRAs, recorded or not)."""
+    count = 0
+    for module in modules.values():
+        qc = _quant_config(module)
+        if qc is not None:
+            count += sum(isinstance(m, SVDQuantLinear) and m.rank > qc["rank"] for m in module.modules())
+    return count
+
+
+def _lora_section(loras: list[dict[str, Any]], widened: int) -> list[str]:
+    if not loras and not widened:
+        return []
+    body = ["## Fused LoRAs", ""]
+    if loras:
+        body += ["| LoRA | layers | rank |", "|---|---|---|"]
+        body += [f"| `{e['name']}` | {e['layers']} | {e['rank']} |" for e in loras]
+        body.append("")
+    body += [
+        f"Fused into the low-rank branch (`fuse_lora`): {widened} layers carry a branch wider than the config's "
+        "`rank`; each layer's rank is read from its tensors at load."
+        + ("" if loras else " The LoRAs' names were not recorded (the model was saved without its card)."),
+        "",
+    ]
+    return body
+
+
 def load_snippet(repo_id: str, class_name: str, subfolder: str | None = None, pipeline: bool = False) -> str:
     """The Python that loads ``repo_id`` (used verbatim in the model card)."""
     sub = f', subfolder="{subfolder}"' if subfolder else ""
@@ -84,6 +126,7 @@ def model_card(
     checkpoint_bytes: int | None = None,
     calibration: str | None = None,
     extra_tags: tuple[str, ...] | list[str] = (),
+    fused_loras: list[dict[str, Any]] | None = None,
 ) -> ModelCard:
     """A model card for a quantized model or pipeline, built with ``ModelCardData`` (metadata) + markdown.
 
@@ -96,8 +139,11 @@ def model_card(
         checkpoint_bytes: total size of the saved weight files, when known.
         calibration: what the smoothing statistics were (e.g. the statistics file's name); None: not calibrated.
         extra_tags: tags beside :data:`DEFAULT_TAGS`.
+        fused_loras: the LoRAs fused into the model (:func:`fused_lora_summary`'s entries); default: read from the
+            layers, which know them until the model is saved and reloaded.
     """
     modules = _modules(obj)
+    loras = fused_lora_summary(obj) if fused_loras is None else fused_loras
     quantized = {name: qc for name, m in modules.items() if (qc := _quant_config(m)) is not None}
     if not quantized:
         raise ValueError(f"{type(obj).__name__} has no SVDQuant-quantized model: nothing to describe as svdquant")
@@ -117,6 +163,8 @@ def model_card(
         meta["checkpoint_bytes"] = checkpoint_bytes
     if quality:
         meta["quality"] = dict(quality)
+    if loras:
+        meta["fused_loras"] = loras
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
@@ -169,6 +217,7 @@ def model_card(
     if checkpoint_bytes is not None:
         body.append(f"| checkpoint files | {checkpoint_bytes:,} |")
     body += ["", f"{dense / max(quant, 1):.2f}x smaller; {layers} linear layers quantized.", ""]
+    body += _lora_section(loras, _widened_layers(modules))
     if quality:
         body += ["## Quality", "", "| measure | value |", "|---|---|"]
         body += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in quality.items()]
@@ -190,6 +239,7 @@ def save_quantized(
     quality: dict[str, Any] | None = None,
     calibration: str | None = None,
     max_shard_size: int | str | None = None,
+    fused_loras: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Save a quantized model or pipeline in the canonical format with a generated ``README.md`` model card
     and ``svdquant_checksums.json`` (every tensor's CRC-32, for :func:`~.checksums.verify_checksums`).
@@ -204,6 +254,7 @@ def save_quantized(
         quality: measured quality figures for the card.
         calibration: the card's note on the smoothing statistics used (None: not calibrated).
         max_shard_size: shard the weights (e.g. ``"5GB"`` or bytes); diffusers writes an index file.
+        fused_loras: the card's fused-LoRA list (default: read from the layers, see :func:`model_card`).
 
     Returns:
         ``save_directory`` as a ``Path``.
@@ -225,6 +276,7 @@ def save_quantized(
         quality=quality,
         checkpoint_bytes=ckpt,
         calibration=calibration,
+        fused_loras=fused_loras,
     )
     card.save(root / "README.md")
     write_checksums(root)

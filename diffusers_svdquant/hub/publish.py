@@ -20,6 +20,23 @@ from .card import save_quantized
 from .upload import PushResult, push
 
 
+def source_fused_loras(source: str | os.PathLike, token: str | None = None) -> list[dict[str, Any]] | None:
+    """The ``svdquant.fused_loras`` a quantized ``source``'s model card lists (None: no card, or none listed).
+
+    A reloaded model's layers no longer know which LoRAs were fused into them (their widths do), so re-saving a
+    quantized source carries the names over from the card it was saved with.
+    """
+    from huggingface_hub import ModelCard
+
+    try:
+        local = Path(source) / "README.md"
+        path = local if local.is_file() else hf_hub_download(str(source), "README.md", token=token)
+        meta = ModelCard.load(path).data.to_dict().get("svdquant") or {}
+    except Exception:  # no card (a plain save_pretrained folder, a repo without README): nothing to carry over
+        return None
+    return meta.get("fused_loras") or None
+
+
 def quantize_and_push(
     source: str | os.PathLike,
     repo_id: str | None,
@@ -106,6 +123,7 @@ def quantize_and_push(
             quality=quality,
             calibration=None if calibration is None or pre_quantized else Path(calibration).name,
             max_shard_size=max_shard_size,
+            fused_loras=source_fused_loras(source, token) if pre_quantized else None,
         )
         result = None
         if repo_id is not None:

@@ -82,10 +82,11 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
             keep_top_level_only=config.format_version < 2,
         )
         self.modules_to_not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
+        ranks: dict[str, int] | None = None  # pre-quantized: each layer's, read from its tensors (§2)
         if self.pre_quantized and self._shapes is not None:
-            check_checkpoint_tensors(targets, config, self._shapes.get)
+            ranks = check_checkpoint_tensors(targets, config, self._shapes.get)
         elif self.pre_quantized and self._loaded_keys is not None:
-            check_checkpoint_tensors(targets, config, lambda key: () if key in self._loaded_keys else None)
+            ranks = check_checkpoint_tensors(targets, config, lambda key: () if key in self._loaded_keys else None)
         elif not self.pre_quantized:
             self._on_load = OnLoadQuantizer(config, model, targets)
         dtype = self.torch_dtype or torch.float32
@@ -95,7 +96,9 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
             return nn.Parameter(torch.empty(linear.out_features, linear.in_features, dtype=dtype, device="meta"),
                                 requires_grad=False)  # fmt: skip
 
-        replace_with_skeletons(model, targets, config, lambda _: dtype, None if self.pre_quantized else placeholder)
+        replace_with_skeletons(
+            model, targets, config, lambda _: dtype, None if self.pre_quantized else placeholder, ranks
+        )
         model.config.quantization_config = config
         logger.info("svdquant: %d linear layers replaced by SVDQuantLinear", len(targets))
 

@@ -102,25 +102,29 @@ def replace_with_skeletons(
     config: SVDQuantConfig,
     dtype: Callable[[nn.Linear], torch.dtype],
     placeholder: Callable[[nn.Linear], nn.Parameter] | None,
+    ranks: dict[str, int] | None = None,
 ) -> dict[str, SVDQuantLinear]:
     """Swap each target for a meta :class:`SVDQuantLinear` (or :class:`W4A16Linear`, by
     :func:`layer_class`) of the same shape that loading fills in.
 
     Args:
         targets: from :func:`load_targets`.
-        config: gives each layer's kind and the low-rank branch's rank.
+        config: gives each layer's kind (:func:`layer_class`) and the low-rank branch's rank.
         dtype: the skeleton's float dtype for each linear.
         placeholder: when given, a meta ``weight`` ``[N, K]`` for the skeleton to expose (the loaders
             only route checkpoint names the model has, so quantize-on-load needs one to receive the
             16-bit weight).
+        ranks: each layer's rank as a pre-quantized checkpoint holds it (:func:`check_checkpoint_tensors`);
+            None: ``config.rank`` everywhere.
 
     Returns:
         The skeletons, by name.
     """
     skeletons = {}
     for name, linear in targets.items():
+        r = config.rank if ranks is None else ranks[name]
         k, n, bias = linear.in_features, linear.out_features, linear.bias is not None
-        layer = layer_class(config, name)(k, n, config.rank, bias, dtype(linear), "meta")
+        layer = layer_class(config, name)(k, n, r, bias, dtype(linear), "meta")
         if placeholder is not None:
             layer.weight = placeholder(linear)
         replace_module(model, name, layer)
@@ -290,12 +294,12 @@ def quantize_layer_weight(
 
 class QuantizerTraits:
     """What the diffusers and the transformers quantizer answer alike: an SVDQuant model compiles and
-    does not train (the ops have no backward). Listed first among a quantizer's bases."""
+    trains adapters (QLoRA). Listed first among a quantizer's bases."""
 
     @property
     def is_trainable(self) -> bool:
-        """False: the 4-bit layers take no gradients."""
-        return False
+        """True: gradients flow through the frozen 4-bit layers to their input, so LoRA adapters train on top."""
+        return True
 
     @property
     def is_compileable(self) -> bool:
@@ -343,17 +347,24 @@ def checkpoint_shapes(checkpoint_files: Iterable[str | os.PathLike] | None) -> d
 
 def check_checkpoint_tensors(
     targets: dict[str, nn.Linear], config: SVDQuantConfig, shape_of: Callable[[str], tuple[int, ...] | None]
-) -> None:
-    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint, have
-    other shapes than the config describes (e.g. a ``rank`` in ``config.json`` that disagrees with them), or
-    are of the other kind (W4A4 / weight-only) than the config's selection rule makes of the layer.
+) -> dict[str, int]:
+    """Fail before loading when a quantized layer's canonical tensors are absent from a checkpoint, do not fit
+    the layer, or are of the other kind (W4A4 / weight-only) than the config's selection rule makes of it;
+    return each layer's rank, read from its tensors.
+
+    A layer's rank is ``lora_down``'s second dimension (``[K, r]``, docs/design.md §2), not the config's ``rank``:
+    a fused LoRA (``fuse_lora``) widens the branch of the layers it touches, so one checkpoint holds several ranks.
+    Where only a tensor's presence is known (not safetensors), the config's ``rank`` is assumed.
 
     Args:
         targets: the layers the config quantizes, by name (:func:`quantizable_linears`).
-        config: the checkpoint's config: each layer's kind and rank.
+        config: the checkpoint's config: each layer's kind, and the rank assumed where shapes are unknown.
         shape_of: a tensor's shape in the checkpoint, ``()`` when only its presence is known, None when absent.
+
+    Returns:
+        ``{layer name: rank}`` for every target.
     """
-    rank = config.rank
+    ranks = {}
     for name, linear in targets.items():
         weight_only = layer_class(config, name).WEIGHT_ONLY
         if not weight_only and shape_of(f"{name}.wmins") is not None:
@@ -361,7 +372,11 @@ def check_checkpoint_tensors(
                 f"svdquant checkpoint: layer {name!r} holds weight-only (W4A16) tensors ({name}.wmins), but the "
                 f"quantization_config's weight_only_modules make it W4A4; the config does not match the tensors"
             )
-        wanted = canonical_shapes(linear.in_features, linear.out_features, rank, linear.bias is not None, weight_only)
+        down = shape_of(f"{name}.lora_down")
+        # A 2-D lora_down [K, r] sets r; anything else is judged against the config's rank below.
+        ranks[name] = down[1] if down is not None and len(down) == 2 else config.rank
+        k, n, bias = linear.in_features, linear.out_features, linear.bias is not None
+        wanted = canonical_shapes(k, n, ranks[name], bias, weight_only)
         missing = [t for t in wanted if shape_of(f"{name}.{t}") is None]
         if missing:
             hint = (
@@ -379,11 +394,17 @@ def check_checkpoint_tensors(
             got = shape_of(f"{name}.{t}")
             if got and tuple(got) != shape:
                 raise ValueError(
-                    f"svdquant checkpoint: {name}.{t} has shape {list(got)}, but the quantization_config "
-                    f"(rank {rank}) describes {list(shape)} for layer {name!r} (weight [{linear.out_features}, "
-                    f"{linear.in_features}]); the config does not match the tensors. Fix the config; loading "
-                    f"with ignore_mismatched_sizes would give a layer of random weights"
+                    f"svdquant checkpoint: {name}.{t} has shape {list(got)}, but layer {name!r} (weight "
+                    f"[{linear.out_features}, {linear.in_features}], rank {ranks[name]} from its lora_down) needs "
+                    f"{list(shape)}; the tensors do not fit the model. Loading with ignore_mismatched_sizes would give "
+                    f"a layer of random weights"
                 )
+        if not ranks[name] <= min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"svdquant checkpoint: {name}.lora_down has rank {ranks[name]}, more than min(in, out) = "
+                f"{min(linear.in_features, linear.out_features)} for layer {name!r}"
+            )
+    return ranks
 
 
 def check_finite(model: nn.Module) -> None:

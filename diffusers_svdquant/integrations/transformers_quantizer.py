@@ -160,14 +160,16 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
         keep = _keep_in_fp32_names(model)
         targets = load_targets(model, config, keep, warn_unmatched=not self.pre_quantized)
         self.modules_to_not_convert = list(config.modules_to_not_convert) + keep
+        ranks: dict[str, int] | None = None  # pre-quantized: each layer's, read from its tensors (§2)
         if self.pre_quantized:
-            self._check_checkpoint_tensors(model, targets, checkpoint_shapes(checkpoint_files))
+            ranks = self._check_checkpoint_tensors(model, targets, checkpoint_shapes(checkpoint_files))
         else:
             self._on_load = OnLoadQuantizer(config, model, targets)
         # The meta linears were built in the load dtype (transformers' init context): keep it. Quantize on
         # load: the loader only routes checkpoint names the model exposes, so the placeholder also receives
         # the 16-bit tensor. Pre-quantized: nothing may arrive for it, so it is hidden from the state dict.
-        skeletons = replace_with_skeletons(model, targets, config, lambda lin: lin.weight.dtype, _placeholder)
+        dtype = lambda lin: lin.weight.dtype  # noqa: E731
+        skeletons = replace_with_skeletons(model, targets, config, dtype, _placeholder, ranks)
         if self.pre_quantized:
             self._hide_hooks = [layer.register_state_dict_post_hook(_hide_placeholder) for layer in skeletons.values()]
         logger.info("svdquant: %d linears of %s now SVDQuantLinear", len(targets), type(model).__name__)
@@ -175,11 +177,11 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
 
     def _check_checkpoint_tensors(
         self, model: nn.Module, targets: dict[str, nn.Linear], shapes: dict[str, tuple[int, ...]] | None
-    ) -> None:
-        """Fail before loading when a quantized layer's tensors are absent from the checkpoint or disagree
-        with the config's rank."""
+    ) -> dict[str, int] | None:
+        """Fail before loading when a quantized layer's tensors are absent from the checkpoint or do not fit it;
+        each layer's rank from its tensors (None, i.e. the config's, where the checkpoint is not safetensors)."""
         if shapes is None:
-            return  # not safetensors: _process_model_after_weight_loading still catches missing tensors
+            return None  # not safetensors: the after-load check still catches missing ones
         prefix = getattr(model, "base_model_prefix", "") + "."
 
         def shape_of(key: str) -> tuple[int, ...] | None:
@@ -189,7 +191,7 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
                     return shapes[k]
             return None
 
-        check_checkpoint_tensors(targets, self.quantization_config, shape_of)
+        return check_checkpoint_tensors(targets, self.quantization_config, shape_of)
 
     def quantize_layer(
         self, module_name: str, layer: SVDQuantLinear, weight: torch.Tensor

@@ -3,7 +3,7 @@
 * :mod:`.native` loads ``_C`` (the only module that imports it) and picks the CPU instruction path
   (``SVDQ_CPU_ISA=generic|avx2|avxvnni|avx512vnni`` forces one at import);
 * :mod:`.canonical` defines the ops on the canonical tensors (``quantize_act``, ``gemm_w4a4``,
-  ``linear``) with their fakes, reference defaults and CPU kernels;
+  ``linear``) with their fakes, reference defaults and CPU kernels, and ``linear``'s backward w.r.t. its input;
 * :mod:`.weight_only` defines the weight-only op ``linear_w4a16`` the same way;
 * :mod:`.cuda` adds the CUDA kernels and the mma-fragment weight layout they read;
 * :mod:`.cuda_w4a16` adds the CUDA kernel of ``linear_w4a16`` (GEMV for small M, mma GEMM above).
@@ -11,7 +11,7 @@
 Nothing outside this package calls ``_C``.
 """
 
-from .canonical import gemm_w4a4, linear, quantize_act, svdquant_linear
+from .canonical import dequantized_w4a4, gemm_w4a4, linear, quantize_act, svdquant_linear
 from .cuda import (
     MmaPackedWeights,
     cuda_kernels_available,
@@ -40,6 +40,7 @@ __all__ = [
     "cuda_kernels_available",
     "cuda_mma_path",
     "cuda_w4a16_path",
+    "dequantized_w4a4",
     "gemm_w4a4",
     "gemm_w4a4_mma",
     "int8_peak_gops",

@@ -255,17 +255,54 @@ def svdquant_linear(
     return torch.ops.svdquant.linear(x, qweight, wscales, smooth, lora_down, lora_up, bias)
 
 
+def dequantized_w4a4(
+    qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor
+) -> torch.Tensor:
+    """Float32 ``[N, K]`` weight a W4A4 layer applies to its unsmoothed input (activation quantization aside):
+    ``(deq(qweight, wscales) + lora_up @ lora_downᵀ) / smooth`` column-wise, what the input backward multiplies by.
+
+    Args are the canonical tensors (docs/design.md §2): uint8 ``[N, K/2]``, ``[N, K/64]``, ``[K]``, ``[K, r]``,
+    ``[N, r]``, any float dtype.
+    """
+    w = reference.dequantize_groups(reference.unpack_int4(qweight), wscales)
+    if lora_down.shape[-1]:
+        w = w.addmm_(lora_up.float(), lora_down.float().t())
+    return w.div_(smooth.float().unsqueeze(0))
+
+
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad`` ``[M, N]`` times the float32 effective weight ``[N, K]`` (:func:`dequantized_w4a4`), in ``dtype``."""
+    return (grad.float() @ weight).to(dtype)
+
+
+def _setup_linear_context(ctx, inputs, output) -> None:
+    x, qweight, wscales, smooth, lora_down, lora_up, _ = inputs
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(qweight, wscales, smooth, lora_down, lora_up)
+
+
+def _linear_backward(ctx, grad):
+    # The gradient w.r.t. x only, straight through the activation quantization (its rounding has no useful
+    # derivative), through the weight the layer computes with. The 4-bit tensors and the branch are frozen: the
+    # QLoRA workflow trains adapters beside the layer. One [N, K] float32 weight lives for the call.
+    grad_x = input_grad(grad, dequantized_w4a4(*ctx.saved_tensors), ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_setup_linear_context)
+
+
 def _no_backward(op: str):
     def backward(ctx: object, *grads: torch.Tensor) -> None:
         raise RuntimeError(
-            f"svdquant::{op} has no backward: SVDQuant layers are frozen inference layers (their 4-bit weights "
-            f"cannot take gradients). Run them under torch.no_grad() / torch.inference_mode(); to train, "
-            f"train on the 16-bit model"
+            f"svdquant::{op} has no backward: its outputs are INT4 codes or a product of them, which carry no "
+            f"gradient. Gradients flow through svdquant::linear (what SVDQuantLinear calls): train through the "
+            f"layer, or run under torch.no_grad() / torch.inference_mode()"
         )
 
     return backward
 
 
 # A clear error instead of torch's "no autograd formula was registered" when a graph needs a gradient.
-for _op, _name in ((quantize_act, "quantize_act"), (gemm_w4a4, "gemm_w4a4"), (linear, "linear")):
+for _op, _name in ((quantize_act, "quantize_act"), (gemm_w4a4, "gemm_w4a4")):
     _op.register_autograd(_no_backward(_name))

@@ -20,7 +20,15 @@ import torch
 
 from .. import reference
 from . import native
-from .canonical import check_gemm_args, check_quantize_act_args, gemm_w4a4, quantize_act, reference_quantize_act
+from .canonical import (
+    check_gemm_args,
+    check_quantize_act_args,
+    dequantized_w4a4,
+    gemm_w4a4,
+    input_grad,
+    quantize_act,
+    reference_quantize_act,
+)
 
 _MMA_TILE_N = 128  # svdq::cuda::kTileN: output columns per thread block
 _MMA_PANEL_COLS = 64  # output columns of one weight panel: one warp column's share of a block
@@ -290,14 +298,34 @@ def _(x, smooth, lora_down):
     return q_x, s_x, lora_act
 
 
+class _MmaLinear(torch.autograd.Function):
+    """The CUDA fast path as an autograd function: forward on the packed weights, backward w.r.t. ``x`` through
+    the dequantized weight (the same straight-through rule as ``svdquant::linear``'s)."""
+
+    @staticmethod
+    def forward(ctx, x, smooth, lora_down, packed):
+        ctx.x_dtype, ctx.packed = x.dtype, packed  # frozen weights: no version check needed
+        ctx.save_for_backward(smooth, lora_down)
+        q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
+        return torch.ops.svdquant.gemm_w4a4_mma(
+            q_x, s_x, lora_act, packed.wq, packed.sw, packed.lora_up, packed.bias, packed.n, x.dtype
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        smooth, lora_down = ctx.saved_tensors
+        p = ctx.packed
+        qweight, wscales, lora_up, _ = unpack_mma_weights(p.wq, p.sw, p.lora_up, p.bias, p.n)
+        w = dequantized_w4a4(qweight, wscales, smooth, lora_down, lora_up)
+        return input_grad(grad, w, ctx.x_dtype), None, None, None
+
+
 def svdquant_linear_mma(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, packed: MmaPackedWeights
 ) -> torch.Tensor:
     """:func:`svdquant_linear` with the weights in the CUDA GEMM layout (:func:`pack_mma_weights`).
 
     ``x`` ``[M, K]`` → ``[M, N]`` in ``x.dtype``; ``smooth`` ``[K]``, ``lora_down`` ``[K, r]`` canonical.
+    Differentiable w.r.t. ``x`` (the weights are frozen), as ``svdquant::linear`` is.
     """
-    q_x, s_x, lora_act = torch.ops.svdquant.quantize_act(x, smooth, lora_down)
-    return torch.ops.svdquant.gemm_w4a4_mma(
-        q_x, s_x, lora_act, packed.wq, packed.sw, packed.lora_up, packed.bias, packed.n, x.dtype
-    )
+    return _MmaLinear.apply(x, smooth, lora_down, packed)
