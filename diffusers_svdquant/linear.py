@@ -161,20 +161,24 @@ class SVDQuantLinear(nn.Module):
         """``[..., K]`` → ``[..., N]`` in the layer's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"SVDQuantLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}), "
+                f"{type(self).__name__}: input has {x.shape[-1]} features (shape {tuple(x.shape)}), "
                 f"expected {self.in_features}"
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.wscales.dtype)
         # The CUDA cache is keyed by data pointer, which torch.compile cannot trace: compiled graphs
         # take the canonical op (which runs the same kernels, packing on the fly).
-        if x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
+        if not self.WEIGHT_ONLY and x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
             y = ops.svdquant_linear_mma(x2, self.smooth, self.lora_down, self.mma_weights())
         else:
-            y = ops.svdquant_linear(
-                x2, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias
-            )
+            y = self.with_branch(x2, self.lora_down, self.lora_up)
         return y.reshape(*lead, self.out_features)
+
+    def with_branch(self, x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
+        """This layer's op on 2-D ``x`` ``[M, K]`` (model dtype) with ``lora_down`` ``[K, r']`` / ``lora_up``
+        ``[N, r']`` as the low-rank branch instead of its own: how unfused LoRAs run inside the same kernel
+        call (``integrations.peft``). Returns ``[M, N]``."""
+        return ops.svdquant_linear(x, self.qweight, self.wscales, self.smooth, lora_down, lora_up, self.bias)
 
     def mma_weights(self) -> ops.MmaPackedWeights:
         """The weights in the CUDA GEMM layout (:func:`ops.pack_mma_weights`), repacked when they changed."""
@@ -214,18 +218,11 @@ class W4A16Linear(SVDQuantLinear):
     QUANT_TENSORS: tuple[str, ...] = (*QUANT_TENSORS, "wmins")
     WEIGHT_ONLY = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., K]`` → ``[..., N]`` in the layer's dtype."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"W4A16Linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}), expected {self.in_features}"
-            )
-        lead = x.shape[:-1]
-        y = ops.linear_w4a16(
-            x.reshape(-1, self.in_features).to(self.wscales.dtype),
-            self.qweight, self.wscales, self.wmins, self.smooth, self.lora_down, self.lora_up, self.bias,
+    def with_branch(self, x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
+        """:meth:`SVDQuantLinear.with_branch` through the weight-only op."""
+        return ops.linear_w4a16(
+            x, self.qweight, self.wscales, self.wmins, self.smooth, lora_down, lora_up, self.bias
         )  # fmt: skip
-        return y.reshape(*lead, self.out_features)
 
     def mma_weights(self) -> ops.MmaPackedWeights:
         """Not used: the W4A16 kernels read the canonical tensors."""

@@ -30,7 +30,6 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .. import ops
 from ..linear import SVDQuantLinear
 
 # The base layer's record of the adapters fused into its branch, in order: [(adapter name, columns)]. A plain
@@ -67,8 +66,8 @@ def branch_columns(
     up = (lora_b.detach().to(device).float() * scale).to(dtype)
     if check and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise ValueError(
-            f"svdquant: fusing this LoRA into an SVDQuantLinear [{layer.out_features}, {layer.in_features}] overflows "
-            f"{dtype} (diag(smooth)·Aᵀ or scale·B is not finite); keep it unfused"
+            f"svdquant: fusing this LoRA into a {type(layer).__name__} [{layer.out_features}, {layer.in_features}] "
+            f"overflows {dtype} (diag(smooth)·Aᵀ or scale·B is not finite); keep it unfused"
         )
     return down, up
 
@@ -123,7 +122,7 @@ class SVDQuantLoraLinear(PeftLoraLinear):
         base = self.get_base_layer()
         target = self.kwargs.get("target_name")  # PEFT's kwargs: the layer's dotted name in the model
         name = f" {target!r}" if target else ""
-        return f"SVDQuantLinear{name} [{base.out_features}, {base.in_features}]"
+        return f"{type(base).__name__}{name} [{base.out_features}, {base.in_features}]"
 
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> None:
         try:
@@ -150,9 +149,7 @@ class SVDQuantLoraLinear(PeftLoraLinear):
             downs.append(down)
             ups.append(up)
         x2 = x.reshape(-1, base.in_features).to(base.wscales.dtype)
-        y = ops.svdquant_linear(
-            x2, base.qweight, base.wscales, base.smooth, torch.cat(downs, 1), torch.cat(ups, 1), base.bias
-        )
+        y = base.with_branch(x2, torch.cat(downs, 1), torch.cat(ups, 1))  # W4A4 or weight-only, one kernel call
         return y.reshape(*x.shape[:-1], base.out_features)
 
     def _folds(self, x: torch.Tensor, active: list[str]) -> bool:
