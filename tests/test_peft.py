@@ -24,7 +24,7 @@ from packaging.version import Version
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, SVDQuantLoraLinear
+from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, SVDQuantLoraLinear, W4A16Linear
 from diffusers_svdquant.integrations.peft import fused_loras
 
 DTYPE = torch.bfloat16
@@ -152,6 +152,8 @@ def test_unfused_lora_is_the_quantized_output_plus_the_16bit_delta(quantized_dir
     model = _load(quantized_dirs, name)
     base = _out(model, name)
     targets = _quantized_names(model)
+    # Both kinds take LoRAs: FLUX's and SD3's AdaLN linears are weight-only (W4A16), the rest W4A4.
+    assert name == "unet" or {type(model.get_submodule(n)) for n in targets} == {SVDQuantLinear, W4A16Linear}
     sd = _lora(model, targets)
     model.load_lora_adapter(sd, adapter_name="style", prefix=None)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLoraLinear)]
