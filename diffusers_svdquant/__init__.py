@@ -22,7 +22,18 @@ from .config import (
 )
 from .integrations.diffusers_quantizer import SVDQuantDiffusersQuantizer
 from .integrations.layers import dequantize_, quantize_
-from .integrations.peft import SVDQuantLoraLinear, register_peft
+
+try:
+    from .integrations.peft import SVDQuantLoraLinear, register_peft
+except ImportError as e:  # peft (or the transformers it imports) unusable: quantization works, LoRA does not
+    PEFT_IMPORT_ERROR: ImportError | None = e
+    SVDQuantLoraLinear = None  # type: ignore[assignment,misc]
+
+    def register_peft() -> None:
+        """PEFT is unavailable here (see ``PEFT_IMPORT_ERROR``): nothing to register."""
+
+else:
+    PEFT_IMPORT_ERROR = None
 from .integrations.registration import register
 from .integrations.transformers_quantizer import SVDQuantHfQuantizer
 from .linear import SVDQuantLinear, W4A16Linear
