@@ -102,12 +102,13 @@ def _decoder_llm(tok, config_cls: type, model_cls: type, hidden: int, layers: in
 # ------------------------------------------------------------------------------------------------------------ VAEs
 
 
-def _vae_kl(latent_channels: int, levels: int = 1, **kwargs) -> diffusers.AutoencoderKL:
-    """An ``AutoencoderKL`` of 32-channel blocks; ``levels`` sets the downsampling (2 ** (levels - 1))."""
+def _vae_kl(latent_channels: int, levels: int = 1) -> diffusers.AutoencoderKL:
+    """An ``AutoencoderKL`` of 32-channel blocks; ``levels`` sets the downsampling (2 ** (levels - 1)). With a
+    shift factor, which the flow-matching pipelines (FLUX, SD3, Z-Image...) add when decoding."""
     return diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32,) * levels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=1, norm_num_groups=32, **kwargs,
+        layers_per_block=1, norm_num_groups=32, shift_factor=0.0,
     )  # fmt: skip
 
 

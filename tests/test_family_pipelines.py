@@ -10,6 +10,8 @@ config and runs.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -19,6 +21,7 @@ from family_pipelines import PIPELINES, PROMPT, build
 from models import rel_err
 
 from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear
+from diffusers_svdquant.apps import cli
 
 # Relative error of the latents of the quantized pipeline (rank 8) vs the bf16 pipeline on the same seed, measured
 # on these tiny random-weight pipelines with one thread (value in the comment; two threads round differently,
@@ -93,3 +96,32 @@ def test_pipeline_step_with_the_quantized_denoiser(name, saved_pipelines):
     err = rel_err(q, ref)
     print(f"{name}: latent error vs bf16 {err:.4f}")
     assert err < ERROR_BOUND[name], f"{name}: latent relative error {err:.4f} vs bf16"
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_quantize_command_on_the_saved_pipeline(name, saved_pipelines, tmp_path):
+    """``svdquant quantize PIPELINE --out`` writes a pipeline that loads quantized without a config and runs."""
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(saved_pipelines(name)), "--rank", "8", "--dtype", "bf16", "--out", str(out)]) == 0
+    pipe = DiffusionPipeline.from_pretrained(out)
+    denoiser = getattr(pipe, PIPELINES[name].denoiser)
+    assert denoiser.config.quantization_config.rank == 8
+    assert any(isinstance(m, SVDQuantLinear) for m in denoiser.modules())
+    latents = _latents(pipe, name)
+    assert tuple(latents.shape) == PIPELINES[name].latent_shape
+    assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_eval_command_on_the_saved_pipeline(name, saved_pipelines, tmp_path):
+    """``svdquant eval PIPELINE`` calibrates on one prompt, then compares every method with the 16-bit pipeline
+    (decoded images or video frames, latents, per-layer errors) on one prompt."""
+    report, call = tmp_path / "report.json", json.dumps(PIPELINES[name].call)
+    args = ["eval", str(saved_pipelines(name)), "--num-prompts", "1", "--steps", str(PIPELINES[name].steps),
+            "--rank", "8", "--num-eval-prompts", "1", "--pipeline-kwargs", call, "--json", str(report)]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = {r["name"]: r for r in json.loads(report.read_text())}
+    assert {"naive-w4a4", "svdquant", "svdquant-calibrated"} <= set(rows)
+    for r in rows.values():
+        assert 0 < r["image_ssim"] <= 1 and 0 < r["latent_rel_error"] < 0.5, r
+        assert r["layer_errors"] and all(0 <= e < 1 for e in r["layer_errors"].values()), r["name"]
