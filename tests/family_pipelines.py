@@ -1,11 +1,13 @@
 """The tiny rest of each family's real diffusers pipeline, around the family's denoiser from tests/families.py.
 
-Per family: the pipeline class its checkpoints name, with its scheduler, a tiny VAE of the class that
-pipeline takes, tiny random-weight text encoder(s) of the real classes and tokenizers built in code (a
-handful of single-character tokens of the tokenizer class the real checkpoint ships, so nothing is
-downloaded), sized so that their features fit the denoiser's ``joint_attention_dim`` / ``caption_channels``
-/ pooled width. ``call`` is the smallest call the pipeline accepts: one or two frames, the smallest image
-side its VAE and patch sizes allow, short prompts; ``latent_shape`` is what ``output_type="latent"`` gives.
+Per family: the pipeline class its checkpoints name, with its scheduler class, a tiny VAE of the class that
+pipeline takes, tiny random-weight text encoder(s) of the real classes, and tokenizers built in code (single
+printable characters as tokens, so nothing is downloaded) of the class the pipeline's signature names; where it
+names an Auto class or a processor, one like the checkpoint's (CogView4: a byte-level BPE for GLM-4's; FLUX.2:
+its Mistral tokenizer with a chat template instead of the Pixtral processor, which needs torchvision). Widths
+fit the denoiser's text / pooled inputs. ``call`` is the smallest call the pipeline accepts (one or two latent
+frames, the smallest side its checks, VAE and patch sizes allow, prompts cut at 16 or 32 tokens, no
+classifier-free guidance); ``latent_shape`` is what ``output_type="latent"`` gives.
 """
 
 from __future__ import annotations
