@@ -10,6 +10,7 @@ quantized layer by its relative output error on the calibration rows.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,26 +87,38 @@ class MethodReport:
         return sum(v) / len(v) if v else math.nan
 
 
+def _keep_last_latents(pipe: Any, last: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The call arguments that store each step's latents in ``last["latents"]``."""
+
+    def store(latents: torch.Tensor) -> None:
+        last["latents"] = latents.detach().float().cpu()
+
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+
+        def on_step_end(_pipe: Any, _step: int, _t: Any, cb: dict) -> dict:
+            store(cb["latents"])
+            return cb
+
+        return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
+    # PixArt-α / Σ take only the older per-step callback(step, timestep, latents) (and swallow unknown arguments).
+    return {"callback": lambda _step, _t, latents: store(latents), "callback_steps": 1}
+
+
 def generate(pipe: Any, prompts: Sequence[str], seed: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[P, 3, H, W]`` in ``[0, 1]`` and final latents ``[P, ...]`` (float32) of ``prompts``,
-    prompt ``i`` with ``generator = manual_seed(seed + i)``."""
+    """Images ``[P, 3, H, W]`` (a video pipeline's frames: ``[P, F, 3, H, W]``) in ``[0, 1]`` and final latents
+    ``[P, ...]`` (float32) of ``prompts``, prompt ``i`` with ``generator = manual_seed(seed + i)``."""
     images, latents = [], []
     for i, prompt in enumerate(prompts):
         last: dict[str, torch.Tensor] = {}
-
-        def keep(_pipe: Any, _step: int, _t: Any, cb: dict, last: dict = last) -> dict:
-            last["latents"] = cb["latents"].detach().float().cpu()
-            return cb
-
         out = pipe(
             prompt=prompt,
             generator=torch.Generator().manual_seed(seed + i),
             output_type="pt",
-            callback_on_step_end=keep,
-            callback_on_step_end_tensor_inputs=["latents"],
+            **_keep_last_latents(pipe, last),
             **kwargs,
         )
-        images.append(out.images.float().cpu())
+        # Video pipelines (Wan, HunyuanVideo, LTX) return their output as .frames.
+        images.append((out.frames if hasattr(out, "frames") else out.images).float().cpu())
         latents.append(last["latents"])
     return torch.cat(images), torch.cat(latents)
 
