@@ -122,29 +122,48 @@ def affine_groups(
     Returns:
         ``(codes, scales, mins)`` as :func:`reference.quantize_groups_affine` returns them.
     """
-    codes, scales, mins = reference.quantize_groups_affine(x, group_size, param_dtype)
     *lead, k = x.shape
-    g = x.float().reshape(*lead, k // group_size, group_size)
-    q = codes.reshape(g.shape).float()
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    rows = x.reshape(-1, k)
+    codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(rows.shape[0], k // group_size, dtype=param_dtype, device=x.device)
+    mins = torch.empty_like(scales)
+    # Row blocks of ~2 MiB of float32: the dozen passes over each block run from cache (2x faster than whole
+    # weights on FLUX's 18432 x 3072 AdaLN linear).
+    step = max(1, (1 << 19) // k)
+    for r0 in range(0, rows.shape[0], step):
+        r1 = min(r0 + step, rows.shape[0])
+        codes[r0:r1], scales[r0:r1], mins[r0:r1] = _refit_block(rows[r0:r1], group_size, param_dtype)
+    return codes.reshape(*lead, k), scales.reshape(*lead, -1), mins.reshape(*lead, -1)
+
+
+def _refit_block(x: torch.Tensor, group_size: int, param_dtype: torch.dtype):
+    codes, scales, mins = reference.quantize_groups_affine(x, group_size, param_dtype)
+    g = x.float().reshape(x.shape[0], -1, group_size)
+    codes = codes.reshape(g.shape)
+    q = codes.float()
 
     def sq_error(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return (q * s.float().unsqueeze(-1) + m.float().unsqueeze(-1) - g).square_().sum(-1)
+        e = torch.addcmul(m.float().unsqueeze(-1) - g, q, s.float().unsqueeze(-1))
+        return torch.linalg.vecdot(e, e)
 
     best = sq_error(q, scales, mins)
     mean_x = g.mean(-1)
     for _ in range(_AFFINE_REFITS):
         mean_q = q.mean(-1)
         dq = q - mean_q.unsqueeze(-1)
-        var = dq.square().sum(-1)
-        s = torch.where(var > 0, (dq * g).sum(-1) / var.clamp_min(1e-30), scales.float()).to(param_dtype)
+        var = torch.linalg.vecdot(dq, dq)
+        s = torch.where(var > 0, torch.linalg.vecdot(dq, g) / var.clamp_min(1e-30), scales.float()).to(param_dtype)
         m = (mean_x - s.float() * mean_q).to(param_dtype)
         sf, mf = s.float().unsqueeze(-1), m.float().unsqueeze(-1)
-        zero = sf == 0
-        q = ((g - mf) / torch.where(zero, torch.ones_like(sf), sf)).round_().clamp_(0, reference.UQMAX)
-        q.masked_fill_(zero, 0)
+        # Any codes are valid for the kept (s, m): multiplying by 1/s instead of dividing changes only which
+        # ties round where, and the error check below keeps a group's codes only if they are better.
+        inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
+        q = torch.addcmul(-mf * inv, g, inv).round_().clamp_(0, reference.UQMAX)
         err = sq_error(q, s, m)
         better = err < best
         best = torch.where(better, err, best)
         scales, mins = torch.where(better, s, scales), torch.where(better, m, mins)
-        codes = torch.where(better.unsqueeze(-1), q.to(torch.uint8), codes.reshape(g.shape)).reshape(*lead, k)
-    return codes, scales, mins
+        codes[better] = q[better].to(torch.uint8)
+    return codes.reshape(x.shape), scales, mins
