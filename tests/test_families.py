@@ -14,7 +14,7 @@ from families import FAMILIES, MISSING, output
 from models import rel_err
 from torch import nn
 
-from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, W4A16Linear
+from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, SVDQuantLoraLinear, W4A16Linear
 
 # Relative error of one forward call of the rank-8 model (default config: W4A4, AdaLN modulation W4A16) vs the
 # same model in bf16, measured on these
@@ -96,3 +96,34 @@ def test_family_quantize_run_save_reload(name, tmp_path):
     reloaded = family.cls.from_pretrained(tmp_path / "q")
     assert _quantized_names(reloaded) == quantized
     assert torch.equal(output(reloaded, inputs), y)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_family_takes_a_lora(name, tmp_path):
+    """A LoRA on every quantized linear loads through the model's own diffusers call (``load_lora_adapter``),
+    changes the output, fuses into the low-rank branch and unfuses, and unloading gives the same bits back."""
+    family = FAMILIES[name]
+    torch.manual_seed(0)
+    family.build().save_pretrained(tmp_path / "fp32")
+    model = family.cls.from_pretrained(
+        tmp_path / "fp32", dtype=torch.bfloat16, quantization_config=SVDQuantConfig(rank=8)
+    )
+    if not hasattr(model, "load_lora_adapter"):
+        pytest.skip(f"{family.cls.__name__} has no load_lora_adapter (not a diffusers PEFT model)")
+    inputs = family.inputs(torch.bfloat16)
+    y = output(model, inputs)
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for n, m in model.named_modules():
+        if isinstance(m, SVDQuantLinear):
+            sd[f"{n}.lora_A.weight"] = (torch.randn(4, m.in_features, generator=g) / m.in_features**0.5).bfloat16()
+            sd[f"{n}.lora_B.weight"] = (torch.randn(m.out_features, 4, generator=g) * 0.2).bfloat16()
+    model.load_lora_adapter(sd, adapter_name="style", prefix=None)
+    assert sum(isinstance(m, SVDQuantLoraLinear) for m in model.modules()) == len(sd) // 2
+    with_lora = output(model, inputs)
+    assert torch.isfinite(with_lora).all() and rel_err(with_lora, y) > 1e-3
+    model.fuse_lora()
+    assert torch.isfinite(output(model, inputs)).all()
+    model.unfuse_lora()
+    model.unload_lora()
+    assert torch.equal(output(model, inputs), y)
