@@ -98,6 +98,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     procs = Processes()
     start = time.perf_counter()
     stats = _run_calibration(args, procs, SVDQuantConfig(rank=args.rank))
+    procs.close()
     if procs.rank == 0:
         stats.save(args.out, include_samples=args.include_samples)
         print(_summary(stats, time.perf_counter() - start))
@@ -142,6 +143,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             print(_summary(calibration, time.perf_counter() - start))
     elif args.calibration is not None:
         calibration = str(args.calibration)
+    procs.close()  # the rest runs on rank 0 alone
     if procs.rank != 0:
         return 0
     config = SVDQuantConfig(rank=args.rank, calibration=calibration)
@@ -187,6 +189,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print("note: the statistics file has no samples (--include-samples): no per-layer errors")
     else:
         stats = _run_calibration(args, procs, SVDQuantConfig(rank=args.rank))
+    procs.close()  # the rest runs on rank 0 alone
     if procs.rank != 0:
         return 0
     prompts = _read_prompts(args.eval_prompts, args.num_eval_prompts, EVAL_PROMPTS)

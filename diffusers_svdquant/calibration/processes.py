@@ -39,3 +39,16 @@ class Processes:
             return list(range(n))
         with self.state.split_between_processes(list(range(n))) as part:
             return list(part)
+
+    def close(self) -> None:
+        """Leave the process group once the collective work is done, on every rank: a barrier (all ranks are
+        past their last collective), then ``destroy_process_group``. A rank that exits with the group still up
+        while another still runs can abort in gloo's teardown ("terminate called without an active exception",
+        exit code -6). The rank and world stay as they were; no collective may follow."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
