@@ -7,7 +7,7 @@ input (the weights are frozen: the QLoRA workflow trains adapters on top), and t
 
 The CPU kernel has two regimes (docs/design.md §4, "W4A16 on CPU"):
 
-* up to :data:`GEMV_MAX_ROWS` rows (4 in bfloat16, 16 in float32 / float16), one native call streams
+* up to :data:`GEMV_MAX_ROWS` rows (12 in bfloat16, 16 in float32 / float16), one native call streams
   the 4-bit weights once and computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up
   to summation order;
 * more rows are compute-bound: the weight is dequantized natively in panels of columns
@@ -25,8 +25,10 @@ from . import native
 
 # Rows up to which the native float32 kernel is faster than dequantized panels + torch.mm, per input dtype
 # (measured on an AMX Xeon, benchmarks/bench_w4a16_cpu.py: bfloat16 panels ride torch's AMX kernels,
-# float32 ones its much slower float32 GEMM).
-GEMV_MAX_ROWS = {torch.bfloat16: 4, torch.float16: 16, torch.float32: 16}
+# float32 ones its much slower float32 GEMM). bfloat16, with the codes prefetched: native 6.2 / 7.2 / 10.1 ms
+# vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
+# 6.2 / 6.7).
+GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
 # Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
 # in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
 PANEL_BYTES = 8 << 20
