@@ -26,7 +26,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from models import TINY_MODELS, run
 
 import diffusers_svdquant
-from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, hub
+from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, W4A16Linear, hub
 from diffusers_svdquant.apps import cli
 
 TOKEN = "hf_alice_write"
@@ -123,6 +123,9 @@ def test_model_card_metadata_parses(server, fluxq, tmp_path):
     assert q["checkpoint_bytes"] == (folder / "diffusion_pytorch_model.safetensors").stat().st_size
     assert q["quality"] == {"relative error vs bf16": 0.0123}
     assert q["quantized_layers"] == sum(isinstance(m, SVDQuantLinear) for m in fluxq.modules())
+    # The AdaLN linears are weight-only: counted, tagged and named in the card.
+    assert q["weight_only_layers"] == sum(isinstance(m, W4A16Linear) for m in fluxq.modules()) > 0
+    assert "w4a16" in meta["tags"] and f"{q['weight_only_layers']} weight-only W4A16" in card.text
     snippet = hub.load_snippet("alice/carded", "FluxTransformer2DModel")
     assert f"```python\n{snippet}\n```" in card.text
     # The snippet is the exact code that loads it.

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import SVDQuantConfig
 from ..integrations.peft import fused_loras as layer_fused_loras
-from ..linear import SVDQuantLinear
+from ..linear import SVDQuantLinear, W4A16Linear
 from .checksums import write_checksums
 
 DEFAULT_TAGS = ("svdquant", "4-bit", "w4a4", "int4", "quantized", "diffusers")
@@ -151,10 +151,12 @@ def model_card(
     class_name = type(obj).__name__
     dense, quant = weight_sizes(obj)
     layers = sum(isinstance(m, SVDQuantLinear) for mod in modules.values() for m in mod.modules())
+    weight_only = sum(isinstance(m, W4A16Linear) for mod in modules.values() for m in mod.modules())
 
     meta: dict[str, Any] = {
         "config": next(iter(quantized.values())) if len(quantized) == 1 else quantized,
         "quantized_layers": layers,
+        "weight_only_layers": weight_only,
         "calibration": calibration,
         "bytes_16bit": dense,
         "bytes_quantized": quant,
@@ -169,7 +171,7 @@ def model_card(
         base_model=base_model,
         library_name="diffusers",
         pipeline_tag="text-to-image" if pipeline else None,
-        tags=list(dict.fromkeys([*DEFAULT_TAGS, *extra_tags])),
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *(["w4a16"] if weight_only else []), *extra_tags])),
         svdquant=meta,
     )
 
@@ -216,7 +218,12 @@ def model_card(
     ]
     if checkpoint_bytes is not None:
         body.append(f"| checkpoint files | {checkpoint_bytes:,} |")
-    body += ["", f"{dense / max(quant, 1):.2f}x smaller; {layers} linear layers quantized.", ""]
+    body += [
+        "",
+        f"{dense / max(quant, 1):.2f}x smaller; {layers} linear layers quantized ({layers - weight_only} W4A4, "
+        f"{weight_only} weight-only W4A16).",
+        "",
+    ]
     body += _lora_section(loras, _widened_layers(modules))
     if quality:
         body += ["## Quality", "", "| measure | value |", "|---|---|"]
