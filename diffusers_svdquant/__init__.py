@@ -25,8 +25,8 @@ from .integrations.layers import dequantize_, quantize_
 
 try:
     from .integrations.peft import SVDQuantLoraLinear, register_peft
-except ImportError as e:  # peft (or the transformers it imports) unusable: quantization works, LoRA does not
-    PEFT_IMPORT_ERROR: ImportError | None = e
+except Exception as e:  # peft (or the transformers it imports) unusable: quantization still works, LoRA does not
+    PEFT_IMPORT_ERROR: Exception | None = e
     SVDQuantLoraLinear = None  # type: ignore[assignment,misc]
 
     def register_peft() -> None:
