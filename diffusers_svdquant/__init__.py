@@ -22,18 +22,7 @@ from .config import (
 )
 from .integrations.diffusers_quantizer import SVDQuantDiffusersQuantizer
 from .integrations.layers import dequantize_, quantize_
-
-try:
-    from .integrations.peft import SVDQuantLoraLinear, register_peft
-except Exception as e:  # peft (or the transformers it imports) unusable: quantization still works, LoRA does not
-    PEFT_IMPORT_ERROR: Exception | None = e
-    SVDQuantLoraLinear = None  # type: ignore[assignment,misc]
-
-    def register_peft() -> None:
-        """PEFT is unavailable here (see ``PEFT_IMPORT_ERROR``): nothing to register."""
-
-else:
-    PEFT_IMPORT_ERROR = None
+from .integrations.peft_hook import install_when_imported
 from .integrations.registration import register
 from .integrations.transformers_quantizer import SVDQuantHfQuantizer
 from .linear import SVDQuantLinear, W4A16Linear
@@ -61,4 +50,25 @@ __all__ = [
 ]
 
 register()
-register_peft()
+install_when_imported()
+
+
+def register_peft() -> None:
+    """Install the PEFT integration now (importing peft) rather than when peft is first imported; raises what
+    importing it raises. Idempotent."""
+    from .integrations.peft import register_peft as install
+
+    install()
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: importing peft (for SVDQuantLoraLinear) costs 0.5 s, and installs the integration as it happens.
+    if name == "SVDQuantLoraLinear":
+        from .integrations.peft import SVDQuantLoraLinear
+
+        return SVDQuantLoraLinear
+    if name == "PEFT_IMPORT_ERROR":
+        from .integrations import peft_hook
+
+        return peft_hook.install_error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import subprocess
+import sys
 
 import diffusers
 import peft
@@ -490,3 +492,21 @@ def test_unfused_loras_compile_fullgraph(quantized_dirs):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     got = run(compiled, TINY_MODELS["flux"].inputs(DTYPE))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_integration_installs_when_peft_is_first_imported():
+    """Importing the package does not import peft (0.5 s, and transformers' model code); the first import of peft's
+    LoRA package, by any entry point, installs the integration. Run in a fresh process: this one imported peft."""
+    code = (
+        "import sys, torch\n"
+        "import diffusers_svdquant\n"
+        "assert 'peft' not in sys.modules\n"
+        "from peft import LoraConfig, inject_adapter_in_model\n"
+        "from diffusers_svdquant import SVDQuantLinear\n"
+        "model = torch.nn.Sequential(SVDQuantLinear.from_linear(torch.nn.Linear(64, 32), 4))\n"
+        "inject_adapter_in_model(LoraConfig(r=2, target_modules=['0']), model)\n"
+        "assert type(model[0]).__name__ == 'SVDQuantLoraLinear', type(model[0])\n"
+        "assert diffusers_svdquant.PEFT_IMPORT_ERROR is None\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,9 +2,10 @@
 
 PEFT wraps each targeted layer in a ``LoraLayer`` chosen by ``LoraModel._create_new_module``, a first-match list of
 dispatchers that knows ``nn.Linear`` and a few quantized layer kinds but not :class:`SVDQuantLinear`.
-:func:`register_peft` (run on ``import diffusers_svdquant``) puts one check in front of that list: a target whose
-base layer is an :class:`SVDQuantLinear` becomes an :class:`SVDQuantLoraLinear`; every other layer (those kept
-16-bit included) goes to PEFT's own dispatchers unchanged. This hook is the one every entry point passes through —
+:func:`register_peft` (installed by :mod:`.peft_hook` when peft's LoRA package is first imported) puts one check
+in front of that list: a target whose base layer is an :class:`SVDQuantLinear` becomes an
+:class:`SVDQuantLoraLinear`; every other layer (those kept 16-bit included) goes to PEFT's own dispatchers
+unchanged. This hook is the one every entry point passes through —
 diffusers' ``load_lora_adapter`` (which builds its ``LoraConfig`` itself), transformers' ``load_adapter``,
 ``add_adapter``, ``inject_adapter_in_model`` and ``get_peft_model`` — whereas ``LoraConfig._register_custom_module``
 only reaches configs the caller builds.
