@@ -547,6 +547,16 @@ def test_wrapper_forced_path(fake_native, name, m, code):
     assert fake_native.calls[-1]["path"] == code
 
 
+def test_wrapper_reference_path_skips_the_kernels(fake_native):
+    """SVDQ_CUDA_W4A16=reference: the op runs reference.linear_w4a16, no native call (the way around the
+    kernels until they have run on a GPU)."""
+    ops.set_cuda_w4a16_path("reference")
+    assert ops.cuda_w4a16_path() == "reference"
+    args = _w4a16_args(3, 8, 64, 2, True, torch.bfloat16)
+    torch.testing.assert_close(cuda_w4a16.linear_w4a16_cuda(*args), reference.linear_w4a16(*args), rtol=0, atol=0)
+    assert not fake_native.calls
+
+
 def test_wrapper_rejects_unknown_path():
     with pytest.raises(ValueError, match="unknown W4A16 CUDA path 'fast'"):
         ops.set_cuda_w4a16_path("fast")

@@ -6,7 +6,9 @@ that streams the 4-bit codes once with float32 FMAs, above that an mma.sync GEMM
 (float32 accumulators). x float32, mixed float dtypes, K = 0, or a ``_C`` / device that cannot run the kernels
 go through :func:`diffusers_svdquant.reference.linear_w4a16` (said once).
 
-Environment: ``SVDQ_CUDA_W4A16=auto|gemv|gemm`` forces the kernel at import (``gemv`` only up to 16 rows).
+Environment: ``SVDQ_CUDA_W4A16=auto|gemv|gemm|reference`` forces the kernel at import (``gemv`` only up to 16
+rows); ``reference`` runs ``reference.linear_w4a16`` on the GPU instead of the native kernels, a way around them
+should they misbehave on a GPU they have not been run on yet.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from .cuda import _aligned, _cuda_ready, _same_device
 from .weight_only import check_linear_w4a16_args, linear_w4a16
 
 GEMV_MAX_ROWS = 16  # svdq::cuda::kW4A16GemvMaxRows
-_PATHS = {"auto": 0, "gemv": 1, "gemm": 2}
+_PATHS = {"auto": 0, "gemv": 1, "gemm": 2, "reference": -1}  # the kernels' path codes; -1: no kernel
 _path = 0
 _sms: dict[int, int] = {}
 
 
 def set_cuda_w4a16_path(name: str) -> None:
-    """Force the W4A16 CUDA kernel: ``"auto"`` (GEMV up to 16 rows, GEMM above), ``"gemv"`` or ``"gemm"``."""
+    """Force the W4A16 CUDA kernel: ``"auto"`` (GEMV up to 16 rows, GEMM above), ``"gemv"`` or ``"gemm"``; or
+    ``"reference"``: no native kernel, ``reference.linear_w4a16`` on the GPU."""
     global _path
     if name not in _PATHS:
         raise ValueError(f"unknown W4A16 CUDA path {name!r}; expected one of {sorted(_PATHS)}")
@@ -44,7 +47,7 @@ if os.environ.get("SVDQ_CUDA_W4A16"):
 
 
 def cuda_w4a16_path() -> str:
-    """The forced W4A16 kernel (``"auto"``, ``"gemv"`` or ``"gemm"``)."""
+    """The forced W4A16 kernel (``"auto"``, ``"gemv"``, ``"gemm"`` or ``"reference"``)."""
     return {v: k for k, v in _PATHS.items()}[_path]
 
 
@@ -110,7 +113,7 @@ def linear_w4a16_cuda(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bi
         lora_down=lora_down, lora_up=lora_up, bias=bias,
     )  # fmt: skip
     args = (x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
-    if not _cuda_ready("linear_w4a16", x.device):
+    if _path == _PATHS["reference"] or not _cuda_ready("linear_w4a16", x.device):
         return reference.linear_w4a16(*args)
     if not _native_inputs(*args):
         native.warn_once(
