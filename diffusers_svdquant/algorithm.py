@@ -266,9 +266,8 @@ def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
     """The float32 weight ``[N, K]`` that a :class:`QuantizedWeight` represents in the original
     (unsmoothed) input space: ``(Q⁻¹(qweight) + lora_up @ lora_down.T) / λ``."""
     unpack = reference.unpack_int4 if q.wmins is None else reference.unpack_uint4
-    residual = dequantize_codes(unpack(q.qweight), q.wscales, q.wmins)
-    w_hat = residual + q.lora_up.float() @ q.lora_down.float().t()
-    return w_hat / q.smooth.float().unsqueeze(0)
+    return reference.effective_weight(dequantize_codes(unpack(q.qweight), q.wscales, q.wmins), q.smooth,
+                                      q.lora_down, q.lora_up)  # fmt: skip
 
 
 # The (α, 1 − α) family on a step of 0.1, as SmoothQuant / DeepCompressor search it, plus

@@ -154,6 +154,24 @@ def dequantize_groups_affine(codes: torch.Tensor, scales: torch.Tensor, mins: to
     return (q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).reshape(*lead, k)
 
 
+def effective_weight(
+    residual: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor
+) -> torch.Tensor:
+    """The float32 weight ``[N, K]`` a quantized layer applies to its unsmoothed input (activation quantization
+    aside): ``(residual + lora_up @ lora_downᵀ) / smooth`` column-wise.
+
+    Args:
+        residual: float32 ``[N, K]``, the dequantized 4-bit residual (a fresh tensor: it is updated in place).
+        smooth: ``[K]``; lora_down: ``[K, r]``; lora_up: ``[N, r]`` (``r >= 0``), any float dtype.
+
+    Returns:
+        float32 ``[N, K]`` (``residual``'s memory).
+    """
+    if lora_down.shape[-1]:
+        residual = residual.addmm_(lora_up.float(), lora_down.float().t())
+    return residual.div_(smooth.float().unsqueeze(0))
+
+
 def fake_quantize_groups(
     x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype: torch.dtype = torch.float32, inplace: bool = False
 ) -> torch.Tensor:

@@ -264,10 +264,8 @@ def dequantized_w4a4(
     Args are the canonical tensors (docs/design.md §2): uint8 ``[N, K/2]``, ``[N, K/64]``, ``[K]``, ``[K, r]``,
     ``[N, r]``, any float dtype.
     """
-    w = reference.dequantize_groups(reference.unpack_int4(qweight), wscales)
-    if lora_down.shape[-1]:
-        w = w.addmm_(lora_up.float(), lora_down.float().t())
-    return w.div_(smooth.float().unsqueeze(0))
+    residual = reference.dequantize_groups(reference.unpack_int4(qweight), wscales)
+    return reference.effective_weight(residual, smooth, lora_down, lora_up)
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -93,10 +93,8 @@ def _(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias):
 def dequantized_w4a16(qweight, wscales, wmins, smooth, lora_down, lora_up) -> torch.Tensor:
     """Float32 ``[N, K]`` effective weight of a W4A16 layer on the unsmoothed input:
     ``(W + lora_up @ lora_downᵀ) / smooth`` column-wise (what the backward multiplies by)."""
-    w = reference.dequantize_groups_affine(reference.unpack_uint4(qweight), wscales, wmins)
-    if lora_down.shape[-1]:
-        w = w.addmm_(lora_up.float(), lora_down.float().t())
-    return w.div_(smooth.float().unsqueeze(0))
+    residual = reference.dequantize_groups_affine(reference.unpack_uint4(qweight), wscales, wmins)
+    return reference.effective_weight(residual, smooth, lora_down, lora_up)
 
 
 @linear_w4a16.register_kernel("cpu")
