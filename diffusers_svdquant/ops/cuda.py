@@ -12,8 +12,6 @@ every sm_80+ GPU, which is how the Hopper path can be tested on an A100/L40).
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -51,11 +49,7 @@ def set_cuda_mma_path(name: str) -> None:
     _cuda_mma_path = _MMA_PATHS[name]
 
 
-if os.environ.get("SVDQ_CUDA_MMA"):
-    try:
-        set_cuda_mma_path(os.environ["SVDQ_CUDA_MMA"])
-    except ValueError as e:
-        warnings.warn(f"SVDQ_CUDA_MMA ignored: {e}", RuntimeWarning, stacklevel=1)
+native.apply_env("SVDQ_CUDA_MMA", set_cuda_mma_path)
 
 
 def cuda_mma_path(device: torch.device | int | None = None) -> str:

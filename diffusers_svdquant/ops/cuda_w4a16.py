@@ -14,8 +14,6 @@ should they misbehave on a GPU they have not been run on yet.
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 
 import torch
 
@@ -39,11 +37,7 @@ def set_cuda_w4a16_path(name: str) -> None:
     _path = _PATHS[name]
 
 
-if os.environ.get("SVDQ_CUDA_W4A16"):
-    try:
-        set_cuda_w4a16_path(os.environ["SVDQ_CUDA_W4A16"])
-    except ValueError as e:
-        warnings.warn(f"SVDQ_CUDA_W4A16 ignored: {e}", RuntimeWarning, stacklevel=1)
+native.apply_env("SVDQ_CUDA_W4A16", set_cuda_w4a16_path)
 
 
 def cuda_w4a16_path() -> str:

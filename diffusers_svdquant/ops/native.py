@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -76,11 +77,19 @@ def set_cpu_isa(name: str) -> None:
     _C.set_cpu_isa(name)
 
 
-if _C is not None and os.environ.get("SVDQ_CPU_ISA"):
-    try:
-        set_cpu_isa(os.environ["SVDQ_CPU_ISA"])
-    except ValueError as e:
-        warnings.warn(f"SVDQ_CPU_ISA ignored: {e}", RuntimeWarning, stacklevel=1)
+def apply_env(var: str, setter: Callable[[str], None]) -> None:
+    """Call ``setter`` with the environment variable ``var`` when it is set (at import, to force a kernel path);
+    a value the setter refuses with ``ValueError`` is ignored with a warning that names the variable."""
+    value = os.environ.get(var)
+    if value:
+        try:
+            setter(value)
+        except ValueError as e:
+            warnings.warn(f"{var} ignored: {e}", RuntimeWarning, stacklevel=2)
+
+
+if _C is not None:
+    apply_env("SVDQ_CPU_ISA", set_cpu_isa)
 
 
 def in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
