@@ -21,7 +21,14 @@ import time
 import torch
 from diffusers import FluxTransformer2DModel
 
-from diffusers_svdquant import DEFAULT_MODULES_TO_NOT_CONVERT, SVDQuantConfig, SVDQuantLinear, W4A16Linear, ops
+from diffusers_svdquant import (
+    DEFAULT_MODULES_TO_NOT_CONVERT,
+    DEFAULT_WEIGHT_ONLY_MODULES,
+    SVDQuantConfig,
+    SVDQuantLinear,
+    W4A16Linear,
+    ops,
+)
 from diffusers_svdquant.apps.model_zoo import flux_shaped
 from diffusers_svdquant.denoisers import model_inputs, timestep_value
 
@@ -69,7 +76,7 @@ def main() -> None:
             "default (AdaLN W4A16)": SVDQuantConfig(rank=args.rank),
             "AdaLN 16-bit (until v3)": SVDQuantConfig(
                 rank=args.rank,
-                modules_to_not_convert=[*DEFAULT_MODULES_TO_NOT_CONVERT, "*norm*"],
+                modules_to_not_convert=[*DEFAULT_MODULES_TO_NOT_CONVERT, *DEFAULT_WEIGHT_ONLY_MODULES],
                 weight_only_modules=[],
             ),
             "AdaLN W4A4": SVDQuantConfig(rank=args.rank, weight_only_modules=[]),
