@@ -666,6 +666,28 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       "GOP/s (2 ops per u8 x s8 product) on num_threads threads of a tight loop of the selected path's\n"
       "int8 instruction: vpdpbusd on the VNNI paths, vpmaddubsw+vpmaddwd otherwise (avx2 or generic).");
   m.def(
+      "first_nonfinite",
+      [](const std::vector<int64_t>& data, const std::vector<int64_t>& numel, const std::vector<int64_t>& dtypes,
+         int64_t num_threads) -> int64_t {
+        const char* fn = "first_nonfinite";
+        if (data.size() != numel.size() || data.size() != dtypes.size())
+          fail("first_nonfinite: data, numel and dtypes must have the same length");
+        check_threads(fn, num_threads);
+        std::vector<const void*> ptrs(data.size());
+        std::vector<DType> codes(data.size());
+        for (size_t b = 0; b < data.size(); ++b) {
+          check_size(fn, "numel", numel[b]);
+          check_ptr(fn, "data", static_cast<uintptr_t>(data[b]), numel[b]);
+          check_dtype(fn, "dtypes", dtypes[b]);
+          ptrs[b] = reinterpret_cast<const void*>(data[b]);
+          codes[b] = static_cast<DType>(dtypes[b]);
+        }
+        py::gil_scoped_release release;
+        return svdq::cpu::first_nonfinite(ptrs, numel, codes, static_cast<int>(num_threads));
+      },
+      py::arg("data"), py::arg("numel"), py::arg("dtypes"), py::arg("num_threads"),
+      "Index of the first contiguous buffer (data_ptr, numel, dtype code) holding NaN or +-inf, or -1.");
+  m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
       "The CPU instruction path in use: 'generic', 'avx2', ...");
   m.def("supported_cpu_isas", &svdq::cpu::supported_isas,

@@ -356,3 +356,63 @@ def test_quantize_act_bad_arguments(override, names):
     msg = str(info.value)
     for name in names:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?!\w)", msg), f"{name!r} not named in: {msg}"
+
+
+# --- first_nonfinite: the load-time integrity scan -------------------------------------------------------
+
+# Bit patterns per dtype: (non-finite ones, finite extremes), so the scan is checked on its exponent test,
+# not only on torch's nan / inf.
+_NONFINITE_BITS = {
+    torch.float32: ([0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF], [0x7F7FFFFF, 0xFF7FFFFF, 0x1]),
+    torch.bfloat16: ([0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFFF], [0x7F7F, 0xFF7F, 0x0001]),
+    torch.float16: ([0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF], [0x7BFF, 0xFBFF, 0x0001]),
+}
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_CHUNK = 1 << 18  # finite.cpp's chunk: the positions around it cross a thread's share
+
+
+def _with_bits(t: torch.Tensor, index: int, bits: int) -> torch.Tensor:
+    width = 32 if t.dtype == torch.float32 else 16
+    signed = bits - (1 << width) if bits >= 1 << (width - 1) else bits
+    t.view(_INT_VIEW[t.dtype]).view(-1)[index] = signed
+    return t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", [0, _CHUNK - 1, _CHUNK, 2 * _CHUNK + 5], ids=lambda w: f"at{w}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_first_nonfinite_finds_every_non_finite_pattern(dtype, where, threads):
+    bad_bits, finite_bits = _NONFINITE_BITS[dtype]
+    tensors = [torch.randn(7, dtype=dtype), torch.randn(2 * _CHUNK + 6, dtype=dtype), torch.randn(3, dtype=dtype)]
+    for i, bits in enumerate(finite_bits):
+        _with_bits(tensors[1], where + i if where + i < tensors[1].numel() else i, bits)
+    ptrs, numel, codes = [t.data_ptr() for t in tensors], [t.numel() for t in tensors], [DTYPE_CODE[dtype]] * 3
+    assert _C.first_nonfinite(ptrs, numel, codes, threads) == -1
+    for bits in bad_bits:
+        t = tensors[1].clone()
+        _with_bits(t, where, bits)
+        assert _C.first_nonfinite([ptrs[0], t.data_ptr(), ptrs[2]], numel, codes, threads) == 1, hex(bits)
+        assert _C.first_nonfinite([t.data_ptr(), t.data_ptr()], [numel[1]] * 2, codes[:2], threads) == 0
+
+
+def test_first_nonfinite_mixed_dtypes_strided_and_empty():
+    from diffusers_svdquant import ops
+
+    finite = [torch.randn(5, 3).t(), torch.zeros(0), torch.randn(64, dtype=torch.bfloat16)]
+    assert ops.first_nonfinite(finite) == -1
+    assert ops.first_nonfinite([]) == -1
+    for i, value in ((0, float("nan")), (2, float("inf"))):
+        tensors = [t.clone() for t in finite]  # tensors[0] stays strided: the torch fallback path
+        tensors[i][(-1,) * tensors[i].dim()] = value
+        assert ops.first_nonfinite(tensors) == i
+    # Strided finite values whose norm overflows float32 are finite (the fallback's exact re-check).
+    assert ops.first_nonfinite([torch.full((4, 2), 3e38)[:, 0]]) == -1
+
+
+def test_first_nonfinite_bad_input():
+    with pytest.raises(ValueError, match="first_nonfinite: data, numel and dtypes must have the same length"):
+        _C.first_nonfinite([0], [], [0], 1)
+    with pytest.raises(ValueError, match="first_nonfinite: data is a null pointer but holds 4 elements"):
+        _C.first_nonfinite([0], [4], [0], 1)
+    with pytest.raises(ValueError, match="first_nonfinite: dtypes must be 0"):
+        _C.first_nonfinite([8], [0], [3], 1)

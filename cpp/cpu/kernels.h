@@ -144,4 +144,9 @@ std::vector<std::string> known_isas();
 // Selects a path by name. Returns false (and changes nothing) if it is unknown or unsupported.
 bool set_isa(const std::string& name);
 
+// finite.cpp (no ISA flags): index of the first buffer holding NaN or ±inf, or -1. data[b] holds numel[b]
+// elements of dtypes[b]; num_threads >= 1.
+int64_t first_nonfinite(const std::vector<const void*>& data, const std::vector<int64_t>& numel,
+                        const std::vector<DType>& dtypes, int num_threads);
+
 }  // namespace svdq::cpu

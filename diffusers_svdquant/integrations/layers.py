@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import algorithm
+from .. import algorithm, ops
 from ..calibration import CalibrationStats, load_calibration
 from ..config import (
     DEFAULT_MODULES_TO_NOT_CONVERT,
@@ -411,9 +411,8 @@ def check_finite(model: nn.Module) -> None:
     """Refuse a quantized model whose scales or 16-bit tensors hold NaN or infinity (a damaged checkpoint:
     its outputs would be all NaN), naming the layer and tensor.
 
-    One fused norm over every such tensor (NaN and infinity propagate into it) is the whole cost for a
-    sound model; only a non-finite norm, which a 16-bit norm can also reach by overflowing, is followed by
-    the exact per-tensor check.
+    One pass of ``ops.first_nonfinite`` over every such tensor (a native scan of the raw bits on the CPU),
+    so the check costs about one read of those tensors, which their first use would pay anyway.
     """
     owners, tensors = [], []
     for name, module in model.named_modules():
@@ -422,13 +421,12 @@ def check_finite(model: nn.Module) -> None:
                 if t.is_floating_point() and t.device.type != "meta":
                     owners.append((name, t_name))
                     tensors.append(t.detach())
-    if not tensors or torch.isfinite(torch.nn.utils.get_total_norm(tensors)):
-        return
-    for (name, t_name), t in zip(owners, tensors, strict=True):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"svdquant: layer {name!r} holds NaN or infinite values in {t_name}: the checkpoint is damaged"
-            )
+    bad = ops.first_nonfinite(tensors)
+    if bad >= 0:
+        name, t_name = owners[bad]
+        raise ValueError(
+            f"svdquant: layer {name!r} holds NaN or infinite values in {t_name}: the checkpoint is damaged"
+        )
 
 
 def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -25,6 +25,7 @@ from .cuda import (
 from .cuda_w4a16 import cuda_w4a16_path, set_cuda_w4a16_path
 from .native import (
     cpu_isa,
+    first_nonfinite,
     int8_peak_gops,
     known_cpu_isas,
     native_available,
@@ -41,6 +42,7 @@ __all__ = [
     "cuda_mma_path",
     "cuda_w4a16_path",
     "dequantized_w4a4",
+    "first_nonfinite",
     "gemm_w4a4",
     "gemm_w4a4_mma",
     "int8_peak_gops",

@@ -108,3 +108,37 @@ def int8_peak_gops(num_threads: int | None = None) -> float:
     if _C is None or "avx2" not in _C.supported_cpu_isas():
         return 0.0
     return _C.int8_peak_gops(torch.get_num_threads() if num_threads is None else num_threads)
+
+
+def first_nonfinite(tensors: list[torch.Tensor]) -> int:
+    """Index of the first tensor holding NaN or ±inf, or -1 when every one is finite.
+
+    ``tensors``: floating-point tensors of any shape (float32, bfloat16 or float16 on the CPU take the
+    native scan of their raw bits, one pass at memory speed over all threads; anything else, e.g. CUDA or
+    strided tensors, takes one fused torch norm, followed by a per-tensor check only when it is not finite).
+    """
+    native = [
+        _C is not None and t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.is_contiguous() for t in tensors
+    ]
+    if any(native):
+        picked = [t for t, n in zip(tensors, native, strict=True) if n]
+        hit = _C.first_nonfinite(
+            [t.data_ptr() for t in picked],
+            [t.numel() for t in picked],
+            [DTYPE_CODES[t.dtype] for t in picked],
+            torch.get_num_threads(),
+        )
+        native_bad = [i for i, n in enumerate(native) if n][hit] if hit >= 0 else len(tensors)
+    else:
+        native_bad = len(tensors)
+    rest = [t for t, n in zip(tensors, native, strict=True) if not n]
+    rest_bad = len(tensors)
+    # NaN and infinity propagate into a norm; a finite 16-bit tensor can only overflow it, which the exact
+    # per-tensor check below then clears.
+    if rest and not torch.isfinite(torch.nn.utils.get_total_norm(rest)):
+        rest_bad = next(
+            (i for i, (t, n) in enumerate(zip(tensors, native, strict=True)) if not n and not torch.isfinite(t).all()),
+            len(tensors),
+        )
+    bad = min(native_bad, rest_bad)
+    return -1 if bad == len(tensors) else bad
