@@ -198,8 +198,8 @@ def test_a_hub_repo_id_or_an_existing_folder_is_not_refused(tmp_path, monkeypatc
 
 def test_quantize_out_folder_gets_the_umask_mode(tmp_path):
     """--out is built in a temporary folder and renamed into place: its folders must end with the mode a plain
-    mkdir gives under the umask, not mkdtemp's private 0700. (Files are not compared: safetensors 0.8 writes its
-    files 0600 whatever the umask, as plain ``save_pretrained`` does; safetensors issue #782.)"""
+    mkdir gives under the umask, not mkdtemp's private 0700, and its files the mode a plain open() gives, not the
+    0600 that safetensors 0.8 (issue #782) and mkstemp create files with."""
     from models import TINY_MODELS
 
     model = tmp_path / "model16"
@@ -215,3 +215,7 @@ def test_quantize_out_folder_gets_the_umask_mode(tmp_path):
     expected = oct(stat.S_IMODE((tmp_path / "ref").stat().st_mode))
     for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
         assert oct(stat.S_IMODE(folder.stat().st_mode)) == expected, folder
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".safetensors", ".json", ".md"}
+    for path in files:
+        assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(0o640), path

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..filemodes import as_new_files
+
 logger = logging.getLogger(__name__)
 
 FILE_FORMAT = "svdquant-calibration"
@@ -124,6 +126,7 @@ class CalibrationStats:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            as_new_files([tmp])
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

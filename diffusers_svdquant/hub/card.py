@@ -14,6 +14,7 @@ from huggingface_hub import (
 from torch import nn
 
 from ..config import SVDQuantConfig
+from ..filemodes import as_new_files
 from ..integrations.peft import fused_loras as layer_fused_loras
 from ..linear import SVDQuantLinear, W4A16Linear
 from .checksums import write_checksums
@@ -274,6 +275,7 @@ def save_quantized(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     obj.save_pretrained(target, **kwargs)
+    as_new_files(_weight_files(target))
     ckpt = sum(p.stat().st_size for p in _weight_files(root))
     card = model_card(
         obj,

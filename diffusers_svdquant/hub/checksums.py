@@ -16,6 +16,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
+from ..filemodes import as_new_files
+
 CHECKSUM_FILE = "svdquant_checksums.json"
 _FORMAT = "svdquant-checksums"
 
@@ -49,7 +51,7 @@ def write_checksums(folder: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o644)
+        as_new_files([tmp])
         os.replace(tmp, root / CHECKSUM_FILE)
     except BaseException:
         if os.path.exists(tmp):
