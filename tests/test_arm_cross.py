@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -53,14 +55,21 @@ pytestmark = pytest.mark.skipif(
 def arm_build(tmp_path_factory) -> Path:
     """The kernels library and isa_check, configured and built for aarch64 in a temporary directory."""
     build = tmp_path_factory.mktemp("build-aarch64")
+    _cmake_build(["-DSVDQ_KERNELS_ONLY=ON", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"], build)
+    return build
+
+
+def _cmake_build(source_args: list[str], build: Path, *targets: str) -> None:
     configure = [CMAKE, "-S", str(ROOT), "-B", str(build), "-DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake"]
-    configure += ["-DSVDQ_KERNELS_ONLY=ON", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"]
+    configure += source_args
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
-    for cmd in (configure, [CMAKE, "--build", str(build), "-j", str(os.cpu_count() or 2)]):
+    compile_ = [CMAKE, "--build", str(build), "-j", str(os.cpu_count() or 2)]
+    for t in targets:
+        compile_ += ["--target", t]
+    for cmd in (configure, compile_):
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return build
 
 
 def _qemu(build: Path, cpu: str, *args: str) -> subprocess.CompletedProcess:
@@ -76,8 +85,7 @@ def test_cmake_picks_the_arm_sources_with_their_flags(arm_build):
     assert "-march=armv8.2-a+dotprod" in flags["gemm_dotprod.cpp"]
     # The dispatcher and the NEON quantize_act run on any AArch64 CPU: no -march there.
     assert "-march" not in flags["dispatch.cpp"] and "-march" not in flags["quantize_neon.cpp"]
-    header = (arm_build / "isa_check").read_bytes()[:20]
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
+    assert _is_aarch64_elf(arm_build / "isa_check")
 
 
 @pytest.mark.parametrize(
@@ -103,3 +111,22 @@ def test_every_arm_path_matches_generic_under_qemu(arm_build):
     for path in paths[1:]:
         assert f"OK {path}:" in out.stdout, out.stdout
     assert f"checked {len(paths) - 1} paths" in out.stdout
+
+
+def _is_aarch64_elf(path: Path) -> bool:
+    header = path.read_bytes()[:20]
+    return header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
+
+
+def test_the_python_module_compiles_for_aarch64(tmp_path):
+    """What ``pip install`` builds on an Arm Linux machine: the whole _C (bindings.cpp included), configured by
+    the same CMakeLists.txt, compiled and linked for aarch64. There are no aarch64 CPython headers here, so it
+    compiles against this interpreter's: CPython 3.11's public headers differ between x86-64 and aarch64 Linux
+    only in pyconfig.h lines the extension does not use (both LP64, little-endian, glibc). The module cannot be
+    imported here (no aarch64 Python); its kernels are run by the test above."""
+    pybind11 = pytest.importorskip("pybind11", reason="the test extra's pybind11 (pip install -e '.[test]')")
+    args = ["-DSVDQUANT_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}"]
+    args += [f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    _cmake_build(args, tmp_path, "_C")
+    modules = list((tmp_path / "diffusers_svdquant").glob("_C*.so"))
+    assert len(modules) == 1 and _is_aarch64_elf(modules[0])
