@@ -7,7 +7,8 @@
 // of 4 columns x 4 codes; `sdot v, w, x.4b[l]` multiplies each by the 4 activation codes in lane l of a
 // row's 16-code vector, so the 32-bit lanes are columns and no horizontal sum is needed. The micro-kernel
 // runs kRows rows x 16 columns: kRows x 4 int32 accumulators, one 16-byte activation load per row per 4
-// steps, four weight loads per step shared by the rows.
+// steps, four weight loads per step shared by the rows. Per group and 4-column vector the float work is a
+// zeroing, a convert, a multiply (s_x · s_w) and an fma against 16 sdot: benchmarks/bench_arm_mca.py.
 #include <arm_neon.h>
 
 #include <cstring>
@@ -26,10 +27,9 @@ namespace svdq::cpu::dotprod {
 
 namespace {
 
-#ifndef SVDQ_NEON_ROWS
-#define SVDQ_NEON_ROWS 4
-#endif
-constexpr int kRows = SVDQ_NEON_ROWS;
+// 2 rows: 8 int32 and 8 float accumulators, 2 activation and 4 weight vectors fit the 32 registers, so the
+// float sums stay in registers over K (4 rows would keep them in memory, a load and a store each per group).
+constexpr int kRows = 2;
 
 void pack_codes(const GemmArgs& a, int64_t t, int8_t* wq) {
   const int64_t G = a.K / kGroupSize, KH = a.K / 2;
@@ -61,30 +61,73 @@ inline void dot_step(int32x4_t (&d)[MR][4], const int8x16_t (&x)[MR], const int8
   }
 }
 
+// The integer sums of one group for 2 rows, in asm: from the same intrinsics GCC 12 keeps the sums in
+// registers but adds a register move for every other sdot chain, 10% of the vector pipes. x0, x1: the rows'
+// 64 codes in split order; w: the group's 1024 weight bytes; d[r * 4 + j]: row r, columns 4j .. 4j + 3.
+#define SVDQ_DOT_ROW(XR, D0, D1, D2, D3, L)          \
+  "sdot %[" D0 "].4s, %[w0].16b, %[" XR "].4b[" L "]\n\t" \
+  "sdot %[" D1 "].4s, %[w1].16b, %[" XR "].4b[" L "]\n\t" \
+  "sdot %[" D2 "].4s, %[w2].16b, %[" XR "].4b[" L "]\n\t" \
+  "sdot %[" D3 "].4s, %[w3].16b, %[" XR "].4b[" L "]\n\t"
+#define SVDQ_DOT_STEP(OFF, OFF32, L)                          \
+  "ldp %q[w0], %q[w1], [%[w], #" OFF "]\n\t"                   \
+  "ldp %q[w2], %q[w3], [%[w], #" OFF32 "]\n\t"                 \
+  SVDQ_DOT_ROW("xa", "d0", "d1", "d2", "d3", L) SVDQ_DOT_ROW("xb", "d4", "d5", "d6", "d7", L)
+#define SVDQ_DOT_QUAD(XOFF, O0, O1, O2, O3, O4, O5, O6, O7)                                  \
+  "ldr %q[xa], [%[x0], #" XOFF "]\n\t"                                                       \
+  "ldr %q[xb], [%[x1], #" XOFF "]\n\t"                                                       \
+  SVDQ_DOT_STEP(O0, O1, "0") SVDQ_DOT_STEP(O2, O3, "1") SVDQ_DOT_STEP(O4, O5, "2") SVDQ_DOT_STEP(O6, O7, "3")
+
+inline void group_sums_2rows(const int8_t* x0, const int8_t* x1, const int8_t* w, int32x4_t (&d)[8]) {
+  int8x16_t xa, xb, w0, w1, w2, w3;
+  __asm__(
+      "movi %[d0].4s, #0\n\tmovi %[d1].4s, #0\n\tmovi %[d2].4s, #0\n\tmovi %[d3].4s, #0\n\t"
+      "movi %[d4].4s, #0\n\tmovi %[d5].4s, #0\n\tmovi %[d6].4s, #0\n\tmovi %[d7].4s, #0\n\t"
+      SVDQ_DOT_QUAD("0", "0", "32", "64", "96", "128", "160", "192", "224")
+      SVDQ_DOT_QUAD("16", "256", "288", "320", "352", "384", "416", "448", "480")
+      SVDQ_DOT_QUAD("32", "512", "544", "576", "608", "640", "672", "704", "736")
+      SVDQ_DOT_QUAD("48", "768", "800", "832", "864", "896", "928", "960", "992")
+      : [d0] "=&w"(d[0]), [d1] "=&w"(d[1]), [d2] "=&w"(d[2]), [d3] "=&w"(d[3]), [d4] "=&w"(d[4]),
+        [d5] "=&w"(d[5]), [d6] "=&w"(d[6]), [d7] "=&w"(d[7]), [xa] "=&w"(xa), [xb] "=&w"(xb), [w0] "=&w"(w0),
+        [w1] "=&w"(w1), [w2] "=&w"(w2), [w3] "=&w"(w3)
+      : [x0] "r"(x0), [x1] "r"(x1), [w] "r"(w), "m"(*reinterpret_cast<const int8_t(*)[kGroupSize]>(x0)),
+        "m"(*reinterpret_cast<const int8_t(*)[kGroupSize]>(x1)), "m"(*reinterpret_cast<const int8_t(*)[kTileBytes]>(w)));
+}
+#undef SVDQ_DOT_QUAD
+#undef SVDQ_DOT_STEP
+#undef SVDQ_DOT_ROW
+
 template <int MR>
 void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t* wq, const float* sw,
-               float32x4_t (&acc)[MR][4]) {
+               float32x4_t (&acc_out)[MR][4]) {
   const int64_t G = a.K / kGroupSize, K = a.K;
+  float32x4_t acc[MR][4];  // a local copy: registers for the whole K loop, never memory
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = acc_out[r][j];
   for (int64_t g = 0; g < G; ++g) {
 #ifdef SVDQ_MCA_MARKERS
     __asm__ volatile("// LLVM-MCA-BEGIN group");
 #endif
     int32x4_t d[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < 4; ++j) d[r][j] = vdupq_n_s32(0);
     const int8_t* w = wq + g * kTileBytes;
-#if defined(__clang__)
-#pragma clang loop unroll(full)
-#elif defined(__GNUC__)
-#pragma GCC unroll 4
-#endif
-    for (int u = 0; u < 4; ++u) {
-      int8x16_t xv[MR];
-      for (int r = 0; r < MR; ++r) xv[r] = vld1q_s8(x + r * K + g * kGroupSize + 16 * u);
-      dot_step<MR, 0>(d, xv, w + (4 * u + 0) * 64);
-      dot_step<MR, 1>(d, xv, w + (4 * u + 1) * 64);
-      dot_step<MR, 2>(d, xv, w + (4 * u + 2) * 64);
-      dot_step<MR, 3>(d, xv, w + (4 * u + 3) * 64);
+    if constexpr (MR == 2) {
+      int32x4_t d8[8];
+      group_sums_2rows(x + g * kGroupSize, x + K + g * kGroupSize, w, d8);
+      for (int j = 0; j < 4; ++j) {
+        d[0][j] = d8[j];
+        d[1][j] = d8[4 + j];
+      }
+    } else {
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < 4; ++j) d[r][j] = vdupq_n_s32(0);
+      for (int u = 0; u < 4; ++u) {
+        int8x16_t xv[MR];
+        for (int r = 0; r < MR; ++r) xv[r] = vld1q_s8(x + r * K + g * kGroupSize + 16 * u);
+        dot_step<MR, 0>(d, xv, w + (4 * u + 0) * 64);
+        dot_step<MR, 1>(d, xv, w + (4 * u + 1) * 64);
+        dot_step<MR, 2>(d, xv, w + (4 * u + 2) * 64);
+        dot_step<MR, 3>(d, xv, w + (4 * u + 3) * 64);
+      }
     }
     float32x4_t s[4];
     for (int j = 0; j < 4; ++j) s[j] = vld1q_f32(sw + g * kTileN + 4 * j);
@@ -96,6 +139,8 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
     __asm__ volatile("// LLVM-MCA-END group");
 #endif
   }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc_out[r][j] = acc[r][j];
 }
 
 }  // namespace
