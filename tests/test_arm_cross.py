@@ -80,9 +80,10 @@ def _qemu(build: Path, cpu: str, *args: str) -> subprocess.CompletedProcess:
 def test_cmake_picks_the_arm_sources_with_their_flags(arm_build):
     commands = json.loads((arm_build / "compile_commands.json").read_text())
     flags = {Path(c["file"]).name: c["command"] for c in commands}
-    assert {"quantize_neon.cpp", "gemm_dotprod.cpp", "gemm_generic.cpp", "dispatch.cpp"} <= set(flags)
+    assert {"quantize_neon.cpp", "gemm_dotprod.cpp", "gemm_i8mm.cpp", "gemm_generic.cpp", "dispatch.cpp"} <= set(flags)
     assert not {name for name in flags if "avx" in name or name == "quantize_avx512.cpp"}, "x86 sources on aarch64"
-    assert "-march=armv8.2-a+dotprod" in flags["gemm_dotprod.cpp"]
+    assert "-march=armv8.2-a+dotprod " in flags["gemm_dotprod.cpp"] + " "
+    assert "-march=armv8.2-a+dotprod+i8mm" in flags["gemm_i8mm.cpp"]
     # The dispatcher and the NEON quantize_act run on any AArch64 CPU: no -march there.
     assert "-march" not in flags["dispatch.cpp"] and "-march" not in flags["quantize_neon.cpp"]
     assert _is_aarch64_elf(arm_build / "isa_check")
@@ -105,7 +106,7 @@ def test_every_arm_path_matches_generic_under_qemu(arm_build):
     listed = _qemu(arm_build, "max", "--list")
     assert listed.returncode == 0, listed.stderr
     paths = listed.stdout.split()
-    assert paths[0] == "generic" and "dotprod" in paths  # -cpu max has every feature the paths need
+    assert paths == ["generic", "dotprod", "i8mm"]  # -cpu max has every feature the paths need
     out = _qemu(arm_build, "max")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     for path in paths[1:]:

@@ -31,6 +31,11 @@ namespace {
 // float sums stay in registers over K (4 rows would keep them in memory, a load and a store each per group).
 constexpr int kRows = 2;
 
+// Rows in split order, K apart.
+void prepare_rows(const uint8_t* q_x, int8_t* xs, int64_t M, int64_t K, int num_threads) {
+  unpack_split(q_x, xs, M, K, num_threads);
+}
+
 void pack_codes(const GemmArgs& a, int64_t t, int8_t* wq) {
   const int64_t G = a.K / kGroupSize, KH = a.K / 2;
   for (int c = 0; c < kTileN; ++c) {
