@@ -78,7 +78,7 @@ def cmake_flags(source: str) -> list[str]:
 def kernel_region(cxx: list[str], source: str, tmp: Path) -> str:
     """The marked group of the full row block, as assembly llvm-mca reads."""
     asm = tmp / (source + ".s")
-    cmd = [*cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-DSVDQ_MCA_MARKERS"]
+    cmd = [*cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math", "-DSVDQ_MCA_MARKERS"]
     cmd += [*cmake_flags(source), "-I", str(ROOT / "cpp"), "-S", str(ROOT / "cpp" / "cpu" / source), "-o", str(asm)]
     subprocess.run(cmd, check=True)
     regions, current = [], None

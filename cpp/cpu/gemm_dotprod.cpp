@@ -110,9 +110,9 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = acc_out[r][j];
   for (int64_t g = 0; g < G; ++g) {
-#ifdef SVDQ_MCA_MARKERS
-    __asm__ volatile("// LLVM-MCA-BEGIN group");
-#endif
+    if constexpr (MR == 2)
+      SVDQ_MCA_MARK("LLVM-MCA-BEGIN group", acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1],
+                    acc[1][2], acc[1][3]);
     int32x4_t d[MR][4];
     const int8_t* w = wq + g * kTileBytes;
     if constexpr (MR == 2) {
@@ -140,9 +140,9 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
       const float sxr = sx[r * G + g];
       for (int j = 0; j < 4; ++j) acc[r][j] = vfmaq_f32(acc[r][j], vcvtq_f32_s32(d[r][j]), vmulq_n_f32(s[j], sxr));
     }
-#ifdef SVDQ_MCA_MARKERS
-    __asm__ volatile("// LLVM-MCA-END group");
-#endif
+    if constexpr (MR == 2)
+      SVDQ_MCA_MARK("LLVM-MCA-END group", acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1],
+                    acc[1][2], acc[1][3]);
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) acc_out[r][j] = acc[r][j];

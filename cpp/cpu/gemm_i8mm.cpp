@@ -36,6 +36,7 @@ constexpr int kRows = 2;
 
 // Row pairs interleaved per 8 codes (split order), pair p at xs + 2p * K; an odd last row gets a zero partner.
 void prepare_rows(const uint8_t* q_x, int8_t* xs, int64_t M, int64_t K, int num_threads) {
+  (void)num_threads;  // without OpenMP (Apple clang) the pragma below is all that reads it
   const int64_t pairs = (M + 1) / 2, KH = K / 2;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * K > (int64_t{1} << 16))
   for (int64_t p = 0; p < pairs; ++p) {
@@ -111,9 +112,7 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
   float32x4_t acc[8];
   for (int p = 0; p < 8; ++p) acc[p] = vdupq_n_f32(0.0f);
   for (int64_t g = 0; g < G; ++g) {
-#ifdef SVDQ_MCA_MARKERS
-    __asm__ volatile("// LLVM-MCA-BEGIN group");
-#endif
+    SVDQ_MCA_MARK("LLVM-MCA-BEGIN group", acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
     int32x4_t d[8];
     group_sums_pair(x + g * 2 * kGroupSize, wq + g * kTileBytes, d);
     // s_x · s_w per lane: (row 0, col 2p), (row 0, col 2p + 1), (row 1, col 2p), (row 1, col 2p + 1).
@@ -124,9 +123,7 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
       acc[2 * j] = vfmaq_f32(acc[2 * j], vcvtq_f32_s32(d[2 * j]), vreinterpretq_f32_f64(vzip1q_f64(p0, p1)));
       acc[2 * j + 1] = vfmaq_f32(acc[2 * j + 1], vcvtq_f32_s32(d[2 * j + 1]), vreinterpretq_f32_f64(vzip2q_f64(p0, p1)));
     }
-#ifdef SVDQ_MCA_MARKERS
-    __asm__ volatile("// LLVM-MCA-END group");
-#endif
+    SVDQ_MCA_MARK("LLVM-MCA-END group", acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
   }
   for (int j = 0; j < 4; ++j) {  // pairs of column pairs -> rows of 4 columns
     const float64x2_t lo = vreinterpretq_f64_f32(acc[2 * j]), hi = vreinterpretq_f64_f32(acc[2 * j + 1]);
