@@ -152,4 +152,9 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
 
 #include "gemm_neon_driver.inc"
 
+#define SVDQ_PEAK_INSN(a, w, x) "sdot %[" a "].4s, %[" w "].16b, %[" x "].4b[0]\n\t"
+constexpr double kPeakOpsPerInsn = 32;
+#include "peak_loop_neon.inc"
+#undef SVDQ_PEAK_INSN
+
 }  // namespace svdq::cpu::dotprod

@@ -136,4 +136,9 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
 
 #include "gemm_neon_driver.inc"
 
+#define SVDQ_PEAK_INSN(a, w, x) "smmla %[" a "].4s, %[" w "].16b, %[" x "].16b\n\t"
+constexpr double kPeakOpsPerInsn = 64;
+#include "peak_loop_neon.inc"
+#undef SVDQ_PEAK_INSN
+
 }  // namespace svdq::cpu::i8mm

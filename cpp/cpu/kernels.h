@@ -139,9 +139,11 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
 }  // namespace neon
 namespace dotprod {
 void gemm_w4a4(const GemmArgs& args);
+double int8_peak_ops(int num_threads, int64_t iters);  // the sdot loop (peak_loop_neon.inc)
 }  // namespace dotprod
 namespace i8mm {
 void gemm_w4a4(const GemmArgs& args);
+double int8_peak_ops(int num_threads, int64_t iters);  // the smmla loop
 }  // namespace i8mm
 
 // Dispatcher (dispatch.cpp, compiled without ISA flags).

@@ -102,9 +102,10 @@ def in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 def int8_peak_gops(num_threads: int | None = None) -> float:
     """GOP/s of a tight loop of the selected CPU path's int8 instruction (``vpdpbusd`` on the VNNI
-    paths, ``vpmaddubsw`` + ``vpmaddwd`` otherwise): the peak the benchmarks compare the GEMM against
-    (2 ops per product). ``num_threads`` defaults to ``torch.get_num_threads()``; 0.0 without AVX2.
+    paths, ``vpmaddubsw`` + ``vpmaddwd`` otherwise; on Arm ``smmla`` on the i8mm path, ``sdot`` otherwise):
+    the peak the benchmarks compare the GEMM against (2 ops per product). ``num_threads`` defaults to
+    ``torch.get_num_threads()``; 0.0 without AVX2 or the Arm dot product.
     """
-    if _C is None or "avx2" not in _C.supported_cpu_isas():
+    if _C is None or not {"avx2", "dotprod"} & set(_C.supported_cpu_isas()):
         return 0.0
     return _C.int8_peak_gops(torch.get_num_threads() if num_threads is None else num_threads)

@@ -159,6 +159,18 @@ int main(int argc, char** argv) {
   int checked = 0;
   for (const auto& isa : isas) {
     if (isa == "generic") continue;
+    // The path's peak loop (bench_linear_cpu.py's %) runs and counts its ops: 12 instructions x 2 threads.
+    double peak = -1.0, expected = 0.0;
+#if defined(SVDQ_HAVE_DOTPROD)
+    if (isa == "dotprod") peak = dotprod::int8_peak_ops(2, 1200), expected = 32.0 * 1200 * 2;
+#endif
+#if defined(SVDQ_HAVE_I8MM)
+    if (isa == "i8mm") peak = i8mm::int8_peak_ops(2, 1200), expected = 64.0 * 1200 * 2;
+#endif
+    if (peak != expected) {
+      std::printf("MISMATCH %s int8_peak_ops: %g ops, expected %g\n", isa.c_str(), peak, expected);
+      return 1;
+    }
     uint64_t seed = 1;
     for (const Case& c : cases())
       if (!check(isa, c, seed++)) return 1;
