@@ -68,13 +68,15 @@ void pack_codes(const GemmArgs& a, int64_t t, int8_t* wq) {
           vst1q_s8(col + 32 * h + 16, high_codes(b));
         }
       }
-      for (int q = 0; q < 8; ++q) std::memcpy(wq + g * kTileBytes + q * 128 + (c / 2) * 16 + (c % 2) * 8, col + 8 * q, 8);
+      int8_t* dst = wq + g * kTileBytes + (c / 2) * 16 + (c % 2) * 8;
+      for (int q = 0; q < 8; ++q) std::memcpy(dst + q * 128, col + 8 * q, 8);
     }
   }
 }
 
 // The integer sums of one group for a row pair, in asm (GCC 12 moves registers around the intrinsics'
-// accumulators): x the pair's 8 chunks (128 bytes), w the group's 1024 weight bytes, d[p] column pair p.
+// accumulators): x the pair's 8 chunks (128 bytes), w the group's 1024 weight bytes, d[p] column pair p,
+// started from `base` (the magic bits, see kMagic) instead of 0.
 #define SVDQ_MM_HALF(OFF, OFF32, D0, D1, D2, D3)         \
   "ldp %q[w0], %q[w1], [%[w], #" OFF "]\n\t"            \
   "ldp %q[w2], %q[w3], [%[w], #" OFF32 "]\n\t"          \
@@ -86,11 +88,12 @@ void pack_codes(const GemmArgs& a, int64_t t, int8_t* wq) {
   "ldr %q[xv], [%[x], #" XOFF "]\n\t" SVDQ_MM_HALF(O0, O1, "d0", "d1", "d2", "d3") \
       SVDQ_MM_HALF(O2, O3, "d4", "d5", "d6", "d7")
 
-inline void group_sums_pair(const int8_t* x, const int8_t* w, int32x4_t (&d)[8]) {
+inline void group_sums_pair(const int8_t* x, const int8_t* w, int32x4_t base, int32x4_t (&d)[8]) {
   int8x16_t xv, w0, w1, w2, w3;
   __asm__(
-      "movi %[d0].4s, #0\n\tmovi %[d1].4s, #0\n\tmovi %[d2].4s, #0\n\tmovi %[d3].4s, #0\n\t"
-      "movi %[d4].4s, #0\n\tmovi %[d5].4s, #0\n\tmovi %[d6].4s, #0\n\tmovi %[d7].4s, #0\n\t"
+      "mov %[d0].16b, %[base].16b\n\tmov %[d1].16b, %[base].16b\n\tmov %[d2].16b, %[base].16b\n\t"
+      "mov %[d3].16b, %[base].16b\n\tmov %[d4].16b, %[base].16b\n\tmov %[d5].16b, %[base].16b\n\t"
+      "mov %[d6].16b, %[base].16b\n\tmov %[d7].16b, %[base].16b\n\t"
       SVDQ_MM_CHUNK("0", "0", "32", "64", "96") SVDQ_MM_CHUNK("16", "128", "160", "192", "224")
       SVDQ_MM_CHUNK("32", "256", "288", "320", "352") SVDQ_MM_CHUNK("48", "384", "416", "448", "480")
       SVDQ_MM_CHUNK("64", "512", "544", "576", "608") SVDQ_MM_CHUNK("80", "640", "672", "704", "736")
@@ -98,11 +101,15 @@ inline void group_sums_pair(const int8_t* x, const int8_t* w, int32x4_t (&d)[8])
       : [d0] "=&w"(d[0]), [d1] "=&w"(d[1]), [d2] "=&w"(d[2]), [d3] "=&w"(d[3]), [d4] "=&w"(d[4]),
         [d5] "=&w"(d[5]), [d6] "=&w"(d[6]), [d7] "=&w"(d[7]), [xv] "=&w"(xv), [w0] "=&w"(w0), [w1] "=&w"(w1),
         [w2] "=&w"(w2), [w3] "=&w"(w3)
-      : [x] "r"(x), [w] "r"(w), "m"(*reinterpret_cast<const int8_t(*)[2 * kGroupSize]>(x)),
+      : [x] "r"(x), [w] "r"(w), [base] "w"(base), "m"(*reinterpret_cast<const int8_t(*)[2 * kGroupSize]>(x)),
         "m"(*reinterpret_cast<const int8_t(*)[kTileBytes]>(w)));
 }
 #undef SVDQ_MM_CHUNK
 #undef SVDQ_MM_HALF
+
+// 1.5 · 2^23 (bits 0x4B400000): an int32 sum d with |d| < 2^22 started from these bits reads as the float
+// 1.5 · 2^23 + d, so one exact subtraction converts it (scvtf is 2 uops on Neoverse N2/V1).
+constexpr float kMagic = 12582912.0f;
 
 // MR = 1 (an odd last row) runs the same pair kernel; its zero partner's results are dropped.
 template <int MR>
@@ -111,17 +118,20 @@ void tile_rows(const int8_t* x, const float* sx, const GemmArgs& a, const int8_t
   const int64_t G = a.K / kGroupSize;
   float32x4_t acc[8];
   for (int p = 0; p < 8; ++p) acc[p] = vdupq_n_f32(0.0f);
+  const float32x4_t magic = vdupq_n_f32(kMagic);
   for (int64_t g = 0; g < G; ++g) {
     SVDQ_MCA_MARK("LLVM-MCA-BEGIN group", acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
     int32x4_t d[8];
-    group_sums_pair(x + g * 2 * kGroupSize, wq + g * kTileBytes, d);
+    group_sums_pair(x + g * 2 * kGroupSize, wq + g * kTileBytes, vreinterpretq_s32_f32(magic), d);
     // s_x · s_w per lane: (row 0, col 2p), (row 0, col 2p + 1), (row 1, col 2p), (row 1, col 2p + 1).
     const float sx0 = sx[g], sx1 = MR == 2 ? sx[G + g] : 0.0f;
     for (int j = 0; j < 4; ++j) {
       const float32x4_t s = vld1q_f32(sw + g * kTileN + 4 * j);
-      const float64x2_t p0 = vreinterpretq_f64_f32(vmulq_n_f32(s, sx0)), p1 = vreinterpretq_f64_f32(vmulq_n_f32(s, sx1));
-      acc[2 * j] = vfmaq_f32(acc[2 * j], vcvtq_f32_s32(d[2 * j]), vreinterpretq_f32_f64(vzip1q_f64(p0, p1)));
-      acc[2 * j + 1] = vfmaq_f32(acc[2 * j + 1], vcvtq_f32_s32(d[2 * j + 1]), vreinterpretq_f32_f64(vzip2q_f64(p0, p1)));
+      const float64x2_t p0 = vreinterpretq_f64_f32(vmulq_n_f32(s, sx0));
+      const float64x2_t p1 = vreinterpretq_f64_f32(vmulq_n_f32(s, sx1));
+      const float32x4_t s0 = vreinterpretq_f32_f64(vzip1q_f64(p0, p1)), s1 = vreinterpretq_f32_f64(vzip2q_f64(p0, p1));
+      acc[2 * j] = vfmaq_f32(acc[2 * j], vsubq_f32(vreinterpretq_f32_s32(d[2 * j]), magic), s0);
+      acc[2 * j + 1] = vfmaq_f32(acc[2 * j + 1], vsubq_f32(vreinterpretq_f32_s32(d[2 * j + 1]), magic), s1);
     }
     SVDQ_MCA_MARK("LLVM-MCA-END group", acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
   }
