@@ -101,7 +101,8 @@ inline void group_sums_2rows(const int8_t* x0, const int8_t* x1, const int8_t* w
         [w1] "=&w"(w1), [w2] "=&w"(w2), [w3] "=&w"(w3)
       : [x0] "r"(x0), [x1] "r"(x1), [w] "r"(w), [base] "w"(base),
         "m"(*reinterpret_cast<const int8_t(*)[kGroupSize]>(x0)),
-        "m"(*reinterpret_cast<const int8_t(*)[kGroupSize]>(x1)), "m"(*reinterpret_cast<const int8_t(*)[kTileBytes]>(w)));
+        "m"(*reinterpret_cast<const int8_t(*)[kGroupSize]>(x1)),
+        "m"(*reinterpret_cast<const int8_t(*)[kTileBytes]>(w)));
 }
 #undef SVDQ_DOT_QUAD
 #undef SVDQ_DOT_STEP
