@@ -682,7 +682,7 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       "on Arm smmla on the i8mm path, sdot otherwise (dotprod or generic).");
   m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
-      "The CPU instruction path in use: 'generic', 'avx2', ...");
+      "The CPU instruction path in use: 'generic', 'avx2', ... (Arm: 'dotprod', 'i8mm').");
   m.def("supported_cpu_isas", &svdq::cpu::supported_isas,
         "CPU paths this CPU and OS can run (cpuid and XCR0), 'generic' first, best last.");
   m.def("known_cpu_isas", &svdq::cpu::known_isas,

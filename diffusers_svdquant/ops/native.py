@@ -5,8 +5,9 @@ Importing never fails because of the native library: without ``_C`` every op run
 never torch objects.
 
 Environment:
-    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``, ``avx2``, ``avxvnni``,
-    ``avx512vnni``) at import; an unknown or unsupported name is ignored with a warning.
+    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``; x86: ``avx2``, ``avxvnni``,
+    ``avx512vnni``; Arm: ``dotprod``, ``i8mm``) at import; an unknown or unsupported name is ignored with a
+    warning.
 """
 
 from __future__ import annotations
