@@ -119,7 +119,9 @@ def main() -> None:
     )
     threads = torch.get_num_threads()
     peak = max(ops.int8_peak_gops(threads) for _ in range(7))
-    loop = "vpdpbusd" if "vnni" in str(ops.cpu_isa()) else "vpmaddubsw+vpmaddwd"
+    isa = str(ops.cpu_isa())
+    loops = {"i8mm": "smmla", "dotprod": "sdot", "generic": "sdot" if "dotprod" in ops.supported_cpu_isas() else ""}
+    loop = loops.get(isa) or ("vpdpbusd" if "vnni" in isa else "vpmaddubsw+vpmaddwd")
     print(
         f"int8 peak ({loop} loop, {threads} threads): best of 7 runs {peak:.0f} GOP/s; each row's % is of the "
         "loop's median over that row's repeats, run in turn with its calls (the same conditions)"

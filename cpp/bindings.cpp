@@ -651,6 +651,20 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
           return gops_of(svdq::cpu::avx512vnni::int8_peak_ops, num_threads, iters);
         }
 #endif
+#if defined(SVDQ_HAVE_I8MM)
+        if (current == "i8mm") {
+          py::gil_scoped_release release;
+          return gops_of(svdq::cpu::i8mm::int8_peak_ops, num_threads, iters);
+        }
+#endif
+#if defined(SVDQ_HAVE_DOTPROD)
+        for (const auto& name : svdq::cpu::supported_isas()) {
+          if (name == "dotprod") {
+            py::gil_scoped_release release;
+            return gops_of(svdq::cpu::dotprod::int8_peak_ops, num_threads, iters);
+          }
+        }
+#endif
 #if defined(SVDQ_HAVE_AVX2)
         for (const auto& name : svdq::cpu::supported_isas()) {
           if (name == "avx2") {
@@ -659,12 +673,13 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
           }
         }
 #endif
-        fail("int8_peak_gops: needs the avx2 path, which this CPU or build lacks");
+        fail("int8_peak_gops: needs the avx2 or dotprod path, which this CPU or build lacks");
         return 0.0;
       },
       py::arg("num_threads"), py::arg("iters") = 10000000,
-      "GOP/s (2 ops per u8 x s8 product) on num_threads threads of a tight loop of the selected path's\n"
-      "int8 instruction: vpdpbusd on the VNNI paths, vpmaddubsw+vpmaddwd otherwise (avx2 or generic).");
+      "GOP/s (2 ops per int8 product) on num_threads threads of a tight loop of the selected path's\n"
+      "int8 instruction: vpdpbusd on the VNNI paths, vpmaddubsw+vpmaddwd otherwise (avx2 or generic);\n"
+      "on Arm smmla on the i8mm path, sdot otherwise (dotprod or generic).");
   m.def(
       "first_nonfinite",
       [](const std::vector<int64_t>& data, const std::vector<int64_t>& numel, const std::vector<int64_t>& dtypes,
@@ -689,7 +704,7 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       "Index of the first contiguous buffer (data_ptr, numel, dtype code) holding NaN or +-inf, or -1.");
   m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
-      "The CPU instruction path in use: 'generic', 'avx2', ...");
+      "The CPU instruction path in use: 'generic', 'avx2', ... (Arm: 'dotprod', 'i8mm').");
   m.def("supported_cpu_isas", &svdq::cpu::supported_isas,
         "CPU paths this CPU and OS can run (cpuid and XCR0), 'generic' first, best last.");
   m.def("known_cpu_isas", &svdq::cpu::known_isas,

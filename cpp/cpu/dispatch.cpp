@@ -1,9 +1,11 @@
 // Run-time choice of the CPU path. Compiled with no ISA flags: this file runs on every CPU and
-// must not contain a single instruction the oldest x86-64 (or any non-x86 target) lacks.
+// must not contain a single instruction the oldest x86-64 (or the base Armv8-A, or any other target) lacks.
 //
-// A path is usable when the CPU reports its instructions (cpuid) AND the OS saves the register
+// x86: a path is usable when the CPU reports its instructions (cpuid) AND the OS saves the register
 // state they need (XCR0 via xgetbv); a hypervisor or kernel can disable AVX/AVX-512 state even
 // on hardware that has them, and using them then faults.
+// AArch64: the kernel reports what user space may run (getauxval HWCAP/HWCAP2 on Linux and Android,
+// sysctl hw.optional.arm.FEAT_* on macOS); the NEON registers are always saved.
 //
 // Adding a path (ggml-style feature bundles): write cpp/cpu/<name>.cpp in namespace
 // svdq::cpu::<name>, give it its flags in CMakeLists.txt, declare it in kernels.h, and add one
@@ -23,6 +25,15 @@
 #endif
 #endif
 
+#if defined(__aarch64__) || defined(_M_ARM64)
+#define SVDQ_ARM64 1
+#if defined(__linux__) || defined(__ANDROID__)
+#include <sys/auxv.h>
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+#endif
+
 namespace svdq::cpu {
 namespace {
 
@@ -32,6 +43,7 @@ struct CpuFeatures {
   bool avx = false, fma = false, f16c = false, avx2 = false;
   bool avx512f = false, avx512dq = false, avx512bw = false, avx512vl = false, avx512vnni = false;
   bool avxvnni = false;
+  bool dotprod = false, i8mm = false;  // AArch64: sdot/udot (Armv8.2-A), smmla (Armv8.6-A)
 };
 
 #if defined(SVDQ_X86)
@@ -57,8 +69,25 @@ uint64_t xcr0() {
 }
 #endif
 
+#if defined(SVDQ_ARM64) && defined(__APPLE__)
+bool sysctl_flag(const char* name) {
+  int v = 0;
+  size_t size = sizeof v;
+  return sysctlbyname(name, &v, &size, nullptr, 0) == 0 && v != 0;
+}
+#endif
+
 CpuFeatures detect() {
   CpuFeatures f;
+#if defined(SVDQ_ARM64) && (defined(__linux__) || defined(__ANDROID__))
+  // The bit numbers of the Linux uapi (asm/hwcap.h), spelled out for older headers.
+  constexpr unsigned long kHwcapAsimdDp = 1ul << 20, kHwcap2I8mm = 1ul << 13;
+  f.dotprod = (getauxval(AT_HWCAP) & kHwcapAsimdDp) != 0;
+  f.i8mm = (getauxval(AT_HWCAP2) & kHwcap2I8mm) != 0;
+#elif defined(SVDQ_ARM64) && defined(__APPLE__)
+  f.dotprod = sysctl_flag("hw.optional.arm.FEAT_DotProd");
+  f.i8mm = sysctl_flag("hw.optional.arm.FEAT_I8MM");
+#endif
 #if defined(SVDQ_X86)
   uint32_t r[4];
   cpuid(0, 0, r);
@@ -130,6 +159,19 @@ const IsaEntry kIsas[] = {
      },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
       avx512::dequantize_w4a16}},
+#endif
+#if defined(SVDQ_HAVE_DOTPROD)
+    // The sdot GEMM and NEON quantize_act; pack_tile and W4A16 are generic's.
+    {"dotprod",
+     [](const CpuFeatures& f) { return f.dotprod; },
+     {neon::quantize_act, dotprod::gemm_w4a4, generic::pack_tile, generic::linear_w4a16,
+      generic::dequantize_w4a16}},
+#endif
+#if defined(SVDQ_HAVE_I8MM)
+    // The smmla GEMM (gemm_i8mm.cpp, which also uses sdot in its few-rows path).
+    {"i8mm",
+     [](const CpuFeatures& f) { return f.dotprod && f.i8mm; },
+     {neon::quantize_act, i8mm::gemm_w4a4, generic::pack_tile, generic::linear_w4a16, generic::dequantize_w4a16}},
 #endif
 };
 

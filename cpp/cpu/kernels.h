@@ -130,14 +130,30 @@ void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 double int8_peak_ops(int num_threads, int64_t iters);  // the vpdpbusd loop
 }  // namespace avx512vnni
 
+// AArch64 (Advanced SIMD is part of the base ISA): quantize_act on NEON (quantize_neon.cpp, no flags), shared
+// by the Arm paths; the W4A4 GEMMs with sdot (gemm_dotprod.cpp, +dotprod) and smmla (gemm_i8mm.cpp, +i8mm).
+// W4A16 and pack_tile stay generic's there.
+namespace neon {
+void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
+                  float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
+}  // namespace neon
+namespace dotprod {
+void gemm_w4a4(const GemmArgs& args);
+double int8_peak_ops(int num_threads, int64_t iters);  // the sdot loop (peak_loop_neon.inc)
+}  // namespace dotprod
+namespace i8mm {
+void gemm_w4a4(const GemmArgs& args);
+double int8_peak_ops(int num_threads, int64_t iters);  // the smmla loop
+}  // namespace i8mm
+
 // Dispatcher (dispatch.cpp, compiled without ISA flags).
 
 // The table of the selected path. Selection is process-wide; the default is the best verified path this
 // CPU and OS support.
 const KernelTable& kernels();
-// Name of the selected path ("generic", "avx2", ...).
+// Name of the selected path ("generic", "avx2", "dotprod", ...).
 const char* current_isa();
-// Paths this CPU can run (cpuid and XCR0), "generic" first, best last.
+// Paths this CPU can run (x86: cpuid and XCR0; Arm: HWCAP or sysctl), "generic" first, best last.
 std::vector<std::string> supported_isas();
 // Paths compiled into this build, whether or not this CPU can run them.
 std::vector<std::string> known_isas();

@@ -5,8 +5,9 @@ Importing never fails because of the native library: without ``_C`` every op run
 never torch objects.
 
 Environment:
-    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``, ``avx2``, ``avxvnni``,
-    ``avx512vnni``) at import; an unknown or unsupported name is ignored with a warning.
+    ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``; x86: ``avx2``, ``avxvnni``,
+    ``avx512vnni``; Arm: ``dotprod``, ``i8mm``) at import; an unknown or unsupported name is ignored with a
+    warning.
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 def int8_peak_gops(num_threads: int | None = None) -> float:
     """GOP/s of a tight loop of the selected CPU path's int8 instruction (``vpdpbusd`` on the VNNI
-    paths, ``vpmaddubsw`` + ``vpmaddwd`` otherwise): the peak the benchmarks compare the GEMM against
-    (2 ops per product). ``num_threads`` defaults to ``torch.get_num_threads()``; 0.0 without AVX2.
+    paths, ``vpmaddubsw`` + ``vpmaddwd`` otherwise; on Arm ``smmla`` on the i8mm path, ``sdot`` otherwise):
+    the peak the benchmarks compare the GEMM against (2 ops per product). ``num_threads`` defaults to
+    ``torch.get_num_threads()``; 0.0 without AVX2 or the Arm dot product.
     """
-    if _C is None or "avx2" not in _C.supported_cpu_isas():
+    if _C is None or not {"avx2", "dotprod"} & set(_C.supported_cpu_isas()):
         return 0.0
     return _C.int8_peak_gops(torch.get_num_threads() if num_threads is None else num_threads)
 
