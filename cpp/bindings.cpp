@@ -224,8 +224,11 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
                   const py::int_& wscales_, const py::int_& wmins_, const py::int_& lora_up_, const py::int_& bias_,
                   const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype,
-                  int64_t num_threads) {
+                  int64_t num_threads, bool tiles) {
   const char* fn = "linear_w4a16";
+  if (tiles && svdq::cpu::kernels().linear_w4a16_tiles == nullptr)
+    fail(std::string(fn) + ": tiles=True, but the CPU path '" + svdq::cpu::current_isa() +
+         "' has no tile kernel (the amx path has)");
   const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
                   lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
                   wscales = as_ptr(fn, "wscales", wscales_), wmins = as_ptr(fn, "wmins", wmins_),
@@ -282,7 +285,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
                    K, R, static_cast<DType>(dtype), static_cast<int>(num_threads));
   }
   a.lora_act = lora_act.get();
-  k.linear_w4a16(a);
+  (tiles ? k.linear_w4a16_tiles : k.linear_w4a16)(a);
 }
 
 // Rows [0, N) of a W4A16 layer's weight over the smoothing, out[n * ldo + k] = (q s + m) / smooth[k] (smooth 0:
@@ -611,13 +614,17 @@ x [M, K], smooth [K], lora_down [K, R] and the canonical weights all in dtype; w
 Releases the GIL.)doc");
   m.def("linear_w4a16", &linear_w4a16, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("qweight"),
         py::arg("wscales"), py::arg("wmins"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"),
-        R"doc(The weight-only INT4 linear (reference.linear_w4a16) for few rows.
+        py::arg("N"), py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"), py::arg("tiles") = false,
+        R"doc(The weight-only INT4 linear (reference.linear_w4a16).
 
 x [M, K], smooth [K], lora_down [K, R]; qweight uint8 [N, K/2] unsigned codes (element 2j low nibble);
 wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in dtype (0 float32,
 1 bfloat16, 2 float16), contiguous. Writes y [M, N] in dtype (float32 arithmetic, rounded once).
-Releases the GIL.)doc");
+tiles=False: the few-rows kernel; tiles=True: the AMX tile kernel (w4a16_tiles_available()), whose
+operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first. Releases the GIL.)doc");
+  m.def(
+      "w4a16_tiles_available", [] { return svdq::cpu::kernels().linear_w4a16_tiles != nullptr; },
+      "Whether the selected CPU path has the W4A16 tile kernel (linear_w4a16(..., tiles=True)): the amx path.");
   m.def("dequantize_w4a16", &dequantize_w4a16, py::arg("qweight"), py::arg("wscales"), py::arg("wmins"),
         py::arg("smooth"), py::arg("out"), py::arg("N"), py::arg("K"), py::arg("ldo"), py::arg("wdtype"),
         py::arg("odtype"), py::arg("num_threads"),

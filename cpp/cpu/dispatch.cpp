@@ -24,6 +24,10 @@
 #include <cpuid.h>
 #endif
 #endif
+#if defined(SVDQ_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__aarch64__) || defined(_M_ARM64)
 #define SVDQ_ARM64 1
@@ -44,6 +48,9 @@ struct CpuFeatures {
   bool avx512f = false, avx512dq = false, avx512bw = false, avx512vl = false, avx512vnni = false;
   bool avxvnni = false;
   bool dotprod = false, i8mm = false;  // AArch64: sdot/udot (Armv8.2-A), smmla (Armv8.6-A)
+  bool avx512bf16 = false, amx_tile = false, amx_bf16 = false;
+  bool os_amx = false;       // XCR0: tile configuration and tile data state (bits 17, 18)
+  bool amx_granted = false;  // Linux let this process use the tile data (arch_prctl ARCH_REQ_XCOMP_PERM)
 };
 
 #if defined(SVDQ_X86)
@@ -102,6 +109,7 @@ CpuFeatures detect() {
     const uint64_t x = xcr0();
     f.os_avx = (x & 0x6) == 0x6;
     f.os_avx512 = (x & 0xe6) == 0xe6;
+    f.os_amx = (x & 0x60000) == 0x60000;
   }
   if (max_leaf >= 7) {
     cpuid(7, 0, r);
@@ -112,11 +120,19 @@ CpuFeatures detect() {
     f.avx512bw = (r[1] >> 30) & 1;
     f.avx512vl = (r[1] >> 31) & 1;
     f.avx512vnni = (r[2] >> 11) & 1;
+    f.amx_bf16 = (r[3] >> 22) & 1;
+    f.amx_tile = (r[3] >> 24) & 1;
     if (max_sub >= 1) {
       cpuid(7, 1, r);
       f.avxvnni = (r[0] >> 4) & 1;
+      f.avx512bf16 = (r[0] >> 5) & 1;
     }
   }
+#if defined(__linux__)
+  // Linux (5.16+) hands out the 8 KiB tile data state per process on request; without it the first tile
+  // instruction faults. ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18.
+  if (f.amx_tile && f.os_amx) f.amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#endif
 #endif
   return f;
 }
@@ -137,17 +153,19 @@ const IsaEntry kIsas[] = {
     {"generic",
      [](const CpuFeatures&) { return true; },
      {generic::quantize_act, generic::gemm_w4a4, generic::pack_tile, generic::linear_w4a16,
-      generic::dequantize_w4a16}},
+      generic::dequantize_w4a16, nullptr}},
 #if defined(SVDQ_HAVE_AVX2)
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
-     {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16}},
+     {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
+      nullptr}},
 #endif
 #if defined(SVDQ_HAVE_AVXVNNI)
     // The GEMM with VEX vpdpbusd; quantize_act and W4A16 stay AVX2 (VNNI has nothing for them).
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
-     {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16}},
+     {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
+      nullptr}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
     // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm
@@ -158,20 +176,31 @@ const IsaEntry kIsas[] = {
               f.avx512dq && f.avx512vnni;
      },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16}},
+      avx512::dequantize_w4a16, nullptr}},
+#endif
+#if defined(SVDQ_HAVE_AMX)
+    // avx512vnni plus the W4A16 tile kernel (AMX-BF16) for many rows.
+    {"amx",
+     [](const CpuFeatures& f) {
+       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
+              f.avx512dq && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
+     },
+     {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
+      avx512::dequantize_w4a16, amx::linear_w4a16}},
 #endif
 #if defined(SVDQ_HAVE_DOTPROD)
     // The sdot GEMM and NEON quantize_act; pack_tile and W4A16 are generic's.
     {"dotprod",
      [](const CpuFeatures& f) { return f.dotprod; },
      {neon::quantize_act, dotprod::gemm_w4a4, generic::pack_tile, generic::linear_w4a16,
-      generic::dequantize_w4a16}},
+      generic::dequantize_w4a16, nullptr}},
 #endif
 #if defined(SVDQ_HAVE_I8MM)
     // The smmla GEMM (gemm_i8mm.cpp, which also uses sdot in its few-rows path).
     {"i8mm",
      [](const CpuFeatures& f) { return f.dotprod && f.i8mm; },
-     {neon::quantize_act, i8mm::gemm_w4a4, generic::pack_tile, generic::linear_w4a16, generic::dequantize_w4a16}},
+     {neon::quantize_act, i8mm::gemm_w4a4, generic::pack_tile, generic::linear_w4a16, generic::dequantize_w4a16,
+      nullptr}},
 #endif
 };
 

@@ -81,6 +81,8 @@ struct KernelTable {
   PackTileFn pack_tile;
   LinearW4A16Fn linear_w4a16;
   DequantW4A16Fn dequantize_w4a16;
+  // The many-rows W4A16 linear on matrix tiles (operands rounded to bfloat16), null on paths without one.
+  LinearW4A16Fn linear_w4a16_tiles;
 };
 
 namespace generic {
@@ -117,6 +119,13 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
 void linear_w4a16(const W4A16Args& args);
 void dequantize_w4a16(const DequantW4A16Args& args);
 }  // namespace avx512
+
+#if defined(SVDQ_HAVE_AMX)
+// W4A16 on AMX-BF16 tiles (w4a16_amx.cpp), the amx path's linear_w4a16_tiles.
+namespace amx {
+void linear_w4a16(const W4A16Args& args);
+}  // namespace amx
+#endif
 
 // The VNNI GEMMs (gemm_avxvnni.cpp, gemm_avx512vnni.cpp: the GEMM of gemm_driver.inc with vpdpbusd).
 namespace avxvnni {

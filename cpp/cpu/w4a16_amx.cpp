@@ -1,0 +1,304 @@
+// The W4A16 linear on AMX-BF16 tiles (reference.linear_w4a16 with bfloat16 operands), for the many-row
+// regime of the amx path: the 4-bit weights are decoded into tiles on the fly, never into a dense copy.
+//
+//   C[n, m] = Σ_k W[n, k] · x̂[m, k] with _tile_dpbf16ps: W is the A operand (a tile is 16 rows n × 32 k, all
+//   in one group of 64, so one vpermw of a 32-entry bfloat16 table of q · s + m decodes a tile row), x̂ᵀ the B
+//   operand (16 k pairs × 16 m, packed once per call in VNNI order). The low-rank branch rides along as
+//   extra K: lora_up as A columns, lora_act as B rows. C is transposed on the way to y, + bias.
+//
+// Numerics (the bfloat16 panel path's, docs/design.md §4): x̂ = x / smooth in float32, then x̂, W = q · s + m
+// (one fused multiply-add in float32), lora_act and lora_up are each rounded to bfloat16 (round to nearest
+// even, vcvtne2ps2bf16: subnormal inputs are flushed to zero); products and sums in float32; y rounded once.
+//
+// Blocking: threads split N into blocks of 32 rows (two A tiles). Per block, K (with the lora columns) is cut
+// into runs of kSteps tile steps (32 k each) whose decoded A (16 KiB) stays in L1 while every pair of m tiles
+// (4 C tiles, 2 B tiles) passes over it. When the packed x̂ᵀ of all of K does not fit in L2 (kXChunkBytes),
+// K is also cut into chunks of that size, outermost, and C waits in memory between chunks.
+//
+// Compiled with the amx path's flags only (CMakeLists.txt); dispatch.cpp enables it only when the CPU has
+// AMX-BF16 and AVX512-BF16, the OS saves the tile state, and Linux granted this process the tile data.
+#include <cstring>
+
+#include "avx512_intrin.h"  // <immintrin.h>, GCC 12's false warnings silenced
+#include "kernels.h"
+#include "scalar.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace svdq::cpu::amx {
+namespace {
+
+constexpr int64_t kStepK = 32;            // k per tile row: 64 bytes of bfloat16
+constexpr int64_t kTileWords = 16 * 32;   // one 16 × 32 bfloat16 tile
+constexpr int64_t kBlockRows = 32;        // n per block: two A tiles
+constexpr int64_t kSteps = 8;             // tile steps per decoded run: 2 × 8 KiB of A
+constexpr int64_t kXChunkBytes = 1 << 20;  // packed x̂ᵀ per K chunk: half the L2 of a core
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0, 1: A (W rows of the block's two halves); 2, 3: B (two m tiles); 4..7: C = (A0|A1) × (B2|B3).
+void configure_tiles() {
+  TileConfig c;
+  std::memset(&c, 0, sizeof(c));
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+template <DType D>
+inline __m512 load16(const void* p, int64_t i) {
+  if constexpr (D == DType::kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (D == DType::kBFloat16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+// Two float32 vectors as one vector of 32 bfloat16 (a's lanes first).
+inline __m512i to_bf16(__m512 a, __m512 b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
+
+// In-register transpose of 16 rows of 16 dwords: r[i] lane j <- r[j] lane i.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane now holds a 4 × 4 block; move the blocks: first across pairs of 128-bit lanes
+  // (rows i, i + 4), then across 256-bit halves (rows i, i + 8).
+  for (int i = 0; i < 4; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i a = r[i + 8 * h], b = r[i + 4 + 8 * h];
+      t[i + 8 * h] = _mm512_shuffle_i32x4(a, b, 0x88);      // lanes 0, 2 of a, then of b
+      t[i + 4 + 8 * h] = _mm512_shuffle_i32x4(a, b, 0xDD);  // lanes 1, 3
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// x̂ᵀ (and lora_actᵀ) of m tile j as B tiles: xb[(j · S + s) · 512 + 32 i + 2 c + e] = bfloat16 of x̂[16 j + c,
+// 32 s + 2 i + e] (k < K), lora_act[16 j + c, 32 s + 2 i + e − K] (K <= k < K + R), 0 past M or K + R.
+template <DType D>
+void pack_x(const W4A16Args& a, int64_t j, int64_t S, uint16_t* xb) {
+  const int64_t M = a.M, K = a.K, R = a.R, m0 = 16 * j;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t k = s * kStepK;
+    __m512i r[16];
+    for (int c = 0; c < 16; ++c) {
+      const int64_t m = m0 + c;
+      __m512 v[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t kk = k + 16 * h;
+        if (m >= M) {
+          v[h] = _mm512_setzero_ps();
+        } else if (kk < K) {
+          v[h] = _mm512_div_ps(load16<D>(a.x, m * K + kk), load16<D>(a.smooth, kk));
+        } else {
+          const int64_t i = kk - K;  // lora columns: R of them, zero padded to a whole step
+          const __mmask16 valid = i >= R ? 0 : (R - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (R - i)) - 1));
+          v[h] = _mm512_maskz_loadu_ps(valid, a.lora_act + m * R + i);
+        }
+      }
+      r[c] = to_bf16(v[0], v[1]);
+    }
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xb + (j * S + s) * kTileWords + 32 * i, r[i]);
+  }
+}
+
+// Steps [s0, s1) of rows n0 .. n0 + 31 as A tiles: ap[(s − s0) · 1024 + 512 t + 32 i + c] = bfloat16 of W[n0 +
+// 16 t + i, 32 s + c] (s < K / 32) or lora_up[n0 + 16 t + i, 32 s + c − K] (zero past R); rows past N are zero.
+template <DType D>
+void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* ap) {
+  const int64_t N = a.N, K = a.K, R = a.R, G = K / kGroupSize, ks = K / kStepK;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t row = 0; row < kBlockRows; ++row) {
+    const int64_t n = n0 + row;
+    uint16_t* const out = ap + (row / 16) * kTileWords + (row % 16) * kStepK - s0 * 2 * kTileWords;
+    if (n >= N) {
+      for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(out + s * 2 * kTileWords, _mm512_setzero_si512());
+      continue;
+    }
+    // Runs start on even steps and K / 32 is even: a group's two steps are always in one run.
+    for (int64_t s = s0; s < s1 && s < ks; s += 2) {
+      const int64_t g = s / 2;
+      const float sc = load_f32(a.wscales, n * G + g, D), mn = load_f32(a.wmins, n * G + g, D);
+      const __m512 w = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc), _mm512_set1_ps(mn));
+      const __m512i table = to_bf16(w, w);  // 16 values, twice: the index's bit 4 does not matter
+      for (int64_t h = 0; h < 2; ++h) {
+        // dword i = byte i | byte i << 12: word 2i indexes by the low nibble, word 2i + 1 by the high one.
+        const __m512i d = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.qweight + n * (K / 2) + g * 32 + 16 * h)));
+        _mm512_storeu_si512(out + (s + h) * 2 * kTileWords,
+                            _mm512_permutexvar_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), table));
+      }
+    }
+    for (int64_t s = max_i64(s0, ks); s < s1; ++s) {
+      const int64_t i = (s - ks) * kStepK;
+      alignas(64) float u[kStepK];
+      for (int64_t c = 0; c < kStepK; ++c) u[c] = i + c < R ? load_f32(a.lora_up, n * R + i + c, D) : 0.0f;
+      _mm512_storeu_si512(out + s * 2 * kTileWords, to_bf16(_mm512_load_ps(u), _mm512_load_ps(u + 16)));
+    }
+  }
+}
+
+// Steps of one decoded run on m tiles j (and j + 1 when MT = 2): C tiles from c (or zero), back into c.
+// c holds [MT][2][16 n][16 m] float32 for these m tiles.
+template <int MT>
+void run_tiles(const uint16_t* ap, const uint16_t* b, int64_t S, int64_t steps, float* c, bool first) {
+  if (first) {
+    _tile_zero(4);
+    _tile_zero(5);
+    if constexpr (MT == 2) {
+      _tile_zero(6);
+      _tile_zero(7);
+    }
+  } else {
+    _tile_loadd(4, c, 64);
+    _tile_loadd(5, c + 256, 64);
+    if constexpr (MT == 2) {
+      _tile_loadd(6, c + 512, 64);
+      _tile_loadd(7, c + 768, 64);
+    }
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(0, ap + s * 2 * kTileWords, 64);
+    _tile_loadd(1, ap + s * 2 * kTileWords + kTileWords, 64);
+    _tile_loadd(2, b + s * kTileWords, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 1, 2);
+    if constexpr (MT == 2) {
+      _tile_loadd(3, b + (S + s) * kTileWords, 64);
+      _tile_dpbf16ps(6, 0, 3);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, c, 64);
+  _tile_stored(5, c + 256, 64);
+  if constexpr (MT == 2) {
+    _tile_stored(6, c + 512, 64);
+    _tile_stored(7, c + 768, 64);
+  }
+}
+
+// y[m, n0 .. n0 + 31] = Cᵀ + bias for the block's finished C ([MT][2][16 n][16 m]), rows past M / N left out.
+template <DType D>
+void store_block(const W4A16Args& a, int64_t n0, const float* c, const float* bias) {
+  const int64_t M = a.M, N = a.N;
+  for (int64_t j = 0; j * 16 < M; ++j) {
+    for (int64_t t = 0; t < 2; ++t) {
+      const int64_t nn = min_i64(16, N - n0 - 16 * t);
+      if (nn <= 0) continue;
+      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + (2 * j + t) * 256 + 16 * i);
+      transpose16(r);
+      const __m512 b = _mm512_load_ps(bias + 16 * t);
+      for (int64_t i = 0; i < 16 && 16 * j + i < M; ++i) {
+        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[i]), b);
+        const int64_t at = (16 * j + i) * N + n0 + 16 * t;
+        if constexpr (D == DType::kFloat32) {
+          _mm512_mask_storeu_ps(static_cast<float*>(a.y) + at, mask, v);
+        } else {
+          const __m256i h = D == DType::kBFloat16 ? (__m256i)_mm512_cvtneps_pbh(v)
+                                                   : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + at, mask, h);
+        }
+      }
+    }
+  }
+}
+
+template <DType D>
+void linear_impl(const W4A16Args& a) {
+  const int64_t M = a.M, N = a.N, K = a.K;
+  const int64_t MT = ceil_div(M, 16), S = K / kStepK + ceil_div(a.R, kStepK), NB = ceil_div(N, kBlockRows);
+  // K chunks: whole runs whose packed x̂ᵀ fits kXChunkBytes.
+  const int64_t chunk = max_i64(1, kXChunkBytes / (MT * kTileWords * 2 * kSteps)) * kSteps;
+  const int64_t chunks = max_i64(1, ceil_div(S, chunk));
+  const int nt = static_cast<int>(max_i64(1, min_i64(a.num_threads, NB)));
+  ReusedBuffer<uint16_t> xb(MT * S * kTileWords);
+  const int64_t cwords = MT * 2 * 256;  // C of one block
+  Buffer<float> cbuf(chunks > 1 ? NB * cwords : nt * cwords);
+  Buffer<uint16_t> apanel(nt * kSteps * 2 * kTileWords);
+  Buffer<float> biases(nt * kBlockRows);
+#pragma omp parallel for num_threads(static_cast<int>(max_i64(1, min_i64(a.num_threads, MT)))) schedule(static)
+  for (int64_t j = 0; j < MT; ++j) pack_x<D>(a, j, S, xb.p);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    configure_tiles();
+    uint16_t* const ap = apanel.p + tid * kSteps * 2 * kTileWords;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t c0 = ch * chunk, c1 = min_i64(S, c0 + chunk);
+#pragma omp for schedule(static)
+      for (int64_t nb = 0; nb < NB; ++nb) {
+        const int64_t n0 = nb * kBlockRows;
+        float* const c = cbuf.p + (chunks > 1 ? nb : tid) * cwords;
+        if (S == 0) std::memset(c, 0, cwords * sizeof(float));  // K = 0, no lora: y = bias
+        for (int64_t s0 = c0; s0 < c1; s0 += kSteps) {
+          const int64_t s1 = min_i64(c1, s0 + kSteps);
+          decode_a<D>(a, n0, s0, s1, ap);
+          for (int64_t j = 0; j < MT; j += 2) {
+            const uint16_t* b = xb.p + (j * S + s0) * kTileWords;
+            if (j + 1 < MT) {
+              run_tiles<2>(ap, b, S, s1 - s0, c + j * 512, s0 == 0);
+            } else {
+              run_tiles<1>(ap, b, S, s1 - s0, c + j * 512, s0 == 0);
+            }
+          }
+        }
+        if (ch == chunks - 1) {
+          float* const bias = biases.p + tid * kBlockRows;
+          for (int64_t i = 0; i < kBlockRows; ++i)
+            bias[i] = a.bias != nullptr && n0 + i < N ? load_f32(a.bias, n0 + i, D) : 0.0f;
+          store_block<D>(a, n0, c, bias);
+        }
+      }
+    }
+    _tile_release();
+  }
+}
+
+}  // namespace
+
+void linear_w4a16(const W4A16Args& a) {
+  if (a.M <= 0 || a.N <= 0) return;
+  switch (static_cast<DType>(a.dtype)) {
+    case DType::kFloat32:
+      return linear_impl<DType::kFloat32>(a);
+    case DType::kBFloat16:
+      return linear_impl<DType::kBFloat16>(a);
+    case DType::kFloat16:
+      return linear_impl<DType::kFloat16>(a);
+  }
+}
+
+}  // namespace svdq::cpu::amx
