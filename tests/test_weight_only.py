@@ -1,7 +1,8 @@
 """The weight-only (W4A16) op on CPU, every instruction path, against an independent float64 computation.
 
-``ops.linear_w4a16`` has two CPU regimes (ops/weight_only.py): up to ``GEMV_MAX_ROWS`` rows the native
-float32 kernel (``_C.linear_w4a16``), above it natively dequantized panels through ``torch.mm``.
+``ops.linear_w4a16`` has three CPU regimes (ops/weight_only.py, ``weight_only.cpu_regime``): few rows the
+native float32 kernel (``_C.linear_w4a16``); more rows of bfloat16 on the amx path the AMX tile kernel
+(``tiles=True``); more rows elsewhere natively dequantized panels through ``torch.mm``.
 
 Tolerances, per element, against the exact result computed in float64 from the same x̂, W, lora and bias
 (``bound`` is Σ|x̂·W| + Σ|lora_act·lora_up| + |bias|, the scale of the rounding errors of a dot product):
@@ -9,7 +10,7 @@ Tolerances, per element, against the exact result computed in float64 from the s
 * float32 arithmetic (the native kernel; float32 panels): ``1e-5 · bound``. Only the order of the float32
   sums differs from the reference (lanes, chains, a tree): the error of each order is far below
   K · 2⁻²⁴ · bound, measured < 1e-6 · bound at K = 12288.
-* bfloat16 panels (bfloat16 x above ``GEMV_MAX_ROWS`` rows): ``2⁻⁵ · spread`` with ``spread`` =
+* bfloat16 panels or tiles (bfloat16 x beyond the float32 kernel's rows): ``2⁻⁵ · spread`` with ``spread`` =
   sqrt(Σ(x̂·W)² + Σ(lora_act·lora_up)²). x̂, W, lora_act and lora_up are rounded to bfloat16 (relative
   error up to 2⁻⁹ each, independent per term) before torch's float32-accumulating matmul, as a bfloat16
   ``nn.Linear`` rounds its operands: an error of standard deviation about 0.8 · 2⁻⁹ · spread, so the
@@ -103,9 +104,14 @@ def cached_case(m, n, k, r, dtype, has_bias, seed):
     return case, exact(*case)
 
 
+def rounds_to_bf16(x: torch.Tensor) -> bool:
+    """Whether the op's regime for ``x`` on the selected CPU path rounds its operands to bfloat16."""
+    return x.dtype == torch.bfloat16 and weight_only.cpu_regime(x.shape[0], x.dtype) in ("tiles", "panels")
+
+
 def scaled_tolerance(x: torch.Tensor, bound: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """The summation-and-operand part of the allowed error of ``ops.linear_w4a16(x, ...)`` (module docstring)."""
-    if x.dtype == torch.bfloat16 and x.shape[0] > weight_only.GEMV_MAX_ROWS[x.dtype]:
+    if rounds_to_bf16(x):
         return BF16_PANEL_TOL * spread
     return F32_TOL * bound
 
@@ -131,8 +137,7 @@ def check(case, expected=None):
     truth, bound, spread = expected or exact(*case)
     y = ops.linear_w4a16(*case)
     x = case[0]
-    panels16 = x.dtype == torch.bfloat16 and x.shape[0] > weight_only.GEMV_MAX_ROWS[x.dtype]
-    assert_close(y, truth, scaled_tolerance(x, bound, spread), x.dtype, norm_tol=2.0**-6 if panels16 else 1e-5)
+    assert_close(y, truth, scaled_tolerance(x, bound, spread), x.dtype, norm_tol=2.0**-6 if rounds_to_bf16(x) else 1e-5)
     return y
 
 

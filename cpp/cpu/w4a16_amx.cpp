@@ -33,8 +33,8 @@ namespace {
 constexpr int64_t kStepK = 32;            // k per tile row: 64 bytes of bfloat16
 constexpr int64_t kTileWords = 16 * 32;   // one 16 × 32 bfloat16 tile
 constexpr int64_t kBlockRows = 32;        // n per block: two A tiles
-constexpr int64_t kSteps = 8;             // tile steps per decoded run: 2 × 8 KiB of A
-constexpr int64_t kXChunkBytes = 1 << 20;  // packed x̂ᵀ per K chunk: half the L2 of a core
+constexpr int64_t kSteps = 8;            // tile steps per decoded run: 2 × 8 KiB of A
+constexpr int64_t kXChunkBytes = 3 << 19;  // packed x̂ᵀ per K chunk: 3/4 of a core's L2 (2 MiB here)
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -236,9 +236,10 @@ template <DType D>
 void linear_impl(const W4A16Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
   const int64_t MT = ceil_div(M, 16), S = K / kStepK + ceil_div(a.R, kStepK), NB = ceil_div(N, kBlockRows);
-  // K chunks: whole runs whose packed x̂ᵀ fits kXChunkBytes.
-  const int64_t chunk = max_i64(1, kXChunkBytes / (MT * kTileWords * 2 * kSteps)) * kSteps;
-  const int64_t chunks = max_i64(1, ceil_div(S, chunk));
+  // K chunks of whole runs, as few as keep each chunk's packed x̂ᵀ within kXChunkBytes, of equal size.
+  const int64_t runs = ceil_div(S, kSteps), run_bytes = MT * kTileWords * 2 * kSteps;
+  const int64_t chunks = max_i64(1, min_i64(runs, ceil_div(runs * run_bytes, kXChunkBytes)));
+  const int64_t chunk = ceil_div(runs, chunks) * kSteps;
   const int nt = static_cast<int>(max_i64(1, min_i64(a.num_threads, NB)));
   ReusedBuffer<uint16_t> xb(MT * S * kTileWords);
   const int64_t cwords = MT * 2 * 256;  // C of one block

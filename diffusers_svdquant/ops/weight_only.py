@@ -5,15 +5,19 @@ One schema, a fake (meta) implementation for ``torch.compile``, a default that r
 input (the weights are frozen: the QLoRA workflow trains adapters on top), and the CPU kernel from
 ``_C`` when the extension is built.
 
-The CPU kernel has two regimes (docs/design.md §4, "W4A16 on CPU"):
+The CPU kernel has three regimes (docs/design.md §4, "W4A16 on CPU"), :func:`cpu_regime` names the one
+a call takes:
 
-* up to :data:`GEMV_MAX_ROWS` rows (12 in bfloat16, 16 in float32 / float16), one native call streams
-  the 4-bit weights once and computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up
-  to summation order;
-* more rows are compute-bound: the weight is dequantized natively in panels of columns
-  (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂. A bfloat16 ``x`` gets bfloat16
-  panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels, the precision of a bfloat16
-  ``nn.Linear``); float32 and float16 inputs get float32 panels and float32 x̂.
+* ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
+  computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
+* ``"tiles"``: a bfloat16 ``x`` of more than :data:`TILES_AFTER_ROWS` rows on the ``amx`` CPU path, one
+  native call on AMX-BF16 tiles (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights
+  into tiles on the fly; x̂, W, lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16
+  ``nn.Linear``), products and sums in float32;
+* ``"panels"``: more rows elsewhere (compute-bound): the weight is dequantized natively in panels of
+  columns (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂. A bfloat16 ``x`` gets bfloat16
+  panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels), float32 and float16 inputs
+  float32 panels and float32 x̂ (their precision: the tiles would round them to bfloat16).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from . import native
 # vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
+# Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them: measured on the AMX Xeon
+# (benchmarks/bench_w4a16_cpu.py --sweep), the tiles beat the float32 GEMV from 5 rows on FLUX's shapes.
+TILES_AFTER_ROWS = 4
 # Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
 # in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
 PANEL_BYTES = 8 << 20
@@ -97,13 +104,24 @@ def dequantized_w4a16(qweight, wscales, wmins, smooth, lora_down, lora_up) -> to
     return reference.effective_weight(residual, smooth, lora_down, lora_up)
 
 
+def cpu_regime(m: int, dtype: torch.dtype) -> str:
+    """How the CPU kernel runs ``m`` rows of ``dtype`` on the selected CPU path: ``"gemv"``, ``"tiles"`` or
+    ``"panels"`` (module docstring), ``"reference"`` without ``_C``."""
+    if native._C is None:
+        return "reference"
+    if dtype == torch.bfloat16 and m > TILES_AFTER_ROWS and native._C.w4a16_tiles_available():
+        return "tiles"
+    return "panels" if m > GEMV_MAX_ROWS[dtype] else "gemv"
+
+
 @linear_w4a16.register_kernel("cpu")
 def _(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias):
     check_linear_w4a16_args(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
-    if native._C is None:
+    regime = cpu_regime(x.shape[0], x.dtype)
+    if regime == "reference":
         native.warn_fallback("linear_w4a16")
         return reference.linear_w4a16(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
-    if x.shape[0] > GEMV_MAX_ROWS[x.dtype]:
+    if regime == "panels":
         return _linear_w4a16_panels(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
     m, k = x.shape
     n, r = qweight.shape[0], lora_down.shape[1]
@@ -115,7 +133,7 @@ def _(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias):
     native._C.linear_w4a16(
         xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), wm.data_ptr(), lu.data_ptr(),
         0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, native.DTYPE_CODES[xs.dtype],
-        torch.get_num_threads(),
+        torch.get_num_threads(), tiles=regime == "tiles",
     )  # fmt: skip
     return y.to(x.dtype)
 

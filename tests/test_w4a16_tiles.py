@@ -1,0 +1,106 @@
+"""The W4A16 AMX tile kernel (``_C.linear_w4a16(..., tiles=True)``, cpp/cpu/w4a16_amx.cpp) against the float64
+result, called directly (every row count, not only those the op hands it) and through the op.
+
+The kernel rounds x̂, W, lora_act and lora_up to bfloat16 and sums in float32: the tolerance is the bfloat16
+one of tests/test_weight_only.py (``2⁻⁵ · spread`` per element, ``2⁻⁶`` in norm), whatever the dtype of the
+tensors it reads. Shapes cover the kernel's edges: m tiles of 16 (1, 15, 16, 17, 33 rows: one and two B
+tiles per pass), n blocks of 32 (1, 31, 33, 200 columns), runs of 8 tile steps, the low-rank columns (R = 0,
+5, 32, 40: one or two extra steps), K = 0, and K chunks (K = 12288 with 300 rows: x̂ᵀ beyond the chunk size).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_weight_only import BF16_PANEL_TOL, DTYPES, G, assert_close, exact, make_case, on_isa
+
+from diffusers_svdquant import ops
+from diffusers_svdquant.ops import native, weight_only
+
+TILE_ISAS = [i for i in ops.supported_cpu_isas() if i == "amx"]
+pytestmark = pytest.mark.skipif(not TILE_ISAS, reason="no AMX-BF16 tile path on this CPU or build")
+
+
+def tiles(case, threads=2):
+    """``_C.linear_w4a16`` on the tile kernel, every float tensor in the case's dtype."""
+    x, qw, ws, wm, sm, ld, lu, b = case
+    (m, k), n, r = x.shape, qw.shape[0], ld.shape[1]
+    y = torch.empty(m, n, dtype=x.dtype)
+    native._C.linear_w4a16(
+        x.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), wm.data_ptr(), lu.data_ptr(),
+        0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, native.DTYPE_CODES[x.dtype], threads,
+        tiles=True,
+    )  # fmt: skip
+    return y
+
+
+def check_tiles(case, threads=2):
+    truth, _, spread = exact(*case)
+    with on_isa("amx"):
+        y = tiles(case, threads)
+    assert_close(y, truth, BF16_PANEL_TOL * spread, case[0].dtype, norm_tol=2.0**-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", [0, 5, 32, 40])
+@pytest.mark.parametrize(("n", "k"), [(1, 64), (31, 128), (33, 576), (200, 3072)])
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 33, 100])
+def test_tiles_match_exact(m, n, k, r, dtype):
+    check_tiles(make_case(m, n, k, r, dtype, (m + n + r) % 2 == 1, m * 7 + n + k))
+
+
+@pytest.mark.parametrize(("m", "r"), [(5, 32), (300, 8)])
+def test_tiles_wide_k(m, r):
+    # 300 rows of K = 12288: the packed x̂ᵀ (7.3 MiB) is cut into K chunks, C waits in memory between them.
+    check_tiles(make_case(m, 40, 12288, r, torch.bfloat16, seed=m))
+
+
+@pytest.mark.parametrize("r", [0, 3])
+def test_tiles_empty_k(r):
+    # K = 0: y is the low-rank branch (zero: lora_act of no input) plus the bias.
+    case = make_case(3, 20, 0, r, torch.bfloat16, has_bias=True, seed=1)
+    with on_isa("amx"):
+        y = tiles(case)
+    assert torch.equal(y, case[-1].expand(3, 20))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_tiles_thread_counts(threads):
+    # More threads than blocks of 32 columns (70 columns: 3 blocks) or cores: the same result.
+    check_tiles(make_case(20, 70, 256, 8, torch.bfloat16, seed=threads), threads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 80),
+    groups=st.integers(1, 12),
+    r=st.integers(0, 40),
+    dtype=st.sampled_from(DTYPES),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_tiles_hypothesis(m, n, groups, r, dtype, has_bias, seed):
+    check_tiles(make_case(m, n, groups * G, r, dtype, has_bias, seed))
+
+
+def test_op_takes_tiles_for_many_bf16_rows():
+    with on_isa("amx"):
+        many = weight_only.TILES_AFTER_ROWS + 1
+        assert weight_only.cpu_regime(many, torch.bfloat16) == "tiles"
+        assert weight_only.cpu_regime(weight_only.TILES_AFTER_ROWS, torch.bfloat16) == "gemv"
+        # float32 and float16 keep their precision: never the bfloat16 tiles.
+        assert weight_only.cpu_regime(100, torch.float32) == "panels"
+        assert weight_only.cpu_regime(100, torch.float16) == "panels"
+        case = make_case(many, 50, 256, 8, torch.bfloat16, seed=3)
+        assert torch.equal(ops.linear_w4a16(*case), tiles(case, torch.get_num_threads()))
+    with on_isa("avx512vnni"):
+        assert weight_only.cpu_regime(many, torch.bfloat16) == "gemv"
+
+
+def test_tiles_refused_on_a_path_without_them():
+    case = make_case(2, 6, 128, 4, torch.bfloat16)
+    with on_isa("avx512vnni"), pytest.raises(ValueError, match="avx512vnni.*no tile kernel"):
+        tiles(case)
