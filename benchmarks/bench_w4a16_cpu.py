@@ -1,14 +1,18 @@
 """The weight-only INT4 linear (W4A16) on CPU vs torch.nn.functional.linear in bf16 and fp32, same process.
 
-``ops.linear_w4a16`` on bf16 input (rank-32 low-rank branch, bias), as a W4A16 layer of a bf16 model runs it:
-up to 4 rows one native call that streams the 4-bit weights, above that natively dequantized panels through
-torch.mm (ops/weight_only.py). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32
+``ops.linear_w4a16`` on bf16 input (rank-32 low-rank branch, bias), as a W4A16 layer of a bf16 model runs it
+(ops/weight_only.py; the ``path`` column, ``weight_only.cpu_regime``): few rows one native float32 call that
+streams the 4-bit weights (``gemv``), more rows the AMX tile kernel on the amx CPU path (``tiles``), else
+natively dequantized panels through torch.mm (``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32
 weights on the same shapes; the ratio is against the faster of the two. FLUX.1's shapes: the AdaLN
 modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072). Medians of repeated runs,
 the three calls timed in turn within each repeat (a neighbour loading the shared CPU slows a whole round
 alike rather than one side of a ratio); the load average is printed with the results.
 
-    python benchmarks/bench_w4a16_cpu.py [--repeats 7] [--rows 1 4 16 256]
+    python benchmarks/bench_w4a16_cpu.py [--repeats 7] [--rows 1 4 16 256] [--sweep]
+
+``--sweep``: rows 1 .. 512 (ROWS_SWEEP) against bf16 ``F.linear`` only (fp32 is the slower one from a few rows
+on this CPU class; the table says which was faster where both are timed).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_svdquant import ops, reference
+from diffusers_svdquant.ops import weight_only
 
 SHAPES = [(3072, 18432), (3072, 12288), (12288, 3072)]  # (K, N): AdaLN, MLP up, MLP down
 ROWS = [1, 4, 16, 256]
+ROWS_SWEEP = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 RANK = 32
 
 
@@ -64,7 +70,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    p.add_argument("--sweep", action="store_true", help="rows 1 .. 512 against bf16 F.linear only")
     args = p.parse_args()
+    rows = ROWS_SWEEP if args.sweep else args.rows
     if not ops.native_available():
         raise SystemExit(f"the native kernels are not built: {ops.native_error()}")
     print(
@@ -73,7 +81,7 @@ def main() -> None:
         f"svdquant CPU path {ops.cpu_isa()}; load average before {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'M':>4} {'K':>6} {'N':>6} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
+        f"{'M':>4} {'K':>6} {'N':>6} {'path':>6} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
         f"{'torch best':>10} {'vs best':>7}"
     )
     torch.manual_seed(0)
@@ -82,18 +90,16 @@ def main() -> None:
         bias = torch.randn(n) * 0.1
         layer = w4a16_layer(w, torch.bfloat16)
         w16, b16 = w.to(torch.bfloat16), bias.to(torch.bfloat16)
-        for m in args.rows:
+        for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            x32 = x.float()
-            t_q, t_16, t_32 = interleaved_medians(
-                args.repeats,
-                (ops.linear_w4a16, x, *layer, b16),
-                (F.linear, x, w16, b16),
-                (F.linear, x32, w, bias),
-            )
+            calls = [(ops.linear_w4a16, x, *layer, b16), (F.linear, x, w16, b16)]
+            if not args.sweep:
+                calls.append((F.linear, x.float(), w, bias))
+            t_q, t_16, t_32 = [*interleaved_medians(args.repeats, *calls), float("inf")][:3]
             best, which = (t_16, "bf16") if t_16 <= t_32 else (t_32, "fp32")
+            path = weight_only.cpu_regime(m, x.dtype)
             print(
-                f"{m:>4} {k:>6} {n:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {1e3 * t_32:>8.2f} | "
+                f"{m:>4} {k:>6} {n:>6} {path:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {1e3 * t_32:>8.2f} | "
                 f"{which:>10} {best / t_q:>6.2f}x",
                 flush=True,
             )

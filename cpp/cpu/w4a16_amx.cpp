@@ -32,8 +32,9 @@ namespace {
 
 constexpr int64_t kStepK = 32;            // k per tile row: 64 bytes of bfloat16
 constexpr int64_t kTileWords = 16 * 32;   // one 16 × 32 bfloat16 tile
-constexpr int64_t kBlockRows = 32;        // n per block: two A tiles
-constexpr int64_t kSteps = 8;            // tile steps per decoded run: 2 × 8 KiB of A
+constexpr int64_t kBlockRows = 32;        // n per decoded A panel: two A tiles
+constexpr int64_t kSubs = 1;              // A panels per block (measured: 2 and 4 no faster on FLUX's shapes)
+constexpr int64_t kSteps = 8;             // tile steps per decoded run: 2 × 8 KiB of A (4, 16: slower)
 constexpr int64_t kXChunkBytes = 3 << 19;  // packed x̂ᵀ per K chunk: 3/4 of a core's L2 (2 MiB here)
 
 struct alignas(64) TileConfig {
@@ -235,19 +236,24 @@ void store_block(const W4A16Args& a, int64_t n0, const float* c, const float* bi
 template <DType D>
 void linear_impl(const W4A16Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
-  const int64_t MT = ceil_div(M, 16), S = K / kStepK + ceil_div(a.R, kStepK), NB = ceil_div(N, kBlockRows);
+  const int64_t MT = ceil_div(M, 16), S = K / kStepK + ceil_div(a.R, kStepK);
+  const int64_t rows = kSubs * kBlockRows, NB = ceil_div(N, rows);
   // K chunks of whole runs, as few as keep each chunk's packed x̂ᵀ within kXChunkBytes, of equal size.
   const int64_t runs = ceil_div(S, kSteps), run_bytes = MT * kTileWords * 2 * kSteps;
   const int64_t chunks = max_i64(1, min_i64(runs, ceil_div(runs * run_bytes, kXChunkBytes)));
   const int64_t chunk = ceil_div(runs, chunks) * kSteps;
   const int nt = static_cast<int>(max_i64(1, min_i64(a.num_threads, NB)));
-  ReusedBuffer<uint16_t> xb(MT * S * kTileWords);
-  const int64_t cwords = MT * 2 * 256;  // C of one block
-  Buffer<float> cbuf(chunks > 1 ? NB * cwords : nt * cwords);
-  Buffer<uint16_t> apanel(nt * kSteps * 2 * kTileWords);
-  Buffer<float> biases(nt * kBlockRows);
+  const int64_t cwords = MT * 2 * 256, pwords = kSteps * 2 * kTileWords;  // C, A panel of 32 rows
+  // One workspace, kept by the calling thread between calls (fresh pages for C alone, 19 MiB at 256 rows of
+  // FLUX's AdaLN in K chunks, cost more than a chunk saves): x̂ᵀ, C, the threads' A panels and biases.
+  const int64_t xwords = MT * S * kTileWords, cfloats = (chunks > 1 ? NB : nt) * kSubs * cwords;
+  ReusedBuffer<uint16_t> work(xwords + 2 * cfloats + nt * kSubs * pwords + 2 * nt * rows);
+  uint16_t* const xb = work.p;
+  float* const cbuf = reinterpret_cast<float*>(xb + xwords);
+  uint16_t* const apanels = xb + xwords + 2 * cfloats;
+  float* const biases = reinterpret_cast<float*>(apanels + nt * kSubs * pwords);
 #pragma omp parallel for num_threads(static_cast<int>(max_i64(1, min_i64(a.num_threads, MT)))) schedule(static)
-  for (int64_t j = 0; j < MT; ++j) pack_x<D>(a, j, S, xb.p);
+  for (int64_t j = 0; j < MT; ++j) pack_x<D>(a, j, S, xb);
 #pragma omp parallel num_threads(nt)
   {
 #ifdef _OPENMP
@@ -256,31 +262,34 @@ void linear_impl(const W4A16Args& a) {
     const int tid = 0;
 #endif
     configure_tiles();
-    uint16_t* const ap = apanel.p + tid * kSteps * 2 * kTileWords;
+    uint16_t* const ap = apanels + tid * kSubs * pwords;
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t c0 = ch * chunk, c1 = min_i64(S, c0 + chunk);
 #pragma omp for schedule(static)
       for (int64_t nb = 0; nb < NB; ++nb) {
-        const int64_t n0 = nb * kBlockRows;
-        float* const c = cbuf.p + (chunks > 1 ? nb : tid) * cwords;
-        if (S == 0) std::memset(c, 0, cwords * sizeof(float));  // K = 0, no lora: y = bias
+        const int64_t n0 = nb * rows, subs = min_i64(kSubs, ceil_div(N - n0, kBlockRows));
+        float* const c = cbuf + (chunks > 1 ? nb : tid) * kSubs * cwords;
+        if (S == 0) std::memset(c, 0, kSubs * cwords * sizeof(float));  // K = 0, no lora: y = bias
         for (int64_t s0 = c0; s0 < c1; s0 += kSteps) {
           const int64_t s1 = min_i64(c1, s0 + kSteps);
-          decode_a<D>(a, n0, s0, s1, ap);
+          for (int64_t u = 0; u < subs; ++u) decode_a<D>(a, n0 + u * kBlockRows, s0, s1, ap + u * pwords);
           for (int64_t j = 0; j < MT; j += 2) {
-            const uint16_t* b = xb.p + (j * S + s0) * kTileWords;
-            if (j + 1 < MT) {
-              run_tiles<2>(ap, b, S, s1 - s0, c + j * 512, s0 == 0);
-            } else {
-              run_tiles<1>(ap, b, S, s1 - s0, c + j * 512, s0 == 0);
+            const uint16_t* b = xb + (j * S + s0) * kTileWords;
+            for (int64_t u = 0; u < subs; ++u) {
+              if (j + 1 < MT) {
+                run_tiles<2>(ap + u * pwords, b, S, s1 - s0, c + u * cwords + j * 512, s0 == 0);
+              } else {
+                run_tiles<1>(ap + u * pwords, b, S, s1 - s0, c + u * cwords + j * 512, s0 == 0);
+              }
             }
           }
         }
         if (ch == chunks - 1) {
-          float* const bias = biases.p + tid * kBlockRows;
-          for (int64_t i = 0; i < kBlockRows; ++i)
+          float* const bias = biases + tid * rows;
+          for (int64_t i = 0; i < rows; ++i)
             bias[i] = a.bias != nullptr && n0 + i < N ? load_f32(a.bias, n0 + i, D) : 0.0f;
-          store_block<D>(a, n0, c, bias);
+          for (int64_t u = 0; u < subs; ++u)
+            store_block<D>(a, n0 + u * kBlockRows, c + u * cwords, bias + u * kBlockRows);
         }
       }
     }
