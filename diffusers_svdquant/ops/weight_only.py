@@ -33,9 +33,10 @@ from . import native
 # vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
-# Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them: measured on the AMX Xeon
-# (benchmarks/bench_w4a16_cpu.py --sweep), the tiles beat the float32 GEMV from 5 rows on FLUX's shapes.
-TILES_AFTER_ROWS = 4
+# Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them. Measured on the AMX Xeon, same
+# process, GEMV vs tiles in ms at 3 / 4 rows: 3072 -> 18432 2.51 / 2.78 vs 2.78 / 2.68; 3072 -> 12288 1.51 / 1.90
+# vs 1.83 / 1.81; 12288 -> 3072 1.70 / 2.04 vs 1.66 / 1.69 (the tiles cost the same from 1 to 16 rows: decoding).
+TILES_AFTER_ROWS = 3
 # Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
 # in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
 PANEL_BYTES = 8 << 20
