@@ -408,7 +408,7 @@ def test_dequantize_bad_arguments(override, names):
 @pytest.mark.parametrize("m", [1, 40])
 def test_the_check_catches_one_swapped_byte(isa, m):
     """One byte's two codes swapped in the op's input (the expected result keeps them), under inputs of size 8
-    there: the tolerance of either regime (float32, or bfloat16 panels at 40 rows) sees that one pair of terms."""
+    there: the tolerance of every regime (float32; bfloat16 tiles or panels at 40 rows) sees that pair of terms."""
     x, qw, *rest = make_case(m, 12, 3072, 8, torch.bfloat16, seed=3)
     row = qw[5].int()
     j = int(((row & 0xF) - (row >> 4)).abs().argmax())  # codes k = 2j, 2j + 1 of column 5 differ the most
