@@ -98,8 +98,9 @@ def main() -> None:
             t_q, t_16, t_32 = [*interleaved_medians(args.repeats, *calls), float("inf")][:3]
             best, which = (t_16, "bf16") if t_16 <= t_32 else (t_32, "fp32")
             path = weight_only.cpu_regime(m, x.dtype)
+            fp32 = "-" if args.sweep else f"{1e3 * t_32:.2f}"
             print(
-                f"{m:>4} {k:>6} {n:>6} {path:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {1e3 * t_32:>8.2f} | "
+                f"{m:>4} {k:>6} {n:>6} {path:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {fp32:>8} | "
                 f"{which:>10} {best / t_q:>6.2f}x",
                 flush=True,
             )
