@@ -22,6 +22,10 @@
 #include <cpuid.h>
 #endif
 #endif
+#if defined(SVDQ_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace svdq::cpu {
 namespace {
@@ -32,6 +36,8 @@ struct CpuFeatures {
   bool avx = false, fma = false, f16c = false, avx2 = false;
   bool avx512f = false, avx512dq = false, avx512bw = false, avx512vl = false, avx512vnni = false;
   bool avxvnni = false;
+  // AMX-TILE + AMX-BF16 + AVX512-BF16, XCR0 bits 17-18 (tile state), and the OS granted this process the tiles.
+  bool amx = false;
 };
 
 #if defined(SVDQ_X86)
@@ -57,6 +63,17 @@ uint64_t xcr0() {
 }
 #endif
 
+// Linux gives a process the AMX tile data state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without it the first tile instruction faults. Elsewhere: no AMX path.
+bool request_amx_state() {
+#if defined(SVDQ_X86) && defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 CpuFeatures detect() {
   CpuFeatures f;
 #if defined(SVDQ_X86)
@@ -69,10 +86,12 @@ CpuFeatures detect() {
   f.avx = (r[2] >> 28) & 1;
   f.fma = (r[2] >> 12) & 1;
   f.f16c = (r[2] >> 29) & 1;
+  bool os_amx = false;
   if (osxsave) {  // xgetbv faults unless the OS enabled XSAVE
     const uint64_t x = xcr0();
     f.os_avx = (x & 0x6) == 0x6;
     f.os_avx512 = (x & 0xe6) == 0xe6;
+    os_amx = (x & 0x60000) == 0x60000;
   }
   if (max_leaf >= 7) {
     cpuid(7, 0, r);
@@ -83,10 +102,14 @@ CpuFeatures detect() {
     f.avx512bw = (r[1] >> 30) & 1;
     f.avx512vl = (r[1] >> 31) & 1;
     f.avx512vnni = (r[2] >> 11) & 1;
+    const bool amx_bf16 = (r[3] >> 22) & 1, amx_tile = (r[3] >> 24) & 1;
+    bool avx512bf16 = false;
     if (max_sub >= 1) {
       cpuid(7, 1, r);
       f.avxvnni = (r[0] >> 4) & 1;
+      avx512bf16 = (r[0] >> 5) & 1;
     }
+    f.amx = os_amx && amx_bf16 && amx_tile && avx512bf16 && request_amx_state();
   }
 #endif
   return f;
@@ -130,6 +153,17 @@ const IsaEntry kIsas[] = {
      },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
       avx512::dequantize_w4a16}},
+#endif
+#if defined(SVDQ_HAVE_AVX512AMX)
+    // avx512vnni with a bf16 layer's low-rank branch on AMX tiles: the GEMM's up projection
+    // (gemm_avx512amx.cpp) and the whole linear's down projection (quantize_avx512amx.cpp).
+    {"avx512amx",
+     [](const CpuFeatures& f) {
+       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
+              f.avx512dq && f.avx512vnni && f.amx;
+     },
+     {avx512::quantize_act, avx512amx::gemm_w4a4, avx512amx::pack_tile, avx512::linear_w4a16,
+      avx512::dequantize_w4a16, avx512amx::quantize_act}},
 #endif
 };
 
