@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import gemm_layout
 import pytest
-from branch_bound import bf16_branch, branch_bound, within
 import torch
+from branch_bound import bf16_branch, branch_bound, within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

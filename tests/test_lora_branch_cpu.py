@@ -100,7 +100,8 @@ def test_the_float32_branch_elsewhere_is_avx512vnni_bit_for_bit(m, dtype):
                for isa in ("avx512vnni", "avx512amx")]  # fmt: skip
         assert torch.equal(lin[0], lin[1])
     # The canonical quantize_act outputs float32 lora_act: the float32 down projection on every path.
-    qa = [_on(isa, lambda: torch.ops.svdquant.quantize_act(x, smooth, lora_down)) for isa in ("avx512vnni", "avx512amx")]
+    qa = [_on(isa, lambda: torch.ops.svdquant.quantize_act(x, smooth, lora_down))
+          for isa in ("avx512vnni", "avx512amx")]  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(*qa, strict=True))
 
 
