@@ -206,9 +206,10 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
   const std::unique_ptr<uint8_t[]> q_x(new uint8_t[static_cast<size_t>(M * (K / 2))]);
   const std::unique_ptr<float[]> s_x(new float[static_cast<size_t>(M * G)]);
   const std::unique_ptr<float[]> lora_act(new float[static_cast<size_t>(M * R)]);
-  k.quantize_act(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(smooth),
-                 reinterpret_cast<const void*>(lora_down), q_x.get(), s_x.get(), lora_act.get(), M, K, R,
-                 static_cast<DType>(dtype), static_cast<int>(num_threads));
+  (k.quantize_act_linear != nullptr ? k.quantize_act_linear : k.quantize_act)(
+      reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(smooth),
+      reinterpret_cast<const void*>(lora_down), q_x.get(), s_x.get(), lora_act.get(), M, K, R,
+      static_cast<DType>(dtype), static_cast<int>(num_threads));
   a.q_x = q_x.get();
   a.s_x = s_x.get();
   a.lora_act = lora_act.get();
@@ -653,7 +654,7 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
         }
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
-        if (current == "avx512vnni") {
+        if (current == "avx512vnni" || current == "amx") {  // the same vpdpbusd main loop
           py::gil_scoped_release release;
           return gops_of(svdq::cpu::avx512vnni::int8_peak_ops, num_threads, iters);
         }

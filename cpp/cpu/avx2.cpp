@@ -26,6 +26,8 @@ constexpr int kMicroRows = 4;  // register tile: 4 rows x 2 vectors = 8 independ
 constexpr int kMicroVecs = 2;
 // Rows sharing one pass over lora_down: 16 keeps the down projection near the 2-FMA/cycle peak.
 constexpr int64_t kTileRows = 16;
+// lora_down staged as float32 once per tile when it is 16-bit (its conversion, per register tile, costs more).
+constexpr bool kLoraInPlace = false;
 
 // 8 consecutive elements of a `D` array, starting at element i, as float32.
 template <DType D>

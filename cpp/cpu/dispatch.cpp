@@ -105,6 +105,7 @@ CpuFeatures detect() {
   f.avx = (r[2] >> 28) & 1;
   f.fma = (r[2] >> 12) & 1;
   f.f16c = (r[2] >> 29) & 1;
+  bool os_amx = false;
   if (osxsave) {  // xgetbv faults unless the OS enabled XSAVE
     const uint64_t x = xcr0();
     f.os_avx = (x & 0x6) == 0x6;
@@ -179,14 +180,16 @@ const IsaEntry kIsas[] = {
       avx512::dequantize_w4a16, nullptr}},
 #endif
 #if defined(SVDQ_HAVE_AMX)
-    // avx512vnni plus the W4A16 tile kernel (AMX-BF16) for many rows.
+    // avx512vnni with AMX-BF16 tiles where a bf16 layer gains from them: the W4A4 low-rank branch (the GEMM's
+    // up projection, gemm_avx512amx.cpp; the whole linear's down projection, quantize_avx512amx.cpp) and the
+    // many-rows W4A16 linear (w4a16_amx.cpp).
     {"amx",
      [](const CpuFeatures& f) {
        return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
               f.avx512dq && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
      },
-     {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, amx::linear_w4a16}},
+     {avx512::quantize_act, avx512amx::gemm_w4a4, avx512amx::pack_tile, avx512::linear_w4a16,
+      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act}},
 #endif
 #if defined(SVDQ_HAVE_DOTPROD)
     // The sdot GEMM and NEON quantize_act; pack_tile and W4A16 are generic's.

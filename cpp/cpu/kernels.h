@@ -82,7 +82,10 @@ struct KernelTable {
   LinearW4A16Fn linear_w4a16;
   DequantW4A16Fn dequantize_w4a16;
   // The many-rows W4A16 linear on matrix tiles (operands rounded to bfloat16), null on paths without one.
-  LinearW4A16Fn linear_w4a16_tiles;
+  LinearW4A16Fn linear_w4a16_tiles = nullptr;
+  // quantize_act for the whole W4A4 linear (_C.linear), whose output is rounded to x's dtype: may compute
+  // lora_act from bf16-rounded x̂ when x is bfloat16 (docs/design.md §1). Null: quantize_act.
+  QuantizeActFn quantize_act_linear = nullptr;
 };
 
 namespace generic {
@@ -138,6 +141,14 @@ void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 double int8_peak_ops(int num_threads, int64_t iters);  // the vpdpbusd loop
 }  // namespace avx512vnni
+// The avx512vnni GEMM with the tile path's bf16 low-rank branch on AMX tiles (gemm_avx512amx.cpp), and the
+// zmm quantize_act with the down projection on AMX tiles for a bf16 linear (quantize_avx512amx.cpp).
+namespace avx512amx {
+void quantize_act(const void* x, const void* smooth, const void* lora_down, uint8_t* q_x, float* s_x,
+                  float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
+void gemm_w4a4(const GemmArgs& args);
+void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
+}  // namespace avx512amx
 
 // AArch64 (Advanced SIMD is part of the base ISA): quantize_act on NEON (quantize_neon.cpp, no flags), shared
 // by the Arm paths; the W4A4 GEMMs with sdot (gemm_dotprod.cpp, +dotprod) and smmla (gemm_i8mm.cpp, +i8mm).
