@@ -30,6 +30,8 @@ except ImportError:  # transformers absent or unusable: the config still serves 
 FORMAT_VERSION = 3
 # Rank of the 16-bit low-rank branch unless a user picks another: the paper's and Nunchaku's choice.
 DEFAULT_RANK = 32
+# Alternating refinement of the low-rank branch with the quantized residual (SVDQuantConfig.lowrank_iters).
+DEFAULT_LOWRANK_ITERS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,8 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``, seeded),
             or ``"auto"`` (exact up to 1024 on the short side, randomized above).
         lowrank_iters: refinement iterations ``L ← SVD_r(Ŵ − Q(Ŵ − L))``; the best by weight error is kept.
+            Default :data:`DEFAULT_LOWRANK_ITERS` (3): on real MiniLM (every linear W4A4) the held-out mean
+            cosine went 0.936 -> 0.942 uncalibrated and 0.976 -> 0.978 calibrated + GPTQ (README, quality).
         gptq: round the INT4 residual with GPTQ (error compensation against the calibration inputs'
             ``XᵀX``, gathered by ``calibrate(..., hessian=True)``). ``None`` (default): wherever the
             statistics carry ``XᵀX``; ``True``: the same, and a warning for every layer without it
@@ -173,7 +177,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         smoothing_alpha: float | None = None,
         calibration: Any = None,
         svd_method: str = "auto",
-        lowrank_iters: int = 0,
+        lowrank_iters: int = DEFAULT_LOWRANK_ITERS,
         gptq: bool | None = None,
         torch_dtype: str | None = None,
         format_version: int = FORMAT_VERSION,

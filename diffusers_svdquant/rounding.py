@@ -11,13 +11,20 @@ import torch
 
 from . import reference
 
-# GPTQ: the Hessian's diagonal is raised by this fraction of its mean (Frantar et al.'s 1%). Measured:
-# on well-sampled inputs (2,048 rows, K <= 256) it lowers round-to-nearest's output error by 11-13% on
-# those rows and 3-7% on held-out ones. On real MiniLM with only ~100 calibration tokens (XᵀX
-# rank-deficient) the held-out cosine is 0.962 / 0.961 (alpha 0.5 / searched) at 0.01 and 0.968 / 0.962
-# at 0.1 (round-to-nearest: 0.959 / 0.957): more damping pays only with few rows. Diffusion calibration
-# sees thousands of tokens per call.
+# GPTQ: the Hessian's diagonal is raised by a fraction of its mean: Frantar et al.'s 1% with well-sampled
+# inputs, more when the calibration rows barely outnumber the columns (XᵀX near rank-deficient, its small
+# eigenvalues noise): max(0.01, 0.1 · K / rows). Measured on real MiniLM (README, calibration), 960 rows on
+# K = 384 / 1536, held-out mean cosine: 0.01 -> 0.9715, 0.1 · K / rows -> 0.9757, 0.25 -> 0.9749, 0.5 -> 0.9741.
+# FLUX calibration sees thousands of rows per call, where this is 0.01.
 GPTQ_DAMP = 0.01
+GPTQ_DAMP_PER_COLUMN = 0.1
+
+
+def gptq_damping(k: int, rows: int | None) -> float:
+    """GPTQ's relative damping for a ``[K, K]`` ``XᵀX`` summed over ``rows`` input rows (None: unknown)."""
+    if not rows:
+        return GPTQ_DAMP
+    return max(GPTQ_DAMP, GPTQ_DAMP_PER_COLUMN * k / rows)
 # Columns go in blocks of this many (a multiple of the group, so a group's scale is set inside a block).
 _GPTQ_BLOCK = 128
 
@@ -29,6 +36,7 @@ def gptq_quantize_groups(
     scale_dtype: torch.dtype = torch.float32,
     damp: float = GPTQ_DAMP,
     affine: bool = False,
+    shrinks: tuple[float, ...] = (1.0,),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`reference.quantize_groups` with GPTQ's error compensation (Frantar et al., 2022).
 
@@ -58,6 +66,7 @@ def gptq_quantize_groups(
                          f"got {list(hessian.shape)}")  # fmt: skip
     w = residual.to(torch.float32, copy=True)
     h = hessian.to(device=w.device, dtype=torch.float32, copy=True)
+    hblocks = group_hessian_blocks(h, group_size) if len(shrinks) > 1 and not affine else None
     dead = h.diagonal() <= 0  # inputs that were always 0: their weights never reach the output
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -84,6 +93,9 @@ def gptq_quantize_groups(
                     mins[:, g] = lo.to(scale_dtype)
                     m = mins[:, g].float()
                     s = ((hi - m) / reference.UQMAX).to(scale_dtype)
+                elif hblocks is not None:
+                    s = search_group_scales(wb[:, j : j + group_size], group_size, scale_dtype, hblocks[g : g + 1],
+                                            shrinks)[1][:, 0]  # fmt: skip
                 else:
                     s = (wb[:, j : j + group_size].abs().amax(dim=1) / reference.QMAX).to(scale_dtype)
                 scales[:, g] = s
@@ -97,6 +109,79 @@ def gptq_quantize_groups(
             errs[:, j] = err
         w[:, b1:].sub_(errs @ u[b0:b1, b1:])
     return codes, scales, mins
+
+
+# Per-group scale search: each group's scale is tried at these fractions of absmax / 7 (clipping the largest
+# values to round the rest more finely, as AWQ's and llama.cpp's weight quantizers do).
+SCALE_SHRINKS = tuple(round(1.0 - 0.05 * i, 2) for i in range(7))
+
+
+def group_hessian_blocks(hessian: torch.Tensor, group_size: int = reference.GROUP_SIZE) -> torch.Tensor:
+    """The diagonal ``[group, group]`` blocks of a ``[K, K]`` ``XᵀX``: float32 ``[K/group, group, group]``."""
+    k = hessian.shape[0]
+    blocks = hessian.float().reshape(k // group_size, group_size, k // group_size, group_size)
+    return blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def search_group_scales(
+    x: torch.Tensor,
+    group_size: int = reference.GROUP_SIZE,
+    scale_dtype: torch.dtype = torch.float32,
+    blocks: torch.Tensor | None = None,
+    shrinks: tuple[float, ...] = SCALE_SHRINKS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference.quantize_groups` with each group's scale chosen among ``shrink · absmax / 7``.
+
+    A group's error ``e = x − q·s`` is scored as ``eᵀ H_g e`` with ``H_g`` its ``[group, group]`` block of the
+    inputs' ``XᵀX`` (its share of the layer-output error ``‖X e‖²``, cross-group terms left out), or as ``eᵀe``
+    without ``blocks``. Ties keep the larger scale, so ``shrinks = (1.0,)`` is round-to-nearest.
+
+    Args:
+        x: float ``[N, K]``.
+        blocks: float32 ``[K/group, group, group]`` from :func:`group_hessian_blocks`, or None.
+        shrinks: fractions of ``absmax / 7`` tried, the first kept on ties.
+
+    Returns:
+        ``(codes, scales)`` as :func:`reference.quantize_groups` returns them.
+    """
+    n, k = x.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    codes = torch.empty(n, k, dtype=torch.int8, device=x.device)
+    scales = torch.empty(n, k // group_size, dtype=scale_dtype, device=x.device)
+    # Row blocks of ~1 MiB of float32: the passes per candidate run from cache (3x faster on [3072, 12288]).
+    step = max(1, (1 << 18) // k)
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        codes[r0:r1], scales[r0:r1] = _best_scales(x[r0:r1], group_size, scale_dtype, blocks, shrinks)
+    return codes, scales
+
+
+def _best_scales(x, group_size, scale_dtype, blocks, shrinks):
+    n, k = x.shape
+    g = x.float().reshape(n, k // group_size, group_size)
+    amax = g.abs().amax(dim=-1)
+    best_err = best_s = best_q = None
+    for f in shrinks:
+        s = (amax * f / reference.QMAX).to(scale_dtype)
+        sf = s.float().unsqueeze(-1)
+        zero = sf == 0
+        q = (g / torch.where(zero, torch.ones_like(sf), sf)).round_().clamp_(reference.QMIN, reference.QMAX)
+        q.masked_fill_(zero, 0)
+        e = torch.addcmul(g, q, sf, value=-1)
+        if blocks is None:
+            err = torch.linalg.vecdot(e, e)
+        else:  # [G, rows, group] @ [G, group, group]: each group's eᵀ H_g e
+            et = e.transpose(0, 1)
+            err = torch.linalg.vecdot(torch.bmm(et, blocks), et).t()
+        if best_err is None:
+            best_err, best_s, best_q = err, s, q
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_q = torch.where(better.unsqueeze(-1), q, best_q)
+    return best_q.reshape(n, k).to(torch.int8), best_s
 
 
 # Least-squares refits of a weight-only group's (scale, min) after min-max rounding. Measured on

@@ -202,11 +202,11 @@ def _residual(w: torch.Tensor, q: algorithm.QuantizedWeight) -> torch.Tensor:
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("r", [0, 16])
 def test_residual_error_bounded_by_half_scale(n, k, r, dtype):
-    """Every dequantized residual element is within wscale/2 of the residual it encodes, and the
-    scale is the group absmax / 7 rounded to the model dtype."""
+    """Round-to-nearest (``scale_search=False``): every dequantized residual element is within wscale/2 of the
+    residual it encodes, and the scale is the group absmax / 7 rounded to the model dtype."""
     w = structured_weight(n, k, seed=9).to(dtype)
     a = torch.rand(k, generator=_gen(10)) * 4 + 0.1
-    q = algorithm.svdquant_weight(w, r, act_absmax=a, dtype=dtype)
+    q = algorithm.svdquant_weight(w, r, act_absmax=a, dtype=dtype, scale_search=False)
     res = _residual(w, q)
     codes = reference.unpack_int4(q.qweight)
     deq = reference.dequantize_groups(codes, q.wscales)

@@ -164,6 +164,7 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
                 svd_method=config.svd_method,
                 lowrank_iters=config.lowrank_iters,
                 hessian=gptq_hessian(config, stats, name, cls.WEIGHT_ONLY),
+                hessian_rows=stats.num_tokens.get(name),
             )
         except ValueError as e:
             raise ValueError(f"svdquant: cannot quantize layer {name!r}: {e}") from e
@@ -286,6 +287,7 @@ def quantize_layer_weight(
             svd_method=config.svd_method,
             lowrank_iters=config.lowrank_iters,
             hessian=gptq_hessian(config, stats, module_name, layer.WEIGHT_ONLY),
+            hessian_rows=stats.num_tokens.get(module_name),
             weight_only=layer.WEIGHT_ONLY,
         )
     except ValueError as e:
