@@ -19,8 +19,8 @@ from . import reference
 from .rounding import (  # noqa: F401
     GPTQ_DAMP,
     SCALE_SHRINKS,
-    gptq_damping,
     affine_groups,
+    gptq_damping,
     gptq_quantize_groups,
     group_hessian_blocks,
     search_group_scales,

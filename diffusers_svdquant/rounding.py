@@ -25,6 +25,8 @@ def gptq_damping(k: int, rows: int | None) -> float:
     if not rows:
         return GPTQ_DAMP
     return max(GPTQ_DAMP, GPTQ_DAMP_PER_COLUMN * k / rows)
+
+
 # Columns go in blocks of this many (a multiple of the group, so a group's scale is set inside a block).
 _GPTQ_BLOCK = 128
 
