@@ -218,7 +218,7 @@ def quantize_weight(
         return gptq_quantize_groups(residual, smoothed_h, group_size, dtype, damp, weight_only, shrinks)
 
     up, down = factors(w_hat)
-    if lowrank_iters == 0:
+    if lowrank_iters == 0 or rank == 0:  # rank 0: no branch to refine
         codes, scales, mins = round_residual(w_hat.addmm_(up.float(), down.float().t(), alpha=-1))
     else:
         best_err = None

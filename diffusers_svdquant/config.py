@@ -162,6 +162,10 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             statistics carry ``XᵀX``; ``True``: the same, and a warning for every layer without it
             (round-to-nearest there); ``False``: round to nearest everywhere. Changes only the codes and
             scales, not the format.
+        scale_search: W4A4 residual groups take the scale among ``1.0, 0.95 … 0.7 × absmax / 7`` with the
+            smallest error (weighted by the group's ``XᵀX`` block when the statistics carry it), also inside
+            GPTQ; ``False``: ``absmax / 7`` (plain round-to-nearest, the naive baselines). Measured on real
+            MiniLM: uncalibrated 0.933 -> 0.936, calibrated + GPTQ 0.969 -> 0.971 (README, quality).
         torch_dtype: dtype the model was quantized in, recorded so a reload without ``torch_dtype``
             gives the same model. Set by the quantizer.
         format_version: on-disk format version (docs/design.md §2).
@@ -179,6 +183,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         svd_method: str = "auto",
         lowrank_iters: int = DEFAULT_LOWRANK_ITERS,
         gptq: bool | None = None,
+        scale_search: bool = True,
         torch_dtype: str | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -212,6 +217,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         self.svd_method = svd_method
         self.lowrank_iters = lowrank_iters
         self.gptq = gptq
+        self.scale_search = scale_search
         self.torch_dtype = torch_dtype
         self.format_version = format_version
         self.post_init()
@@ -243,6 +249,8 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             raise ValueError(f"SVDQuantConfig: lowrank_iters must be an integer >= 0, got {self.lowrank_iters!r}")
         if self.gptq not in (None, True, False):
             raise ValueError(f"SVDQuantConfig: gptq must be None, True or False, got {self.gptq!r}")
+        if not isinstance(self.scale_search, bool):
+            raise ValueError(f"SVDQuantConfig: scale_search must be True or False, got {self.scale_search!r}")
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(
                 f"SVDQuantConfig: format_version must be an integer >= 1, got {self.format_version!r} "
@@ -284,6 +292,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             "svd_method": self.svd_method,
             "lowrank_iters": self.lowrank_iters,
             "gptq": self.gptq,
+            "scale_search": self.scale_search,
             "torch_dtype": self.torch_dtype,
             "format_version": self.format_version,
         }

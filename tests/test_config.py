@@ -49,6 +49,7 @@ SETTINGS = {
     "smoothing_alpha": 0.3,
     "svd_method": "randomized",
     "lowrank_iters": 2,
+    "scale_search": False,
     "torch_dtype": "bfloat16",
 }
 

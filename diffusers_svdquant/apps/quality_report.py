@@ -39,9 +39,10 @@ def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQu
 
     Every method quantizes the same layers, the AdaLN linears weight-only unless named otherwise.
     """
-    methods = {"naive-w4a4": SVDQuantConfig(rank=0)}
+    rtn = {"rank": 0, "scale_search": False}
+    methods = {"naive-w4a4": SVDQuantConfig(**rtn)}
     if stats is not None:
-        methods["smoothquant-w4a4"] = SVDQuantConfig(rank=0, calibration=stats, smoothing_alpha=0.5)
+        methods["smoothquant-w4a4"] = SVDQuantConfig(**rtn, calibration=stats, smoothing_alpha=0.5)
     methods["svdquant"] = SVDQuantConfig(rank=rank)
     if stats is not None:
         methods["svdquant-calibrated"] = SVDQuantConfig(rank=rank, calibration=stats, gptq=False)

@@ -165,6 +165,7 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
                 lowrank_iters=config.lowrank_iters,
                 hessian=gptq_hessian(config, stats, name, cls.WEIGHT_ONLY),
                 hessian_rows=stats.num_tokens.get(name),
+                scale_search=config.scale_search,
             )
         except ValueError as e:
             raise ValueError(f"svdquant: cannot quantize layer {name!r}: {e}") from e
@@ -288,6 +289,7 @@ def quantize_layer_weight(
             lowrank_iters=config.lowrank_iters,
             hessian=gptq_hessian(config, stats, module_name, layer.WEIGHT_ONLY),
             hessian_rows=stats.num_tokens.get(module_name),
+            scale_search=config.scale_search,
             weight_only=layer.WEIGHT_ONLY,
         )
     except ValueError as e:
