@@ -197,12 +197,15 @@ def quantize_weight(
         up, down = low_rank(target, rank, svd_method)
         return up.to(dtype), down.to(dtype)
 
-    smoothed_h = None
+    # The smoothed inputs' XᵀX, diag(1/λ) H diag(1/λ), in one private buffer that GPTQ then writes over (K x K
+    # float32 is 576 MiB at K = 12,288: no second copy).
+    held: dict[str, torch.Tensor] = {}
     if hessian is not None:
-        inv = 1.0 / smooth.float()
-        smoothed_h = hessian.to(device=weight.device, dtype=torch.float32) * inv.unsqueeze(0) * inv.unsqueeze(1)
+        inv = 1.0 / smooth.float().to(weight.device)
+        held["h"] = hessian.to(device=weight.device, dtype=torch.float32, copy=True)
+        held["h"].mul_(inv.unsqueeze(0)).mul_(inv.unsqueeze(1))
     shrinks = SCALE_SHRINKS if scale_search else (1.0,)
-    blocks = None if smoothed_h is None or not scale_search else group_hessian_blocks(smoothed_h, group_size)
+    blocks = group_hessian_blocks(held["h"], group_size) if held and scale_search else None
 
     def round_nearest(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if weight_only:
@@ -212,10 +215,11 @@ def quantize_weight(
         return (*reference.quantize_groups(residual, group_size, dtype), None)
 
     def round_residual(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if smoothed_h is None:
+        if not held:
             return round_nearest(residual)
         damp = gptq_damping(k, hessian_rows) if gptq_damp is None else gptq_damp
-        return gptq_quantize_groups(residual, smoothed_h, group_size, dtype, damp, weight_only, shrinks)
+        return gptq_quantize_groups(residual, held.pop("h"), group_size, dtype, damp, weight_only, shrinks,
+                                    overwrite_hessian=True)  # fmt: skip
 
     up, down = factors(w_hat)
     if lowrank_iters == 0 or rank == 0:  # rank 0: no branch to refine

@@ -39,6 +39,7 @@ def gptq_quantize_groups(
     damp: float = GPTQ_DAMP,
     affine: bool = False,
     shrinks: tuple[float, ...] = (1.0,),
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`reference.quantize_groups` with GPTQ's error compensation (Frantar et al., 2022).
 
@@ -54,6 +55,10 @@ def gptq_quantize_groups(
         group_size: elements per group.
         scale_dtype: dtype the scales are rounded to before the codes are chosen.
         damp: the diagonal is raised by ``damp · mean(diag)`` so the inverse exists.
+        shrinks: each symmetric group's scale is the best of these fractions of its absmax / 7, by its error
+            weighted with the group's ``XᵀX`` block (:func:`search_group_scales`); ``(1.0,)``: absmax / 7.
+        overwrite_hessian: ``hessian`` (float32, on the residual's device) may be written over and freed here:
+            the caller holds no other reference it still needs.
         affine: round to the unsigned ``q · s + m`` grid of :func:`reference.quantize_groups_affine`
             (weight-only layers) instead; a group's ``m`` and ``s`` come from its columns' min and max as
             they stand when the group is reached.
@@ -67,7 +72,8 @@ def gptq_quantize_groups(
         raise ValueError(f"gptq: residual [{n}, {k}] needs K % {group_size} == 0 and a [{k}, {k}] Hessian, "
                          f"got {list(hessian.shape)}")  # fmt: skip
     w = residual.to(torch.float32, copy=True)
-    h = hessian.to(device=w.device, dtype=torch.float32, copy=True)
+    h = hessian.to(device=w.device, dtype=torch.float32, copy=not overwrite_hessian)
+    del hessian  # with overwrite_hessian its buffer is h's; the caller has let go of it
     hblocks = group_hessian_blocks(h, group_size) if len(shrinks) > 1 and not affine else None
     dead = h.diagonal() <= 0  # inputs that were always 0: their weights never reach the output
     h[dead, dead] = 1.0
@@ -76,8 +82,16 @@ def gptq_quantize_groups(
     # The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row j holds what column j's error does to the later
     # columns. With H = R Rᵀ, R upper (the lower factor of H reversed, reversed back), U = R⁻¹: one
     # factorization and one triangular solve instead of factorizing H and then H⁻¹ (25% less on K = 12,288).
-    r = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
-    u = torch.linalg.solve_triangular(r, torch.eye(k, device=w.device), upper=True)
+    # The factorization and the solve write over their inputs and each buffer is dropped once used: at most
+    # two K x K buffers live here (plus the caller's XᵀX unless overwrite_hessian), where forming every
+    # result anew held five (2.8 GiB at K = 12,288).
+    flipped = h.flip(0, 1)
+    del h
+    factor = torch.linalg.cholesky(flipped, out=flipped).flip(0, 1)
+    del flipped
+    u = torch.eye(k, device=w.device)
+    torch.linalg.solve_triangular(factor, u, upper=True, out=u)
+    del factor
     codes = torch.empty(n, k, dtype=torch.uint8 if affine else torch.int8, device=w.device)
     scales = torch.empty(n, k // group_size, dtype=scale_dtype, device=w.device)
     mins = torch.zeros_like(scales) if affine else None
