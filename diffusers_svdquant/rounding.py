@@ -40,6 +40,7 @@ def gptq_quantize_groups(
     affine: bool = False,
     shrinks: tuple[float, ...] = (1.0,),
     overwrite_hessian: bool = False,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`reference.quantize_groups` with GPTQ's error compensation (Frantar et al., 2022).
 
@@ -59,6 +60,9 @@ def gptq_quantize_groups(
             weighted with the group's ``XᵀX`` block (:func:`search_group_scales`); ``(1.0,)``: absmax / 7.
         overwrite_hessian: ``hessian`` (float32, on the residual's device) may be written over and freed here:
             the caller holds no other reference it still needs.
+        act_order: symmetric codes only: quantize the columns by decreasing ``diag(XᵀX)`` with every group's scale
+            fixed beforehand from the residual as it is (GPTQ's act-order with static groups). Off by default:
+            on real MiniLM it measured +0.002 / −0.0005 held-out cosine with 960 / 1,920 calibration rows.
         affine: round to the unsigned ``q · s + m`` grid of :func:`reference.quantize_groups_affine`
             (weight-only layers) instead; a group's ``m`` and ``s`` come from its columns' min and max as
             they stand when the group is reached.
@@ -79,6 +83,15 @@ def gptq_quantize_groups(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
+    perm = col_scale = None
+    if act_order and not affine:
+        # Columns by decreasing XᵀX diagonal (the inputs that matter most first) with static group scales, chosen
+        # from the residual as it is: a group's columns are no longer contiguous in the order of quantization.
+        fixed = search_group_scales(w, group_size, scale_dtype, hblocks, shrinks)[1] if hblocks is not None else (
+            reference.quantize_groups(w, group_size, scale_dtype)[1])  # fmt: skip
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        h, w = h[perm][:, perm], w[:, perm]
+        col_scale = fixed.float()[:, perm // group_size]
     # The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row j holds what column j's error does to the later
     # columns. With H = R Rᵀ, R upper (the lower factor of H reversed, reversed back), U = R⁻¹: one
     # factorization and one triangular solve instead of factorizing H and then H⁻¹ (25% less on K = 12,288).
@@ -102,7 +115,11 @@ def gptq_quantize_groups(
         b1 = min(b0 + block, k)
         wb, errs = w[:, b0:b1].clone(), torch.empty(n, b1 - b0, device=w.device)
         for j in range(b1 - b0):
-            if j % group_size == 0:
+            if col_scale is not None:
+                s = col_scale[:, b0 + j]
+                zero = s == 0
+                d = torch.where(zero, torch.ones_like(s), s)
+            elif j % group_size == 0:
                 g = (b0 + j) // group_size
                 if affine:  # the same parameters reference.quantize_groups_affine picks for these columns
                     lo, hi = torch.aminmax(wb[:, j : j + group_size], dim=1)
@@ -124,6 +141,9 @@ def gptq_quantize_groups(
             wb[:, j:].sub_(err.unsqueeze(1) * u[b0 + j, b0 + j : b1].unsqueeze(0))
             errs[:, j] = err
         w[:, b1:].sub_(errs @ u[b0:b1, b1:])
+    if perm is not None:
+        codes[:, perm] = codes.clone()
+        scales = fixed
     return codes, scales, mins
 
 

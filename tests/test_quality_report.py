@@ -30,6 +30,9 @@ def test_methods_side_by_side():
     assert list(methods) == ["naive-w4a4", "smoothquant-w4a4", "svdquant", "svdquant-calibrated", *adaln]
     assert methods["naive-w4a4"].rank == 0 and methods["naive-w4a4"].calibration is None
     assert methods["smoothquant-w4a4"].rank == 0 and methods["smoothquant-w4a4"].smoothing_alpha == 0.5
+    # The baselines round to nearest (absmax / 7); the SVDQuant rows take the default scale search.
+    assert not methods["naive-w4a4"].scale_search and not methods["smoothquant-w4a4"].scale_search
+    assert methods["svdquant"].scale_search and methods["svdquant-calibrated"].scale_search
     assert methods["svdquant"].calibration is None and methods["svdquant-calibrated"].calibration is stats
     # The AdaLN rows differ from svdquant-calibrated in the AdaLN linears' precision only.
     assert methods["svdquant-adaln-16bit"].is_excluded("transformer_blocks.0.norm1.linear")
