@@ -16,6 +16,7 @@ Then the per-layer seconds of one double and one single block project the search
 time of the full FLUX.1 transformer (19 double + 38 single blocks).
 
     python benchmarks/bench_calibration.py [--blocks 1,1] [--calls 4] [--processes 1,2] [--gptq]
+        [--project-prompts 128 --project-steps 8 --project-tokens 4608]
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ def worker(args: argparse.Namespace) -> None:
         return out
 
     algorithm.search_smoothing = timed_search
+    plain_s = None
+    if args.gptq:  # the same collection without XᵀX: what gathering it costs
+        start = time.perf_counter()
+        calibration.calibrate(model, run, config=config, max_samples=args.max_samples, search=False, progress=False)
+        plain_s = time.perf_counter() - start
     t0 = time.perf_counter()
     stats = calibration.calibrate(
         model, run, config=config, max_samples=args.max_samples, search=False, progress=False, hessian=args.gptq
     )
     t1 = time.perf_counter()
+    collect_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calibration.search_smoothing(model, stats, config, procs=procs, progress=False)
     t2 = time.perf_counter()
     search_times = procs.gather(per_layer)
@@ -97,11 +104,15 @@ def worker(args: argparse.Namespace) -> None:
                 "threads": torch.get_num_threads(),
                 "layers": layers,
                 "collect_s": t1 - t0,
+                "collect_plain_s": plain_s,
                 "search_s": t2 - t1,
                 "search_cpu_s": sum(sum(d.values()) for d in search_times),
                 "quantize_s": t4 - t3,
                 "quantize_rtn_s": rtn_s,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "collect_peak_rss_mib": collect_peak,
+                "hessian_mib": sum(h.numel() * 4 for h in stats.hessian.values()) / 2**20,
+                "tokens_per_call": args.image_tokens + args.text_tokens,
                 "double_layers": sum(n.startswith("transformer_blocks.") for n in names),
                 "single_layers": sum(n.startswith("single_transformer_blocks.") for n in names),
                 "double_weight": sum(s[0] * s[1] * 2 for n, s in shapes.items() if n.startswith("transformer_")),
@@ -130,6 +141,10 @@ def main() -> None:
                    help="bf16 is emulated on CPUs without AVX-512 BF16: fp32 is the fast path there")  # fmt: skip
     p.add_argument("--processes", default="1,2", help="process counts to compare")
     p.add_argument("--gptq", action="store_true", help="gather XᵀX too and round the residual with GPTQ")
+    p.add_argument("--project-prompts", type=int, default=128, help="projection: calibration prompts (the reference "
+                   "toolkit's 128)")  # fmt: skip
+    p.add_argument("--project-steps", type=int, default=8, help="projection: denoising steps per prompt (calibrate's)")
+    p.add_argument("--project-tokens", type=int, default=4096 + 512, help="projection: tokens per call (1024² + T5)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -164,35 +179,56 @@ def main() -> None:
         print(f"{r['processes']:>5} {r['threads']:>7} {r['layers']:>6} {r['collect_s']:>10.2f} {r['search_s']:>9.2f} "
               f"{r['search_s'] / r['layers']:>8.2f} {r['quantize_s']:>10.2f} "
               f"{base['search_s'] / r['search_s']:>14.2f}x {r['peak_rss_mib']:>9.0f}")  # fmt: skip
-    if base["quantize_rtn_s"] is not None:
-        extra = base["quantize_s"] - base["quantize_rtn_s"]
-        total = base["collect_s"] + base["search_s"] + base["quantize_rtn_s"]
-        print(f"\nGPTQ: quantize {base['quantize_s']:.2f} s vs {base['quantize_rtn_s']:.2f} s rounding to nearest "
-              f"({extra / base['layers']:.2f} s per layer); collecting XᵀX is inside 'collect'. GPTQ adds "
-              f"{100 * extra / total:.0f}% to collect + search + quantize on 1 process")  # fmt: skip
-
-    # Projection: one process's search + quantization seconds per weight byte, split by block kind.
     b = base
+    print(f"\npeak RSS after collecting: {b['collect_peak_rss_mib']:.0f} MiB (XᵀX sums: {b['hessian_mib']:.0f} MiB)")
+    gptq_s = 0.0
+    if b["quantize_rtn_s"] is not None:
+        gptq_s = b["quantize_s"] - b["quantize_rtn_s"]
+        xtx_s = b["collect_s"] - b["collect_plain_s"]
+        print(f"per layer, 1 process: statistics {b['collect_plain_s'] / b['layers']:.2f} s + XᵀX "
+              f"{xtx_s / b['layers']:.2f} s, search {b['search_s'] / b['layers']:.2f} s, quantize "
+              f"{b['quantize_rtn_s'] / b['layers']:.2f} s + GPTQ {gptq_s / b['layers']:.2f} s")  # fmt: skip
+        rest = b["collect_plain_s"] + b["search_s"] + b["quantize_rtn_s"]
+        print(
+            f"GPTQ: quantize {b['quantize_s']:.2f} s vs {b['quantize_rtn_s']:.2f} s rounding to nearest; on this "
+            f"workload GPTQ + XᵀX add {100 * (gptq_s + xtx_s) / rest:.0f}% to collect + search + quantize"
+        )
+
+    # Projection. Search, quantization and GPTQ are per layer: one process's seconds per weight byte, split by
+    # block kind, times FLUX.1's blocks. Collection is the 16-bit forwards (plus XᵀX): its seconds per token
+    # per weight byte, times the workload's tokens (prompts x steps x tokens per call) and FLUX.1's weights.
     double, single = (int(x) for x in args.blocks.split(","))
 
-    def per_block(seconds: float) -> tuple[float, float]:
-        per_byte = seconds / b["all_weight"]
-        return (per_byte * b["double_weight"] / max(double, 1),
-                per_byte * (b["all_weight"] - b["double_weight"]) / max(single, 1))  # fmt: skip
-
     def full(seconds: float) -> float:
-        d, s = per_block(seconds)
-        return d * FLUX1_BLOCKS[0] + s * FLUX1_BLOCKS[1]
+        per_byte = seconds / b["all_weight"]
+        d = per_byte * b["double_weight"] / max(double, 1)
+        s_ = per_byte * (b["all_weight"] - b["double_weight"]) / max(single, 1)
+        return d * FLUX1_BLOCKS[0] + s_ * FLUX1_BLOCKS[1]
 
-    search_d, search_s = per_block(b["search_s"])
-    quant_d, quant_s = per_block(b["quantize_s"])
-    print(f"\nper block, 1 process: search {search_d:.1f} s (double) / {search_s:.1f} s (single), "
-          f"quantize {quant_d:.1f} / {quant_s:.1f} s")  # fmt: skip
+    tokens = args.project_prompts * args.project_steps * args.project_tokens
+    bench_tokens = args.calls * b["tokens_per_call"]
+    collect_full = full(b["collect_s"]) * tokens / bench_tokens
+    print(f"\nprojected full FLUX.1 transformer ({FLUX1_BLOCKS[0]} double + {FLUX1_BLOCKS[1]} single blocks), "
+          f"{args.project_prompts} prompts x {args.project_steps} steps x {args.project_tokens} tokens "
+          f"(collection scaled by tokens from {bench_tokens} measured), on this machine:")  # fmt: skip
     for r in results:
-        projected = full(b["search_s"]) * r["search_s"] / b["search_s"] + full(b["quantize_s"])
-        print(f"projected full FLUX.1 transformer ({FLUX1_BLOCKS[0]} double + {FLUX1_BLOCKS[1]} single blocks), "
-              f"search on {r['processes']} process(es) + quantize: {projected / 60:.1f} min "
-              f"(+ the 16-bit forwards of the calibration set)")  # fmt: skip
+        collect = collect_full * b["collect_s"] / r["collect_s"]  # the calls split between processes
+        search = full(b["search_s"]) * r["search_s"] / b["search_s"]
+        quant = full(b["quantize_s"])  # one process, as from_pretrained does it
+        total = collect + search + quant
+        line = (f"  {r['processes']} process(es): collect {collect / 3600:.1f} h + search {search / 60:.1f} min + "
+                f"quantize {quant / 60:.1f} min = {total / 3600:.1f} h")  # fmt: skip
+        if gptq_s:
+            g = full(gptq_s)
+            line += f"; GPTQ {g / 60:.1f} min = {100 * g / (total - g):.1f}% of the rest"
+        print(line)
+    # More processes than measured: the calls and the searched layers split evenly (the ideal the measured
+    # runs approach: the statistics merge in well under a second), quantization on one process.
+    for n in (8, 64):
+        collect, search = collect_full / n, full(b["search_s"]) / n
+        quant = full(b["quantize_s"])
+        print(f"  {n} processes if collect and search split evenly: {(collect + search + quant) / 3600:.1f} h "
+              f"(collect {collect / 3600:.1f} h, quantize {quant / 60:.1f} min on one)")  # fmt: skip
 
 
 if __name__ == "__main__":

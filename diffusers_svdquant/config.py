@@ -30,6 +30,8 @@ except ImportError:  # transformers absent or unusable: the config still serves 
 FORMAT_VERSION = 3
 # Rank of the 16-bit low-rank branch unless a user picks another: the paper's and Nunchaku's choice.
 DEFAULT_RANK = 32
+# Alternating refinement of the low-rank branch with the quantized residual (SVDQuantConfig.lowrank_iters).
+DEFAULT_LOWRANK_ITERS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +155,17 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         svd_method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (``torch.svd_lowrank``, seeded),
             or ``"auto"`` (exact up to 1024 on the short side, randomized above).
         lowrank_iters: refinement iterations ``L ← SVD_r(Ŵ − Q(Ŵ − L))``; the best by weight error is kept.
+            Default :data:`DEFAULT_LOWRANK_ITERS` (3): on real MiniLM (every linear W4A4) the held-out mean
+            cosine went 0.936 -> 0.942 uncalibrated and 0.976 -> 0.978 calibrated + GPTQ (README, quality).
         gptq: round the INT4 residual with GPTQ (error compensation against the calibration inputs'
             ``XᵀX``, gathered by ``calibrate(..., hessian=True)``). ``None`` (default): wherever the
             statistics carry ``XᵀX``; ``True``: the same, and a warning for every layer without it
             (round-to-nearest there); ``False``: round to nearest everywhere. Changes only the codes and
             scales, not the format.
+        scale_search: W4A4 residual groups take the scale among ``1.0, 0.95 … 0.7 × absmax / 7`` with the
+            smallest error (weighted by the group's ``XᵀX`` block when the statistics carry it), also inside
+            GPTQ; ``False``: ``absmax / 7`` (plain round-to-nearest, the naive baselines). Measured on real
+            MiniLM: uncalibrated 0.933 -> 0.936, calibrated + GPTQ 0.969 -> 0.971 (README, quality).
         torch_dtype: dtype the model was quantized in, recorded so a reload without ``torch_dtype``
             gives the same model. Set by the quantizer.
         format_version: on-disk format version (docs/design.md §2).
@@ -173,8 +181,9 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         smoothing_alpha: float | None = None,
         calibration: Any = None,
         svd_method: str = "auto",
-        lowrank_iters: int = 0,
+        lowrank_iters: int = DEFAULT_LOWRANK_ITERS,
         gptq: bool | None = None,
+        scale_search: bool = True,
         torch_dtype: str | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -208,6 +217,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
         self.svd_method = svd_method
         self.lowrank_iters = lowrank_iters
         self.gptq = gptq
+        self.scale_search = scale_search
         self.torch_dtype = torch_dtype
         self.format_version = format_version
         self.post_init()
@@ -239,6 +249,8 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             raise ValueError(f"SVDQuantConfig: lowrank_iters must be an integer >= 0, got {self.lowrank_iters!r}")
         if self.gptq not in (None, True, False):
             raise ValueError(f"SVDQuantConfig: gptq must be None, True or False, got {self.gptq!r}")
+        if not isinstance(self.scale_search, bool):
+            raise ValueError(f"SVDQuantConfig: scale_search must be True or False, got {self.scale_search!r}")
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(
                 f"SVDQuantConfig: format_version must be an integer >= 1, got {self.format_version!r} "
@@ -280,6 +292,7 @@ class SVDQuantConfig(QuantizationConfigMixin, _HfQuantizationConfigMixin):
             "svd_method": self.svd_method,
             "lowrank_iters": self.lowrank_iters,
             "gptq": self.gptq,
+            "scale_search": self.scale_search,
             "torch_dtype": self.torch_dtype,
             "format_version": self.format_version,
         }

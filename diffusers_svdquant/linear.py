@@ -114,6 +114,8 @@ class SVDQuantLinear(nn.Module):
         lowrank_iters: int = 0,
         dtype: torch.dtype | None = None,
         hessian: torch.Tensor | None = None,
+        hessian_rows: int | None = None,
+        scale_search: bool = True,
     ) -> SVDQuantLinear:
         """Quantize an ``nn.Linear`` (weight ``[N, K]``).
 
@@ -125,6 +127,8 @@ class SVDQuantLinear(nn.Module):
             svd_method, lowrank_iters: see :class:`~diffusers_svdquant.SVDQuantConfig`.
             dtype: model dtype of the float tensors.
             hessian: ``[K, K]`` ``XᵀX`` of the layer's calibration inputs: GPTQ rounding of the residual.
+            hessian_rows: the input rows ``hessian`` sums (GPTQ's damping).
+            scale_search: see :class:`~diffusers_svdquant.SVDQuantConfig`.
         """
         w = linear.weight.detach()
         dtype = dtype or w.dtype
@@ -142,6 +146,8 @@ class SVDQuantLinear(nn.Module):
                 lowrank_iters=lowrank_iters,
                 hessian=hessian,
                 weight_only=cls.WEIGHT_ONLY,
+                hessian_rows=hessian_rows,
+                scale_search=scale_search,
             ),
             None if linear.bias is None else linear.bias.detach().to(dtype),
         )

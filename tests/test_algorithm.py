@@ -202,11 +202,11 @@ def _residual(w: torch.Tensor, q: algorithm.QuantizedWeight) -> torch.Tensor:
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("r", [0, 16])
 def test_residual_error_bounded_by_half_scale(n, k, r, dtype):
-    """Every dequantized residual element is within wscale/2 of the residual it encodes, and the
-    scale is the group absmax / 7 rounded to the model dtype."""
+    """Round-to-nearest (``scale_search=False``): every dequantized residual element is within wscale/2 of the
+    residual it encodes, and the scale is the group absmax / 7 rounded to the model dtype."""
     w = structured_weight(n, k, seed=9).to(dtype)
     a = torch.rand(k, generator=_gen(10)) * 4 + 0.1
-    q = algorithm.svdquant_weight(w, r, act_absmax=a, dtype=dtype)
+    q = algorithm.svdquant_weight(w, r, act_absmax=a, dtype=dtype, scale_search=False)
     res = _residual(w, q)
     codes = reference.unpack_int4(q.qweight)
     deq = reference.dequantize_groups(codes, q.wscales)
@@ -445,7 +445,8 @@ def test_smoothing_candidates():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank", [0, 16])
-def test_output_error_is_the_quantized_layers_error(dtype, rank):
+@pytest.mark.parametrize("scale_search", [False, True])
+def test_output_error_is_the_quantized_layers_error(dtype, rank, scale_search):
     """The vectorized score of a candidate equals the relative squared output error of the layer that
     svdquant_weight + reference.svdquant_linear really compute with that (α, β)."""
     w, x = _outlier_layer(31)
@@ -453,11 +454,12 @@ def test_output_error_is_the_quantized_layers_error(dtype, rank):
     absmax = x.float().abs().amax(0)
     pairs = [(0.0, 0.0), (0.5, 0.5), (0.8, 0.2), (0.6, 0.0)]
     lams = torch.stack([algorithm.smoothing_factors(w, absmax, a, b) for a, b in pairs])
-    scores = algorithm.quantized_output_error(w, lams, x, rank, dtype=dtype, svd_method="exact")
+    scores = algorithm.quantized_output_error(w, lams, x, rank, dtype=dtype, svd_method="exact",
+                                              scale_search=scale_search)  # fmt: skip
     y = x.double() @ w.double().t()
     for (a, b), score in zip(pairs, scores.tolist(), strict=True):
         q = algorithm.svdquant_weight(w, rank, act_absmax=absmax, smoothing_alpha=a, smoothing_beta=b,
-                                      svd_method="exact")  # fmt: skip
+                                      svd_method="exact", scale_search=scale_search)  # fmt: skip
         out = reference.svdquant_linear(x.float(), *q[:5], None).double()
         want = ((out - y).pow(2).sum() / y.pow(2).sum()).item()
         assert score == pytest.approx(want, rel=2e-3), (a, b)

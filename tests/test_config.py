@@ -13,7 +13,7 @@ from diffusers_svdquant import (
     SVDQuantConfig,
     SVDQuantMethod,
 )
-from diffusers_svdquant.config import FORMAT_VERSION, component_patterns, module_matches
+from diffusers_svdquant.config import DEFAULT_LOWRANK_ITERS, FORMAT_VERSION, component_patterns, module_matches
 
 
 def test_defaults():
@@ -27,7 +27,7 @@ def test_defaults():
     assert c.smoothing_alpha is None
     assert c.calibration is None
     assert c.svd_method == "auto"
-    assert c.lowrank_iters == 0
+    assert c.lowrank_iters == DEFAULT_LOWRANK_ITERS == 3
     assert c.torch_dtype is None
     assert c.format_version == FORMAT_VERSION == 3
     assert c.weight_only_modules == list(DEFAULT_WEIGHT_ONLY_MODULES)
@@ -49,6 +49,7 @@ SETTINGS = {
     "smoothing_alpha": 0.3,
     "svd_method": "randomized",
     "lowrank_iters": 2,
+    "scale_search": False,
     "torch_dtype": "bfloat16",
 }
 

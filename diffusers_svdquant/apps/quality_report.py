@@ -28,9 +28,10 @@ from ..metrics import psnr, rel_error, ssim
 def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQuantConfig]:
     """The methods the report puts side by side (SmoothQuant and calibrated SVDQuant need ``stats``).
 
-    * ``naive-w4a4``: INT4 round-to-nearest weights and activations, group 64, no smoothing, no branch;
+    * ``naive-w4a4``: INT4 round-to-nearest weights and activations, group 64, no smoothing, no branch (and
+      ``scale_search=False``: weight scales ``absmax / 7``);
     * ``smoothquant-w4a4``: the same with SmoothQuant smoothing (α = 0.5) from the statistics;
-    * ``svdquant``: rank-``rank`` branch, no statistics (λ = 1);
+    * ``svdquant``: rank-``rank`` branch, no statistics (λ = 1), the default scale search and refinement;
     * ``svdquant-calibrated``: rank-``rank`` branch with the searched per-layer (α, β);
     * ``svdquant-calibrated-gptq``: the same with the residual rounded by GPTQ (statistics with ``XᵀX``);
     * ``svdquant-adaln-16bit`` / ``svdquant-adaln-w4a4``: ``svdquant-calibrated`` (``svdquant`` without
@@ -39,9 +40,10 @@ def method_configs(rank: int, stats: CalibrationStats | None) -> dict[str, SVDQu
 
     Every method quantizes the same layers, the AdaLN linears weight-only unless named otherwise.
     """
-    methods = {"naive-w4a4": SVDQuantConfig(rank=0)}
+    rtn = {"rank": 0, "scale_search": False}
+    methods = {"naive-w4a4": SVDQuantConfig(**rtn)}
     if stats is not None:
-        methods["smoothquant-w4a4"] = SVDQuantConfig(rank=0, calibration=stats, smoothing_alpha=0.5)
+        methods["smoothquant-w4a4"] = SVDQuantConfig(**rtn, calibration=stats, smoothing_alpha=0.5)
     methods["svdquant"] = SVDQuantConfig(rank=rank)
     if stats is not None:
         methods["svdquant-calibrated"] = SVDQuantConfig(rank=rank, calibration=stats, gptq=False)

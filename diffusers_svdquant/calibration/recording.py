@@ -72,9 +72,7 @@ class _Recorder:
             stats.act_absmax[name] = m if prev is None else torch.maximum(prev, m)
             stats.num_tokens[name] = stats.num_tokens.get(name, 0) + x2.shape[0]
             if self.hessian:
-                moment = input_moment(x2)
-                prev_moment = self._item_moments.get(name)
-                self._item_moments[name] = moment if prev_moment is None else prev_moment.add_(moment)
+                self._item_moments[name] = input_moment(x2, self._item_moments.get(name))
             if self.max_samples:
                 keys = self._keys(name, call, x2.shape[0])
                 if keys.numel() > self.max_samples:
