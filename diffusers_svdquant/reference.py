@@ -78,10 +78,22 @@ def quantize_groups(
         raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
     g = x.float().reshape(*lead, k // group_size, group_size)
     scales = (g.abs().amax(dim=-1) / QMAX).to(scale_dtype)
-    s = scales.float().unsqueeze(-1)
+    return codes_for_scales(g, scales.float().unsqueeze(-1)).to(torch.int8).reshape(*lead, k), scales
+
+
+def codes_for_scales(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The symmetric codes of grouped values for given scales: ``clamp(round_half_even(g / s), -8, 7)``, and 0
+    where ``s`` is 0 (no NaN).
+
+    Args:
+        g: float32 ``[..., G, group]``.
+        s: float32 ``[..., G, 1]``, already rounded to the scale dtype.
+
+    Returns:
+        float32 ``[..., G, group]`` holding the integer codes.
+    """
     zero = s == 0
-    q = (g / torch.where(zero, torch.ones_like(s), s)).round_().clamp_(QMIN, QMAX).masked_fill_(zero, 0)
-    return q.to(torch.int8).reshape(*lead, k), scales
+    return (g / torch.where(zero, torch.ones_like(s), s)).round_().clamp_(QMIN, QMAX).masked_fill_(zero, 0)
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

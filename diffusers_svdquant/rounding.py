@@ -201,9 +201,7 @@ def _best_scales(x, group_size, scale_dtype, blocks, shrinks):
     for f in shrinks:
         s = (amax * f / reference.QMAX).to(scale_dtype)
         sf = s.float().unsqueeze(-1)
-        zero = sf == 0
-        q = (g / torch.where(zero, torch.ones_like(sf), sf)).round_().clamp_(reference.QMIN, reference.QMAX)
-        q.masked_fill_(zero, 0)
+        q = reference.codes_for_scales(g, sf)
         e = torch.addcmul(g, q, sf, value=-1)
         if blocks is None:
             err = torch.linalg.vecdot(e, e)

@@ -120,27 +120,21 @@ def first_nonfinite(tensors: list[torch.Tensor]) -> int:
     strided tensors, takes one fused torch norm, followed by a per-tensor check only when it is not finite).
     """
     native = [
-        _C is not None and t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.is_contiguous() for t in tensors
+        i
+        for i, t in enumerate(tensors)
+        if _C is not None and t.device.type == "cpu" and t.dtype in DTYPE_CODES and t.is_contiguous()
     ]
-    if any(native):
-        picked = [t for t, n in zip(tensors, native, strict=True) if n]
+    bad = []
+    if native:
+        picked = [tensors[i] for i in native]
         hit = _C.first_nonfinite(
-            [t.data_ptr() for t in picked],
-            [t.numel() for t in picked],
-            [DTYPE_CODES[t.dtype] for t in picked],
+            [t.data_ptr() for t in picked], [t.numel() for t in picked], [DTYPE_CODES[t.dtype] for t in picked],
             torch.get_num_threads(),
-        )
-        native_bad = [i for i, n in enumerate(native) if n][hit] if hit >= 0 else len(tensors)
-    else:
-        native_bad = len(tensors)
-    rest = [t for t, n in zip(tensors, native, strict=True) if not n]
-    rest_bad = len(tensors)
+        )  # fmt: skip
+        bad += [native[hit]] if hit >= 0 else []
+    rest = sorted(set(range(len(tensors))) - set(native))
     # NaN and infinity propagate into a norm; a finite 16-bit tensor can only overflow it, which the exact
-    # per-tensor check below then clears.
-    if rest and not torch.isfinite(torch.nn.utils.get_total_norm(rest)):
-        rest_bad = next(
-            (i for i, (t, n) in enumerate(zip(tensors, native, strict=True)) if not n and not torch.isfinite(t).all()),
-            len(tensors),
-        )
-    bad = min(native_bad, rest_bad)
-    return -1 if bad == len(tensors) else bad
+    # per-tensor check then clears.
+    if rest and not torch.isfinite(torch.nn.utils.get_total_norm([tensors[i] for i in rest])):
+        bad += [i for i in rest if not torch.isfinite(tensors[i]).all()][:1]
+    return min(bad, default=-1)
