@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/finite.h"
 #include "cpu/kernels.h"
 #if defined(SVDQ_HAVE_CUDA_KERNELS)
 #include "cuda/kernels.h"
@@ -710,6 +711,30 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       },
       py::arg("data"), py::arg("numel"), py::arg("dtypes"), py::arg("num_threads"),
       "Index of the first contiguous buffer (data_ptr, numel, dtype code) holding NaN or +-inf, or -1.");
+  py::class_<svdq::cpu::FiniteScanner>(
+      m, "FiniteScanner",
+      "first_nonfinite's scan on one background thread, started by the constructor; finish() waits for it.\n"
+      "The caller keeps every buffer alive until finish() has returned.")
+      .def(py::init([](const std::vector<int64_t>& data, const std::vector<int64_t>& numel,
+                       const std::vector<int64_t>& dtypes) {
+             const char* fn = "FiniteScanner";
+             if (data.size() != numel.size() || data.size() != dtypes.size())
+               fail("FiniteScanner: data, numel and dtypes must have the same length");
+             std::vector<const void*> ptrs(data.size());
+             std::vector<DType> codes(data.size());
+             for (size_t b = 0; b < data.size(); ++b) {
+               check_size(fn, "numel", numel[b]);
+               check_ptr(fn, "data", static_cast<uintptr_t>(data[b]), numel[b]);
+               check_dtype(fn, "dtypes", dtypes[b]);
+               ptrs[b] = reinterpret_cast<const void*>(data[b]);
+               codes[b] = static_cast<DType>(dtypes[b]);
+             }
+             return std::make_unique<svdq::cpu::FiniteScanner>(std::move(ptrs), numel, std::move(codes));
+           }),
+           py::arg("data"), py::arg("numel"), py::arg("dtypes"),
+           "Start scanning contiguous buffers (data_ptr, numel, dtype code) for NaN or +-inf.")
+      .def("finish", &svdq::cpu::FiniteScanner::finish, py::call_guard<py::gil_scoped_release>(),
+           "Wait for the scan; the indices of the buffers holding NaN or +-inf, ascending.");
   m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
       "The CPU instruction path in use: 'generic', 'avx2', ... (Arm: 'dotprod', 'i8mm').");

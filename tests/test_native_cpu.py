@@ -419,3 +419,58 @@ def test_first_nonfinite_bad_input():
         _C.first_nonfinite([0], [4], [0], 1)
     with pytest.raises(ValueError, match="first_nonfinite: dtypes must be 0"):
         _C.first_nonfinite([8], [0], [3], 1)
+
+
+# --- FiniteScan: the same scan on a background thread, over ranges of one buffer --------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finite_scan_names_every_damaged_range(dtype):
+    from diffusers_svdquant import ops
+
+    parts = [torch.randn(n, dtype=dtype) for n in (7, 2 * _CHUNK + 6, 0, 3, 64)]
+    for i, bits in ((1, _NONFINITE_BITS[dtype][0][3]), (4, _NONFINITE_BITS[dtype][0][1])):
+        _with_bits(parts[i], parts[i].numel() - 1, bits)
+    buffer = torch.cat([p.view(torch.uint8) for p in parts])
+    offsets = torch.tensor([0] + [p.numel() * dtype.itemsize for p in parts]).cumsum(0).tolist()
+    ranges = [(offsets[i], p.numel(), dtype) for i, p in enumerate(parts)]
+    assert ops.FiniteScan(buffer, ranges).finish() == [1, 4]
+    assert ops.FiniteScan(buffer, [ranges[0], ranges[3]]).finish() == []
+    assert ops.FiniteScan(buffer, []).finish() == []
+
+
+def test_finite_scan_without_native_library_gives_the_same(monkeypatch):
+    from diffusers_svdquant import ops
+    from diffusers_svdquant.ops import native
+
+    t = torch.randn(100, dtype=torch.bfloat16)
+    t[50] = float("inf")
+    ranges = [(0, 50, torch.bfloat16), (100, 50, torch.bfloat16), (0, 25, torch.float32)]
+    expected = ops.FiniteScan(t.view(torch.uint8), ranges).finish()
+    monkeypatch.setattr(native, "_C", None)
+    assert ops.FiniteScan(t.view(torch.uint8), ranges).finish() == expected == [1]
+
+
+@pytest.mark.parametrize(
+    ("buffer", "ranges", "message"),
+    [
+        (torch.zeros(8), [], r"buffer must be a 1-D uint8 CPU tensor, got torch.float32 \(8,\)"),
+        (torch.zeros(8, dtype=torch.uint8), [(0, 2, torch.int32)], r"range 0 has dtype torch.int32"),
+        (torch.zeros(8, dtype=torch.uint8), [(0, 1, torch.float32), (6, 2, torch.float16)],
+         r"range 1 \(2 x torch.float16 at byte 6\) is not an aligned part of the 8-byte buffer"),
+        (torch.zeros(8, dtype=torch.uint8), [(2, 1, torch.float32)], r"range 0 .* not an aligned part"),
+        (torch.zeros(8, dtype=torch.uint8), [(-2, 1, torch.float16)], r"range 0 .* not an aligned part"),
+    ],
+)  # fmt: skip
+def test_finite_scan_bad_input(buffer, ranges, message):
+    from diffusers_svdquant import ops
+
+    with pytest.raises(ValueError, match=rf"FiniteScan: {message}"):
+        ops.FiniteScan(buffer, ranges)
+
+
+def test_finite_scanner_bad_input():
+    with pytest.raises(ValueError, match="FiniteScanner: data, numel and dtypes must have the same length"):
+        _C.FiniteScanner([0], [], [0])
+    with pytest.raises(ValueError, match="FiniteScanner: data is a null pointer but holds 4 elements"):
+        _C.FiniteScanner([0], [4], [0])

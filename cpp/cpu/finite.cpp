@@ -6,8 +6,11 @@
 // the build host), and it runs at memory speed. Buffers are cut into chunks shared out over the threads,
 // because a load's tensors range from a few hundred bytes (a bias) to tens of MiB (a large layer's scales).
 
+#include "finite.h"
+
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -57,6 +60,20 @@ int64_t first_nonfinite(const std::vector<const void*>& data, const std::vector<
   for (int64_t b = 0; b < static_cast<int64_t>(bad.size()); ++b)
     if (bad[b]) return b;
   return -1;
+}
+
+FiniteScanner::FiniteScanner(std::vector<const void*> data, std::vector<int64_t> numel, std::vector<DType> dtypes)
+    : data_(std::move(data)), numel_(std::move(numel)), dtypes_(std::move(dtypes)), worker_([this] {
+        for (size_t b = 0; b < data_.size(); ++b)
+          if (numel_[b] > 0 && chunk_has_nonfinite(data_[b], dtypes_[b], 0, numel_[b]))
+            bad_.push_back(static_cast<int64_t>(b));
+      }) {}
+
+FiniteScanner::~FiniteScanner() { finish(); }
+
+std::vector<int64_t> FiniteScanner::finish() {
+  if (worker_.joinable()) worker_.join();
+  return bad_;
 }
 
 }  // namespace svdq::cpu

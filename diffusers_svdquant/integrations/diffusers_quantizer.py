@@ -21,13 +21,12 @@ from torch import nn
 from ..config import SVDQuantConfig
 from ..dtypes import parse_dtype
 from ..linear import SVDQuantLinear
+from .checkpoint_files import FiniteCheck, TensorEntry, check_finite, checkpoint_shapes, read_headers
 from .layers import (
     OnLoadQuantizer,
     QuantizerTraits,
     check_checkpoint_tensors,
     check_device_map,
-    check_finite,
-    checkpoint_shapes,
     dequantize_,
     load_targets,
     replace_with_skeletons,
@@ -51,6 +50,8 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         self._loaded_keys: set[str] | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._on_load: OnLoadQuantizer | None = None
+        self._headers: dict[str, dict[str, TensorEntry]] | None = None
+        self._finite_check: FiniteCheck | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         check_device_map(kwargs.get("device_map"))
@@ -67,7 +68,8 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         self._loaded_keys = set(loaded_keys)
-        self._shapes = checkpoint_shapes(checkpoint_files)
+        self._headers = read_headers(checkpoint_files)
+        self._shapes = checkpoint_shapes(self._headers)
         return loaded_keys
 
     def _process_model_before_weight_loading(
@@ -89,6 +91,9 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
             ranks = check_checkpoint_tensors(targets, config, lambda key: () if key in self._loaded_keys else None)
         elif not self.pre_quantized:
             self._on_load = OnLoadQuantizer(config, model, targets)
+        if self.pre_quantized and self._headers is not None:
+            # Started now, it runs on another core while diffusers reads the weights (docs/design.md §5).
+            self._finite_check = FiniteCheck(self._headers, set(targets))
         dtype = self.torch_dtype or torch.float32
 
         def placeholder(linear: nn.Linear) -> nn.Parameter:
@@ -146,7 +151,8 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
             for t, p in module.named_parameters(recurse=False):
                 if p.device.type == "meta":
                     raise ValueError(f"svdquant: {name}.{t} was not loaded from the checkpoint")
-        check_finite(model)
+        started, self._finite_check, self._headers = self._finite_check, None, None
+        check_finite(model, started)
         return model
 
     def _dequantize(self, model: ModelMixin) -> ModelMixin:

@@ -9,7 +9,6 @@ checkpoint holds every canonical tensor (:func:`check_checkpoint_tensors`). :fun
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import algorithm, ops
+from .. import algorithm
 from ..calibration import CalibrationStats, load_calibration
 from ..config import (
     DEFAULT_MODULES_TO_NOT_CONVERT,
@@ -334,21 +333,6 @@ class OnLoadQuantizer:
             on_load.bar.close()
 
 
-def checkpoint_shapes(checkpoint_files: Iterable[str | os.PathLike] | None) -> dict[str, tuple[int, ...]] | None:
-    """Tensor shapes in safetensors checkpoints by name (headers only), or None for other formats."""
-    files = [os.fspath(f) for f in checkpoint_files or ()]
-    if not files or not all(f.endswith(".safetensors") for f in files):
-        return None
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            for key in h.keys():
-                shapes[key] = tuple(h.get_slice(key).get_shape())
-    return shapes
-
-
 def check_checkpoint_tensors(
     targets: dict[str, nn.Linear], config: SVDQuantConfig, shape_of: Callable[[str], tuple[int, ...] | None]
 ) -> dict[str, int]:
@@ -409,28 +393,6 @@ def check_checkpoint_tensors(
                 f"{min(linear.in_features, linear.out_features)} for layer {name!r}"
             )
     return ranks
-
-
-def check_finite(model: nn.Module) -> None:
-    """Refuse a quantized model whose scales or 16-bit tensors hold NaN or infinity (a damaged checkpoint:
-    its outputs would be all NaN), naming the layer and tensor.
-
-    One pass of ``ops.first_nonfinite`` over every such tensor (a native scan of the raw bits on the CPU),
-    so the check costs about one read of those tensors, which their first use would pay anyway.
-    """
-    owners, tensors = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, SVDQuantLinear):
-            for t_name, t in module.named_parameters(recurse=False):
-                if t.is_floating_point() and t.device.type != "meta":
-                    owners.append((name, t_name))
-                    tensors.append(t.detach())
-    bad = ops.first_nonfinite(tensors)
-    if bad >= 0:
-        name, t_name = owners[bad]
-        raise ValueError(
-            f"svdquant: layer {name!r} holds NaN or infinite values in {t_name}: the checkpoint is damaged"
-        )
 
 
 def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -31,13 +31,12 @@ from torch import nn
 from .. import algorithm
 from ..config import SVDQuantConfig
 from ..linear import SVDQuantLinear
+from .checkpoint_files import check_finite, checkpoint_shapes, read_headers
 from .layers import (
     OnLoadQuantizer,
     QuantizerTraits,
     check_checkpoint_tensors,
     check_device_map,
-    check_finite,
-    checkpoint_shapes,
     dequantize_,
     load_targets,
     replace_with_skeletons,
@@ -162,7 +161,7 @@ class SVDQuantHfQuantizer(QuantizerTraits, HfQuantizer):
         self.modules_to_not_convert = list(config.modules_to_not_convert) + keep
         ranks: dict[str, int] | None = None  # pre-quantized: each layer's, read from its tensors (§2)
         if self.pre_quantized:
-            ranks = self._check_checkpoint_tensors(model, targets, checkpoint_shapes(checkpoint_files))
+            ranks = self._check_checkpoint_tensors(model, targets, checkpoint_shapes(read_headers(checkpoint_files)))
         else:
             self._on_load = OnLoadQuantizer(config, model, targets)
         # The meta linears were built in the load dtype (transformers' init context): keep it. Quantize on

@@ -24,6 +24,7 @@ from .cuda import (
 )
 from .cuda_w4a16 import cuda_w4a16_path, set_cuda_w4a16_path
 from .native import (
+    FiniteScan,
     cpu_isa,
     first_nonfinite,
     int8_peak_gops,
@@ -36,6 +37,7 @@ from .native import (
 from .weight_only import linear_w4a16
 
 __all__ = [
+    "FiniteScan",
     "MmaPackedWeights",
     "cpu_isa",
     "cuda_kernels_available",

@@ -138,3 +138,54 @@ def first_nonfinite(tensors: list[torch.Tensor]) -> int:
     if rest and not torch.isfinite(torch.nn.utils.get_total_norm([tensors[i] for i in rest])):
         bad += [i for i in rest if not torch.isfinite(tensors[i]).all()][:1]
     return min(bad, default=-1)
+
+
+class FiniteScan:
+    """:func:`first_nonfinite` over ranges of one byte buffer (e.g. a memory-mapped checkpoint file), run on a
+    native background thread (``_C.FiniteScanner``) from construction on, so that a loader's integrity check
+    overlaps its loading instead of adding to it.
+
+    Args:
+        buffer: uint8 ``[nbytes]``, contiguous, on the CPU; kept alive (with ``keep``) until :meth:`finish`.
+        ranges: ``(byte offset, numel, dtype)`` per tensor in ``buffer``: float32, bfloat16 or float16, the
+            offset a multiple of the dtype's size.
+        keep: any object ``buffer``'s memory depends on (an ``mmap``), held as long as ``buffer``.
+
+    Without ``_C`` the scan runs in :meth:`finish` instead, through torch.
+    """
+
+    def __init__(self, buffer: torch.Tensor, ranges: list[tuple[int, int, torch.dtype]], keep: object = None) -> None:
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device.type != "cpu":
+            raise ValueError(
+                f"FiniteScan: buffer must be a 1-D uint8 CPU tensor, got {buffer.dtype} {tuple(buffer.shape)}"
+            )
+        size = buffer.numel()
+        for i, (offset, numel, dtype) in enumerate(ranges):
+            if dtype not in DTYPE_CODES:
+                raise ValueError(f"FiniteScan: range {i} has dtype {dtype}; expected float32, bfloat16 or float16")
+            if offset < 0 or numel < 0 or offset + numel * dtype.itemsize > size or offset % dtype.itemsize:
+                raise ValueError(f"FiniteScan: range {i} ({numel} x {dtype} at byte {offset}) is not an aligned "
+                                 f"part of the {size}-byte buffer")  # fmt: skip
+        self._buffer, self._keep, self._ranges = buffer, keep, ranges
+        self._bad: list[int] | None = None
+        self._scanner = None
+        if _C is not None:
+            base = buffer.data_ptr()
+            self._scanner = _C.FiniteScanner(
+                [base + o for o, _, _ in ranges], [n for _, n, _ in ranges], [DTYPE_CODES[d] for _, _, d in ranges]
+            )
+
+    def finish(self) -> list[int]:
+        """Wait for the scan; the indices of the ranges holding NaN or ±inf, ascending."""
+        if self._bad is None:
+            if self._scanner is not None:
+                self._bad = list(self._scanner.finish())
+            else:
+                views = [self._buffer[o : o + n * d.itemsize].view(d) for o, n, d in self._ranges]
+                self._bad = [i for i, v in enumerate(views) if not torch.isfinite(v).all()]
+        return self._bad
+
+    def __del__(self) -> None:
+        # The thread may still be reading the buffer this object keeps alive: join it before it can be freed.
+        if getattr(self, "_scanner", None) is not None:
+            self._scanner.finish()
