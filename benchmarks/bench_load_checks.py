@@ -103,5 +103,6 @@ def main() -> None:
               f"{100 * extra / base:4.1f}% of the mapped load, {100 * extra / first_read:.2f}% of load + first "
               f"read, {100 * extra / first_forward:.2f}% of load + first forward (bound: 2%)")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()
