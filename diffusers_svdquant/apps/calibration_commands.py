@@ -60,6 +60,18 @@ def _load_pipeline(args: argparse.Namespace, procs: Processes, **kwargs: Any) ->
 def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuantConfig) -> CalibrationStats:
     from ..calibration.prompts import CALIBRATION_PROMPTS
 
+    pass_options = {
+        "--hessian-passes": args.hessian_passes,
+        "--hessian-budget-gib": args.hessian_budget_gib,
+        "--hessian-dir": args.hessian_dir,
+    }
+    given = [flag for flag, value in pass_options.items() if value is not None]
+    if given and not args.gptq:
+        raise SystemExit(f"svdquant: {given[0]} needs --gptq")
+    if args.hessian_passes is not None and args.hessian_passes < 1:
+        raise SystemExit(f"svdquant: --hessian-passes must be >= 1, got {args.hessian_passes}")
+    if args.hessian_budget_gib is not None and not args.hessian_budget_gib > 0:
+        raise SystemExit(f"svdquant: --hessian-budget-gib must be > 0, got {args.hessian_budget_gib}")
     prompts = _read_prompts(args.prompts, args.num_prompts, CALIBRATION_PROMPTS)
     pipe = _load_pipeline(args, procs)
     return calibrate(
@@ -73,6 +85,9 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         seed=args.seed,
         pipeline_kwargs=args.pipeline_kwargs,
         hessian=args.gptq,
+        hessian_passes=args.hessian_passes,
+        hessian_budget_gib=args.hessian_budget_gib,
+        hessian_dir=args.hessian_dir,
     )
 
 
