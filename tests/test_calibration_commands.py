@@ -185,3 +185,8 @@ def test_eval_prints_every_method(pipe_dir, tmp_path, capsys):
         assert 0 < r["image_ssim"] <= 1 and r["image_psnr"] > 10 and r["latent_rel_error"] < 1
         layers = 17 if r["name"] == "svdquant-adaln-16bit" else 20  # the 3 AdaLN linears quantized or not
         assert len(r["layer_errors"]) == layers and all(0 <= e < 1 for e in r["layer_errors"].values())
+        # The tiny FLUX's blocks (1 double, 1 single) on the evaluation prompts' inputs.
+        assert sorted(r["block_errors"]) == ["single_transformer_blocks.0", "transformer_blocks.0"], r
+        assert all(0 < e < 1 for e in r["block_errors"].values()), r
+    block = {r["name"]: sum(r["block_errors"].values()) for r in rows}
+    assert block["svdquant-calibrated"] < block["svdquant"] < block["naive-w4a4"], block

@@ -26,10 +26,14 @@ from typing import Any
 import torch
 
 from ..calibration import CalibrationStats, calibrate
+from ..calibration.blocks import record_block_inputs, transformer_blocks
 from ..calibration.processes import Processes
 from ..calibration.recording import denoiser_name
 from ..config import SVDQuantConfig
 from ..dtypes import DTYPES
+
+# Calls per block whose inputs `svdquant eval` keeps for the block errors (each a block's full activations).
+BLOCK_CALLS = 2
 
 
 def _read_prompts(path: Path | None, n: int | None, default: tuple[str, ...]) -> list[str]:
@@ -212,7 +216,15 @@ def run_eval(args: argparse.Namespace) -> int:
     component = args.component or denoiser_name(pipe)
     reference = getattr(pipe, component)
     call = {"num_inference_steps": args.eval_steps or args.steps} | args.pipeline_kwargs
-    ref_images, ref_latents = quality.generate(pipe, prompts, args.seed, **call)
+    # The 16-bit blocks' inputs on the evaluation prompts (the first calls of each block), for the block errors.
+    blocks = transformer_blocks(reference)
+    generated: dict[str, torch.Tensor] = {}
+
+    def reference_run(_model: torch.nn.Module) -> None:
+        generated["images"], generated["latents"] = quality.generate(pipe, prompts, args.seed, **call)
+
+    block_inputs = record_block_inputs(reference, reference_run, blocks, max_calls=BLOCK_CALLS)
+    ref_images, ref_latents = generated["images"], generated["latents"]
     reports = []
     for name, config in quality.method_configs(args.rank, stats).items():
         kwargs: dict[str, Any] = {"subfolder": component, "revision": args.revision, "quantization_config": config}
@@ -223,6 +235,7 @@ def run_eval(args: argparse.Namespace) -> int:
         images, latents = quality.generate(pipe, prompts, args.seed, **call)
         report = quality.compare(name, images, latents, ref_images, ref_latents)
         report.layer_errors = quality.layer_errors(quantized, reference, stats)
+        report.block_errors = quality.block_errors(quantized, reference, block_inputs)
         reports.append(report)
         setattr(pipe, component, reference)
     print(f"{len(prompts)} prompts, {call['num_inference_steps']} steps, seed {args.seed}, rank {args.rank}")
