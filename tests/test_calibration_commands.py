@@ -123,6 +123,7 @@ def test_calibrate_command_reads_a_prompt_file(pipe_dir, tmp_path, capsys):
         (["--hessian-passes", "2"], "--hessian-passes needs --gptq"),
         (["--gptq", "--hessian-passes", "0"], "--hessian-passes must be >= 1"),
         (["--gptq", "--hessian-budget-gib", "-1"], "--hessian-budget-gib must be > 0"),
+        (["--gptq", "--hessian-budget-gib", "1e-6"], "svdquant: calibrate: layer .* alone needs .* GiB of XᵀX sums"),
     ],
 )
 def test_calibrate_command_refuses_bad_pass_options(pipe_dir, tmp_path, extra, message):

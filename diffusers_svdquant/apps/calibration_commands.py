@@ -78,21 +78,26 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         raise SystemExit(f"svdquant: --hessian-budget-gib must be > 0, got {args.hessian_budget_gib}")
     prompts = _read_prompts(args.prompts, args.num_prompts, CALIBRATION_PROMPTS)
     pipe = _load_pipeline(args, procs)
-    return calibrate(
-        pipe,
-        prompts=prompts,
-        num_inference_steps=args.steps,
-        component=args.component,
-        config=config,
-        max_samples=args.max_samples,
-        search=not args.no_search,
-        seed=args.seed,
-        pipeline_kwargs=args.pipeline_kwargs,
-        hessian=args.gptq,
-        hessian_passes=args.hessian_passes,
-        hessian_budget_gib=args.hessian_budget_gib,
-        hessian_dir=args.hessian_dir,
-    )
+    try:
+        return calibrate(
+            pipe,
+            prompts=prompts,
+            num_inference_steps=args.steps,
+            component=args.component,
+            config=config,
+            max_samples=args.max_samples,
+            search=not args.no_search,
+            seed=args.seed,
+            pipeline_kwargs=args.pipeline_kwargs,
+            hessian=args.gptq,
+            hessian_passes=args.hessian_passes,
+            hessian_budget_gib=args.hessian_budget_gib,
+            hessian_dir=args.hessian_dir,
+        )
+    except ValueError as e:
+        if str(e).startswith("calibrate:"):  # bad settings (a budget below one layer's sums...): one line
+            raise SystemExit(f"svdquant: {e}") from e
+        raise
 
 
 def _summary(stats: CalibrationStats, seconds: float) -> str:

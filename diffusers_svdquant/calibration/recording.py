@@ -206,7 +206,8 @@ def calibrate(
         hessian_budget_gib: instead of ``hessian_passes``, as few passes as keep each group's sums while
             recording within this many GiB (the model, its activations and the row samples are extra).
         hessian_dir: the folder for the passes' shards (``hessian-NNNNN.safetensors``, kept); default a
-            temporary folder removed with the returned statistics. Given, even one pass goes to disk.
+            temporary folder removed with the returned statistics. Given, even one pass goes to disk. Rank 0
+            writes the shards and every rank's statistics refer to them (several machines need a shared folder).
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
