@@ -20,7 +20,7 @@ import torch
 
 from .hessian import PairwiseSum
 from .processes import Processes
-from .stats import HESSIAN_PREFIX
+from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
 
 GIB = 1 << 30
@@ -138,7 +138,15 @@ class ShardWriter:
         # Rank 0's list, gathered after its file is complete: no rank refers to a shard before it exists.
         return dict.fromkeys(self.procs.gather(written)[0], path)
 
-    def keep_with(self, stats: object) -> None:
-        """Remove a temporary folder once ``stats`` (which reads from it) is gone."""
-        if self.temporary:
-            weakref.finalize(stats, shutil.rmtree, self.dir, True)
+    def keep_with(self, stats: CalibrationStats) -> None:
+        """Keep a temporary folder as long as ``stats`` or a copy of it (which read from it) lives."""
+        if self.temporary and self.procs.rank == 0:
+            stats.hessian_folder = TemporaryFolder(self.dir)
+
+
+class TemporaryFolder:
+    """A folder removed (with what it holds) when this object is garbage-collected or the interpreter exits."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        weakref.finalize(self, shutil.rmtree, path, True)

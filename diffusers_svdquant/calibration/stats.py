@@ -64,6 +64,8 @@ class CalibrationStats:
     info: dict[str, Any] = field(default_factory=dict)
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_files: dict[str, str] = field(default_factory=dict, repr=False)
+    # What keeps a temporary folder of hessian_files alive (calibration.passes.TemporaryFolder); copies share it.
+    hessian_folder: Any = field(default=None, repr=False, compare=False)
 
     def hessian_for(self, name: str) -> torch.Tensor | None:
         """Layer ``name``'s ``XᵀX`` ``[K, K]`` float32, or None when it was not gathered."""
