@@ -2,9 +2,8 @@
 
 Each pass runs every calibration prompt (or ``run``) again and gathers ``XᵀX`` for one contiguous group of
 layers (in module order); its sums are merged and written to disk (:class:`ShardWriter`) before the next pass
-starts. A layer's
-sums while recording take ``4·K²`` bytes times :func:`tree_copies` (the partial sums of the fixed summation
-tree a process holds, :mod:`.hessian`).
+starts. A layer's sums while recording take ``4·K²`` bytes times :func:`tree_copies` (the partial sums of the
+fixed summation tree a process holds, :mod:`.hessian`).
 """
 
 from __future__ import annotations
