@@ -204,7 +204,8 @@ def calibrate(
             contiguous group of layers, which are merged and written to disk before the next pass; the first
             pass also records the absmax and samples of every layer. Memory: the largest group's sums.
         hessian_budget_gib: instead of ``hessian_passes``, as few passes as keep each group's sums while
-            recording within this many GiB (the model, its activations and the row samples are extra).
+            recording within this many GiB per process (the model, its activations and the row samples are
+            extra; a layer whose sums alone exceed it is an error).
         hessian_dir: the folder for the passes' shards (``hessian-NNNNN.safetensors``, kept); default a
             temporary folder removed with the returned statistics. Given, even one pass goes to disk. Rank 0
             writes the shards and every rank's statistics refer to them (several machines need a shared folder).
