@@ -133,12 +133,12 @@ class CalibrationStats:
             "num_tokens": json.dumps(self.num_tokens),
             "info": json.dumps(self.info),
         }
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
         shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
         # The K x K sums are read (from disk, when they are there) one at a time as they are written.
         shapes |= {HESSIAN_PREFIX + k: (torch.float32, self._hessian_shape(k)) for k in self.hessian_names()}
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.close(fd)
 
         def read(key: str) -> torch.Tensor:
             if key in tensors:
