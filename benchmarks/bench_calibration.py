@@ -15,7 +15,16 @@ Peak memory is the process's maximum resident set (``ru_maxrss``).
 Then the per-layer seconds of one double and one single block project the search + quantization
 time of the full FLUX.1 transformer (19 double + 38 single blocks).
 
+With ``--gptq --hessian-passes 1,4`` the collection is also run with XᵀX gathered in 4 passes (one group of
+layers per pass, its sums written to disk before the next: ``calibrate(hessian_passes=...)``), each pass count
+in a fresh process so that its peak RSS is its own; ``--collect-only`` stops after the collection. The
+projection then gives, for each memory budget of ``--budgets-gib``, the passes the whole FLUX.1 needs
+(``calibration.passes.plan_passes`` on its real layer list and the summation tree's partial sums for
+``--project-prompts`` prompts per process) and the collection time that many passes take on this machine.
+The GPU line is an ESTIMATE from FLOPs at a stated throughput (``--gpu-tflops``), not a measurement.
+
     python benchmarks/bench_calibration.py [--blocks 1,1] [--calls 4] [--processes 1,2] [--gptq]
+        [--hessian-passes 1,4] [--collect-only] [--budgets-gib 24,80]
         [--project-prompts 128 --project-steps 8 --project-tokens 4608]
 """
 
@@ -70,12 +79,42 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         calibration.calibrate(model, run, config=config, max_samples=args.max_samples, search=False, progress=False)
         plain_s = time.perf_counter() - start
+    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    passes = int(args.hessian_passes) if args.gptq else None
     t0 = time.perf_counter()
     stats = calibration.calibrate(
-        model, run, config=config, max_samples=args.max_samples, search=False, progress=False, hessian=args.gptq
-    )
+        model, run, config=config, max_samples=args.max_samples, search=False, progress=False, hessian=args.gptq,
+        hessian_passes=passes,
+    )  # fmt: skip
     t1 = time.perf_counter()
     collect_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    recorded = len(stats.act_absmax)
+    # The sums one pass held: the largest group's (run= is one item per process: one K x K per layer).
+    from diffusers_svdquant.calibration.passes import moment_bytes, plan_passes
+
+    sizes = [(n, moment_bytes(int(stats.act_absmax[n].numel()), 1)) for n in stats.hessian_names()]
+    groups = plan_passes(sizes, passes=passes) if args.gptq else []
+    held = max((sum(dict(sizes)[n] for n in g) for g in groups), default=0)
+    shapes_rec = stats.info["layers"]  # name -> [N, K] of every recorded layer
+    collect = {
+        "tokens_per_call": args.image_tokens + args.text_tokens,
+        "rec_weight": sum(n * k for n, k in shapes_rec.values()),
+        "rec_double_weight": sum(n * k for name, (n, k) in shapes_rec.items() if name.startswith("transformer_")),
+        "rec_k2": sum(k * k for _, k in shapes_rec.values()),
+        "processes": procs.world,
+        "hessian_passes": len(groups),
+        "recorded_layers": recorded,
+        "collect_s": t1 - t0,
+        "collect_plain_s": plain_s,
+        "before_collect_peak_rss_mib": before_peak,
+        "collect_peak_rss_mib": collect_peak,
+        "hessian_mib": sum(b for _, b in sizes) / 2**20,
+        "hessian_held_mib": held / 2**20,
+    }
+    if args.collect_only:
+        if procs.rank == 0:
+            print("RESULT " + json.dumps(collect), flush=True)
+        return
     calibration.search_smoothing(model, stats, config, procs=procs, progress=False)
     t2 = time.perf_counter()
     search_times = procs.gather(per_layer)
@@ -99,20 +138,15 @@ def worker(args: argparse.Namespace) -> None:
     print(
         "RESULT "
         + json.dumps(
-            {
-                "processes": procs.world,
+            collect
+            | {
                 "threads": torch.get_num_threads(),
                 "layers": layers,
-                "collect_s": t1 - t0,
-                "collect_plain_s": plain_s,
                 "search_s": t2 - t1,
                 "search_cpu_s": sum(sum(d.values()) for d in search_times),
                 "quantize_s": t4 - t3,
                 "quantize_rtn_s": rtn_s,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "collect_peak_rss_mib": collect_peak,
-                "hessian_mib": sum(h.numel() * 4 for h in stats.hessian.values()) / 2**20,
-                "tokens_per_call": args.image_tokens + args.text_tokens,
                 "double_layers": sum(n.startswith("transformer_blocks.") for n in names),
                 "single_layers": sum(n.startswith("single_transformer_blocks.") for n in names),
                 "double_weight": sum(s[0] * s[1] * 2 for n, s in shapes.items() if n.startswith("transformer_")),
@@ -129,6 +163,32 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def _strip(argv: list[str], *options: str) -> list[str]:
+    """``argv`` without ``options`` and their values (``--opt v`` or ``--opt=v``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not any(a.startswith(o + "=") for o in options):
+            out.append(a)
+    return out
+
+
+def _launch(n: int, forwarded: list[str]) -> dict:
+    """One run of ``n`` processes (torchrun); rank 0's RESULT line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", _free_port(),
+           os.path.abspath(__file__), *forwarded, "--worker"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{n} process(es) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]) | {"wall_s": time.perf_counter() - start}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", default="1,1", help="double,single FLUX.1-shaped blocks")
@@ -141,6 +201,14 @@ def main() -> None:
                    help="bf16 is emulated on CPUs without AVX-512 BF16: fp32 is the fast path there")  # fmt: skip
     p.add_argument("--processes", default="1,2", help="process counts to compare")
     p.add_argument("--gptq", action="store_true", help="gather XᵀX too and round the residual with GPTQ")
+    p.add_argument("--hessian-passes", default="1", help="with --gptq: XᵀX pass counts to compare (the first on "
+                   "every process count, the others on the first process count)")  # fmt: skip
+    p.add_argument("--collect-only", action="store_true", help="time the collection only (no search, no quantize)")
+    p.add_argument("--budgets-gib", default="24,80", help="projection: XᵀX memory budgets per process, GiB")
+    p.add_argument("--gpu-tflops", type=float, default=400.0, help="GPU ESTIMATE: bf16 forward throughput, TFLOP/s "
+                   "(an H100 SXM's 989 dense at 40%%)")  # fmt: skip
+    p.add_argument("--gpu-fp32-tflops", type=float, default=50.0, help="GPU ESTIMATE: float32 XᵀX throughput, "
+                   "TFLOP/s (an H100 SXM's 67 at 75%%)")  # fmt: skip
     p.add_argument("--project-prompts", type=int, default=128, help="projection: calibration prompts (the reference "
                    "toolkit's 128)")  # fmt: skip
     p.add_argument("--project-steps", type=int, default=8, help="projection: denoising steps per prompt (calibrate's)")
@@ -155,31 +223,44 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{os.cpu_count()} cores; FLUX.1-shaped blocks {args.blocks}, {args.calls} calls of "
           f"{args.image_tokens}+{args.text_tokens} tokens, rank {args.rank}, {args.max_samples} rows/layer, "
-          f"{args.dtype}")  # fmt: skip
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--processes")]
-    if "--processes" in sys.argv:
-        i = sys.argv.index("--processes")
-        forwarded = sys.argv[1:i] + sys.argv[i + 2 :]
-    results = []
-    for n in (int(x) for x in args.processes.split(",")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-               _free_port(), os.path.abspath(__file__), *forwarded, "--worker"]  # fmt: skip
-        env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{n} process(es) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT ") :]) | {"wall_s": time.perf_counter() - start})
+          f"{args.dtype}; load average {os.getloadavg()[0]:.2f} at start")  # fmt: skip
+    passes = [int(x) for x in args.hessian_passes.split(",")]
+    if max(passes) > 1 and not args.gptq:
+        sys.exit("bench_calibration: --hessian-passes above 1 needs --gptq")
+    forwarded = _strip(sys.argv[1:], "--processes", "--hessian-passes")
+    counts = [int(x) for x in args.processes.split(",")]
+    results = [_launch(n, [*forwarded, "--hessian-passes", str(passes[0])]) for n in counts]
+    pass_runs = [results[0]] + [_launch(counts[0], [*forwarded, "--hessian-passes", str(v)]) for v in passes[1:]]
+    b = results[0]
+    if args.gptq:
+        _pass_table(pass_runs)
+    if not args.collect_only:
+        _full_report(args, results)
+    if args.gptq:
+        _pass_projection(args, b, pass_runs)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
-    base = results[0]
+
+def _pass_table(runs: list[dict]) -> None:
+    """Collection with XᵀX in 1 vs N passes: seconds, seconds per layer, the sums held, peak RSS."""
+    print(f"\n{'procs':>5} {'passes':>6} {'layers':>6} {'collect s':>10} {'s/layer':>8} {'XᵀX MiB':>8} "
+          f"{'held MiB':>9} {'RSS before MiB':>14} {'peak RSS MiB':>12} {'peak - before':>13}")  # fmt: skip
+    for r in runs:
+        print(f"{r['processes']:>5} {r['hessian_passes']:>6} {r['recorded_layers']:>6} {r['collect_s']:>10.2f} "
+              f"{r['collect_s'] / r['recorded_layers']:>8.2f} {r['hessian_mib']:>8.0f} {r['hessian_held_mib']:>9.0f} "
+              f"{r['before_collect_peak_rss_mib']:>14.0f} {r['collect_peak_rss_mib']:>12.0f} "
+              f"{r['collect_peak_rss_mib'] - r['before_collect_peak_rss_mib']:>13.0f}")  # fmt: skip
+
+
+def _full_report(args: argparse.Namespace, results: list[dict]) -> None:
+    """The search / quantize table and the time projection of the full FLUX.1 transformer."""
+    base = b = results[0]
     print(f"\n{'procs':>5} {'threads':>7} {'layers':>6} {'collect s':>10} {'search s':>9} {'s/layer':>8} "
           f"{'quantize s':>10} {'search speed-up':>15} {'peak MiB':>9}")  # fmt: skip
     for r in results:
         print(f"{r['processes']:>5} {r['threads']:>7} {r['layers']:>6} {r['collect_s']:>10.2f} {r['search_s']:>9.2f} "
               f"{r['search_s'] / r['layers']:>8.2f} {r['quantize_s']:>10.2f} "
               f"{base['search_s'] / r['search_s']:>14.2f}x {r['peak_rss_mib']:>9.0f}")  # fmt: skip
-    b = base
     print(f"\npeak RSS after collecting: {b['collect_peak_rss_mib']:.0f} MiB (XᵀX sums: {b['hessian_mib']:.0f} MiB)")
     gptq_s = 0.0
     if b["quantize_rtn_s"] is not None:
@@ -212,7 +293,7 @@ def main() -> None:
           f"{args.project_prompts} prompts x {args.project_steps} steps x {args.project_tokens} tokens "
           f"(collection scaled by tokens from {bench_tokens} measured), on this machine:")  # fmt: skip
     for r in results:
-        collect = collect_full * b["collect_s"] / r["collect_s"]  # the calls split between processes
+        collect = collect_full * r["collect_s"] / b["collect_s"]  # the calls split between processes
         search = full(b["search_s"]) * r["search_s"] / b["search_s"]
         quant = full(b["quantize_s"])  # one process, as from_pretrained does it
         total = collect + search + quant
@@ -229,6 +310,69 @@ def main() -> None:
         quant = full(b["quantize_s"])
         print(f"  {n} processes if collect and search split evenly: {(collect + search + quant) / 3600:.1f} h "
               f"(collect {collect / 3600:.1f} h, quantize {quant / 60:.1f} min on one)")  # fmt: skip
+
+
+def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> None:
+    """The passes the whole FLUX.1 transformer needs for each XᵀX budget, and the collection time they take: on
+    this machine (projected from the measured run) and on one GPU (an ESTIMATE from FLOPs, not measured)."""
+    import math
+
+    import torch
+
+    from diffusers_svdquant import SVDQuantConfig
+    from diffusers_svdquant.apps.model_zoo import flux_shaped
+    from diffusers_svdquant.calibration.passes import GIB, moment_bytes, plan_passes, tree_copies
+    from diffusers_svdquant.config import quantizable_linears
+
+    with torch.device("meta"):
+        flux = flux_shaped(*FLUX1_BLOCKS)
+    layers = quantizable_linears(flux, SVDQuantConfig())
+    weight = sum(m.in_features * m.out_features for m in layers.values())
+    k2 = sum(m.in_features**2 for m in layers.values())
+    calls = args.project_prompts * args.project_steps
+    tokens = calls * args.project_tokens
+    scale = tokens / (args.calls * b["tokens_per_call"])
+    # This machine, one process: the forwards (with the statistics hooks) scale with weight x tokens, the XᵀX
+    # accumulation with sum(K²) x tokens. A later pass reruns the forwards (hooks on its group only).
+    forwards = b["collect_plain_s"] * weight / b["rec_weight"] * scale
+    xtx = (b["collect_s"] - b["collect_plain_s"]) * k2 / b["rec_k2"] * scale
+    print(f"\nXᵀX passes for the full FLUX.1 transformer ({len(layers)} layers, sum of 4·K² = {4 * k2 / GIB:.1f} GiB; "
+          f"{args.project_prompts} prompts x {args.project_steps} steps x {args.project_tokens} tokens):")  # fmt: skip
+    pb = b["collect_plain_s"] / b["collect_s"]
+    for r in runs[1:]:
+        model = (r["hessian_passes"] * pb + (1 - pb)) * b["collect_s"]
+        print(f"  check on the bench: {r['hessian_passes']} passes collected in {r['collect_s']:.1f} s; "
+              f"passes x forwards + XᵀX predicts {model:.1f} s")  # fmt: skip
+    # GPU ESTIMATE: forward FLOPs (2 x weight x tokens + attention 4·T²·d per block) at --gpu-tflops, XᵀX
+    # (2·rows·K² per layer, every layer counted at every token: an upper bound) at --gpu-fp32-tflops.
+    attention = 4 * args.project_tokens**2 * 3072 * sum(FLUX1_BLOCKS) * calls
+    gpu_fwd = (2 * weight * tokens + attention) / (args.gpu_tflops * 1e12)
+    gpu_xtx = 2 * k2 * tokens / (args.gpu_fp32_tflops * 1e12)
+    print(f"  GPU ESTIMATE (not measured): one pass of forwards {gpu_fwd / 60:.1f} min at {args.gpu_tflops:g} "
+          f"TFLOP/s, XᵀX {gpu_xtx / 60:.1f} min at {args.gpu_fp32_tflops:g} TFLOP/s float32; plus, as calibrate "
+          f"is written, each call's sums go to host memory: {4 * k2 / GIB:.0f} GiB per call, all passes")  # fmt: skip
+    budgets = [float(x) for x in args.budgets_gib.split(",")]
+    print(f"  {'procs':>5} {'sums/layer':>10} {'XᵀX GiB':>8} " + " ".join(f"{f'{g:g} GiB: passes':>15} "
+          f"{'CPU h':>7} {'GPU est. min':>12}" for g in budgets))  # fmt: skip
+    for n in (1, 8):
+        share = math.ceil(args.project_prompts / n)
+        copies = max(tree_copies(range(r * share, min((r + 1) * share, args.project_prompts))) for r in range(n))
+        sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
+        line = f"  {n:>5} {copies:>10} {sum(s for _, s in sizes) / GIB:>8.0f} "
+        for g in budgets:
+            try:
+                k = len(plan_passes(sizes, budget_bytes=int(g * GIB)))
+            except ValueError:
+                line += f"{'too small':>15} {'-':>7} {'-':>12} "
+                continue
+            cpu = (k * forwards + xtx) / n / 3600
+            gpu = (k * gpu_fwd + gpu_xtx) / n / 60
+            line += f"{k:>15} {cpu:>7.0f} {gpu:>12.0f} "
+        print(line)
+    print(
+        "  (budgets are per process; CPU h: this machine's measured rates, the calls split evenly between "
+        "processes; GPU est.: FLOPs at the stated rates, n GPUs, host transfers not counted)"
+    )
 
 
 if __name__ == "__main__":

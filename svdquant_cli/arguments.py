@@ -245,6 +245,27 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also gather each layer's XᵀX, so quantization rounds the residual with GPTQ (4·K² bytes per layer)",
     )
+    xtx = p.add_mutually_exclusive_group()
+    xtx.add_argument(
+        "--hessian-passes",
+        type=int,
+        default=None,
+        help="with --gptq: gather XᵀX in N passes over the prompts, one group of layers each, written to disk "
+        "between passes (default: 1)",
+    )
+    xtx.add_argument(
+        "--hessian-budget-gib",
+        type=float,
+        default=None,
+        help="with --gptq: as few passes as keep the XᵀX sums held while recording within this many GiB "
+        "(default: none, one pass)",
+    )
+    p.add_argument(
+        "--hessian-dir",
+        type=Path,
+        default=None,
+        help="with --gptq: keep the passes' XᵀX shards in this folder (default: a temporary one)",
+    )
 
 
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:

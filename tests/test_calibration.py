@@ -236,12 +236,14 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "calib.safetensors"
     stats.save(path)
     before = path.read_bytes()
-    import safetensors.torch
+    from diffusers_svdquant.calibration import stats as stats_module
 
-    def boom(*args, **kwargs):
+    def boom(path, *args, **kwargs):  # half a file written, then the disk fills up
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(stats_module, "write_tensors", boom)
     with pytest.raises(OSError, match="disk full"):
         stats.save(path)
     assert path.read_bytes() == before

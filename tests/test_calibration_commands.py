@@ -81,12 +81,15 @@ def _calibrate_args(pipe_dir) -> list[str]:
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_give_the_statistics_of_one(pipe_dir, one_process, tmp_path, launcher):
     """Two launched processes join one group (the file records world size 2) and produce exactly the
-    statistics, samples, XᵀX (for GPTQ) and searched (α, β) of a single process."""
+    statistics, samples, XᵀX (for GPTQ) and searched (α, β) of a single process, the XᵀX gathered in 3 passes
+    (rank 0 merging each pass's sums into a shard) against one pass."""
     one, two = one_process, tmp_path / "two.safetensors"
-    out = _launch(LAUNCHERS[launcher](), [*_calibrate_args(pipe_dir), "--out", str(two)], tmp_path)
+    args = [*_calibrate_args(pipe_dir), "--hessian-passes", "3", "--out", str(two)]
+    out = _launch(LAUNCHERS[launcher](), args, tmp_path)
     assert "on 2 process(es)" in out.stdout
     a, b = CalibrationStats.load(one), CalibrationStats.load(two)
     assert a.info["num_processes"] == 1 and b.info["num_processes"] == 2
+    assert a.info["hessian_passes"] == 1 and b.info["hessian_passes"] == 3
     _same_statistics(a, b)
     assert len(a.smoothing) == len(a.act_absmax) - 3 and a.has_hessian  # the 3 AdaLN linears: W4A16, not searched
 
@@ -112,6 +115,20 @@ def test_calibrate_command_reads_a_prompt_file(pipe_dir, tmp_path, capsys):
     assert CalibrationStats.load(out).info["prompts"] == 2
     with pytest.raises(SystemExit, match="missing.txt"):
         cli.main(["calibrate", str(pipe_dir), "--prompts", str(tmp_path / "missing.txt"), "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--hessian-passes", "2"], "--hessian-passes needs --gptq"),
+        (["--gptq", "--hessian-passes", "0"], "--hessian-passes must be >= 1"),
+        (["--gptq", "--hessian-budget-gib", "-1"], "--hessian-budget-gib must be > 0"),
+        (["--gptq", "--hessian-budget-gib", "1e-6"], "svdquant: calibrate: layer .* alone needs .* GiB of XᵀX sums"),
+    ],
+)
+def test_calibrate_command_refuses_bad_pass_options(pipe_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["calibrate", str(pipe_dir), *CALIB, *extra, "--out", str(tmp_path / "s.safetensors")])
 
 
 def test_quantize_one_shot_calibrates_quantizes_and_saves(pipe_dir, tmp_path, capsys):
@@ -169,3 +186,8 @@ def test_eval_prints_every_method(pipe_dir, tmp_path, capsys):
         assert 0 < r["image_ssim"] <= 1 and r["image_psnr"] > 10 and r["latent_rel_error"] < 1
         layers = 17 if r["name"] == "svdquant-adaln-16bit" else 20  # the 3 AdaLN linears quantized or not
         assert len(r["layer_errors"]) == layers and all(0 <= e < 1 for e in r["layer_errors"].values())
+        # The tiny FLUX's blocks (1 double, 1 single) on the evaluation prompts' inputs.
+        assert sorted(r["block_errors"]) == ["single_transformer_blocks.0", "transformer_blocks.0"], r
+        assert all(0 < e < 1 for e in r["block_errors"].values()), r
+    block = {r["name"]: sum(r["block_errors"].values()) for r in rows}
+    assert block["svdquant-calibrated"] < block["svdquant"] < block["naive-w4a4"], block

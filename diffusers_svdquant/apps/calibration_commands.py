@@ -26,10 +26,14 @@ from typing import Any
 import torch
 
 from ..calibration import CalibrationStats, calibrate
+from ..calibration.blocks import record_block_inputs, transformer_blocks
 from ..calibration.processes import Processes
 from ..calibration.recording import denoiser_name
 from ..config import SVDQuantConfig
 from ..dtypes import DTYPES
+
+# Calls per block whose inputs `svdquant eval` keeps for the block errors (each a block's full activations).
+BLOCK_CALLS = 2
 
 
 def _read_prompts(path: Path | None, n: int | None, default: tuple[str, ...]) -> list[str]:
@@ -60,20 +64,40 @@ def _load_pipeline(args: argparse.Namespace, procs: Processes, **kwargs: Any) ->
 def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuantConfig) -> CalibrationStats:
     from ..calibration.prompts import CALIBRATION_PROMPTS
 
+    pass_options = {
+        "--hessian-passes": args.hessian_passes,
+        "--hessian-budget-gib": args.hessian_budget_gib,
+        "--hessian-dir": args.hessian_dir,
+    }
+    given = [flag for flag, value in pass_options.items() if value is not None]
+    if given and not args.gptq:
+        raise SystemExit(f"svdquant: {given[0]} needs --gptq")
+    if args.hessian_passes is not None and args.hessian_passes < 1:
+        raise SystemExit(f"svdquant: --hessian-passes must be >= 1, got {args.hessian_passes}")
+    if args.hessian_budget_gib is not None and not args.hessian_budget_gib > 0:
+        raise SystemExit(f"svdquant: --hessian-budget-gib must be > 0, got {args.hessian_budget_gib}")
     prompts = _read_prompts(args.prompts, args.num_prompts, CALIBRATION_PROMPTS)
     pipe = _load_pipeline(args, procs)
-    return calibrate(
-        pipe,
-        prompts=prompts,
-        num_inference_steps=args.steps,
-        component=args.component,
-        config=config,
-        max_samples=args.max_samples,
-        search=not args.no_search,
-        seed=args.seed,
-        pipeline_kwargs=args.pipeline_kwargs,
-        hessian=args.gptq,
-    )
+    try:
+        return calibrate(
+            pipe,
+            prompts=prompts,
+            num_inference_steps=args.steps,
+            component=args.component,
+            config=config,
+            max_samples=args.max_samples,
+            search=not args.no_search,
+            seed=args.seed,
+            pipeline_kwargs=args.pipeline_kwargs,
+            hessian=args.gptq,
+            hessian_passes=args.hessian_passes,
+            hessian_budget_gib=args.hessian_budget_gib,
+            hessian_dir=args.hessian_dir,
+        )
+    except ValueError as e:
+        if str(e).startswith("calibrate:"):  # bad settings (a budget below one layer's sums...): one line
+            raise SystemExit(f"svdquant: {e}") from e
+        raise
 
 
 def _summary(stats: CalibrationStats, seconds: float) -> str:
@@ -197,7 +221,15 @@ def run_eval(args: argparse.Namespace) -> int:
     component = args.component or denoiser_name(pipe)
     reference = getattr(pipe, component)
     call = {"num_inference_steps": args.eval_steps or args.steps} | args.pipeline_kwargs
-    ref_images, ref_latents = quality.generate(pipe, prompts, args.seed, **call)
+    # The 16-bit blocks' inputs on the evaluation prompts (the first calls of each block), for the block errors.
+    blocks = transformer_blocks(reference)
+    generated: dict[str, torch.Tensor] = {}
+
+    def reference_run(_model: torch.nn.Module) -> None:
+        generated["images"], generated["latents"] = quality.generate(pipe, prompts, args.seed, **call)
+
+    block_inputs = record_block_inputs(reference, reference_run, blocks, max_calls=BLOCK_CALLS)
+    ref_images, ref_latents = generated["images"], generated["latents"]
     reports = []
     for name, config in quality.method_configs(args.rank, stats).items():
         kwargs: dict[str, Any] = {"subfolder": component, "revision": args.revision, "quantization_config": config}
@@ -208,6 +240,7 @@ def run_eval(args: argparse.Namespace) -> int:
         images, latents = quality.generate(pipe, prompts, args.seed, **call)
         report = quality.compare(name, images, latents, ref_images, ref_latents)
         report.layer_errors = quality.layer_errors(quantized, reference, stats)
+        report.block_errors = quality.block_errors(quantized, reference, block_inputs)
         reports.append(report)
         setattr(pipe, component, reference)
     print(f"{len(prompts)} prompts, {call['num_inference_steps']} steps, seed {args.seed}, rank {args.rank}")

@@ -4,8 +4,10 @@ For each method (naive W4A4 RTN, SmoothQuant-style W4A4, SVDQuant without and wi
 SVDQuant with the AdaLN linears 16-bit or W4A4 instead of weight-only)
 the denoiser is quantized on load from the same checkpoint, swapped into the pipeline, and the
 same prompts are generated with the same seeds. Images are compared by PSNR and SSIM
-(scikit-image), final latents by PSNR over the reference's range and relative error, and every
-quantized layer by its relative output error on the calibration rows.
+(scikit-image), final latents by PSNR over the reference's range and relative error, every
+quantized layer by its relative output error on the calibration rows, and every transformer block by
+its relative output error on the inputs the 16-bit block received while generating the (held-out)
+evaluation prompts.
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ def layer_errors(model: nn.Module, reference: nn.Module, stats: CalibrationStats
     return out
 
 
+def block_errors(model: nn.Module, reference: nn.Module, inputs: dict[str, list]) -> dict[str, float]:
+    """Relative output error of each transformer block of ``model`` against the same 16-bit block of ``reference``
+    on the block inputs the 16-bit model saw (:func:`~diffusers_svdquant.calibration.blocks.record_block_inputs`
+    on the evaluation prompts): the layers' errors as they add up inside a block."""
+    from ..calibration.blocks import block_error
+
+    return {name: block_error(reference.get_submodule(name), model.get_submodule(name), calls)
+            for name, calls in inputs.items()}  # fmt: skip
+
+
 @dataclass
 class MethodReport:
     """One method's figures against the 16-bit pipeline (means over prompts)."""
@@ -81,11 +93,18 @@ class MethodReport:
     latent_psnr: float
     latent_rel_error: float
     layer_errors: dict[str, float] = field(default_factory=dict)
+    block_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_layer_error(self) -> float:
         """Mean of :attr:`layer_errors` (NaN without any)."""
         v = list(self.layer_errors.values())
+        return sum(v) / len(v) if v else math.nan
+
+    @property
+    def mean_block_error(self) -> float:
+        """Mean of :attr:`block_errors` (NaN without any)."""
+        v = list(self.block_errors.values())
         return sum(v) / len(v) if v else math.nan
 
 
@@ -142,12 +161,13 @@ def compare(
 def format_report(reports: Sequence[MethodReport], worst: int = 5) -> str:
     """A plain-text table of the methods, then each method's worst layers."""
     lines = [
-        f"{'method':<22}{'image PSNR':>12}{'image SSIM':>12}{'latent PSNR':>13}{'latent rel':>12}{'layer err':>11}",
+        f"{'method':<22}{'image PSNR':>12}{'image SSIM':>12}{'latent PSNR':>13}{'latent rel':>12}{'layer err':>11}"
+        f"{'block err':>11}",
     ]
     for r in reports:
         lines.append(
             f"{r.name:<22}{r.image_psnr:>9.2f} dB{r.image_ssim:>12.4f}{r.latent_psnr:>10.2f} dB"
-            f"{r.latent_rel_error:>12.4f}{r.mean_layer_error:>11.4f}"
+            f"{r.latent_rel_error:>12.4f}{r.mean_layer_error:>11.4f}{r.mean_block_error:>11.4f}"
         )
     for r in reports:
         if r.layer_errors:

@@ -33,6 +33,17 @@ class Processes:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_root(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` in rank order on rank 0, None on the others: what rank 0 alone merges and writes,
+        without every rank holding every rank's share (as :meth:`gather` does)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def my_share(self, n: int) -> list[int]:
         """Contiguous block of ``range(n)`` for this rank (accelerate's split)."""
         if self.world == 1:

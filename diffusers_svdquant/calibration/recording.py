@@ -17,8 +17,9 @@ process and N processes keep exactly the same rows.
 
 from __future__ import annotations
 
+import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
 from .hessian import PairwiseSum, input_moment
+from .passes import GIB, ShardWriter, moment_bytes, plan_passes, tree_copies
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
 from .search import search_smoothing
@@ -34,16 +36,19 @@ from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats, keep_bottom_k
 
 
 class _Recorder:
-    """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples) and,
-    when asked, each layer's ``XᵀX`` per item (:class:`~.hessian.PairwiseSum`)."""
+    """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples; with
+    ``record_stats``) and each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.PairwiseSum`)."""
 
-    def __init__(self, max_samples: int, seed: int, hessian: bool = False) -> None:
+    def __init__(
+        self, max_samples: int, seed: int, hessian_layers: Collection[str] = (), record_stats: bool = True
+    ) -> None:
         self.stats = CalibrationStats()
         self.max_samples = max_samples
         self.seed = seed
         self.item = 0  # index of the prompt (or run) being processed: part of every row's key
         self._calls: dict[str, int] = {}
-        self.hessian = hessian
+        self.hessian_layers = frozenset(hessian_layers)
+        self.record_stats = record_stats
         self.moments: dict[str, PairwiseSum] = {}
         self._item_moments: dict[str, torch.Tensor] = {}
 
@@ -66,13 +71,15 @@ class _Recorder:
             self._calls[name] = call + 1
             if x2.shape[0] == 0:
                 return
+            if name in self.hessian_layers:
+                self._item_moments[name] = input_moment(x2, self._item_moments.get(name))
+            if not self.record_stats:
+                return
             stats = self.stats
             m = x2.abs().amax(dim=0).float().cpu()
             prev = stats.act_absmax.get(name)
             stats.act_absmax[name] = m if prev is None else torch.maximum(prev, m)
             stats.num_tokens[name] = stats.num_tokens.get(name, 0) + x2.shape[0]
-            if self.hessian:
-                self._item_moments[name] = input_moment(x2, self._item_moments.get(name))
             if self.max_samples:
                 keys = self._keys(name, call, x2.shape[0])
                 if keys.numel() > self.max_samples:
@@ -98,6 +105,31 @@ def _target_linears(model: nn.Module, config: Any | None, module_filter: Callabl
     if module_filter is not None:
         layers = {n: m for n, m in layers.items() if module_filter(n, m)}
     return layers
+
+
+def _record(layers: dict[str, nn.Linear], recorder: _Recorder, drive: Callable[[_Recorder], None]) -> None:
+    """One pass over the calibration inputs with ``recorder``'s hooks on ``layers`` (removed however it ends)."""
+    handles = [m.register_forward_pre_hook(recorder.hook(n), with_kwargs=True) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            drive(recorder)
+    finally:
+        for h in handles:
+            h.remove()
+    recorder.finish_item()
+
+
+def _hessian_groups(
+    layers: dict[str, nn.Linear], items: list[int], procs: Processes, passes: int | None, budget_gib: float | None
+) -> list[list[str]]:
+    """The layers whose ``XᵀX`` each pass records (:func:`~.passes.plan_passes`), the same on every rank: sized by
+    the most partial sums any process holds (:func:`~.passes.tree_copies` of its items)."""
+    if budget_gib is not None and (isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float))):
+        raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget_gib!r}")
+    copies = max(1, *procs.gather(tree_copies(items)))
+    sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
+    budget = None if budget_gib is None else int(budget_gib * GIB)
+    return plan_passes(sizes, passes=passes, budget_bytes=budget)
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -129,6 +161,9 @@ def calibrate(
     pipeline_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     hessian: bool = False,
+    hessian_passes: int | None = None,
+    hessian_budget_gib: float | None = None,
+    hessian_dir: str | os.PathLike | None = None,
 ) -> CalibrationStats:
     """Collect activation statistics with the 16-bit model and search each layer's smoothing.
 
@@ -162,8 +197,18 @@ def calibrate(
         progress: tqdm bars on rank 0.
         hessian: also gather each layer's ``XᵀX`` (float32 ``[K, K]``), which makes quantization round the
             residual with GPTQ (``SVDQuantConfig.gptq``). Memory: ``4·K²`` bytes per layer (times about
-            ``log2`` of the items per process while recording); restrict the layers with ``module_filter``
-            and calibrate in several passes for a large model. Merged exactly across processes.
+            ``log2`` of the items per process while recording, :func:`~.passes.tree_copies`). Merged exactly
+            across processes, and the same bits however many passes.
+        hessian_passes: gather ``XᵀX`` in this many passes (default 1): each pass runs every prompt (or
+            ``run``, which must then feed the same inputs each time) again and records the sums of one
+            contiguous group of layers, which are merged and written to disk before the next pass; the first
+            pass also records the absmax and samples of every layer. Memory: the largest group's sums.
+        hessian_budget_gib: instead of ``hessian_passes``, as few passes as keep each group's sums while
+            recording within this many GiB per process (the model, its activations and the row samples are
+            extra; a layer whose sums alone exceed it is an error).
+        hessian_dir: the folder for the passes' shards (``hessian-NNNNN.safetensors``, kept); default a
+            temporary folder removed with the returned statistics. Given, even one pass goes to disk. Rank 0
+            writes the shards and every rank's statistics refer to them (several machines need a shared folder).
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -186,10 +231,12 @@ def calibrate(
         if num_inference_steps < 1:
             raise ValueError(f"calibrate: num_inference_steps must be >= 1, got {num_inference_steps}")
 
-        def drive(recorder: _Recorder) -> None:
-            mine = procs.my_share(len(prompts))
+        items = procs.my_share(len(prompts))
+
+        def drive(recorder: _Recorder, desc: str) -> None:
+            mine = items
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
-            bar = progress_bar(mine, desc="calibration prompts", enabled=progress and procs.rank == 0)
+            bar = progress_bar(mine, desc=desc, enabled=progress and procs.rank == 0)
             target.set_progress_bar_config(disable=True)
             for i in bar:
                 recorder.start_item(i)
@@ -203,7 +250,9 @@ def calibrate(
             raise TypeError("calibrate: pass a DiffusionPipeline (with prompts) or an nn.Module with run=callable")
         model = target
 
-        def drive(recorder: _Recorder) -> None:
+        items = [procs.rank]
+
+        def drive(recorder: _Recorder, desc: str) -> None:
             recorder.start_item(procs.rank)
             run(model)
 
@@ -215,20 +264,30 @@ def calibrate(
         "model_class": type(model).__name__,
         "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
     }
-    recorder = _Recorder(max_samples, seed, hessian)
-    handles = [m.register_forward_pre_hook(recorder.hook(n), with_kwargs=True) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            drive(recorder)
-    finally:
-        for h in handles:
-            h.remove()
-    recorder.finish_item()
-    stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
+    if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir) != (None, None, None):
+        raise ValueError("calibrate: hessian_passes, hessian_budget_gib and hessian_dir need hessian=True")
+    groups = _hessian_groups(layers, items, procs, hessian_passes, hessian_budget_gib) if hessian else []
+    shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (groups and hessian_dir is not None) else None
+    # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
+    # for the next group's XᵀX alone, so the sums held at once are one group's.
+    for p, group in enumerate(groups or [[]]):
+        recorder = _Recorder(max_samples, seed, group, record_stats=p == 0)
+        hooked = layers if p == 0 else {n: layers[n] for n in group}
+        desc = "calibration prompts" + (f" (pass {p + 1}/{len(groups)})" if len(groups) > 1 else "")
+        _record(hooked, recorder, lambda r, d=desc: drive(r, d))
+        if p == 0:
+            stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
+        if shards is not None:
+            stats.hessian_files |= shards.write(p, recorder.moments, group)
+        elif group:
+            moments = procs.gather(recorder.moments)
+            for name in sorted({n for part in moments for n in part}):
+                stats.hessian[name] = PairwiseSum.merge([part[name] for part in moments if name in part]).total()
+        del recorder
+    if shards is not None:
+        shards.keep_with(stats)
     if hessian:
-        moments = procs.gather(recorder.moments)
-        for name in sorted({n for part in moments for n in part}):
-            stats.hessian[name] = PairwiseSum.merge([part[name] for part in moments if name in part]).total()
+        info["hessian_passes"] = len(groups)
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
     if search:
         search_smoothing(model, stats, config, procs=procs, progress=progress)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..filemodes import as_new_files
+from .tensorfile import write_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ DEFAULT_MAX_SAMPLES = 128
 DEFAULT_ALPHA = 0.5
 # Prefixes of the tensors in a statistics file; module names never contain ":".
 _ABSMAX, _SMOOTHING, _ERRORS, _SAMPLES, _KEYS = "act_absmax:", "smoothing:", "search_error:", "samples:", "sample_keys:"
-_HESSIAN = "hessian:"
+HESSIAN_PREFIX = "hessian:"
 
 
 @dataclass
@@ -47,8 +48,10 @@ class CalibrationStats:
         search_errors: name → float64 ``[2]``: relative output error after quantization with the
             searched ``(α, β)`` and with no smoothing, on the samples.
         hessian: name → float32 ``[K, K]`` ``XᵀX`` over every input row seen (``calibrate(hessian=True)``),
-            what GPTQ rounds the residual against. A loaded file keeps them on disk and reads one layer's
-            at a time (:meth:`hessian_for`), so quantizing holds one ``K x K`` matrix, not all of them.
+            what GPTQ rounds the residual against, held in memory.
+        hessian_files: name → the safetensors file holding that layer's ``XᵀX`` on disk (a loaded statistics
+            file, or the shards of ``calibrate(..., hessian_passes=N)``): read one layer at a time
+            (:meth:`hessian_for`), so quantizing and saving hold one ``K x K`` matrix, not all of them.
         info: how the statistics were made (processes, prompts, steps, rank, ...), JSON-safe.
     """
 
@@ -60,24 +63,37 @@ class CalibrationStats:
     search_errors: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
-    hessian_file: str | None = field(default=None, repr=False)
-    hessian_names: frozenset[str] = field(default_factory=frozenset, repr=False)
+    hessian_files: dict[str, str] = field(default_factory=dict, repr=False)
+    # What keeps a temporary folder of hessian_files alive (calibration.passes.TemporaryFolder); copies share it.
+    hessian_folder: Any = field(default=None, repr=False, compare=False)
 
     def hessian_for(self, name: str) -> torch.Tensor | None:
-        """Layer ``name``'s ``XᵀX`` ``[K, K]``, or None when it was not gathered."""
+        """Layer ``name``'s ``XᵀX`` ``[K, K]`` float32, or None when it was not gathered."""
         if name in self.hessian:
             return self.hessian[name]
-        if self.hessian_file is None or name not in self.hessian_names:
+        if name not in self.hessian_files:
             return None
         from safetensors import safe_open
 
-        with safe_open(self.hessian_file, framework="pt") as f:
-            return f.get_tensor(_HESSIAN + name)
+        with safe_open(self.hessian_files[name], framework="pt") as f:
+            return f.get_tensor(HESSIAN_PREFIX + name)
+
+    def hessian_names(self) -> list[str]:
+        """The layers whose ``XᵀX`` was gathered, sorted."""
+        return sorted(set(self.hessian) | set(self.hessian_files))
+
+    def _hessian_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.hessian:
+            return tuple(self.hessian[name].shape)
+        from safetensors import safe_open
+
+        with safe_open(self.hessian_files[name], framework="pt") as f:
+            return tuple(f.get_slice(HESSIAN_PREFIX + name).get_shape())
 
     @property
     def has_hessian(self) -> bool:
         """Whether any layer's ``XᵀX`` was gathered."""
-        return bool(self.hessian or self.hessian_names)
+        return bool(self.hessian or self.hessian_files)
 
     def smoothing_for(
         self, name: str, alpha: float | None, weight_only: bool = False
@@ -105,13 +121,9 @@ class CalibrationStats:
         previous file intact. Samples (``S x K`` per layer) are left out unless asked for: the
         quantizer needs only the absmax and the searched ``(α, β)``.
         """
-        from safetensors.torch import save_file
-
         tensors = {_ABSMAX + k: v.float().contiguous() for k, v in self.act_absmax.items()}
         tensors |= {_SMOOTHING + k: torch.tensor(v, dtype=torch.float64) for k, v in self.smoothing.items()}
         tensors |= {_ERRORS + k: v.double().contiguous() for k, v in self.search_errors.items()}
-        names = sorted(set(self.hessian) | set(self.hessian_names))
-        tensors |= {_HESSIAN + k: self.hessian_for(k).float().contiguous() for k in names}
         if include_samples:
             tensors |= {_SAMPLES + k: v.contiguous() for k, v in self.samples.items()}
             tensors |= {_KEYS + k: v.contiguous() for k, v in self.sample_keys.items()}
@@ -121,11 +133,20 @@ class CalibrationStats:
             "num_tokens": json.dumps(self.num_tokens),
             "info": json.dumps(self.info),
         }
+        shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        # The K x K sums are read (from disk, when they are there) one at a time as they are written.
+        shapes |= {HESSIAN_PREFIX + k: (torch.float32, self._hessian_shape(k)) for k in self.hessian_names()}
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
         os.close(fd)
+
+        def read(key: str) -> torch.Tensor:
+            if key in tensors:
+                return tensors[key]
+            return self.hessian_for(key[len(HESSIAN_PREFIX) :]).float().contiguous()
+
         try:
-            save_file(tensors, tmp, metadata=meta)
+            write_tensors(tmp, shapes, read, meta)
             as_new_files([tmp])
             os.replace(tmp, path)
         except BaseException:
@@ -145,8 +166,8 @@ class CalibrationStats:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 # The K x K moments stay on disk until a layer is quantized (hessian_for).
-                tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(_HESSIAN)}
-                hessian_names = frozenset(k[len(_HESSIAN) :] for k in f.keys() if k.startswith(_HESSIAN))
+                tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(HESSIAN_PREFIX)}
+                hessian_files = {k[len(HESSIAN_PREFIX) :]: path for k in f.keys() if k.startswith(HESSIAN_PREFIX)}
         except Exception as e:
             raise ValueError(f"{path!r} is not a safetensors calibration file: {e}") from e
         try:
@@ -178,8 +199,7 @@ class CalibrationStats:
             smoothing={k: (float(v[0]), float(v[1])) for k, v in section(_SMOOTHING).items()},
             search_errors=section(_ERRORS),
             info=json.loads(meta.get("info", "{}")),
-            hessian_file=path if hessian_names else None,
-            hessian_names=hessian_names,
+            hessian_files=hessian_files,
         )
 
     def __repr__(self) -> str:
@@ -212,7 +232,7 @@ class CalibrationStats:
                 out.num_tokens[name] = out.num_tokens.get(name, 0) + n
             for name, rows in part.samples.items():
                 keep_bottom_k(out, name, part.sample_keys[name], rows, max_samples)
-            for name in set(part.hessian) | set(part.hessian_names):
+            for name in part.hessian_names():
                 h = part.hessian_for(name)
                 out.hessian[name] = h.clone() if name not in out.hessian else out.hessian[name] + h
             out.smoothing.update(part.smoothing)

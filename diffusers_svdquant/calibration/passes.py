@@ -1,0 +1,151 @@
+"""Which layers' ``XᵀX`` each calibration pass gathers, so the sums held at once fit a memory budget.
+
+Each pass runs every calibration prompt (or ``run``) again and gathers ``XᵀX`` for one contiguous group of
+layers (in module order); its sums are merged and written to disk (:class:`ShardWriter`) before the next pass
+starts. A layer's sums while recording take ``4·K²`` bytes times :func:`tree_copies` (the partial sums of the
+fixed summation tree a process holds, :mod:`.hessian`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+from .hessian import PairwiseSum
+from .processes import Processes
+from .stats import HESSIAN_PREFIX, CalibrationStats
+from .tensorfile import write_tensors
+
+GIB = 1 << 30
+
+
+def tree_copies(items: Sequence[int]) -> int:
+    """The most ``K x K`` sums one layer holds at once while one process records ``items`` (increasing item
+    indices): the aligned blocks finished so far plus the item in progress (:class:`~.hessian.PairwiseSum`).
+    0 without items."""
+    blocks: list[tuple[int, int]] = []  # (first item, size), as PairwiseSum keeps them
+    most = 0
+    for item in items:
+        most = max(most, len(blocks) + 1)
+        blocks.append((item, 1))
+        while len(blocks) >= 2:
+            (s0, n0), (s1, n1) = blocks[-2], blocks[-1]
+            if n0 != n1 or s0 % (2 * n0) or s1 != s0 + n0:
+                break
+            blocks[-2:] = [(s0, 2 * n0)]
+    return most
+
+
+def moment_bytes(k: int, copies: int) -> int:
+    """Bytes of one layer's float32 ``[K, K]`` sums while recording, ``copies`` of them (:func:`tree_copies`)."""
+    return 4 * k * k * copies
+
+
+def plan_passes(
+    sizes: Sequence[tuple[str, int]], *, passes: int | None = None, budget_bytes: int | None = None
+) -> list[list[str]]:
+    """Split the layers into contiguous groups, one per pass.
+
+    Args:
+        sizes: ``(layer name, bytes its sums take while recording)`` in module order.
+        passes: this many groups of about equal bytes (fewer when there are fewer layers).
+        budget_bytes: as few groups as keep each group's bytes within this budget (greedy, in order).
+            With neither, one group (one pass).
+
+    Returns:
+        the groups, in order; every layer in exactly one.
+    """
+    if passes is not None and budget_bytes is not None:
+        raise ValueError("calibrate: pass hessian_passes or hessian_budget_gib, not both")
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+        raise ValueError(f"calibrate: hessian_passes must be an integer >= 1, got {passes!r}")
+    if budget_bytes is not None and not budget_bytes > 0:
+        raise ValueError(f"calibrate: hessian_budget_gib must be > 0, got {budget_bytes / GIB!r}")
+    if not sizes:
+        return []
+    if budget_bytes is not None:
+        groups: list[list[str]] = [[]]
+        held = 0
+        for name, size in sizes:
+            if size > budget_bytes:
+                raise ValueError(
+                    f"calibrate: layer {name!r} alone needs {size / GIB:.3g} GiB of XᵀX sums while recording, more "
+                    f"than hessian_budget_gib={budget_bytes / GIB:.3g}; raise the budget or record it with fewer "
+                    f"prompts per process"
+                )
+            if groups[-1] and held + size > budget_bytes:
+                groups.append([])
+                held = 0
+            groups[-1].append(name)
+            held += size
+        return groups
+    passes = min(passes or 1, len(sizes))
+    # prefix[i]: bytes of the layers before layer i. Cut j goes where the prefix is nearest j/passes of the whole,
+    # after the previous cut and leaving a layer for every later group.
+    prefix = [0]
+    for _, size in sizes:
+        prefix.append(prefix[-1] + size)
+    cuts = [0]
+    for j in range(1, passes):
+        lo, hi = cuts[-1] + 1, len(sizes) - (passes - j)
+        target = prefix[-1] * j / passes
+        i = min(max(bisect.bisect_left(prefix, target), lo), hi)
+        if i > lo and abs(prefix[i - 1] - target) <= abs(prefix[i] - target):
+            i -= 1
+        cuts.append(i)
+    cuts.append(len(sizes))
+    return [[name for name, _ in sizes[a:b]] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+class ShardWriter:
+    """Where the passes' ``XᵀX`` go: one safetensors shard per pass in ``directory`` (default: a temporary
+    folder removed with the statistics that refer to it). Rank 0 merges every process's sums and writes each
+    shard; the other ranks refer to the same files (several machines need ``directory`` on a shared disk)."""
+
+    def __init__(self, procs: Processes, directory: str | os.PathLike | None) -> None:
+        self.procs = procs
+        made = None
+        if procs.rank == 0:
+            if directory is None:
+                made = tempfile.mkdtemp(prefix="svdquant-xtx-")
+            else:
+                os.makedirs(directory, exist_ok=True)
+        self.temporary = made is not None
+        self.dir = procs.gather(made or (os.fspath(directory) if directory is not None else None))[0]
+
+    def write(self, index: int, moments: dict[str, PairwiseSum], group: Sequence[str]) -> dict[str, str]:
+        """Merge the group's sums of every process (layer by layer, so rank 0 holds one layer's parts at a time
+        besides the group's totals), write them as shard ``index`` and return name → shard path. ``moments`` is
+        emptied as it goes."""
+        path = os.path.join(self.dir, f"hessian-{index:05d}.safetensors")
+        totals: dict[str, torch.Tensor] = {}
+        for name in group:  # the same order on every rank: one collective per layer
+            parts = self.procs.gather_root(moments.pop(name, None))
+            found = [p for p in parts or () if p is not None]
+            if found:
+                totals[HESSIAN_PREFIX + name] = PairwiseSum.merge(found).total()
+        written = [k[len(HESSIAN_PREFIX) :] for k in totals]
+        if self.procs.rank == 0:
+            shapes = {k: (torch.float32, tuple(v.shape)) for k, v in totals.items()}
+            write_tensors(path, shapes, totals.pop, {"format": "svdquant-calibration-xtx-shard"})
+        # Rank 0's list, gathered after its file is complete: no rank refers to a shard before it exists.
+        return dict.fromkeys(self.procs.gather(written)[0], path)
+
+    def keep_with(self, stats: CalibrationStats) -> None:
+        """Keep a temporary folder as long as ``stats`` or a copy of it (which read from it) lives."""
+        if self.temporary and self.procs.rank == 0:
+            stats.hessian_folder = TemporaryFolder(self.dir)
+
+
+class TemporaryFolder:
+    """A folder removed (with what it holds) when this object is garbage-collected or the interpreter exits."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        weakref.finalize(self, shutil.rmtree, path, True)

@@ -1,0 +1,163 @@
+"""XᵀX gathered in several passes (calibration.passes, calibration.tensorfile): the plan of passes, the same bits
+as one pass, the shards on disk, the streamed statistics file, and quantize-on-load reading them."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import random
+
+import pytest
+import torch
+from models import TINY_MODELS, run
+from safetensors import safe_open
+from torch import nn
+
+from diffusers_svdquant import CalibrationStats, SVDQuantConfig, calibrate, quantize_
+from diffusers_svdquant.calibration.passes import GIB, plan_passes, tree_copies
+from diffusers_svdquant.calibration.tensorfile import write_tensors
+
+
+def _sizes(seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(f"l{i}", rng.choice([0, 1, 64, 4096, rng.randint(0, 10_000)])) for i in range(rng.randint(1, 14))]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_plan_passes_keeps_every_layer_once_in_order(seed):
+    sizes = _sizes(seed)
+    names = [n for n, _ in sizes]
+    passes = random.Random(seed).randint(1, 16)
+    groups = plan_passes(sizes, passes=passes)
+    assert len(groups) == min(passes, len(sizes)) and all(groups)
+    assert [n for g in groups for n in g] == names
+    budget = max(s for _, s in sizes) + random.Random(seed).randint(1, 8000)
+    groups = plan_passes(sizes, budget_bytes=budget)
+    assert [n for g in groups for n in g] == names
+    held = dict(sizes)
+    assert all(sum(held[n] for n in g) <= budget for g in groups)
+    # Greedy: no group could have taken the next group's first layer.
+    assert all(sum(held[n] for n in a) + held[b[0]] > budget for a, b in zip(groups, groups[1:], strict=False))
+
+
+def test_plan_passes_balances_bytes_and_refuses_bad_input():
+    assert plan_passes([("a", 10), ("b", 10), ("c", 10), ("d", 30)], passes=2) == [["a", "b", "c"], ["d"]]
+    assert plan_passes([("a", 1)] * 0, passes=3) == []
+    assert plan_passes([("a", 5), ("b", 5)]) == [["a", "b"]]
+    with pytest.raises(ValueError, match="alone needs .* more than hessian_budget_gib"):
+        plan_passes([("a", 5), ("big", 2 * GIB)], budget_bytes=GIB)
+    with pytest.raises(ValueError, match="not both"):
+        plan_passes([("a", 5)], passes=2, budget_bytes=GIB)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="hessian_passes must be an integer >= 1"):
+            plan_passes([("a", 5)], passes=bad)
+    with pytest.raises(ValueError, match="hessian_budget_gib must be > 0"):
+        plan_passes([("a", 5)], budget_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("items", "copies"),
+    [
+        (range(1), 1),
+        (range(2), 2),
+        (range(4), 3),
+        (range(8), 4),
+        (range(128), 8),
+        (range(3, 8), 4),
+        (range(64, 128), 7),
+    ],
+)
+def test_tree_copies_counts_the_partial_sums_a_process_holds(items, copies):
+    assert tree_copies(list(items)) == copies
+
+
+def _model_and_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 192))
+    x = torch.randn(3, 7, 64)
+    return model, lambda m: (m(x[:2]), m(x[2:]))
+
+
+@pytest.mark.parametrize("plan", [{"hessian_passes": 2}, {"hessian_passes": 5}, {"hessian_budget_gib": 83e3 / GIB}])
+def test_passes_give_the_bits_of_one_pass(plan, tmp_path):
+    model, go = _model_and_run()
+    one = calibrate(model, run=go, progress=False, hessian=True)
+    many = calibrate(model, run=go, progress=False, hessian=True, **plan)
+    assert many.info["hessian_passes"] == min(plan.get("hessian_passes", 2), 3) and not many.hessian
+    assert many.hessian_names() == one.hessian_names() == ["0", "2", "3"]
+    shards = sorted({os.path.basename(f) for f in many.hessian_files.values()})
+    assert shards == [f"hessian-{i:05d}.safetensors" for i in range(many.info["hessian_passes"])]
+    for name in one.hessian_names():
+        assert torch.equal(many.hessian_for(name), one.hessian_for(name)), name
+    # The first pass's statistics and the search are those of one pass.
+    for name in one.act_absmax:
+        assert torch.equal(many.act_absmax[name], one.act_absmax[name])
+        assert torch.equal(many.samples[name], one.samples[name])
+    assert many.smoothing == one.smoothing and many.num_tokens == one.num_tokens
+    # The file streamed from the shards reads back as the sums.
+    many.save(tmp_path / "s.safetensors")
+    back = CalibrationStats.load(tmp_path / "s.safetensors")
+    for name in one.hessian_names():
+        assert torch.equal(back.hessian_for(name), one.hessian_for(name)), name
+    # A temporary shard folder goes with the last of the statistics (and their copies) that read it.
+    folder = os.path.dirname(many.hessian_files["0"])
+    kept = copy.copy(many)
+    del many
+    gc.collect()
+    assert torch.equal(kept.hessian_for("0"), one.hessian_for("0"))
+    del kept
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
+def test_hessian_dir_keeps_the_shards_and_passes_need_hessian(tmp_path):
+    model, go = _model_and_run()
+    stats = calibrate(model, run=go, search=False, progress=False, hessian=True, hessian_dir=tmp_path / "xtx")
+    assert stats.info["hessian_passes"] == 1 and set(stats.hessian_files.values()) == {
+        str(tmp_path / "xtx" / "hessian-00000.safetensors")
+    }
+    del stats
+    gc.collect()
+    assert (tmp_path / "xtx" / "hessian-00000.safetensors").is_file()
+    for kw in ({"hessian_passes": 2}, {"hessian_budget_gib": 1.0}, {"hessian_dir": tmp_path}):
+        with pytest.raises(ValueError, match="need hessian=True"):
+            calibrate(model, run=go, search=False, progress=False, **kw)
+    with pytest.raises(ValueError, match="hessian_budget_gib must be a number"):
+        calibrate(model, run=go, search=False, progress=False, hessian=True, hessian_budget_gib="1")
+
+
+def test_quantize_on_load_reads_the_shards():
+    tiny = TINY_MODELS["flux"]
+    torch.manual_seed(0)
+    model = tiny.build().to(torch.bfloat16)
+    inputs = tiny.inputs(torch.bfloat16)
+    kw = {"run": lambda m: run(m, inputs), "progress": False, "hessian": True}
+    one, three = calibrate(model, **kw), calibrate(model, **kw, hessian_passes=3)
+    assert three.info["hessian_passes"] == 3
+    q1 = quantize_(copy.deepcopy(model), SVDQuantConfig(rank=8, calibration=one))
+    q3 = quantize_(copy.deepcopy(model), SVDQuantConfig(rank=8, calibration=three))
+    for (n1, t1), (n3, t3) in zip(q1.state_dict().items(), q3.state_dict().items(), strict=True):
+        assert n1 == n3 and torch.equal(t1, t3), n1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64])
+def test_write_tensors_is_a_safetensors_file(dtype, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": (torch.randn(i + 1, 3, generator=g) * 100).to(dtype) for i in range(3)}
+    tensors["scalarish"] = torch.ones(1, dtype=dtype)
+    reads = []
+
+    def read(name: str) -> torch.Tensor:
+        reads.append(name)
+        return tensors[name]
+
+    shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    write_tensors(str(tmp_path / "f.safetensors"), shapes, read, {"format": "x"})
+    assert reads == sorted(tensors)
+    with safe_open(tmp_path / "f.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "x"} and set(f.keys()) == set(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    with pytest.raises(ValueError, match="announced"):
+        write_tensors(str(tmp_path / "g.safetensors"), shapes | {"t0": (dtype, (2, 3))}, read, {})
