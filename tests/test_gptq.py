@@ -20,7 +20,7 @@ from diffusers_svdquant import (
     quantize_,
     reference,
 )
-from diffusers_svdquant.calibration.hessian import PairwiseSum
+from diffusers_svdquant.calibration.hessian import PairwiseSum, input_moment
 
 
 def _inputs(m: int, k: int, seed: int, outliers: int = 8) -> torch.Tensor:
@@ -124,6 +124,20 @@ def test_pairwise_sum_is_the_same_bits_however_the_items_are_split(n):
     torch.testing.assert_close(one.total(), torch.stack(items).sum(0), rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="arrives after"):
         one.add(0, items[0])
+
+
+@pytest.mark.parametrize("rows", [1, 127, 300])
+def test_input_moment_accumulates_in_place_on_the_rows_device(rows):
+    torch.manual_seed(0)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    first = input_moment(x)
+    assert first.dtype == torch.float32 and first.device == x.device
+    torch.testing.assert_close(first, x.double().t() @ x.double(), rtol=1e-5, atol=1e-4, check_dtype=False)
+    again = input_moment(x, first)
+    assert again is first  # the running sum is updated in place, never copied per call
+    torch.testing.assert_close(again, 2 * (x.double().t() @ x.double()), rtol=1e-5, atol=1e-4, check_dtype=False)
+    with pytest.raises(ValueError, match=r"input_moment: the sum so far is torch.float32 \[32, 32\] on cpu"):
+        input_moment(x, torch.zeros(32, 32))
 
 
 def test_calibrate_gathers_the_inputs_second_moment(tmp_path):

@@ -67,19 +67,24 @@ _MOMENT_ROWS = 128
 
 
 def input_moment(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``XᵀX`` ``[K, K]`` in float32 on the CPU of a layer's input rows ``x`` ``[M, K]``: chunks of 128 rows
-    accumulated in order, so the bits do not depend on the thread count (processes of a launch may differ).
-    With ``out`` (a CPU float32 ``[K, K]`` sum so far) the chunks are accumulated into it, in place.
+    """``XᵀX`` ``[K, K]`` in float32, on ``x``'s device, of a layer's input rows ``x`` ``[M, K]``: chunks of 128
+    rows accumulated in order, so the bits do not depend on the thread count (processes of a launch may differ).
+    With ``out`` (a float32 ``[K, K]`` sum so far on ``x``'s device) the chunks are accumulated into it, in place.
 
-    Each chunk is added by one ``addmm_`` into the sum (``C += XᵢᵀXᵢ``) rather than formed and then added: one
-    pass over the ``K x K`` sum per chunk instead of three, 1.7x faster at K = 12,288 (1,280 rows, 2 threads:
-    2.76 s -> 1.57 s), and still the same bits on 1 and 2 threads."""
+    The sum stays on ``x``'s device across calls: the recorder moves one item's sum to the CPU once, when the
+    item ends, not once per call (on a GPU that would copy every hooked layer's ``K x K`` per forward: ~69 GiB
+    per denoiser call on FLUX.1). Each chunk is added by one ``addmm_`` into the sum (``C += XᵢᵀXᵢ``) rather than
+    formed and then added: one pass over the ``K x K`` sum per chunk instead of three, 1.7x faster at K = 12,288
+    (1,280 rows, 2 threads: 2.76 s -> 1.57 s), and still the same bits on 1 and 2 threads."""
     x32 = x.float()
     k = x32.shape[1]
-    acc = out if out is not None and out.device == x32.device else torch.zeros(k, k, device=x32.device)
+    if out is not None and (out.device != x32.device or out.shape != (k, k) or out.dtype != torch.float32):
+        raise ValueError(
+            f"input_moment: the sum so far is {out.dtype} {list(out.shape)} on {out.device}, the rows "
+            f"{list(x32.shape)} on {x32.device}: expected float32 [{k}, {k}] on the rows' device"
+        )
+    acc = out if out is not None else torch.zeros(k, k, device=x32.device)
     for i in range(0, x32.shape[0], _MOMENT_ROWS):
         chunk = x32[i : i + _MOMENT_ROWS]
         acc.addmm_(chunk.t(), chunk)
-    if acc is out:
-        return out
-    return acc.cpu() if out is None else out.add_(acc.cpu())
+    return acc

@@ -59,8 +59,8 @@ class _Recorder:
 
     def finish_item(self) -> None:
         """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
-        for name, moment in self._item_moments.items():
-            self.moments.setdefault(name, PairwiseSum()).add(self.item, moment)
+        for name, moment in self._item_moments.items():  # on the inputs' device until now: one copy per item
+            self.moments.setdefault(name, PairwiseSum()).add(self.item, moment.cpu())
         self._item_moments = {}
 
     def hook(self, name: str) -> Callable[[nn.Module, tuple, dict], None]:
