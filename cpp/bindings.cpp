@@ -222,7 +222,7 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 }
 
 // The weight-only (W4A16) linear (reference.linear_w4a16): the path's quantize_act for lora_act (x̂ lora_down;
-// its codes are not used) when R > 0, then the W4A16 kernel. Every float tensor is in `dtype`, y [M, N] too.
+// its codes are not used) when R > 0 and the kernel does not compute it itself, then the W4A16 kernel. Every float tensor is in `dtype`, y [M, N] too.
 void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
                   const py::int_& wscales_, const py::int_& wmins_, const py::int_& lora_up_, const py::int_& bias_,
                   const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype,
@@ -279,7 +279,8 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   const svdq::cpu::KernelTable& k = svdq::cpu::kernels();
   py::gil_scoped_release release;
   std::unique_ptr<float[]> lora_act;
-  if (R > 0) {
+  a.lora_down = reinterpret_cast<const void*>(lora_down);
+  if (R > 0 && (tiles || !k.linear_w4a16_lora)) {
     const std::unique_ptr<uint8_t[]> q_x(new uint8_t[static_cast<size_t>(M * (K / 2))]);
     const std::unique_ptr<float[]> s_x(new float[static_cast<size_t>(M * (K / svdq::cpu::kGroupSize))]);
     lora_act.reset(new float[static_cast<size_t>(M * R)]);

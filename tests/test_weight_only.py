@@ -167,6 +167,19 @@ def test_wide_k(isa, m, dtype):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("m", "r"), [(1, 40), (2, 7), (3, 64)])
+def test_wide_k_rank_tails(isa, threads, m, r):
+    # The few-rows kernel computes lora_act itself, each thread over its share of K's groups (4 vectors of R at
+    # a time, a scalar tail), and prefetches across K blocks and panels: K = 12288, N with a panel tail.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(make_case(m, 37, 12288, r, torch.float32, seed=m + r))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m", [1, 9, 40])
 def test_thread_counts(isa, threads, m):
     before = torch.get_num_threads()

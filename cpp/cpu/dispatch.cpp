@@ -159,14 +159,14 @@ const IsaEntry kIsas[] = {
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
      {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
-      nullptr}},
+      nullptr, nullptr, true}},
 #endif
 #if defined(SVDQ_HAVE_AVXVNNI)
     // The GEMM with VEX vpdpbusd; quantize_act and W4A16 stay AVX2 (VNNI has nothing for them).
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
      {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
-      nullptr}},
+      nullptr, nullptr, true}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
     // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm
@@ -177,7 +177,7 @@ const IsaEntry kIsas[] = {
               f.avx512dq && f.avx512vnni;
      },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, nullptr}},
+      avx512::dequantize_w4a16, nullptr, nullptr, true}},
 #endif
 #if defined(SVDQ_HAVE_AMX)
     // avx512vnni with AMX-BF16 tiles where a bf16 layer gains from them: the W4A4 low-rank branch (the GEMM's
@@ -189,7 +189,7 @@ const IsaEntry kIsas[] = {
               f.avx512dq && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
      },
      {avx512::quantize_act, avx512amx::gemm_w4a4, avx512amx::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act}},
+      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act, true}},
 #endif
 #if defined(SVDQ_HAVE_DOTPROD)
     // The sdot GEMM and NEON quantize_act; pack_tile and W4A16 are generic's.

@@ -43,11 +43,13 @@ using PackTileFn = void (*)(const GemmArgs& args, int64_t t, const Tile& out);
 // The weight-only (W4A16) linear, reference.linear_w4a16: unsigned codes q in [0, 15] packed as q_x is,
 // W[n, k] = q · wscales[n, k/64] + wmins[n, k/64]; y = x̂ Wᵀ + lora_act lora_upᵀ + bias with x̂ = x / smooth,
 // every float tensor in `dtype`, float32 arithmetic, y rounded once to `dtype`. lora_act (x̂ lora_down,
-// float32 [M, R]) comes from the path's quantize_act, called by the binding before the kernel.
+// float32 [M, R]) comes from the path's quantize_act, called by the binding before the kernel, except for a
+// kernel that computes it itself from lora_down (KernelTable::linear_w4a16_lora): then lora_act is null.
 struct W4A16Args {
   const void* x;           // [M, K] dtype
   const void* smooth;      // [K] dtype
-  const float* lora_act;   // [M, R] float32 (null when R == 0)
+  const float* lora_act;   // [M, R] float32 (null when R == 0, or for a kernel that computes it)
+  const void* lora_down;   // [K, R] dtype
   const uint8_t* qweight;  // [N, K/2] unsigned nibbles, element 2j low
   const void* wscales;     // [N, K/64] dtype
   const void* wmins;       // [N, K/64] dtype
@@ -86,6 +88,9 @@ struct KernelTable {
   // quantize_act for the whole W4A4 linear (_C.linear), whose output is rounded to x's dtype: may compute
   // lora_act from bf16-rounded x̂ when x is bfloat16 (docs/design.md §1). Null: quantize_act.
   QuantizeActFn quantize_act_linear = nullptr;
+  // linear_w4a16 computes lora_act itself from lora_down (the x86 GEMV, its threads splitting K), so the
+  // binding passes it none.
+  bool linear_w4a16_lora = false;
 };
 
 namespace generic {

@@ -12,8 +12,10 @@
 //
 // Blocking: threads split N into blocks of 32 rows (two A tiles). Per block, K (with the lora columns) is cut
 // into runs of kSteps tile steps (32 k each) whose decoded A (16 KiB) stays in L1 while every pair of m tiles
-// (4 C tiles, 2 B tiles) passes over it. When the packed x̂ᵀ of all of K does not fit in L2 (kXChunkBytes),
-// K is also cut into chunks of that size, outermost, and C waits in memory between chunks.
+// (4 C tiles, 2 B tiles) passes over it; a run of at most 2 steps left at the end (the lora step) joins the run
+// before it. B comes from L2 and is prefetched into L1 two steps ahead. When the packed x̂ᵀ of all of K does not
+// fit in L2 (kXChunkBytes), K is also cut into chunks of that size, outermost, and C waits in memory between
+// chunks. The threads take contiguous shares of the blocks.
 //
 // Compiled with the amx path's flags only (CMakeLists.txt); dispatch.cpp enables it only when the CPU has
 // AMX-BF16 and AVX512-BF16, the OS saves the tile state, and Linux granted this process the tile data.
@@ -33,9 +35,8 @@ namespace {
 constexpr int64_t kStepK = 32;            // k per tile row: 64 bytes of bfloat16
 constexpr int64_t kTileWords = 16 * 32;   // one 16 × 32 bfloat16 tile
 constexpr int64_t kBlockRows = 32;        // n per decoded A panel: two A tiles
-constexpr int64_t kSubs = 1;              // A panels per block (measured: 2 and 4 no faster on FLUX's shapes)
 constexpr int64_t kSteps = 8;             // tile steps per decoded run: 2 × 8 KiB of A (4, 16: slower)
-constexpr int64_t kXChunkBytes = 3 << 19;  // packed x̂ᵀ per K chunk: 3/4 of a core's L2 (2 MiB here)
+constexpr int64_t kXChunkBytes = 7 << 18;  // packed x̂ᵀ per K chunk: 7/8 of a core's L2 (2 MiB here)
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -143,6 +144,10 @@ void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* 
       for (int64_t s = s0; s < s1; ++s) _mm512_storeu_si512(out + s * 2 * kTileWords, _mm512_setzero_si512());
       continue;
     }
+    // The row's codes of the block's next run (16 bytes a step), prefetched now: a run reads 32 rows K / 2 bytes
+    // apart, a pattern the hardware prefetcher follows poorly at large K.
+    for (int64_t s = s1; s < 2 * s1 - s0 && s < ks; s += 4)
+      _mm_prefetch(reinterpret_cast<const char*>(a.qweight + n * (K / 2) + s * 16), _MM_HINT_T0);
     // Runs start on even steps and K / 32 is even: a group's two steps are always in one run.
     for (int64_t s = s0; s < s1 && s < ks; s += 2) {
       const int64_t g = s / 2;
@@ -168,8 +173,17 @@ void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* 
 
 // Steps of one decoded run on m tiles j (and j + 1 when MT = 2): C tiles from c (or zero), back into c.
 // c holds [MT][2][16 n][16 m] float32 for these m tiles.
+// The B tiles (1 KiB each, 16 lines) of step s + kBAhead are prefetched into L1 during step s: a tile load
+// from L2 waits for the tile products still reading that tile register (tiles are not renamed), so its
+// latency adds to every step. Past the run's last step, bn's (the next pair of m tiles) are prefetched.
+inline void prefetch_tile(const uint16_t* t) {
+  for (int l = 0; l < 16; ++l) _mm_prefetch(reinterpret_cast<const char*>(t) + 64 * l, _MM_HINT_T0);
+}
+constexpr int64_t kBAhead = 2;
+
 template <int MT>
-void run_tiles(const uint16_t* ap, const uint16_t* b, int64_t S, int64_t steps, float* c, bool first) {
+void run_tiles(const uint16_t* ap, const uint16_t* b, const uint16_t* bn, int64_t S, int64_t steps, float* c,
+               bool first) {
   if (first) {
     _tile_zero(4);
     _tile_zero(5);
@@ -186,6 +200,12 @@ void run_tiles(const uint16_t* ap, const uint16_t* b, int64_t S, int64_t steps, 
     }
   }
   for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = s + kBAhead;
+    const uint16_t* p = t < steps ? b + t * kTileWords : bn != nullptr ? bn + (t - steps) * kTileWords : nullptr;
+    if (p != nullptr) {
+      prefetch_tile(p);
+      if (MT == 2) prefetch_tile(p + S * kTileWords);  // the pair's second m tile
+    }
     _tile_loadd(0, ap + s * 2 * kTileWords, 64);
     _tile_loadd(1, ap + s * 2 * kTileWords + kTileWords, 64);
     _tile_loadd(2, b + s * kTileWords, 64);
@@ -233,25 +253,34 @@ void store_block(const W4A16Args& a, int64_t n0, const float* c, const float* bi
   }
 }
 
+// [lo, hi): thread t's share of n items among nt, as even as possible.
+inline void thread_share(int64_t n, int t, int nt, int64_t& lo, int64_t& hi) {
+  lo = n * t / nt;
+  hi = n * (t + 1) / nt;
+}
+
 template <DType D>
 void linear_impl(const W4A16Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
   const int64_t MT = ceil_div(M, 16), S = K / kStepK + ceil_div(a.R, kStepK);
-  const int64_t rows = kSubs * kBlockRows, NB = ceil_div(N, rows);
+  const int64_t NB = ceil_div(N, kBlockRows);
   // K chunks of whole runs, as few as keep each chunk's packed x̂ᵀ within kXChunkBytes, of equal size.
   const int64_t runs = ceil_div(S, kSteps), run_bytes = MT * kTileWords * 2 * kSteps;
   const int64_t chunks = max_i64(1, min_i64(runs, ceil_div(runs * run_bytes, kXChunkBytes)));
   const int64_t chunk = ceil_div(runs, chunks) * kSteps;
+  // A run ends kSteps on, or at the chunk's end when at most 2 steps more would be left (the lora step):
+  // a short last run would load and store C for only a few tile products.
+  auto run_end = [&](int64_t s0, int64_t c1) { return c1 - s0 <= kSteps + 2 ? c1 : s0 + kSteps; };
   const int nt = static_cast<int>(max_i64(1, min_i64(a.num_threads, NB)));
-  const int64_t cwords = MT * 2 * 256, pwords = kSteps * 2 * kTileWords;  // C, A panel of 32 rows
+  const int64_t cwords = MT * 2 * 256, pwords = (kSteps + 2) * 2 * kTileWords;  // C, A panel of 32 rows
   // One workspace, kept by the calling thread between calls (fresh pages for C alone, 19 MiB at 256 rows of
   // FLUX's AdaLN in K chunks, cost more than a chunk saves): x̂ᵀ, C, the threads' A panels and biases.
-  const int64_t xwords = MT * S * kTileWords, cfloats = (chunks > 1 ? NB : nt) * kSubs * cwords;
-  ReusedBuffer<uint16_t> work(xwords + 2 * cfloats + nt * kSubs * pwords + 2 * nt * rows);
+  const int64_t xwords = MT * S * kTileWords, cfloats = (chunks > 1 ? NB : nt) * cwords;
+  ReusedBuffer<uint16_t> work(xwords + 2 * cfloats + nt * pwords + 2 * nt * kBlockRows);
   uint16_t* const xb = work.p;
   float* const cbuf = reinterpret_cast<float*>(xb + xwords);
   uint16_t* const apanels = xb + xwords + 2 * cfloats;
-  float* const biases = reinterpret_cast<float*>(apanels + nt * kSubs * pwords);
+  float* const biases = reinterpret_cast<float*>(apanels + nt * pwords);
 #pragma omp parallel for num_threads(static_cast<int>(max_i64(1, min_i64(a.num_threads, MT)))) schedule(static)
   for (int64_t j = 0; j < MT; ++j) pack_x<D>(a, j, S, xb);
 #pragma omp parallel num_threads(nt)
@@ -262,34 +291,33 @@ void linear_impl(const W4A16Args& a) {
     const int tid = 0;
 #endif
     configure_tiles();
-    uint16_t* const ap = apanels + tid * kSubs * pwords;
+    uint16_t* const ap = apanels + tid * pwords;
+    int64_t nb_lo, nb_hi;
+    thread_share(NB, tid, nt, nb_lo, nb_hi);
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t c0 = ch * chunk, c1 = min_i64(S, c0 + chunk);
-#pragma omp for schedule(static)
-      for (int64_t nb = 0; nb < NB; ++nb) {
-        const int64_t n0 = nb * rows, subs = min_i64(kSubs, ceil_div(N - n0, kBlockRows));
-        float* const c = cbuf + (chunks > 1 ? nb : tid) * kSubs * cwords;
-        if (S == 0) std::memset(c, 0, kSubs * cwords * sizeof(float));  // K = 0, no lora: y = bias
-        for (int64_t s0 = c0; s0 < c1; s0 += kSteps) {
-          const int64_t s1 = min_i64(c1, s0 + kSteps);
-          for (int64_t u = 0; u < subs; ++u) decode_a<D>(a, n0 + u * kBlockRows, s0, s1, ap + u * pwords);
+      for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+        const int64_t n0 = nb * kBlockRows;
+        float* const c = cbuf + (chunks > 1 ? nb : tid) * cwords;
+        if (S == 0) std::memset(c, 0, cwords * sizeof(float));  // K = 0, no lora: y = bias
+        for (int64_t s0 = c0, s1; s0 < c1; s0 = s1) {
+          s1 = run_end(s0, c1);
+          decode_a<D>(a, n0, s0, s1, ap);
           for (int64_t j = 0; j < MT; j += 2) {
             const uint16_t* b = xb + (j * S + s0) * kTileWords;
-            for (int64_t u = 0; u < subs; ++u) {
-              if (j + 1 < MT) {
-                run_tiles<2>(ap + u * pwords, b, S, s1 - s0, c + u * cwords + j * 512, s0 == 0);
-              } else {
-                run_tiles<1>(ap + u * pwords, b, S, s1 - s0, c + u * cwords + j * 512, s0 == 0);
-              }
+            const uint16_t* bn = j + 2 < MT ? b + 2 * S * kTileWords : nullptr;
+            if (j + 1 < MT) {
+              run_tiles<2>(ap, b, bn, S, s1 - s0, c + j * 512, s0 == 0);
+            } else {
+              run_tiles<1>(ap, b, bn, S, s1 - s0, c + j * 512, s0 == 0);
             }
           }
         }
         if (ch == chunks - 1) {
-          float* const bias = biases + tid * rows;
-          for (int64_t i = 0; i < rows; ++i)
+          float* const bias = biases + tid * kBlockRows;
+          for (int64_t i = 0; i < kBlockRows; ++i)
             bias[i] = a.bias != nullptr && n0 + i < N ? load_f32(a.bias, n0 + i, D) : 0.0f;
-          for (int64_t u = 0; u < subs; ++u)
-            store_block<D>(a, n0 + u * kBlockRows, c + u * cwords, bias + u * kBlockRows);
+          store_block<D>(a, n0, c, bias);
         }
       }
     }

@@ -37,6 +37,7 @@ inline __m256 load_lanes(const void* p, int64_t i) {
   }
 }
 inline __m256 vzero() { return _mm256_setzero_ps(); }
+inline __m256 vset1(float f) { return _mm256_set1_ps(f); }
 inline __m256 vloadf(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstoref(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }

@@ -37,6 +37,7 @@ inline __m512 load_lanes(const void* p, int64_t i) {
   }
 }
 inline __m512 vzero() { return _mm512_setzero_ps(); }
+inline __m512 vset1(float f) { return _mm512_set1_ps(f); }
 inline __m512 vloadf(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstoref(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }

@@ -98,6 +98,8 @@ def in_one_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     bfloat16 / float16 / float32 exactly, so the result does not change)."""
     dtypes = {t.dtype for t in tensors if t is not None}
     dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_CODES else torch.float32
+    if all(t is None or (t.dtype == dtype and t.is_contiguous()) for t in tensors):
+        return list(tensors)  # the common case, without 2 calls per tensor (~1 us each, per layer call)
     return [None if t is None else t.to(dtype).contiguous() for t in tensors]
 
 

@@ -36,6 +36,8 @@ GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
 # Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them. Measured on the AMX Xeon, same
 # process, GEMV vs tiles in ms at 3 / 4 rows: 3072 -> 18432 2.51 / 2.78 vs 2.78 / 2.68; 3072 -> 12288 1.51 / 1.90
 # vs 1.83 / 1.81; 12288 -> 3072 1.70 / 2.04 vs 1.66 / 1.69 (the tiles cost the same from 1 to 16 rows: decoding).
+# Re-measured after the GEMV's prefetch and threaded lora_act (bench --sweep, GEMV at 3 rows vs tiles at 4):
+# 2.63 vs 3.20, 1.80 vs 1.95, 2.01 vs 1.81 ms; the switch stays after 3 rows (only 12288 -> 3072 would move).
 TILES_AFTER_ROWS = 3
 # Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
 # in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
