@@ -44,6 +44,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 G = reference.GROUP_SIZE
 F32_TOL = 1e-5
 BF16_PANEL_TOL = 2.0**-5
+NORM_CHECK_MIN_ELEMENTS = 16
 
 
 @contextlib.contextmanager
@@ -130,7 +131,11 @@ def assert_close(y, truth, scaled_tol, dtype, norm_tol=1e-5):
             f"{int(bad.sum())} of {y.numel()} elements off, e.g. {i}: {y[tuple(i)].item()} vs {truth[tuple(i)].item()}"
             f" (error {err[tuple(i)].item():.3g}, allowed {allowed[tuple(i)].item():.3g})"
         )
-    assert (y.double() - truth).norm() <= norm_tol * truth.norm() + fi.eps * truth.norm() + 1e-30
+    # The norm check catches errors each element's bound lets through but that add up (a bias). Over a handful of
+    # elements it only measures how much one output happened to cancel (hypothesis found m = n = 1 sums whose
+    # bfloat16 rounding passed the element bound and failed this one): there the element bound is the test.
+    if y.numel() >= NORM_CHECK_MIN_ELEMENTS:
+        assert (y.double() - truth).norm() <= norm_tol * truth.norm() + fi.eps * truth.norm() + 1e-30
 
 
 def check(case, expected=None):
