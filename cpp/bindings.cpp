@@ -716,24 +716,30 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       m, "FiniteScanner",
       "first_nonfinite's scan on one background thread, started by the constructor; finish() waits for it.\n"
       "The caller keeps every buffer alive until finish() has returned.")
-      .def(py::init([](const std::vector<int64_t>& data, const std::vector<int64_t>& numel,
-                       const std::vector<int64_t>& dtypes) {
+      .def(py::init([](int64_t base, int64_t nbytes, const std::vector<int64_t>& offsets,
+                       const std::vector<int64_t>& numel, const std::vector<int64_t>& dtypes) {
              const char* fn = "FiniteScanner";
-             if (data.size() != numel.size() || data.size() != dtypes.size())
-               fail("FiniteScanner: data, numel and dtypes must have the same length");
-             std::vector<const void*> ptrs(data.size());
-             std::vector<DType> codes(data.size());
-             for (size_t b = 0; b < data.size(); ++b) {
-               check_size(fn, "numel", numel[b]);
-               check_ptr(fn, "data", static_cast<uintptr_t>(data[b]), numel[b]);
+             if (offsets.size() != numel.size() || offsets.size() != dtypes.size())
+               fail("FiniteScanner: offsets, numel and dtypes must have the same length");
+             check_size(fn, "nbytes", nbytes);
+             check_ptr(fn, "base", static_cast<uintptr_t>(base), nbytes);
+             std::vector<const void*> ptrs(offsets.size());
+             std::vector<DType> codes(offsets.size());
+             // Checked here, not per range in Python: the loader calls this with every tensor of a checkpoint.
+             for (size_t b = 0; b < offsets.size(); ++b) {
                check_dtype(fn, "dtypes", dtypes[b]);
-               ptrs[b] = reinterpret_cast<const void*>(data[b]);
+               const int64_t size = dtypes[b] == 0 ? 4 : 2, o = offsets[b], n = numel[b];
+               if (o < 0 || n < 0 || o % size != 0 || n > (nbytes - o) / size || o > nbytes)
+                 fail("FiniteScanner: range " + std::to_string(b) + " (" + std::to_string(n) + " elements of " +
+                      std::to_string(size) + " bytes at byte " + std::to_string(o) + ") is not an aligned part of the " +
+                      std::to_string(nbytes) + "-byte buffer");
+               ptrs[b] = reinterpret_cast<const char*>(base) + o;
                codes[b] = static_cast<DType>(dtypes[b]);
              }
              return std::make_unique<svdq::cpu::FiniteScanner>(std::move(ptrs), numel, std::move(codes));
            }),
-           py::arg("data"), py::arg("numel"), py::arg("dtypes"),
-           "Start scanning contiguous buffers (data_ptr, numel, dtype code) for NaN or +-inf.")
+           py::arg("base"), py::arg("nbytes"), py::arg("offsets"), py::arg("numel"), py::arg("dtypes"),
+           "Start scanning ranges (byte offset, numel, dtype code) of the buffer at base for NaN or +-inf.")
       .def("finish", &svdq::cpu::FiniteScanner::finish, py::call_guard<py::gil_scoped_release>(),
            "Wait for the scan; the indices of the buffers holding NaN or +-inf, ascending.");
   m.def(

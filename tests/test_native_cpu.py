@@ -454,23 +454,29 @@ def test_finite_scan_without_native_library_gives_the_same(monkeypatch):
 @pytest.mark.parametrize(
     ("buffer", "ranges", "message"),
     [
-        (torch.zeros(8), [], r"buffer must be a 1-D uint8 CPU tensor, got torch.float32 \(8,\)"),
-        (torch.zeros(8, dtype=torch.uint8), [(0, 2, torch.int32)], r"range 0 has dtype torch.int32"),
+        (torch.zeros(8), [], r"FiniteScan: buffer must be a 1-D uint8 CPU tensor, got torch.float32 \(8,\)"),
+        (torch.zeros(8, dtype=torch.uint8), [(0, 2, torch.int32)], r"FiniteScan: range 0 has dtype torch.int32"),
         (torch.zeros(8, dtype=torch.uint8), [(0, 1, torch.float32), (6, 2, torch.float16)],
-         r"range 1 \(2 x torch.float16 at byte 6\) is not an aligned part of the 8-byte buffer"),
-        (torch.zeros(8, dtype=torch.uint8), [(2, 1, torch.float32)], r"range 0 .* not an aligned part"),
-        (torch.zeros(8, dtype=torch.uint8), [(-2, 1, torch.float16)], r"range 0 .* not an aligned part"),
+         r"FiniteScanner: range 1 \(2 elements of 2 bytes at byte 6\) is not an aligned part of the 8-byte buffer"),
+        (torch.zeros(8, dtype=torch.uint8), [(2, 1, torch.float32)], r"FiniteScanner: range 0 .* not an aligned part"),
+        (torch.zeros(8, dtype=torch.uint8), [(-2, 1, torch.float16)], r"FiniteScanner: range 0 .* not an aligned"),
     ],
 )  # fmt: skip
-def test_finite_scan_bad_input(buffer, ranges, message):
+@pytest.mark.parametrize("native_library", [True, False], ids=["C", "no_C"])
+def test_finite_scan_bad_input(buffer, ranges, message, native_library, monkeypatch):
     from diffusers_svdquant import ops
+    from diffusers_svdquant.ops import native
 
-    with pytest.raises(ValueError, match=rf"FiniteScan: {message}"):
+    if not native_library:
+        monkeypatch.setattr(native, "_C", None)
+    with pytest.raises(ValueError, match=message):
         ops.FiniteScan(buffer, ranges)
 
 
 def test_finite_scanner_bad_input():
-    with pytest.raises(ValueError, match="FiniteScanner: data, numel and dtypes must have the same length"):
-        _C.FiniteScanner([0], [], [0])
-    with pytest.raises(ValueError, match="FiniteScanner: data is a null pointer but holds 4 elements"):
-        _C.FiniteScanner([0], [4], [0])
+    with pytest.raises(ValueError, match="FiniteScanner: offsets, numel and dtypes must have the same length"):
+        _C.FiniteScanner(8, 8, [0], [], [0])
+    with pytest.raises(ValueError, match="FiniteScanner: base is a null pointer but holds 8 elements"):
+        _C.FiniteScanner(0, 8, [0], [1], [0])
+    with pytest.raises(ValueError, match=r"FiniteScanner: range 0 \(3 elements of 4 bytes at byte 0\) is not an"):
+        _C.FiniteScanner(8, 8, [0], [3], [0])

@@ -86,27 +86,42 @@ class FiniteCheck:
         self._scans: list[tuple[ops.FiniteScan, list[str]]] = []
         self.covered: dict[str, torch.dtype] = {}  # name -> the dtype the file holds it in
         for path, entries in headers.items():
-            names = [n for n, e in entries.items() if e.dtype in _FLOAT_DTYPES and n.rpartition(".")[0] in layers]
-            if not names:
+            # One pass per file in comprehensions: this runs inside from_pretrained, over every tensor.
+            picked = [
+                (n, e, _FLOAT_DTYPES[e.dtype])
+                for n, e in entries.items()
+                if e.dtype in _FLOAT_DTYPES and n.rpartition(".")[0] in layers
+            ]
+            if not picked:
                 continue
             with open(path, "rb") as h:
                 mapped = mmap.mmap(h.fileno(), 0, access=mmap.ACCESS_READ)
             with warnings.catch_warnings():  # read-only memory, which the scan only reads
                 warnings.simplefilter("ignore", UserWarning)
                 buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-            ranges = []
-            for n in names:
-                e, dtype = entries[n], _FLOAT_DTYPES[entries[n].dtype]
-                ranges.append((e.begin, (e.end - e.begin) // dtype.itemsize, dtype))
-                self.covered[n] = dtype
-            self._scans.append((ops.FiniteScan(buffer, ranges, keep=mapped), names))
+            ranges = [(e.begin, (e.end - e.begin) // d.itemsize, d) for _, e, d in picked]
+            self.covered.update((n, d) for n, _, d in picked)
+            self._scans.append((ops.FiniteScan(buffer, ranges, keep=mapped), [n for n, _, _ in picked]))
 
     def bad(self) -> set[str]:
         """Wait for the scans; the names of the tensors holding NaN or ±inf in the file."""
         return {names[i] for scan, names in self._scans for i in scan.finish()}
 
 
-def check_finite(model: nn.Module, started: FiniteCheck | None = None) -> None:
+def quantized_float_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``("<layer>.<tensor>", tensor)`` of every quantized layer's loaded floating-point tensor, in module order."""
+    return [
+        (f"{name}.{t_name}", t)
+        for name, module in model.named_modules()
+        if isinstance(module, SVDQuantLinear)
+        for t_name, t in module._parameters.items()
+        if t is not None and t.is_floating_point() and t.device.type != "meta"
+    ]
+
+
+def check_finite(
+    model: nn.Module, started: FiniteCheck | None = None, tensors: list[tuple[str, torch.Tensor]] | None = None
+) -> None:
     """Refuse a quantized model whose scales or 16-bit tensors hold NaN or infinity (a damaged checkpoint:
     its outputs would be all NaN), naming the first such layer and tensor in module order.
 
@@ -114,23 +129,19 @@ def check_finite(model: nn.Module, started: FiniteCheck | None = None) -> None:
     covered (the model holds it in the file's dtype, so its values are the file's) takes its result. The rest
     (converted on the way in, or all of them without ``started``) get one pass of ``ops.first_nonfinite``.
     Either way the check costs about one read of those tensors, which their first use would pay anyway.
+    ``tensors``: :func:`quantized_float_tensors` of ``model`` when the caller has them already.
     """
-    owners, tensors = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, SVDQuantLinear):
-            for t_name, t in module._parameters.items():
-                if t is not None and t.is_floating_point() and t.device.type != "meta":
-                    owners.append(f"{name}.{t_name}")
-                    tensors.append(t.detach())
+    if tensors is None:
+        tensors = quantized_float_tensors(model)
     covered = started.covered if started is not None else {}
     hits = started.bad() if started is not None else set()
-    bad = {i for i, full in enumerate(owners) if full in hits and covered[full] == tensors[i].dtype}
-    rest = [i for i, full in enumerate(owners) if covered.get(full) != tensors[i].dtype]
-    first = ops.first_nonfinite([tensors[i] for i in rest])
+    rest = [i for i, (full, t) in enumerate(tensors) if covered.get(full) != t.dtype]
+    bad = {i for i, (full, t) in enumerate(tensors) if full in hits and covered[full] == t.dtype} if hits else set()
+    first = ops.first_nonfinite([tensors[i][1] for i in rest]) if rest else -1
     if first >= 0:
         bad.add(rest[first])
     if bad:
-        layer, _, t_name = owners[min(bad)].rpartition(".")
+        layer, _, t_name = tensors[min(bad)][0].rpartition(".")
         raise ValueError(
             f"svdquant: layer {layer!r} holds NaN or infinite values in {t_name}: the checkpoint is damaged"
         )

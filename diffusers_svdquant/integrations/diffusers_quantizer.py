@@ -143,16 +143,19 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model: ModelMixin, **kwargs: Any) -> ModelMixin:
         self._on_load = OnLoadQuantizer.finish(self._on_load)  # the model keeps this quantizer: unpin the stats
+        loaded = []  # the float tensors check_finite reads, gathered in the one walk over the layers
         for name, module in model.named_modules():
             if not isinstance(module, SVDQuantLinear):
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"svdquant: the checkpoint has no weight for layer {name!r}; it cannot be quantized")
-            for t, p in module.named_parameters(recurse=False):
-                if p.device.type == "meta":
+            for t, p in module._parameters.items():
+                if p is not None and p.device.type == "meta":
                     raise ValueError(f"svdquant: {name}.{t} was not loaded from the checkpoint")
+                if p is not None and p.is_floating_point():
+                    loaded.append((f"{name}.{t}", p))
         started, self._finite_check, self._headers = self._finite_check, None, None
-        check_finite(model, started)
+        check_finite(model, started, loaded)
         return model
 
     def _dequantize(self, model: ModelMixin) -> ModelMixin:

@@ -161,21 +161,25 @@ class FiniteScan:
             raise ValueError(
                 f"FiniteScan: buffer must be a 1-D uint8 CPU tensor, got {buffer.dtype} {tuple(buffer.shape)}"
             )
-        size = buffer.numel()
-        for i, (offset, numel, dtype) in enumerate(ranges):
-            if dtype not in DTYPE_CODES:
-                raise ValueError(f"FiniteScan: range {i} has dtype {dtype}; expected float32, bfloat16 or float16")
-            if offset < 0 or numel < 0 or offset + numel * dtype.itemsize > size or offset % dtype.itemsize:
-                raise ValueError(f"FiniteScan: range {i} ({numel} x {dtype} at byte {offset}) is not an aligned "
-                                 f"part of the {size}-byte buffer")  # fmt: skip
+        try:
+            codes = [DTYPE_CODES[d] for _, _, d in ranges]
+        except KeyError as e:
+            i = next(i for i, (_, _, d) in enumerate(ranges) if d not in DTYPE_CODES)
+            raise ValueError(
+                f"FiniteScan: range {i} has dtype {e.args[0]}; expected float32, bfloat16 or float16"
+            ) from None
         self._buffer, self._keep, self._ranges = buffer, keep, ranges
         self._bad: list[int] | None = None
         self._scanner = None
-        if _C is not None:
-            base = buffer.data_ptr()
-            self._scanner = _C.FiniteScanner(
-                [base + o for o, _, _ in ranges], [n for _, n, _ in ranges], [DTYPE_CODES[d] for _, _, d in ranges]
-            )
+        offsets, numel = [o for o, _, _ in ranges], [n for _, n, _ in ranges]
+        if _C is not None:  # validates the ranges against the buffer (one C++ loop: a checkpoint has many)
+            self._scanner = _C.FiniteScanner(buffer.data_ptr(), buffer.numel(), offsets, numel, codes)
+        else:
+            size = buffer.numel()
+            for i, (o, n, d) in enumerate(ranges):
+                if o < 0 or n < 0 or o % d.itemsize or o + n * d.itemsize > size:
+                    raise ValueError(f"FiniteScanner: range {i} ({n} elements of {d.itemsize} bytes at byte {o}) is "
+                                     f"not an aligned part of the {size}-byte buffer")  # fmt: skip
 
     def finish(self) -> list[int]:
         """Wait for the scan; the indices of the ranges holding NaN or ±inf, ascending."""
