@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .recording import forward_pre_hooks
 from .stats import CalibrationStats
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -59,13 +60,8 @@ def record_block_inputs(
 
         return record
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in blocks]
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_pre_hooks((model.get_submodule(n), hook(n)) for n in blocks):
+        run(model)
     return calls
 
 

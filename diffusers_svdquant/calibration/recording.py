@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -107,15 +108,23 @@ def _target_linears(model: nn.Module, config: Any | None, module_filter: Callabl
     return layers
 
 
-def _record(layers: dict[str, nn.Linear], recorder: _Recorder, drive: Callable[[_Recorder], None]) -> None:
-    """One pass over the calibration inputs with ``recorder``'s hooks on ``layers`` (removed however it ends)."""
-    handles = [m.register_forward_pre_hook(recorder.hook(n), with_kwargs=True) for n, m in layers.items()]
+@contextmanager
+def forward_pre_hooks(hooks: Iterable[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]) -> Iterator[None]:
+    """Each ``(module, hook)`` registered as a forward pre-hook (with kwargs) and the block run under
+    ``torch.no_grad``; the hooks are removed however the block ends."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m, hook in hooks]
     try:
         with torch.no_grad():
-            drive(recorder)
+            yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _record(layers: dict[str, nn.Linear], recorder: _Recorder, drive: Callable[[_Recorder], None]) -> None:
+    """One pass over the calibration inputs with ``recorder``'s hooks on ``layers`` (removed however it ends)."""
+    with forward_pre_hooks((m, recorder.hook(n)) for n, m in layers.items()):
+        drive(recorder)
     recorder.finish_item()
 
 

@@ -48,7 +48,6 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype | None = None
         self._loaded_keys: set[str] | None = None
-        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._on_load: OnLoadQuantizer | None = None
         self._headers: dict[str, dict[str, TensorEntry]] | None = None
         self._finite_check: FiniteCheck | None = None
@@ -69,7 +68,6 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         self._loaded_keys = set(loaded_keys)
         self._headers = read_headers(checkpoint_files)
-        self._shapes = checkpoint_shapes(self._headers)
         return loaded_keys
 
     def _process_model_before_weight_loading(
@@ -85,8 +83,8 @@ class SVDQuantDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         )
         self.modules_to_not_convert = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
         ranks: dict[str, int] | None = None  # pre-quantized: each layer's, read from its tensors (§2)
-        if self.pre_quantized and self._shapes is not None:
-            ranks = check_checkpoint_tensors(targets, config, self._shapes.get)
+        if self.pre_quantized and self._headers is not None:
+            ranks = check_checkpoint_tensors(targets, config, checkpoint_shapes(self._headers).get)
         elif self.pre_quantized and self._loaded_keys is not None:
             ranks = check_checkpoint_tensors(targets, config, lambda key: () if key in self._loaded_keys else None)
         elif not self.pre_quantized:
