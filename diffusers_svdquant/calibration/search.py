@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import algorithm, reference
-from ..config import DEFAULT_RANK
+from ..config import DEFAULT_LOWRANK_ITERS, DEFAULT_RANK
 from ..progress import progress_bar
 from .processes import Processes
 from .stats import CalibrationStats
@@ -95,8 +95,6 @@ def heldout_search(
     Returns:
         :class:`algorithm.SmoothingSearch` with the held-out errors.
     """
-    from ..config import DEFAULT_LOWRANK_ITERS
-
     rank = getattr(config, "rank", DEFAULT_RANK)
     samples = stats.samples[name].float()
     held = samples[samples.shape[0] // 2 :] if samples.shape[0] > 1 else samples
