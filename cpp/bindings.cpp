@@ -222,7 +222,8 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 }
 
 // The weight-only (W4A16) linear (reference.linear_w4a16): the path's quantize_act for lora_act (x̂ lora_down;
-// its codes are not used) when R > 0 and the kernel does not compute it itself, then the W4A16 kernel. Every float tensor is in `dtype`, y [M, N] too.
+// its codes are not used) when R > 0 and the kernel does not compute it itself, then the W4A16 kernel. Every
+// float tensor is in `dtype`, y [M, N] too.
 void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
                   const py::int_& wscales_, const py::int_& wmins_, const py::int_& lora_up_, const py::int_& bias_,
                   const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype,

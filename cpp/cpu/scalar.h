@@ -102,6 +102,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// [lo, hi): thread t's share of n items among nt, as even as possible.
+inline void thread_share(int64_t n, int t, int nt, int64_t& lo, int64_t& hi) {
+  lo = n * t / nt;
+  hi = n * (t + 1) / nt;
+}
+
 // Bytes of n T (at least one) rounded up to 64: aligned_alloc wants a multiple of the alignment.
 template <typename T>
 inline size_t aligned_bytes(int64_t n) {

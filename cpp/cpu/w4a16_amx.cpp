@@ -253,12 +253,6 @@ void store_block(const W4A16Args& a, int64_t n0, const float* c, const float* bi
   }
 }
 
-// [lo, hi): thread t's share of n items among nt, as even as possible.
-inline void thread_share(int64_t n, int t, int nt, int64_t& lo, int64_t& hi) {
-  lo = n * t / nt;
-  hi = n * (t + 1) / nt;
-}
-
 template <DType D>
 void linear_impl(const W4A16Args& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
