@@ -715,34 +715,25 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       "Index of the first contiguous buffer (data_ptr, numel, dtype code) holding NaN or +-inf, or -1.");
   py::class_<svdq::cpu::FiniteScanner>(
       m, "FiniteScanner",
-      "first_nonfinite's scan on one background thread, started by the constructor; finish() waits for it.\n"
-      "The caller keeps every buffer alive until finish() has returned.")
-      .def(py::init([](int64_t base, int64_t nbytes, const std::vector<int64_t>& offsets,
-                       const std::vector<int64_t>& numel, const std::vector<int64_t>& dtypes) {
-             const char* fn = "FiniteScanner";
-             if (offsets.size() != numel.size() || offsets.size() != dtypes.size())
-               fail("FiniteScanner: offsets, numel and dtypes must have the same length");
-             check_size(fn, "nbytes", nbytes);
-             check_ptr(fn, "base", static_cast<uintptr_t>(base), nbytes);
-             std::vector<const void*> ptrs(offsets.size());
-             std::vector<DType> codes(offsets.size());
-             // Checked here, not per range in Python: the loader calls this with every tensor of a checkpoint.
-             for (size_t b = 0; b < offsets.size(); ++b) {
-               check_dtype(fn, "dtypes", dtypes[b]);
-               const int64_t size = dtypes[b] == 0 ? 4 : 2, o = offsets[b], n = numel[b];
-               if (o < 0 || n < 0 || o % size != 0 || n > (nbytes - o) / size || o > nbytes)
-                 fail("FiniteScanner: range " + std::to_string(b) + " (" + std::to_string(n) + " elements of " +
-                      std::to_string(size) + " bytes at byte " + std::to_string(o) + ") is not an aligned part of the " +
-                      std::to_string(nbytes) + "-byte buffer");
-               ptrs[b] = reinterpret_cast<const char*>(base) + o;
+      "first_nonfinite's test of byte ranges of a file, read and tested on one background thread started by the\n"
+      "constructor; finish() waits for it.")
+      .def(py::init([](const std::string& path, const std::vector<int64_t>& offsets, const std::vector<int64_t>& numel,
+                       const std::vector<int64_t>& dtypes) {
+             std::vector<DType> codes(dtypes.size());
+             for (size_t b = 0; b < dtypes.size(); ++b) {
+               check_dtype("FiniteScanner", "dtypes", dtypes[b]);
                codes[b] = static_cast<DType>(dtypes[b]);
              }
-             return std::make_unique<svdq::cpu::FiniteScanner>(std::move(ptrs), numel, std::move(codes));
+             // Ranges are checked against the file's size in C++, not per range in Python: the loader passes
+             // every tensor of a checkpoint.
+             return std::make_unique<svdq::cpu::FiniteScanner>(path, offsets, numel, std::move(codes));
            }),
-           py::arg("base"), py::arg("nbytes"), py::arg("offsets"), py::arg("numel"), py::arg("dtypes"),
-           "Start scanning ranges (byte offset, numel, dtype code) of the buffer at base for NaN or +-inf.")
+           py::arg("path"), py::arg("offsets"), py::arg("numel"), py::arg("dtypes"),
+           "Start scanning ranges (byte offset, numel, dtype code) of the file at path for NaN or +-inf;\n"
+           "ValueError naming the file or the range if it cannot be opened or a range is not in it.")
       .def("finish", &svdq::cpu::FiniteScanner::finish, py::call_guard<py::gil_scoped_release>(),
-           "Wait for the scan; the indices of the buffers holding NaN or +-inf, ascending.");
+           "Wait for the scan; the indices of the ranges holding NaN or +-inf, ascending. RuntimeError naming the\n"
+           "file if it could not be read.");
   m.def(
       "cpu_isa", [] { return std::string(svdq::cpu::current_isa()); },
       "The CPU instruction path in use: 'generic', 'avx2', ... (Arm: 'dotprod', 'i8mm').");

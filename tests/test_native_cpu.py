@@ -421,62 +421,85 @@ def test_first_nonfinite_bad_input():
         _C.first_nonfinite([8], [0], [3], 1)
 
 
-# --- FiniteScan: the same scan on a background thread, over ranges of one buffer --------------------------
+# --- FiniteScan: the same test over byte ranges of a file, read on a background thread ---------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_finite_scan_names_every_damaged_range(dtype):
-    from diffusers_svdquant import ops
-
-    parts = [torch.randn(n, dtype=dtype) for n in (7, 2 * _CHUNK + 6, 0, 3, 64)]
-    for i, bits in ((1, _NONFINITE_BITS[dtype][0][3]), (4, _NONFINITE_BITS[dtype][0][1])):
-        _with_bits(parts[i], parts[i].numel() - 1, bits)
-    buffer = torch.cat([p.view(torch.uint8) for p in parts])
-    offsets = torch.tensor([0] + [p.numel() * dtype.itemsize for p in parts]).cumsum(0).tolist()
-    ranges = [(offsets[i], p.numel(), dtype) for i, p in enumerate(parts)]
-    assert ops.FiniteScan(buffer, ranges).finish() == [1, 4]
-    assert ops.FiniteScan(buffer, [ranges[0], ranges[3]]).finish() == []
-    assert ops.FiniteScan(buffer, []).finish() == []
+def _file_of(tmp_path, parts, lead=b"hdr!"):
+    """``parts`` written one after another behind ``lead`` bytes; the file and each part's (offset, numel, dtype)."""
+    f = tmp_path / "scan.bin"
+    f.write_bytes(lead + b"".join(p.view(torch.uint8).numpy().tobytes() for p in parts))
+    offsets = torch.tensor([len(lead)] + [p.numel() * p.element_size() for p in parts]).cumsum(0).tolist()
+    return f, [(offsets[i], p.numel(), p.dtype) for i, p in enumerate(parts)]
 
 
-def test_finite_scan_without_native_library_gives_the_same(monkeypatch):
-    from diffusers_svdquant import ops
-    from diffusers_svdquant.ops import native
-
-    t = torch.randn(100, dtype=torch.bfloat16)
-    t[50] = float("inf")
-    ranges = [(0, 50, torch.bfloat16), (100, 50, torch.bfloat16), (0, 25, torch.float32)]
-    expected = ops.FiniteScan(t.view(torch.uint8), ranges).finish()
-    monkeypatch.setattr(native, "_C", None)
-    assert ops.FiniteScan(t.view(torch.uint8), ranges).finish() == expected == [1]
-
-
-@pytest.mark.parametrize(
-    ("buffer", "ranges", "message"),
-    [
-        (torch.zeros(8), [], r"FiniteScan: buffer must be a 1-D uint8 CPU tensor, got torch.float32 \(8,\)"),
-        (torch.zeros(8, dtype=torch.uint8), [(0, 2, torch.int32)], r"FiniteScan: range 0 has dtype torch.int32"),
-        (torch.zeros(8, dtype=torch.uint8), [(0, 1, torch.float32), (6, 2, torch.float16)],
-         r"FiniteScanner: range 1 \(2 elements of 2 bytes at byte 6\) is not an aligned part of the 8-byte buffer"),
-        (torch.zeros(8, dtype=torch.uint8), [(2, 1, torch.float32)], r"FiniteScanner: range 0 .* not an aligned part"),
-        (torch.zeros(8, dtype=torch.uint8), [(-2, 1, torch.float16)], r"FiniteScanner: range 0 .* not an aligned"),
-    ],
-)  # fmt: skip
 @pytest.mark.parametrize("native_library", [True, False], ids=["C", "no_C"])
-def test_finite_scan_bad_input(buffer, ranges, message, native_library, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finite_scan_names_every_damaged_range(dtype, native_library, tmp_path, monkeypatch):
     from diffusers_svdquant import ops
     from diffusers_svdquant.ops import native
 
     if not native_library:
         monkeypatch.setattr(native, "_C", None)
+    # 2**18 bytes is the native thread's read block: a range across it, and damage past its first block.
+    parts = [torch.randn(n, dtype=dtype) for n in (7, 2 * _CHUNK + 6, 0, 3, 64, (1 << 18) // dtype.itemsize + 5)]
+    for i, where, bits in ((1, -1, _NONFINITE_BITS[dtype][0][3]), (4, -1, _NONFINITE_BITS[dtype][0][1]),
+                           (5, (1 << 18) // dtype.itemsize + 2, _NONFINITE_BITS[dtype][0][0])):  # fmt: skip
+        _with_bits(parts[i], where % parts[i].numel(), bits)
+    f, ranges = _file_of(tmp_path, parts)
+    assert ops.FiniteScan(f, ranges).finish() == [1, 4, 5]
+    scan = ops.FiniteScan(str(f), [ranges[0], ranges[3], ranges[2]])
+    assert scan.finish() == [] and scan.finish() == []
+    assert ops.FiniteScan(f, []).finish() == []
+    # Ranges may overlap and come in any order: each is read on its own.
+    assert ops.FiniteScan(f, [ranges[4], ranges[0], ranges[4]]).finish() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("ranges", "message"),
+    [
+        ([(0, 2, torch.int32)], r"FiniteScan: range 0 has dtype torch.int32"),
+        ([(0, 1, torch.float32), (6, 2, torch.float16)],
+         r"FiniteScanner: range 1 \(2 elements of 2 bytes at byte 6\) is not an aligned part of .*scan.bin"
+         r" \(8 bytes\)"),
+        ([(2, 1, torch.float32)], r"FiniteScanner: range 0 .* not an aligned part"),
+        ([(-2, 1, torch.float16)], r"FiniteScanner: range 0 .* not an aligned"),
+        ([(10, 0, torch.float16)], r"FiniteScanner: range 0 .* not an aligned"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("native_library", [True, False], ids=["C", "no_C"])
+def test_finite_scan_bad_input(ranges, message, native_library, tmp_path, monkeypatch):
+    from diffusers_svdquant import ops
+    from diffusers_svdquant.ops import native
+
+    if not native_library:
+        monkeypatch.setattr(native, "_C", None)
+    (tmp_path / "scan.bin").write_bytes(bytes(8))
     with pytest.raises(ValueError, match=message):
-        ops.FiniteScan(buffer, ranges)
+        ops.FiniteScan(tmp_path / "scan.bin", ranges)
+    with pytest.raises(ValueError, match=r"FiniteScanner: cannot open .*missing.bin"):
+        ops.FiniteScan(tmp_path / "missing.bin", [])
 
 
-def test_finite_scanner_bad_input():
+def test_finite_scanner_bad_input(tmp_path):
+    (tmp_path / "f").write_bytes(bytes(8))
     with pytest.raises(ValueError, match="FiniteScanner: offsets, numel and dtypes must have the same length"):
-        _C.FiniteScanner(8, 8, [0], [], [0])
-    with pytest.raises(ValueError, match="FiniteScanner: base is a null pointer but holds 8 elements"):
-        _C.FiniteScanner(0, 8, [0], [1], [0])
+        _C.FiniteScanner(str(tmp_path / "f"), [0], [], [0])
+    with pytest.raises(ValueError, match="FiniteScanner: dtypes must be 0"):
+        _C.FiniteScanner(str(tmp_path / "f"), [0], [1], [7])
     with pytest.raises(ValueError, match=r"FiniteScanner: range 0 \(3 elements of 4 bytes at byte 0\) is not an"):
-        _C.FiniteScanner(8, 8, [0], [3], [0])
+        _C.FiniteScanner(str(tmp_path / "f"), [0], [3], [0])
+
+
+def test_finite_scanner_file_that_shrinks_while_read(tmp_path):
+    # A sparse 512 MiB file: the thread takes tens of ms to read its holes, so it is still at the first range
+    # when the file is cut to nothing, and its read fails rather than testing bytes that are gone.
+    f = tmp_path / "big.bin"
+    with open(f, "wb") as h:
+        h.truncate(512 << 20)
+    scanner = _C.FiniteScanner(str(f), [0, (512 << 20) - 4], [(256 << 20) // 4, 1], [0, 0])
+    with open(f, "r+b") as h:
+        h.truncate(0)
+    with pytest.raises(RuntimeError, match=r"FiniteScanner: cannot read .*big.bin at byte"):
+        scanner.finish()
+    with pytest.raises(RuntimeError, match="cannot read"):
+        scanner.finish()

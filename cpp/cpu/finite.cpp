@@ -10,6 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <fstream>
+#include <memory>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -62,17 +65,52 @@ int64_t first_nonfinite(const std::vector<const void*>& data, const std::vector<
   return -1;
 }
 
-FiniteScanner::FiniteScanner(std::vector<const void*> data, std::vector<int64_t> numel, std::vector<DType> dtypes)
-    : data_(std::move(data)), numel_(std::move(numel)), dtypes_(std::move(dtypes)), worker_([this] {
-        for (size_t b = 0; b < data_.size(); ++b)
-          if (numel_[b] > 0 && chunk_has_nonfinite(data_[b], dtypes_[b], 0, numel_[b]))
-            bad_.push_back(static_cast<int64_t>(b));
-      }) {}
+FiniteScanner::FiniteScanner(const std::string& path, std::vector<int64_t> offsets, std::vector<int64_t> numel,
+                             std::vector<DType> dtypes)
+    : path_(path), offsets_(std::move(offsets)), numel_(std::move(numel)), dtypes_(std::move(dtypes)) {
+  if (offsets_.size() != numel_.size() || offsets_.size() != dtypes_.size())
+    throw std::invalid_argument("FiniteScanner: offsets, numel and dtypes must have the same length");
+  file_.open(path_, std::ios::binary);
+  file_.seekg(0, std::ios::end);
+  const int64_t size = file_ ? static_cast<int64_t>(file_.tellg()) : -1;
+  if (size < 0) throw std::invalid_argument("FiniteScanner: cannot open " + path_);
+  for (size_t b = 0; b < offsets_.size(); ++b) {
+    const int64_t es = dtypes_[b] == DType::kFloat32 ? 4 : 2, o = offsets_[b], n = numel_[b];
+    if (o < 0 || n < 0 || o % es != 0 || o > size || n > (size - o) / es)
+      throw std::invalid_argument("FiniteScanner: range " + std::to_string(b) + " (" + std::to_string(n) +
+                                  " elements of " + std::to_string(es) + " bytes at byte " + std::to_string(o) +
+                                  ") is not an aligned part of " + path_ + " (" + std::to_string(size) + " bytes)");
+  }
+  worker_ = std::thread([this] { scan(); });
+}
 
-FiniteScanner::~FiniteScanner() { finish(); }
+void FiniteScanner::scan() {
+  // A multiple of every element size, small enough to stay in L2 between the read and the test.
+  constexpr int64_t kBlock = int64_t{1} << 18;
+  std::unique_ptr<char[]> block(new char[kBlock]);
+  for (size_t b = 0; b < offsets_.size(); ++b) {
+    const int64_t es = dtypes_[b] == DType::kFloat32 ? 4 : 2, total = numel_[b] * es;
+    bool hit = false;
+    if (total > 0) file_.seekg(offsets_[b]);
+    for (int64_t done = 0; done < total && !hit; done += kBlock) {
+      const int64_t want = std::min(kBlock, total - done);
+      if (!file_.read(block.get(), want)) {  // the file shrank since the constructor, or an I/O error
+        error_ = "FiniteScanner: cannot read " + path_ + " at byte " + std::to_string(offsets_[b] + done);
+        return;
+      }
+      hit = chunk_has_nonfinite(block.get(), dtypes_[b], 0, want / es);
+    }
+    if (hit) bad_.push_back(static_cast<int64_t>(b));
+  }
+}
+
+FiniteScanner::~FiniteScanner() {
+  if (worker_.joinable()) worker_.join();
+}
 
 std::vector<int64_t> FiniteScanner::finish() {
   if (worker_.joinable()) worker_.join();
+  if (!error_.empty()) throw std::runtime_error(error_);
   return bad_;
 }
 

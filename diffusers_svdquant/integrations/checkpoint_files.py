@@ -12,10 +12,8 @@ not cover.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -79,7 +77,8 @@ class FiniteCheck:
         headers: :func:`read_headers` of the checkpoint's files.
         layers: names of the quantized layers; their float tensors (``"<layer>.<tensor>"``) are scanned.
 
-    Each file is memory-mapped (the loader maps it too: the same page cache) and handed to ``ops.FiniteScan``.
+    Each file's ranges go to ``ops.FiniteScan``, which reads them (from the page cache the loader's mapping
+    shares) on its own thread.
     """
 
     def __init__(self, headers: dict[str, dict[str, TensorEntry]], layers: set[str]) -> None:
@@ -92,16 +91,10 @@ class FiniteCheck:
                 for n, e in entries.items()
                 if e.dtype in _FLOAT_DTYPES and n.rpartition(".")[0] in layers
             ]
-            if not picked:
-                continue
-            with open(path, "rb") as h:
-                mapped = mmap.mmap(h.fileno(), 0, access=mmap.ACCESS_READ)
-            with warnings.catch_warnings():  # read-only memory, which the scan only reads
-                warnings.simplefilter("ignore", UserWarning)
-                buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-            ranges = [(e.begin, (e.end - e.begin) // d.itemsize, d) for _, e, d in picked]
-            self.covered.update((n, d) for n, _, d in picked)
-            self._scans.append((ops.FiniteScan(buffer, ranges, keep=mapped), [n for n, _, _ in picked]))
+            if picked:
+                ranges = [(e.begin, (e.end - e.begin) // d.itemsize, d) for _, e, d in picked]
+                self.covered.update((n, d) for n, _, d in picked)
+                self._scans.append((ops.FiniteScan(path, ranges), [n for n, _, _ in picked]))
 
     def bad(self) -> set[str]:
         """Wait for the scans; the names of the tensors holding NaN or ±inf in the file."""

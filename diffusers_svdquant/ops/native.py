@@ -143,24 +143,21 @@ def first_nonfinite(tensors: list[torch.Tensor]) -> int:
 
 
 class FiniteScan:
-    """:func:`first_nonfinite` over ranges of one byte buffer (e.g. a memory-mapped checkpoint file), run on a
+    """:func:`first_nonfinite` over byte ranges of a file (e.g. a checkpoint's tensors), read and tested on a
     native background thread (``_C.FiniteScanner``) from construction on, so that a loader's integrity check
-    overlaps its loading instead of adding to it.
+    overlaps its loading instead of adding to it. The thread reads the file into a small buffer rather than
+    through a memory mapping, whose page faults would contend with the loader's own.
 
     Args:
-        buffer: uint8 ``[nbytes]``, contiguous, on the CPU; kept alive (with ``keep``) until :meth:`finish`.
-        ranges: ``(byte offset, numel, dtype)`` per tensor in ``buffer``: float32, bfloat16 or float16, the
+        path: the file.
+        ranges: ``(byte offset, numel, dtype)`` per tensor in the file: float32, bfloat16 or float16, the
             offset a multiple of the dtype's size.
-        keep: any object ``buffer``'s memory depends on (an ``mmap``), held as long as ``buffer``.
 
-    Without ``_C`` the scan runs in :meth:`finish` instead, through torch.
+    Raises ``ValueError`` naming the file or the range when the file cannot be opened or a range is not an
+    aligned part of it. Without ``_C`` the scan runs in :meth:`finish` instead, through torch.
     """
 
-    def __init__(self, buffer: torch.Tensor, ranges: list[tuple[int, int, torch.dtype]], keep: object = None) -> None:
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.device.type != "cpu":
-            raise ValueError(
-                f"FiniteScan: buffer must be a 1-D uint8 CPU tensor, got {buffer.dtype} {tuple(buffer.shape)}"
-            )
+    def __init__(self, path: str | os.PathLike, ranges: list[tuple[int, int, torch.dtype]]) -> None:
         try:
             codes = [DTYPE_CODES[d] for _, _, d in ranges]
         except KeyError as e:
@@ -168,18 +165,20 @@ class FiniteScan:
             raise ValueError(
                 f"FiniteScan: range {i} has dtype {e.args[0]}; expected float32, bfloat16 or float16"
             ) from None
-        self._buffer, self._keep, self._ranges = buffer, keep, ranges
+        self._path, self._ranges = os.fspath(path), ranges
         self._bad: list[int] | None = None
         self._scanner = None
-        offsets, numel = [o for o, _, _ in ranges], [n for _, n, _ in ranges]
-        if _C is not None:  # validates the ranges against the buffer (one C++ loop: a checkpoint has many)
-            self._scanner = _C.FiniteScanner(buffer.data_ptr(), buffer.numel(), offsets, numel, codes)
-        else:
-            size = buffer.numel()
-            for i, (o, n, d) in enumerate(ranges):
-                if o < 0 or n < 0 or o % d.itemsize or o + n * d.itemsize > size:
-                    raise ValueError(f"FiniteScanner: range {i} ({n} elements of {d.itemsize} bytes at byte {o}) is "
-                                     f"not an aligned part of the {size}-byte buffer")  # fmt: skip
+        if _C is not None:
+            self._scanner = _C.FiniteScanner(self._path, [o for o, _, _ in ranges], [n for _, n, _ in ranges], codes)
+            return
+        try:
+            size = os.path.getsize(self._path)
+        except OSError as e:
+            raise ValueError(f"FiniteScanner: cannot open {self._path}") from e
+        for i, (o, n, d) in enumerate(ranges):
+            if o < 0 or n < 0 or o % d.itemsize or o + n * d.itemsize > size:
+                raise ValueError(f"FiniteScanner: range {i} ({n} elements of {d.itemsize} bytes at byte {o}) is not "
+                                 f"an aligned part of {self._path} ({size} bytes)")  # fmt: skip
 
     def finish(self) -> list[int]:
         """Wait for the scan; the indices of the ranges holding NaN or ±inf, ascending."""
@@ -187,11 +186,11 @@ class FiniteScan:
             if self._scanner is not None:
                 self._bad = list(self._scanner.finish())
             else:
-                views = [self._buffer[o : o + n * d.itemsize].view(d) for o, n, d in self._ranges]
-                self._bad = [i for i, v in enumerate(views) if not torch.isfinite(v).all()]
+                self._bad = []
+                with open(self._path, "rb") as f:
+                    for i, (o, n, d) in enumerate(self._ranges):
+                        f.seek(o)
+                        data = bytearray(f.read(n * d.itemsize))
+                        if n and not torch.isfinite(torch.frombuffer(data, dtype=d)).all():
+                            self._bad.append(i)
         return self._bad
-
-    def __del__(self) -> None:
-        # The thread may still be reading the buffer this object keeps alive: join it before it can be freed.
-        if getattr(self, "_scanner", None) is not None:
-            self._scanner.finish()
