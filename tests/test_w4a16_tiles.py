@@ -5,10 +5,13 @@ The kernel rounds x̂, W, lora_act and lora_up to bfloat16 and sums in float32: 
 one of tests/test_weight_only.py (``2⁻⁵ · spread`` per element, ``2⁻⁶`` in norm), whatever the dtype of the
 tensors it reads. Shapes cover the kernel's edges: m tiles of 16 (1, 15, 16, 17, 33 rows: one and two B
 tiles per pass), n blocks of 32 (1, 31, 33, 200 columns), runs of 8 tile steps, the low-rank columns (R = 0,
-5, 32, 40: one or two extra steps), K = 0, and K chunks (K = 12288 with 300 rows: x̂ᵀ beyond the chunk size).
+5, 32, 40: one or two extra steps), K = 0, K chunks (K = 12288 with 300 rows: x̂ᵀ beyond the chunk size), and
+row blocks (more than 384 rows run as equal blocks of whole m tiles, one pass each).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -55,6 +58,22 @@ def test_tiles_match_exact(m, n, k, r, dtype):
 def test_tiles_wide_k(m, r):
     # 300 rows of K = 12288: the packed x̂ᵀ (7.3 MiB) is cut into K chunks, C waits in memory between them.
     check_tiles(make_case(m, 40, 12288, r, torch.bfloat16, seed=m))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("m", "k", "r"), [(385, 192, 32), (1000, 128, 5), (700, 12288, 0)])
+def test_tiles_row_blocks(m, k, r, dtype):
+    # 385 rows: blocks of 224 and 161; 1000: 352, 352, 296; 700 of K = 12288: 352 and 348, each in K chunks.
+    case = make_case(m, 37, k, r, dtype, has_bias=True, seed=m)
+    check_tiles(case)
+    # Each block is the kernel on those rows alone: the same bits, so the rows' pointers are offset right.
+    x, *rest = case
+    blocks = math.ceil(m / 384)
+    rows = math.ceil(math.ceil(m / blocks) / 32) * 32
+    with on_isa("amx"):
+        whole = tiles(case)
+        for m0 in range(0, m, rows):
+            assert torch.equal(whole[m0 : m0 + rows], tiles((x[m0 : m0 + rows], *rest))), m0
 
 
 @pytest.mark.parametrize("r", [0, 3])
