@@ -81,7 +81,7 @@ def main() -> None:
         f"svdquant CPU path {ops.cpu_isa()}; load average before {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'M':>4} {'K':>6} {'N':>6} {'path':>6} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
+        f"{'M':>4} {'K':>6} {'N':>6} {'path':>9} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
         f"{'torch best':>10} {'vs best':>7}"
     )
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def main() -> None:
             path = weight_only.cpu_regime(m, x.dtype)
             fp32 = "-" if args.sweep else f"{1e3 * t_32:.2f}"
             print(
-                f"{m:>4} {k:>6} {n:>6} {path:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {fp32:>8} | "
+                f"{m:>4} {k:>6} {n:>6} {path:>9} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {fp32:>8} | "
                 f"{which:>10} {best / t_q:>6.2f}x",
                 flush=True,
             )

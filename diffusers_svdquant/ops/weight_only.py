@@ -114,7 +114,11 @@ def cpu_regime(m: int, dtype: torch.dtype) -> str:
         return "reference"
     if dtype == torch.bfloat16 and m > TILES_AFTER_ROWS and native._C.w4a16_tiles_available():
         return "tiles"
-    return "panels" if m > GEMV_MAX_ROWS[dtype] else "gemv"
+    if m > GEMV_MAX_ROWS[dtype]:
+        return "panels"
+    if dtype == torch.bfloat16 and native._C.w4a16_bf16_gemv_available():
+        return "gemv_bf16"
+    return "gemv"
 
 
 @linear_w4a16.register_kernel("cpu")
@@ -136,7 +140,7 @@ def _(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias):
     native._C.linear_w4a16(
         xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), wm.data_ptr(), lu.data_ptr(),
         0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, native.DTYPE_CODES[xs.dtype],
-        torch.get_num_threads(), tiles=regime == "tiles",
+        torch.get_num_threads(), tiles=regime == "tiles", bf16=regime == "gemv_bf16" and xs.dtype == torch.bfloat16,
     )  # fmt: skip
     return y.to(x.dtype)
 
