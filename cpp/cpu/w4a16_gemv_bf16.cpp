@@ -89,15 +89,20 @@ template <int MR>
 inline void column_pairs(const uint8_t* q, const uint16_t* s, const uint16_t* xb, int64_t np, bool half,
                          const uint8_t* pf, int64_t pf_np, __m512* acc) {
   const __m512i nib = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
-  // Dword (s_g | s_g+1 << 16) -> float32 s_g in lanes 0-7 (shifted up), s_g+1 in lanes 8-15 (low half masked).
-  const __m512i shifts = _mm512_setr_epi32(16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  // The dword (s_g | s_g+1 << 16), broadcast, -> float32 s_g in lanes 0-7, s_g+1 in lanes 8-15: one vpshufb
+  // (its control differs per 128-bit lane), bytes 0-1 or 2-3 into bytes 2-3 of each dword, zeros below.
+  const __m512i to_f32 = _mm512_set_epi32(0x03028080, 0x03028080, 0x03028080, 0x03028080, 0x03028080, 0x03028080,
+                                          0x03028080, 0x03028080, 0x01008080, 0x01008080, 0x01008080, 0x01008080,
+                                          0x01008080, 0x01008080, 0x01008080, 0x01008080);
   const int64_t full = half ? np - 1 : np;
   auto pair = [&](int64_t p, __m512i v, __m512 sv) {
-    const __m512i d0 = _mm512_ternarylogic_epi32(v, nib, bias128, 0xEA);  // (a & b) | c
-    const __m512i d1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, bias128, 0xEA);
-    const __m512i d2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, bias128, 0xEA);
-    const __m512i d3 = _mm512_or_si512(_mm512_srli_epi16(v, 12), bias128);
+    // Extraction e is the nibble at bits 4e of each word: bits 8-11 by a byte shift (vpsrldq, port 5; the byte
+    // moved in from the next word is masked off), 12-15 by both shifts; one vpternlogd each: (a & b) | c.
+    const __m512i v4 = _mm512_srli_epi16(v, 4);
+    const __m512i d0 = _mm512_ternarylogic_epi32(v, nib, bias128, 0xEA);
+    const __m512i d1 = _mm512_ternarylogic_epi32(v4, nib, bias128, 0xEA);
+    const __m512i d2 = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(v, 1), nib, bias128, 0xEA);
+    const __m512i d3 = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(v4, 1), nib, bias128, 0xEA);
     const uint16_t* xp = xb + p * MR * kPairWords;
     for (int r = 0; r < MR; ++r) {
       const uint16_t* x = xp + r * 32;
@@ -113,7 +118,7 @@ inline void column_pairs(const uint8_t* q, const uint16_t* s, const uint16_t* xb
     const __m512i v = _mm512_loadu_si512(q + p * 64);
     int32_t sd;
     std::memcpy(&sd, s + 2 * p, 4);
-    const __m512 sv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_sllv_epi32(_mm512_set1_epi32(sd), shifts), hi));
+    const __m512 sv = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi32(sd), to_f32));
     pair(p, v, sv);
   }
   if (half) {  // one group: 32 code bytes (the rest decode to 128, times x̂ = 0), its scale in every lane
