@@ -2,7 +2,7 @@
 // bfloat16, the 4-bit codes turned into bfloat16 without a shuffle, vdpbf16ps.
 //
 // Why: the float32 GEMV (w4a16_x86.inc) decodes a zmm of weights with vpmovzxbd + vpermps, port-5 shuffles,
-// about 13 uops per 64 weights; at one row that, not memory, bounds it. Here 64 code bytes (two groups, 128
+// about 13 uops per 64 weights; at one row, codes in cache, that bounds it. Here 64 code bytes (two groups, 128
 // weights) are one zmm. As 16-bit words, word w holds k = 4w .. 4w + 3 of the pair of groups in its four
 // nibbles, and `(word >> 4e) & 0xF | 0x4300` (a shift and one vpternlogd) is exactly the bfloat16 of 128 + q
 // (128 .. 143 need 4 of bfloat16's 7 mantissa bits). So extraction e's dword lane i holds the pair

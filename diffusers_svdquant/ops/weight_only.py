@@ -5,11 +5,15 @@ One schema, a fake (meta) implementation for ``torch.compile``, a default that r
 input (the weights are frozen: the QLoRA workflow trains adapters on top), and the CPU kernel from
 ``_C`` when the extension is built.
 
-The CPU kernel has three regimes (docs/design.md §4, "W4A16 on CPU"), :func:`cpu_regime` names the one
-a call takes:
+The CPU kernel has three regimes (docs/design.md §4, "W4A16 on CPU"), the first in two forms; :func:`cpu_regime`
+names the one a call takes:
 
 * ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
   computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
+* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``amx`` CPU path (AVX512-BF16): one native call
+  (``_C.linear_w4a16(..., bf16=True)``) with x̂ rounded to bfloat16 and ``vdpbf16ps`` against the exact
+  weights (the precision of a bfloat16 ``nn.Linear``, weights not rounded); when the other float tensors are
+  not all bfloat16 the call computes in float32 as ``"gemv"`` does;
 * ``"tiles"``: a bfloat16 ``x`` of more than :data:`TILES_AFTER_ROWS` rows on the ``amx`` CPU path, one
   native call on AMX-BF16 tiles (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights
   into tiles on the fly; x̂, W, lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16
