@@ -12,7 +12,7 @@ lora_up and the bias stay exact, products and sums in float32. Two checks per ca
   held to there as well.
 
 Shapes cover the kernel's edges: register blocks of 4 rows (M = 0, 1, 2, 3, 4, 5, 12, 17), pairs of groups
-(K / 64 odd: a last pair of one group), K blocks (K = 12288: one block at 1 row, several at 3), panels of 16
+(K / 64 odd: a last pair of one group; K = 0), K blocks (K = 12288: one block at 1 row, several at 3), panels of 16
 columns (N tails), R = 0 / 32 / 40 (a tail of the 16-lane vectors), bias or none, 1 and 2 threads.
 """
 
@@ -80,6 +80,15 @@ def test_gemv_bf16_matches_exact(m, n, k, r):
 def test_gemv_bf16_wide_k(threads, m, k):
     # FLUX's MLP down projection: one K block at 1 row, several at 3; 12224 = 191 groups, an odd count.
     check_gemv(make_case(m, 37, k, 32, torch.bfloat16, m % 2 == 0, seed=m + threads), threads)
+
+
+@pytest.mark.parametrize("r", [0, 5])
+def test_gemv_bf16_empty_k(r):
+    # K = 0: no codes, lora_act zero; y is the bias, rounded (the float64 reference cannot unpack 0 groups).
+    case = make_case(2, 20, 0, r, torch.bfloat16, True, seed=r)
+    with on_isa("amx"):
+        assert torch.equal(gemv_bf16(case), case[-1].expand(2, 20))
+        assert torch.equal(ops.linear_w4a16(*case), case[-1].expand(2, 20))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
