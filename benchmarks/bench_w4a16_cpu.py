@@ -1,10 +1,11 @@
 """The weight-only INT4 linear (W4A16) on CPU vs torch.nn.functional.linear in bf16 and fp32, same process.
 
 ``ops.linear_w4a16`` on bf16 input (rank-32 low-rank branch, bias), as a W4A16 layer of a bf16 model runs it
-(ops/weight_only.py; the ``path`` column, ``weight_only.cpu_regime``): few rows one native float32 call that
-streams the 4-bit weights (``gemv``), more rows the AMX tile kernel on the amx CPU path (``tiles``), else
-natively dequantized panels through torch.mm (``panels``). Against it the dense layer it replaces,
-``F.linear`` with bf16 and with fp32 weights on the same shapes; the ratio is against the faster of the two.
+(ops/weight_only.py; the ``path`` column, ``weight_only.cpu_regime``): few rows one native call that streams
+the 4-bit weights (``gemv``; on the amx CPU path ``gemv_bf16``, x̂ rounded to bf16 and ``vdpbf16ps``), more
+rows the AMX tile kernel on the amx CPU path (``tiles``), else natively dequantized panels through torch.mm
+(``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32 weights on the same
+shapes; the ratio is against the faster of the two.
 FLUX.1's shapes: the AdaLN modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072).
 Medians of repeated runs, the three calls timed in turn within each repeat (a neighbour loading the shared CPU
 slows a whole round alike rather than one side of a ratio); the load average is printed with the results.
@@ -81,7 +82,7 @@ def main() -> None:
         f"svdquant CPU path {ops.cpu_isa()}; load average before {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'M':>4} {'K':>6} {'N':>6} {'path':>6} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
+        f"{'M':>4} {'K':>6} {'N':>6} {'path':>9} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
         f"{'torch best':>10} {'vs best':>7}"
     )
     torch.manual_seed(0)
@@ -100,7 +101,7 @@ def main() -> None:
             path = weight_only.cpu_regime(m, x.dtype)
             fp32 = "-" if args.sweep else f"{1e3 * t_32:.2f}"
             print(
-                f"{m:>4} {k:>6} {n:>6} {path:>6} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {fp32:>8} | "
+                f"{m:>4} {k:>6} {n:>6} {path:>9} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {fp32:>8} | "
                 f"{which:>10} {best / t_q:>6.2f}x",
                 flush=True,
             )

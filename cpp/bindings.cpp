@@ -227,11 +227,15 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
                   const py::int_& wscales_, const py::int_& wmins_, const py::int_& lora_up_, const py::int_& bias_,
                   const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype,
-                  int64_t num_threads, bool tiles) {
+                  int64_t num_threads, bool tiles, bool bf16) {
   const char* fn = "linear_w4a16";
   if (tiles && svdq::cpu::kernels().linear_w4a16_tiles == nullptr)
     fail(std::string(fn) + ": tiles=True, but the CPU path '" + svdq::cpu::current_isa() +
          "' has no tile kernel (the amx path has)");
+  if (bf16 && svdq::cpu::kernels().linear_w4a16_bf16 == nullptr)
+    fail(std::string(fn) + ": bf16=True, but the CPU path '" + svdq::cpu::current_isa() +
+         "' has no bfloat16 GEMV (the amx path has)");
+  if (tiles && bf16) fail(std::string(fn) + ": tiles=True and bf16=True: choose one kernel");
   const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
                   lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
                   wscales = as_ptr(fn, "wscales", wscales_), wmins = as_ptr(fn, "wmins", wmins_),
@@ -245,6 +249,9 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
     fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
          ", got K=" + std::to_string(K));
   check_dtype(fn, "dtype", dtype);
+  if (bf16 && static_cast<DType>(dtype) != DType::kBFloat16)
+    fail(std::string(fn) + ": bf16=True needs every float tensor in bfloat16 (dtype 1), got dtype=" +
+         std::to_string(dtype));
   check_threads(fn, num_threads);
   check_product(fn, "M", M, "K", K);
   check_product(fn, "M", M, "N", N);
@@ -281,7 +288,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   py::gil_scoped_release release;
   std::unique_ptr<float[]> lora_act;
   a.lora_down = reinterpret_cast<const void*>(lora_down);
-  if (R > 0 && (tiles || !k.linear_w4a16_lora)) {
+  if (R > 0 && !bf16 && (tiles || !k.linear_w4a16_lora)) {
     const std::unique_ptr<uint8_t[]> q_x(new uint8_t[static_cast<size_t>(M * (K / 2))]);
     const std::unique_ptr<float[]> s_x(new float[static_cast<size_t>(M * (K / svdq::cpu::kGroupSize))]);
     lora_act.reset(new float[static_cast<size_t>(M * R)]);
@@ -289,7 +296,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
                    K, R, static_cast<DType>(dtype), static_cast<int>(num_threads));
   }
   a.lora_act = lora_act.get();
-  (tiles ? k.linear_w4a16_tiles : k.linear_w4a16)(a);
+  (tiles ? k.linear_w4a16_tiles : bf16 ? k.linear_w4a16_bf16 : k.linear_w4a16)(a);
 }
 
 // Rows [0, N) of a W4A16 layer's weight over the smoothing, out[n * ldo + k] = (q s + m) / smooth[k] (smooth 0:
@@ -619,13 +626,18 @@ Releases the GIL.)doc");
   m.def("linear_w4a16", &linear_w4a16, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("qweight"),
         py::arg("wscales"), py::arg("wmins"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"), py::arg("tiles") = false,
+        py::arg("bf16") = false,
         R"doc(The weight-only INT4 linear (reference.linear_w4a16).
 
 x [M, K], smooth [K], lora_down [K, R]; qweight uint8 [N, K/2] unsigned codes (element 2j low nibble);
 wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in dtype (0 float32,
 1 bfloat16, 2 float16), contiguous. Writes y [M, N] in dtype (float32 arithmetic, rounded once).
 tiles=False: the few-rows kernel; tiles=True: the AMX tile kernel (w4a16_tiles_available()), whose
-operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first. Releases the GIL.)doc");
+operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first; bf16=True (dtype 1 only): the
+few-rows kernel with x / smooth rounded to bfloat16 (w4a16_bf16_gemv_available()). Releases the GIL.)doc");
+  m.def(
+      "w4a16_bf16_gemv_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16 != nullptr; },
+      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): the amx path.");
   m.def(
       "w4a16_tiles_available", [] { return svdq::cpu::kernels().linear_w4a16_tiles != nullptr; },
       "Whether the selected CPU path has the W4A16 tile kernel (linear_w4a16(..., tiles=True)): the amx path.");

@@ -109,7 +109,7 @@ def test_op_takes_tiles_for_many_bf16_rows():
     with on_isa("amx"):
         many = weight_only.TILES_AFTER_ROWS + 1
         assert weight_only.cpu_regime(many, torch.bfloat16) == "tiles"
-        assert weight_only.cpu_regime(weight_only.TILES_AFTER_ROWS, torch.bfloat16) == "gemv"
+        assert weight_only.cpu_regime(weight_only.TILES_AFTER_ROWS, torch.bfloat16) == "gemv_bf16"
         # float32 and float16 keep their precision: never the bfloat16 tiles.
         assert weight_only.cpu_regime(100, torch.float32) == "panels"
         assert weight_only.cpu_regime(100, torch.float16) == "panels"

@@ -1,8 +1,9 @@
 """The weight-only (W4A16) op on CPU, every instruction path, against an independent float64 computation.
 
 ``ops.linear_w4a16`` has three CPU regimes (ops/weight_only.py, ``weight_only.cpu_regime``): few rows the
-native float32 kernel (``_C.linear_w4a16``); more rows of bfloat16 on the amx path the AMX tile kernel
-(``tiles=True``); more rows elsewhere natively dequantized panels through ``torch.mm``.
+native float32 kernel (``_C.linear_w4a16``), or for bfloat16 on the amx path its bfloat16 GEMV (``bf16=True``,
+tests/test_w4a16_gemv_bf16.py); more rows of bfloat16 on the amx path the AMX tile kernel (``tiles=True``);
+more rows elsewhere natively dequantized panels through ``torch.mm``.
 
 Tolerances, per element, against the exact result computed in float64 from the same x̂, W, lora and bias
 (``bound`` is Σ|x̂·W| + Σ|lora_act·lora_up| + |bias|, the scale of the rounding errors of a dot product):
@@ -15,6 +16,10 @@ Tolerances, per element, against the exact result computed in float64 from the s
   error up to 2⁻⁹ each, independent per term) before torch's float32-accumulating matmul, as a bfloat16
   ``nn.Linear`` rounds its operands: an error of standard deviation about 0.8 · 2⁻⁹ · spread, so the
   bound is some 20 standard deviations (a worst case, 2⁻⁸ · bound, would hide single wrong terms).
+* the bfloat16 GEMV (bfloat16 x, few rows, amx path): ``2⁻⁵ · spread + 1e-5 · bound``. Only x̂ is rounded to
+  bfloat16 (W, lora_act and lora_up stay exact): the error Σ δ_k·x̂_k·W_k with independent |δ_k| ≤ u = 2⁻⁸
+  (bfloat16's unit roundoff, eps / 2) exceeds 8u · sqrt(Σ(x̂·W)²) with probability below 2·e⁻³² (Hoeffding), and
+  2⁻⁵ · spread ≥ that; the float32 part is the float32 kernel's.
 * Plus one rounding to the output dtype: ``eps(dtype) · |exact|`` (and its smallest subnormal).
 
 Each check can fail: a wrong nibble, group, scale, minimum, row or column moves an element by about
@@ -44,6 +49,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 G = reference.GROUP_SIZE
 F32_TOL = 1e-5
 BF16_PANEL_TOL = 2.0**-5
+BF16_GEMV_TOL = 2.0**-5
 NORM_CHECK_MIN_ELEMENTS = 16
 
 
@@ -107,12 +113,14 @@ def cached_case(m, n, k, r, dtype, has_bias, seed):
 
 def rounds_to_bf16(x: torch.Tensor) -> bool:
     """Whether the op's regime for ``x`` on the selected CPU path rounds its operands to bfloat16."""
-    return x.dtype == torch.bfloat16 and weight_only.cpu_regime(x.shape[0], x.dtype) in ("tiles", "panels")
+    return x.dtype == torch.bfloat16 and weight_only.cpu_regime(x.shape[0], x.dtype) in ("tiles", "panels", "gemv_bf16")
 
 
 def scaled_tolerance(x: torch.Tensor, bound: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """The summation-and-operand part of the allowed error of ``ops.linear_w4a16(x, ...)`` (module docstring)."""
     if rounds_to_bf16(x):
+        if weight_only.cpu_regime(x.shape[0], x.dtype) == "gemv_bf16":
+            return BF16_GEMV_TOL * spread + F32_TOL * bound
         return BF16_PANEL_TOL * spread
     return F32_TOL * bound
 
@@ -234,10 +242,16 @@ def test_constant_groups(isa, m):
 
 @pytest.mark.parametrize("m", [2, 40])
 def test_mixed_dtypes(isa, m):
-    # Float32 parameters under a bfloat16 x (and the reverse) compute in float32: the float32 tolerance holds.
+    # Float32 parameters under a bfloat16 x (and the reverse) compute in float32: the float32 tolerance holds (at
+    # 2 rows on the amx path too, whose bfloat16 GEMV takes only all-bfloat16 tensors). The tiles and panels of
+    # 40 bfloat16 rows round x̂ and W to bfloat16 whatever the parameters' dtype: their tolerance.
     x, qw, ws, wm, sm, ld, lu, b = make_case(m, 20, 128, 8, torch.float32, seed=9)
     for args in ((x.bfloat16(), qw, ws, wm, sm, ld, lu, b), (x, qw, ws.bfloat16(), wm.bfloat16(), sm, ld, lu, b)):
-        check(args)
+        if weight_only.cpu_regime(m, args[0].dtype) in ("tiles", "panels"):
+            check(args)
+        else:
+            truth, bound, _ = exact(*args)
+            assert_close(ops.linear_w4a16(*args), truth, F32_TOL * bound, args[0].dtype)
 
 
 @settings(max_examples=60, deadline=None)

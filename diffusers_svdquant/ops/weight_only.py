@@ -5,11 +5,15 @@ One schema, a fake (meta) implementation for ``torch.compile``, a default that r
 input (the weights are frozen: the QLoRA workflow trains adapters on top), and the CPU kernel from
 ``_C`` when the extension is built.
 
-The CPU kernel has three regimes (docs/design.md §4, "W4A16 on CPU"), :func:`cpu_regime` names the one
-a call takes:
+The CPU kernel has three regimes (docs/design.md §4, "W4A16 on CPU"), the first in two forms; :func:`cpu_regime`
+names the one a call takes:
 
 * ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
   computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
+* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``amx`` CPU path (AVX512-BF16): one native call
+  (``_C.linear_w4a16(..., bf16=True)``) with x̂ rounded to bfloat16 and ``vdpbf16ps`` against the exact
+  weights (the precision of a bfloat16 ``nn.Linear``, weights not rounded); when the other float tensors are
+  not all bfloat16 the call computes in float32 as ``"gemv"`` does;
 * ``"tiles"``: a bfloat16 ``x`` of more than :data:`TILES_AFTER_ROWS` rows on the ``amx`` CPU path, one
   native call on AMX-BF16 tiles (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights
   into tiles on the fly; x̂, W, lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16
@@ -114,7 +118,11 @@ def cpu_regime(m: int, dtype: torch.dtype) -> str:
         return "reference"
     if dtype == torch.bfloat16 and m > TILES_AFTER_ROWS and native._C.w4a16_tiles_available():
         return "tiles"
-    return "panels" if m > GEMV_MAX_ROWS[dtype] else "gemv"
+    if m > GEMV_MAX_ROWS[dtype]:
+        return "panels"
+    if dtype == torch.bfloat16 and native._C.w4a16_bf16_gemv_available():
+        return "gemv_bf16"
+    return "gemv"
 
 
 @linear_w4a16.register_kernel("cpu")
@@ -136,7 +144,7 @@ def _(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias):
     native._C.linear_w4a16(
         xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), wm.data_ptr(), lu.data_ptr(),
         0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, native.DTYPE_CODES[xs.dtype],
-        torch.get_num_threads(), tiles=regime == "tiles",
+        torch.get_num_threads(), tiles=regime == "tiles", bf16=regime == "gemv_bf16" and xs.dtype == torch.bfloat16,
     )  # fmt: skip
     return y.to(x.dtype)
 

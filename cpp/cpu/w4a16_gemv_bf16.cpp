@@ -1,0 +1,336 @@
+// The few-rows W4A16 linear for bfloat16 input on the amx path (KernelTable::linear_w4a16_bf16): x̂ rounded to
+// bfloat16, the 4-bit codes turned into bfloat16 without a shuffle, vdpbf16ps.
+//
+// Why: the float32 GEMV (w4a16_x86.inc) decodes a zmm of weights with vpmovzxbd + vpermps, port-5 shuffles,
+// about 13 uops per 64 weights; at one row, codes in cache, that bounds it. Here 64 code bytes (two groups, 128
+// weights) are one zmm. As 16-bit words, word w holds k = 4w .. 4w + 3 of the pair of groups in its four
+// nibbles, and `(word >> 4e) & 0xF | 0x4300` (a shift and one vpternlogd) is exactly the bfloat16 of 128 + q
+// (128 .. 143 need 4 of bfloat16's 7 mantissa bits). So extraction e's dword lane i holds the pair
+// (128 + q[8i + e], 128 + q[8i + 4 + e]), lanes 0-7 group g, 8-15 group g + 1, and one vdpbf16ps with x̂
+// arranged to match (per call: dword lane i of vector e = (x̂[8i + e], x̂[8i + 4 + e])) adds their exact
+// products in float32. Per pair of groups and row, S = Σ (128 + q)·x̂ over 4 vdpbf16ps into a fresh
+// accumulator, one FMA with (s_g in lanes 0-7, s_g+1 in 8-15) into the running one; after the column,
+// Σ_g (m_g − 128·s_g)·X_g with X_g = Σ x̂ of the group (the same rounded x̂), vectorized over groups.
+//
+// Numerics: y = Σ x̂_bf16 · (q·s + m) with q, s, m exact (s, m are the layer's bfloat16), sums in float32;
+// lora_act = x̂ · lora_down from the float32 x̂ (as the float32 kernel), lora_act · lora_up and the bias in
+// float32, y rounded once. The only departure from the reference beyond summation order is x̂'s rounding to
+// bfloat16 (nearest even; vcvtne2ps2bf16 flushes subnormals), the precision of a bfloat16 nn.Linear
+// (docs/design.md §2, "Weight-only layers"); the +128 offset makes the float32 sums some 10-50x larger than
+// the terms, still far below that rounding. Every float tensor is bfloat16 (the binding only calls it so).
+//
+// Structure as the float32 kernel's (w4a16_x86.inc): one parallel region; each thread rounds and arranges its
+// share of K's pairs of groups (and its partial lora_act); threads take contiguous shares of N's panels of 16
+// columns; K blocks of pairs whose arranged x̂ (all rows) stays in L1; codes prefetched kPrefetchBytes ahead
+// in reading order. Rows in register blocks of up to kMaxRows share each decoded vector. A panel's two halves
+// are read side by side, column c of each together: two sequential streams of codes per thread, which DRAM
+// feeds faster than one (measured: 32 MiB cold, 2 threads, 1.45 ms as one stream each, 1.13 ms as two).
+//
+// Compiled with the amx path's flags (CMakeLists.txt); dispatch.cpp enables it only with AVX512-BF16.
+#include <cstring>
+#include <type_traits>
+
+#include "avx512_intrin.h"  // <immintrin.h>, GCC 12's false warnings silenced
+#include "kernels.h"
+#include "scalar.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace svdq::cpu::amx {
+namespace {
+
+constexpr int64_t kPairK = 2 * kGroupSize;     // k per pair of groups: 64 code bytes, one zmm
+constexpr int64_t kPairWords = 4 * 32;         // arranged x̂ of a pair and a row: 4 vectors of 32 bfloat16
+constexpr int kMaxRows = 4;                    // rows per register block
+constexpr int64_t kXBlockBytes = 24 * 1024;    // arranged x̂ of a K block, every row: L1 beside the codes
+constexpr int64_t kPanelCols = 16;
+constexpr int64_t kPrefetchBytes = 4096;       // per stream; 1, 2, 8 and 16 KiB measured no better
+
+inline __m512 bf16x16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load_bf16(const uint16_t* p) { return bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load_bf16(const uint16_t* p, int64_t n) {  // the first n < 16 elements, the rest 0
+  return bf16x16(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+}
+
+inline float bf16f(uint16_t h) { return bf16_to_f32(h); }
+
+// part[0, R) += Σ over the 64 k of a group of xk[k] · lora_down[k0 + k, 0 .. R), float32 FMAs (lora_down
+// bfloat16). Up to 4 vectors of R at a time, even and odd k in separate chains; a scalar tail of R.
+inline void lora_group(const float* xk, const uint16_t* lora_down, int64_t k0, int64_t R, float* part) {
+  const int64_t Rv = R / 16 * 16;
+  for (int64_t r0 = 0; r0 < Rv; r0 += 64) {
+    const int nv = static_cast<int>(min_i64(4, (Rv - r0) / 16));
+    __m512 e[4], o[4];
+    for (int v = 0; v < nv; ++v) {
+      e[v] = _mm512_loadu_ps(part + r0 + v * 16);
+      o[v] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kGroupSize; k += 2) {
+      const __m512 x0 = _mm512_set1_ps(xk[k]), x1 = _mm512_set1_ps(xk[k + 1]);
+      for (int v = 0; v < nv; ++v) {
+        e[v] = _mm512_fmadd_ps(x0, load_bf16(lora_down + (k0 + k) * R + r0 + v * 16), e[v]);
+        o[v] = _mm512_fmadd_ps(x1, load_bf16(lora_down + (k0 + k + 1) * R + r0 + v * 16), o[v]);
+      }
+    }
+    for (int v = 0; v < nv; ++v) _mm512_storeu_ps(part + r0 + v * 16, _mm512_add_ps(e[v], o[v]));
+  }
+  for (int64_t r = Rv; r < R; ++r) {
+    float t = part[r];
+    for (int64_t k = 0; k < kGroupSize; ++k) t += xk[k] * bf16f(lora_down[(k0 + k) * R + r]);
+    part[r] = t;
+  }
+}
+
+// acc[c][r] += Σ over pairs [0, np) of column c's s-scaled S (lanes: 8 per group), for NC columns read side by
+// side (two streams of codes: from DRAM a core reads two sequential streams some 25% faster than one). q[c]: the
+// codes of column c's first pair; s[c]: its bfloat16 scales from the first pair's first group; xb: arranged x̂
+// ([np][4][MR][32] bfloat16); half: the last pair holds one group only (K/64 odd), its codes 32 bytes, its x̂
+// zero in lanes 8-15. pf[c] / pf_np[c]: the codes to prefetch for stream c, one line per pair.
+template <int MR, int NC>
+inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, const uint16_t* xb, int64_t np, bool half,
+                         const uint8_t* const* pf, const int64_t* pf_np, __m512 (*acc)[kMaxRows]) {
+  const __m512i nib = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
+  // The dword (s_g | s_g+1 << 16), broadcast, -> float32 s_g in lanes 0-7, s_g+1 in lanes 8-15: one vpshufb
+  // (its control differs per 128-bit lane), bytes 0-1 or 2-3 into bytes 2-3 of each dword, zeros below.
+  const __m512i to_f32 = _mm512_set_epi32(0x03028080, 0x03028080, 0x03028080, 0x03028080, 0x03028080, 0x03028080,
+                                          0x03028080, 0x03028080, 0x01008080, 0x01008080, 0x01008080, 0x01008080,
+                                          0x01008080, 0x01008080, 0x01008080, 0x01008080);
+  const int64_t full = half ? np - 1 : np;
+  auto pair = [&](int64_t p, const __m512i* v, const __m512* sv) {
+    // Extraction e is the nibble at bits 4e of each word: bits 8-11 by a byte shift (vpsrldq, port 5; the byte
+    // moved in from the next word is masked off), 12-15 by both shifts; one vpternlogd each: (a & b) | c.
+    __m512i d[NC][4];
+    for (int c = 0; c < NC; ++c) {
+      const __m512i v4 = _mm512_srli_epi16(v[c], 4);
+      d[c][0] = _mm512_ternarylogic_epi32(v[c], nib, bias128, 0xEA);
+      d[c][1] = _mm512_ternarylogic_epi32(v4, nib, bias128, 0xEA);
+      d[c][2] = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(v[c], 1), nib, bias128, 0xEA);
+      d[c][3] = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(v4, 1), nib, bias128, 0xEA);
+    }
+    const uint16_t* xp = xb + p * MR * kPairWords;
+    for (int r = 0; r < MR; ++r) {
+      const uint16_t* x = xp + r * 32;
+      __m512 t[NC];
+      for (int c = 0; c < NC; ++c)
+        t[c] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)d[c][0], (__m512bh)_mm512_loadu_si512(x));
+      for (int e = 1; e < 4; ++e) {
+        const __m512i xe = _mm512_loadu_si512(x + e * MR * 32);
+        for (int c = 0; c < NC; ++c) t[c] = _mm512_dpbf16_ps(t[c], (__m512bh)d[c][e], (__m512bh)xe);
+      }
+      for (int c = 0; c < NC; ++c) acc[c][r] = _mm512_fmadd_ps(t[c], sv[c], acc[c][r]);
+    }
+  };
+  for (int64_t p = 0; p < full; ++p) {
+    __m512i v[NC];
+    __m512 sv[NC];
+    for (int c = 0; c < NC; ++c) {
+      if (p < pf_np[c]) _mm_prefetch(reinterpret_cast<const char*>(pf[c] + p * 64), _MM_HINT_T0);
+      v[c] = _mm512_loadu_si512(q[c] + p * 64);
+      int32_t sd;
+      std::memcpy(&sd, s[c] + 2 * p, 4);
+      sv[c] = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi32(sd), to_f32));
+    }
+    pair(p, v, sv);
+  }
+  if (half) {  // one group: 32 code bytes (the rest decode to 128, times x̂ = 0), its scale in every lane
+    const int64_t p = np - 1;
+    __m512i v[NC];
+    __m512 sv[NC];
+    for (int c = 0; c < NC; ++c) {
+      v[c] = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q[c] + p * 64);
+      sv[c] = _mm512_set1_ps(bf16f(s[c][2 * p]));
+    }
+    pair(p, v, sv);
+  }
+}
+
+// f(std::integral_constant<int, rows>) for rows in 1..Rows.
+template <int Rows, typename F>
+inline void with_row_count(int64_t rows, F&& f) {
+  if constexpr (Rows == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (rows >= Rows) {
+    f(std::integral_constant<int, Rows>{});
+  } else {
+    with_row_count<Rows - 1>(rows, f);
+  }
+}
+
+}  // namespace
+
+void linear_w4a16_bf16(const W4A16Args& a) {
+  const int64_t M = a.M, N = a.N, K = a.K, R = a.R, G = K / kGroupSize;
+  const int64_t P = ceil_div(G, 2), Gp = ceil_div(G, 16) * 16, Rp = ceil_div(R, 16) * 16;
+  const bool odd = G % 2 == 1;
+  const auto* x = static_cast<const uint16_t*>(a.x);
+  const auto* smooth = static_cast<const uint16_t*>(a.smooth);
+  const auto* ws = static_cast<const uint16_t*>(a.wscales);
+  const auto* wm = static_cast<const uint16_t*>(a.wmins);
+  const auto* lora_up = static_cast<const uint16_t*>(a.lora_up);
+  const auto* lora_down = static_cast<const uint16_t*>(a.lora_down);
+  const auto* bias = static_cast<const uint16_t*>(a.bias);
+  auto* y = static_cast<uint16_t*>(a.y);
+  // Pairs per K block: arranged x̂ of every row in kXBlockBytes, at least one; one (empty) block when K = 0.
+  const int64_t pb = max_i64(1, min_i64(P, kXBlockBytes / (M * kPairWords * 2)));
+  const int64_t blocks = max_i64(1, ceil_div(P, pb)), panels = ceil_div(N, kPanelCols);
+  const int nt = static_cast<int>(max_i64(1, min_i64(a.num_threads, panels)));
+  const bool own_lora = R > 0 && a.lora_act == nullptr;
+  // xa: arranged x̂, per register block of rows m0: [P][4][rows][32] from m0 · P · kPairWords. xs: X_g per row
+  // (zero beyond G). la: lora_act zero-padded to Rp.
+  Buffer<uint16_t> xa(M * P * kPairWords);
+  Buffer<float> xs(M * Gp), la(M * Rp);
+  for (int64_t i = 0; i < M * Gp; ++i) xs.p[i] = 0.0f;
+  // Per thread: the panel's waiting accumulators, and with own_lora its partial lora_act [M, Rp].
+  const int64_t waits = blocks > 1 ? kPanelCols * M * 16 : 0;
+  const int64_t per_thread = waits + (own_lora ? M * Rp : 0);
+  Buffer<float> scratch(nt * per_thread);
+  const int64_t ahead = max_i64(1, ceil_div(kPrefetchBytes, pb * 64));
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* const wait = scratch.p + tid * per_thread;
+    float* const part = wait + waits;
+    // 1. x̂ = x / smooth (float32, IEEE division) of this thread's share of the pairs, every row: rounded to
+    //    bfloat16, arranged, and X_g summed from the rounded values; with own_lora, partial lora_act from the
+    //    float32 x̂.
+    int64_t p_lo, p_hi;
+    thread_share(P, tid, nt, p_lo, p_hi);
+    if (own_lora)
+      for (int64_t i = 0; i < M * Rp; ++i) part[i] = 0.0f;
+    alignas(64) float xf[kPairK];
+    alignas(64) uint16_t xr[kPairK];
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t m0 = m / kMaxRows * kMaxRows, rows = min_i64(kMaxRows, M - m0);
+      for (int64_t p = p_lo; p < p_hi; ++p) {
+        const int64_t ng = min_i64(2, G - 2 * p);
+        for (int j = 0; j < 8; j += 2) {
+          __m512 v[2];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t k = p * kPairK + (j + h) * 16;
+            v[h] = (j + h) * 16 < ng * kGroupSize
+                       ? _mm512_div_ps(load_bf16(x + m * K + k), load_bf16(smooth + k))
+                       : _mm512_setzero_ps();
+            _mm512_store_ps(xf + (j + h) * 16, v[h]);
+          }
+          // vcvtne2ps2bf16: the second operand's lanes first.
+          _mm512_store_si512(xr + j * 16, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+          __m512 t = _mm512_setzero_ps();
+          for (int j = 0; j < 4; ++j) t = _mm512_add_ps(t, load_bf16(xr + g * kGroupSize + j * 16));
+          xs.p[m * Gp + 2 * p + g] = _mm512_reduce_add_ps(t);
+          if (own_lora) lora_group(xf + g * kGroupSize, lora_down, (2 * p + g) * kGroupSize, R, part + m * Rp);
+        }
+        uint16_t* base = xa.p + m0 * P * kPairWords + p * rows * kPairWords;
+        for (int e = 0; e < 4; ++e) {
+          uint16_t* o = base + (e * rows + (m - m0)) * 32;
+          for (int i = 0; i < 16; ++i) {
+            o[2 * i] = xr[8 * i + e];
+            o[2 * i + 1] = xr[8 * i + 4 + e];
+          }
+        }
+      }
+    }
+#pragma omp barrier
+    // lora_act, zero-padded to Rp: each thread sums a share of it over the threads' parts, in thread order.
+    int64_t i_lo, i_hi;
+    thread_share(M * Rp, tid, nt, i_lo, i_hi);
+    for (int64_t i = i_lo; i < i_hi; ++i) {
+      const int64_t m = i / Rp, r = i % Rp;
+      float t = 0.0f;
+      if (own_lora) {
+        for (int u = 0; u < nt; ++u) t += scratch.p[u * per_thread + waits + i];
+      } else if (r < R) {
+        t = a.lora_act[m * R + r];
+      }
+      la.p[i] = t;
+    }
+#pragma omp barrier
+    // 2. This thread's panels; per panel, K blocks; per block and column, the codes streamed once.
+    int64_t n_lo, n_hi;
+    thread_share(panels, tid, nt, n_lo, n_hi);
+    for (int64_t pn = n_lo; pn < n_hi; ++pn) {
+      const int64_t n0 = pn * kPanelCols, n1 = min_i64(N, n0 + kPanelCols);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t p0 = b * pb, np = min_i64(pb, P - p0);
+        const bool first = b == 0, last = b == blocks - 1;
+        const bool half = odd && p0 + np == P;
+        // Two streams: columns [n0, n0 + h) and [n0 + h, n1), read side by side (the last of an odd count alone).
+        const int64_t h = ceil_div(n1 - n0, 2);
+        for (int64_t c = 0; c < h; ++c) {
+          const int nc = n0 + h + c < n1 ? 2 : 1;
+          int64_t ns[2], pf_np[2];
+          const uint8_t *q[2], *pf[2];
+          const uint16_t* s[2];
+          for (int t = 0; t < nc; ++t) {
+            ns[t] = n0 + t * h + c;
+            // The piece `ahead` pieces on in stream t's order: (panel pp, block bb, index cc in its half).
+            int64_t pp = pn, bb = b, cc = c + ahead;
+            for (;;) {
+              const int64_t cols = min_i64(N, (pp + 1) * kPanelCols) - pp * kPanelCols, hh = ceil_div(cols, 2);
+              const int64_t len = t == 0 ? hh : cols - hh;
+              if (cc < len || pp == n_hi) break;
+              cc -= len;
+              if (++bb == blocks) bb = 0, ++pp;
+            }
+            const int64_t hp = ceil_div(min_i64(N, (pp + 1) * kPanelCols) - pp * kPanelCols, 2);
+            const bool more = pp < n_hi;
+            pf[t] = more ? a.qweight + (pp * kPanelCols + t * hp + cc) * (K / 2) + bb * pb * 64 : a.qweight;
+            pf_np[t] = more ? min_i64(pb, P - bb * pb) : 0;
+            q[t] = a.qweight + ns[t] * (K / 2) + p0 * 64;
+            s[t] = ws + ns[t] * G + 2 * p0;
+          }
+          for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+            with_row_count<kMaxRows>(min_i64(kMaxRows, M - m0), [&](auto rows_c) {
+              constexpr int MR = decltype(rows_c)::value;
+              __m512 acc[2][kMaxRows];
+              for (int t = 0; t < nc; ++t) {
+                const float* w = wait + ((ns[t] - n0) * M + m0) * 16;
+                for (int r = 0; r < MR; ++r) acc[t][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(w + r * 16);
+              }
+              const uint16_t* xb = xa.p + m0 * P * kPairWords + p0 * MR * kPairWords;
+              if (nc == 2)
+                column_pairs<MR, 2>(q, s, xb, np, half, pf, pf_np, acc);
+              else
+                column_pairs<MR, 1>(q, s, xb, np, half, pf, pf_np, acc);
+              for (int t = 0; t < nc; ++t) {
+                const int64_t n = ns[t];
+                if (!last) {
+                  float* w = wait + ((n - n0) * M + m0) * 16;
+                  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(w + r * 16, acc[t][r]);
+                  continue;
+                }
+                // Σ_g (m_g − 128 s_g) X_g, lora_act · lora_up, lane-wise; one horizontal sum; + bias.
+                for (int64_t g = 0; g < G; g += 16) {
+                  const int64_t cnt = min_i64(16, G - g);
+                  const __m512 sc = cnt == 16 ? load_bf16(ws + n * G + g) : load_bf16(ws + n * G + g, cnt);
+                  const __m512 mn = cnt == 16 ? load_bf16(wm + n * G + g) : load_bf16(wm + n * G + g, cnt);
+                  const __m512 off = _mm512_fmadd_ps(sc, _mm512_set1_ps(-128.0f), mn);
+                  for (int r = 0; r < MR; ++r)
+                    acc[t][r] = _mm512_fmadd_ps(off, _mm512_loadu_ps(xs.p + (m0 + r) * Gp + g), acc[t][r]);
+                }
+                for (int64_t i = 0; i < Rp; i += 16) {
+                  const __m512 lu =
+                      R - i >= 16 ? load_bf16(lora_up + n * R + i) : load_bf16(lora_up + n * R + i, R - i);
+                  for (int r = 0; r < MR; ++r)
+                    acc[t][r] = _mm512_fmadd_ps(_mm512_loadu_ps(la.p + (m0 + r) * Rp + i), lu, acc[t][r]);
+                }
+                const float bv = bias != nullptr ? bf16f(bias[n]) : 0.0f;
+                for (int r = 0; r < MR; ++r)
+                  y[(m0 + r) * N + n] = f32_to_bf16(_mm512_reduce_add_ps(acc[t][r]) + bv);
+              }
+            });
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace svdq::cpu::amx
