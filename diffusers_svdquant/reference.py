@@ -108,7 +108,7 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     """
     *lead, k = codes.shape
     groups = scales.shape[-1]
-    q = codes.float().reshape(*lead, groups, k // groups)
+    q = codes.float().reshape(*lead, groups, k // groups if groups else GROUP_SIZE)  # K = 0: no groups
     return (q * scales.float().unsqueeze(-1)).reshape(*lead, k)
 
 
@@ -162,7 +162,7 @@ def dequantize_groups_affine(codes: torch.Tensor, scales: torch.Tensor, mins: to
     """
     *lead, k = codes.shape
     groups = scales.shape[-1]
-    q = codes.float().reshape(*lead, groups, k // groups)
+    q = codes.float().reshape(*lead, groups, k // groups if groups else GROUP_SIZE)  # K = 0: no groups
     return (q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).reshape(*lead, k)
 
 

@@ -292,3 +292,10 @@ def test_fake_quantize_groups_equals_quantize_then_dequantize(scale_dtype, in_dt
         assert got.data_ptr() == y.data_ptr()
     with pytest.raises(ValueError, match="multiple of the group size"):
         reference.fake_quantize_groups(torch.zeros(2, 96))
+
+
+def test_dequantize_groups_of_an_empty_k():
+    # K = 0 (a layer with no inputs): no groups to unpack, an empty result rather than a division by zero.
+    assert reference.dequantize_groups(torch.zeros(3, 0, dtype=torch.int8), torch.zeros(3, 0)).shape == (3, 0)
+    empty = torch.zeros(3, 0, dtype=torch.uint8)
+    assert reference.dequantize_groups_affine(empty, torch.zeros(3, 0), torch.zeros(3, 0)).shape == (3, 0)

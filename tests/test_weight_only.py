@@ -13,9 +13,9 @@ Tolerances, per element, against the exact result computed in float64 from the s
   K · 2⁻²⁴ · bound, measured < 1e-6 · bound at K = 12288.
 * bfloat16 panels or tiles (bfloat16 x beyond the float32 kernel's rows): ``2⁻⁵ · spread`` with ``spread`` =
   sqrt(Σ(x̂·W)² + Σ(lora_act·lora_up)²). x̂, W, lora_act and lora_up are rounded to bfloat16 (relative
-  error up to 2⁻⁹ each, independent per term) before torch's float32-accumulating matmul, as a bfloat16
-  ``nn.Linear`` rounds its operands: an error of standard deviation about 0.8 · 2⁻⁹ · spread, so the
-  bound is some 20 standard deviations (a worst case, 2⁻⁸ · bound, would hide single wrong terms).
+  error up to 2⁻⁸ each, bfloat16's unit roundoff, independent per term) before torch's float32-accumulating
+  matmul, as a bfloat16 ``nn.Linear`` rounds its operands: an error of standard deviation about 0.8 · 2⁻⁸ ·
+  spread, so the bound is some 10 standard deviations (a worst case, 2⁻⁷ · bound, would hide single wrong terms).
 * the bfloat16 GEMV (bfloat16 x, few rows, amx path): ``2⁻⁵ · spread + 1e-5 · bound``. Only x̂ is rounded to
   bfloat16 (W, lora_act and lora_up stay exact): the error Σ δ_k·x̂_k·W_k with independent |δ_k| ≤ u = 2⁻⁸
   (bfloat16's unit roundoff, eps / 2) exceeds 8u · sqrt(Σ(x̂·W)²) with probability below 2·e⁻³² (Hoeffding), and
