@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -503,3 +504,19 @@ def test_finite_scanner_file_that_shrinks_while_read(tmp_path):
         scanner.finish()
     with pytest.raises(RuntimeError, match="cannot read"):
         scanner.finish()
+
+
+def test_finite_scanner_dropped_unfinished_stops_its_thread(tmp_path):
+    # A loader that fails early drops its scan: the destructor stops the thread at its next 256 KiB block
+    # instead of waiting for the rest of the file (here 1 GiB of holes, tens of ms to read).
+    f = tmp_path / "big.bin"
+    with open(f, "wb") as h:
+        h.truncate(1 << 30)
+    ranges = ([0], [(1 << 30) // 2], [1])
+    start = time.perf_counter()
+    assert _C.FiniteScanner(str(f), *ranges).finish() == []
+    whole = time.perf_counter() - start
+    scanner = _C.FiniteScanner(str(f), *ranges)
+    start = time.perf_counter()
+    del scanner
+    assert time.perf_counter() - start < whole / 4, whole

@@ -93,6 +93,7 @@ void FiniteScanner::scan() {
     bool hit = false;
     if (total > 0) file_.seekg(offsets_[b]);
     for (int64_t done = 0; done < total && !hit; done += kBlock) {
+      if (cancel_.load(std::memory_order_relaxed)) return;
       const int64_t want = std::min(kBlock, total - done);
       if (!file_.read(block.get(), want)) {  // the file shrank since the constructor, or an I/O error
         error_ = "FiniteScanner: cannot read " + path_ + " at byte " + std::to_string(offsets_[b] + done);
@@ -105,6 +106,7 @@ void FiniteScanner::scan() {
 }
 
 FiniteScanner::~FiniteScanner() {
+  cancel_.store(true, std::memory_order_relaxed);
   if (worker_.joinable()) worker_.join();
 }
 

@@ -2,6 +2,7 @@
 // <thread>, which the per-ISA kernel files (compiled with their own -m flags) must not instantiate.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <fstream>
 #include <string>
@@ -16,7 +17,8 @@ namespace svdq::cpu {
 // that it overlaps what the caller does meanwhile (a loader assigning the tensors of the checkpoint it scans).
 // The thread reads the file (std::ifstream: large reads go straight to the buffer) into a buffer that stays in its core's L2, not through a mapping: a
 // fresh mapping's page faults contend with the loader's own (measured: bench_load_checks.py). Not copyable;
-// the destructor waits for the thread.
+// the destructor stops the thread at its next block and waits for it (a loader that fails early does not wait
+// for the scan of a large checkpoint).
 class FiniteScanner {
  public:
   // Opens `path` and checks every range (offsets[b]: byte offset, numel[b] elements of dtypes[b]) against its
@@ -39,6 +41,7 @@ class FiniteScanner {
   std::vector<DType> dtypes_;
   std::vector<int64_t> bad_;  // the thread's until it is joined
   std::string error_;         // likewise: why the file could not be read, empty if it was
+  std::atomic<bool> cancel_{false};  // set by the destructor: the thread stops at its next block
   std::thread worker_;        // last: started once the members above exist
 };
 
