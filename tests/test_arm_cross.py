@@ -120,7 +120,7 @@ def _is_aarch64_elf(path: Path) -> bool:
 
 
 def test_the_python_module_compiles_for_aarch64(tmp_path):
-    """What ``pip install`` builds on an Arm Linux machine: the whole _C (bindings.cpp included), configured by
+    """What ``pip install`` builds on an Arm Linux machine: the whole _C (cpp/bindings/ included), configured by
     the same CMakeLists.txt, compiled and linked for aarch64. There are no aarch64 CPython headers here, so it
     compiles against this interpreter's: CPython 3.11's public headers differ between x86-64 and aarch64 Linux
     only in pyconfig.h lines the extension does not use (both LP64, little-endian, glibc). The module cannot be

@@ -5,7 +5,7 @@
 //   * INT4 codes are two's complement in [-8, 7], packed two per byte along K: element 2j in the
 //     low nibble, element 2j+1 in the high nibble.
 //   * Activation groups are kGroupSize = 64 consecutive elements of a row.
-//   * Callers (bindings.cpp) have validated the arguments; kernels do not check them again.
+//   * Callers (cpp/bindings/) have validated the arguments; kernels do not check them again.
 //
 // Each path lives in its own translation unit and namespace (svdq::cpu::generic,
 // svdq::cpu::avx2, ...) so the linker can never merge code compiled with wider ISA flags into a
@@ -113,7 +113,7 @@ void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 // Microbenchmark (peak_loop.inc): a tight vpmaddubsw + vpaddw loop (about iters steps of 8 instructions
 // per thread), the int8 dot-product peak the GEMM is measured against; returns the ops done (2 per
-// product), which the caller times (bindings.cpp: no std:: template is instantiated under ISA flags,
+// product), which the caller times (bindings/cpu.cpp: no std:: template is instantiated under ISA flags,
 // see scalar.h). Not in the table: not a kernel.
 double int8_peak_ops(int num_threads, int64_t iters);
 // W4A16 on ymm (w4a16_avx2.cpp: w4a16_x86.inc), for the avx2 and avxvnni paths.

@@ -1,10 +1,10 @@
-// CUDA kernel interface, as seen from bindings.cpp (compiled by the host compiler: no CUDA headers).
+// CUDA kernel interface, as seen from bindings/cuda.cpp (compiled by the host compiler: no CUDA headers).
 //
 // Contract (docs/design.md §1, diffusers_svdquant/reference.py), on top of cpp/cpu/kernels.h's:
 //   * Pointers are device pointers on `device`, contiguous and 16-byte aligned (ops.py guarantees
 //     both); `stream` is a cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream).
 //   * Every function returns "" on success, or a message saying what failed (a CUDA error, a
-//     device without the needed compute capability); bindings.cpp raises it as RuntimeError.
+//     device without the needed compute capability); bindings/cuda.cpp raises it as RuntimeError.
 //   * Kernels are launched asynchronously on `stream`; nothing here synchronizes.
 #pragma once
 
