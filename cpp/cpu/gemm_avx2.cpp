@@ -7,10 +7,6 @@
 #include <cstring>
 #include <type_traits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels.h"
 #include "scalar.h"
 

@@ -14,10 +14,6 @@
 
 #include "avx512_intrin.h"  // <immintrin.h>, GCC 12's false warnings silenced
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels.h"
 #include "scalar.h"
 

@@ -15,10 +15,6 @@
 #include <cstring>
 #include <type_traits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels.h"
 #include "scalar.h"
 

@@ -19,10 +19,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace svdq::cpu::generic {
 namespace {
 
@@ -91,11 +87,7 @@ void quantize_act_impl(const void* x, const void* smooth, const void* lora_down,
 
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t m = 0; m < M; ++m) {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_index();
     quantize_row<D>(static_cast<const char*>(x) + static_cast<size_t>(m * K) * elem_size, sm.data(),
                     lora_down, scratch.data() + static_cast<size_t>(tid) * K, q_x + m * (K / 2),
                     s_x + m * (K / kGroupSize), lora_act + m * R, K, R);

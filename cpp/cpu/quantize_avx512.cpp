@@ -10,10 +10,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace svdq::cpu::avx512 {
 
 #include "quantize_zmm.inc"

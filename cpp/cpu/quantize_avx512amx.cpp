@@ -12,10 +12,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #define SVDQ_QUANT_LORA_PLAN 1
 
 namespace svdq::cpu::avx512amx {

@@ -9,10 +9,6 @@
 
 #include <cstring>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels.h"
 #include "scalar.h"
 
@@ -121,11 +117,7 @@ void quantize_act_impl(const void* x, const void* smooth, const void* lora_down,
   const int64_t elem_size = D == DType::kFloat32 ? 4 : 2;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t m = 0; m < M; ++m) {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_index();
     quantize_row<D>(static_cast<const char*>(x) + m * K * elem_size, sm.p, lora_down, scratch.p + tid * K,
                     q_x + m * (K / 2), s_x + m * (K / kGroupSize), lora_act + m * R, K, R);
   }

@@ -13,11 +13,23 @@
 #if defined(_MSC_VER)
 #include <malloc.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 
 namespace svdq::cpu {
 namespace {
+
+// The calling thread's index in the enclosing OpenMP team (0 without OpenMP).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 inline float bits_to_f32(uint32_t bits) {
   float f;

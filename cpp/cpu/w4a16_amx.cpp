@@ -26,10 +26,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace svdq::cpu::amx {
 namespace {
 
@@ -281,11 +277,7 @@ void linear_impl(const W4A16Args& a) {
   for (int64_t j = 0; j < MT; ++j) pack_x<D>(a, j, S, xb);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_index();
     configure_tiles();
     uint16_t* const ap = apanels + tid * pwords;
     int64_t nb_lo, nb_hi;

@@ -12,10 +12,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace svdq::cpu::avx2 {
 namespace {
 

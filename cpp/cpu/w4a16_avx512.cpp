@@ -11,10 +11,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace svdq::cpu::avx512 {
 namespace {
 

@@ -34,10 +34,6 @@
 #include "kernels.h"
 #include "scalar.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace svdq::cpu::amx {
 namespace {
 
@@ -189,11 +185,7 @@ void linear_w4a16_bf16(const W4A16Args& a) {
   const int64_t ahead = max_i64(1, ceil_div(kPrefetchBytes, pb * 64));
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_index();
     float* const wait = scratch.p + tid * per_thread;
     float* const part = wait + waits;
     // 1. x̂ = x / smooth (float32, IEEE division) of this thread's share of the pairs, every row: rounded to
