@@ -305,7 +305,36 @@ void pack_gemm_tiles(const py::int_& qweight_, const py::int_& wscales_, const p
 
 // GOP/s of one run of a peak loop (it returns the ops it did; the timing lives here, outside the
 // ISA-flagged files).
-[[maybe_unused]] double gops_of(double (*loop)(int, int64_t), int num_threads, int64_t iters) {
+using PeakLoop = double (*)(int num_threads, int64_t iters);
+
+// The int8 loop the selected GEMM path is built on (the VNNI and i8mm paths' own instruction), else the widest
+// baseline one this CPU runs (dotprod, avx2), else null.
+PeakLoop peak_loop() {
+  [[maybe_unused]] const std::string current = svdq::cpu::current_isa();
+  [[maybe_unused]] auto runs = [](const char* name) {
+    for (const auto& s : svdq::cpu::supported_isas())
+      if (s == name) return true;
+    return false;
+  };
+#if defined(SVDQ_HAVE_AVXVNNI)
+  if (current == "avxvnni") return svdq::cpu::avxvnni::int8_peak_ops;
+#endif
+#if defined(SVDQ_HAVE_AVX512VNNI)
+  if (current == "avx512vnni" || current == "amx") return svdq::cpu::avx512vnni::int8_peak_ops;  // one main loop
+#endif
+#if defined(SVDQ_HAVE_I8MM)
+  if (current == "i8mm") return svdq::cpu::i8mm::int8_peak_ops;
+#endif
+#if defined(SVDQ_HAVE_DOTPROD)
+  if (runs("dotprod")) return svdq::cpu::dotprod::int8_peak_ops;
+#endif
+#if defined(SVDQ_HAVE_AVX2)
+  if (runs("avx2")) return svdq::cpu::avx2::int8_peak_ops;
+#endif
+  return nullptr;
+}
+
+double gops_of(PeakLoop loop, int num_threads, int64_t iters) {
   const auto start = std::chrono::steady_clock::now();
   const double ops = loop(num_threads, iters);
   return ops / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 1e9;
@@ -388,44 +417,10 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
         if (num_threads < 1)
           fail("int8_peak_gops: num_threads must be >= 1, got " + std::to_string(num_threads));
         if (iters < 1) fail("int8_peak_gops: iters must be >= 1, got " + std::to_string(iters));
-        // The peak of the instruction the selected GEMM path is built on.
-        const std::string current = svdq::cpu::current_isa();
-#if defined(SVDQ_HAVE_AVXVNNI)
-        if (current == "avxvnni") {
-          py::gil_scoped_release release;
-          return gops_of(svdq::cpu::avxvnni::int8_peak_ops, num_threads, iters);
-        }
-#endif
-#if defined(SVDQ_HAVE_AVX512VNNI)
-        if (current == "avx512vnni" || current == "amx") {  // the same vpdpbusd main loop
-          py::gil_scoped_release release;
-          return gops_of(svdq::cpu::avx512vnni::int8_peak_ops, num_threads, iters);
-        }
-#endif
-#if defined(SVDQ_HAVE_I8MM)
-        if (current == "i8mm") {
-          py::gil_scoped_release release;
-          return gops_of(svdq::cpu::i8mm::int8_peak_ops, num_threads, iters);
-        }
-#endif
-#if defined(SVDQ_HAVE_DOTPROD)
-        for (const auto& name : svdq::cpu::supported_isas()) {
-          if (name == "dotprod") {
-            py::gil_scoped_release release;
-            return gops_of(svdq::cpu::dotprod::int8_peak_ops, num_threads, iters);
-          }
-        }
-#endif
-#if defined(SVDQ_HAVE_AVX2)
-        for (const auto& name : svdq::cpu::supported_isas()) {
-          if (name == "avx2") {
-            py::gil_scoped_release release;
-            return gops_of(svdq::cpu::avx2::int8_peak_ops, num_threads, iters);
-          }
-        }
-#endif
-        fail("int8_peak_gops: needs the avx2 or dotprod path, which this CPU or build lacks");
-        return 0.0;
+        const PeakLoop loop = peak_loop();
+        if (loop == nullptr) fail("int8_peak_gops: needs the avx2 or dotprod path, which this CPU or build lacks");
+        py::gil_scoped_release release;
+        return gops_of(loop, num_threads, iters);
       },
       py::arg("num_threads"), py::arg("iters") = 10000000,
       "GOP/s (2 ops per int8 product) on num_threads threads of a tight loop of the selected path's\n"
