@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/kernels.h"
+
 namespace svdq::bindings {
 
 namespace py = pybind11;
@@ -48,6 +50,13 @@ inline void check_product(const char* fn, const char* an, int64_t a, const char*
   if (b != 0 && a > std::numeric_limits<int64_t>::max() / b)
     fail(std::string(fn) + ": " + an + " * " + bn + " overflows (" + an + "=" + std::to_string(a) + ", " +
          bn + "=" + std::to_string(b) + ")");
+}
+
+// K must be whole INT4 groups (the CUDA kernels' group size is the same: cuda.cpp's static_assert).
+inline void check_groups(const char* fn, int64_t K) {
+  if (K % svdq::cpu::kGroupSize != 0)
+    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) + ", got K=" +
+         std::to_string(K));
 }
 
 inline void check_ptr(const char* fn, const char* name, uintptr_t p, int64_t numel) {

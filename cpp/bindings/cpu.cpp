@@ -70,9 +70,7 @@ svdq::cpu::GemmArgs weight_args(const char* fn, const py::int_& qweight_, const 
   check_size(fn, "N", N);
   check_size(fn, "K", K);
   check_size(fn, "R", R);
-  if (K % svdq::cpu::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
-         ", got K=" + std::to_string(K));
+  check_groups(fn, K);
   check_dtype(fn, "wdtype", wdtype);
   check_product(fn, "N", N + svdq::cpu::kTileN, "K", K);
   check_product(fn, "N", N + svdq::cpu::kTileN, "R", R);
@@ -187,9 +185,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   check_size(fn, "N", N);
   check_size(fn, "K", K);
   check_size(fn, "R", R);
-  if (K % svdq::cpu::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
-         ", got K=" + std::to_string(K));
+  check_groups(fn, K);
   check_dtype(fn, "dtype", dtype);
   if (bf16 && static_cast<DType>(dtype) != DType::kBFloat16)
     fail(std::string(fn) + ": bf16=True needs every float tensor in bfloat16 (dtype 1), got dtype=" +
@@ -252,9 +248,7 @@ void dequantize_w4a16(const py::int_& qweight_, const py::int_& wscales_, const 
                   out = as_ptr(fn, "out", out_);
   check_size(fn, "N", N);
   check_size(fn, "K", K);
-  if (K % svdq::cpu::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of " + std::to_string(svdq::cpu::kGroupSize) +
-         ", got K=" + std::to_string(K));
+  check_groups(fn, K);
   check_dtype(fn, "wdtype", wdtype);
   check_dtype(fn, "odtype", odtype);
   check_threads(fn, num_threads);

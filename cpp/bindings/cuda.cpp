@@ -46,8 +46,7 @@ void cuda_quantize_act(const py::int_& x_, const py::int_& smooth_, const py::in
   check_size(fn, "M", M);
   check_size(fn, "K", K);
   check_size(fn, "R", R);
-  if (K % svdq::cuda::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+  check_groups(fn, K);
   if (dtype < 0 || dtype > 2)
     fail(std::string(fn) + ": dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
          std::to_string(dtype));
@@ -87,8 +86,7 @@ void cuda_gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& 
   check_size(fn, "N", N);
   check_size(fn, "K", K);
   check_size(fn, "R", R);
-  if (K % svdq::cuda::kGroupSize != 0)
-    fail(std::string(fn) + ": K must be a multiple of 64, got K=" + std::to_string(K));
+  check_groups(fn, K);
   if (out_dtype < 0 || out_dtype > 2)
     fail(std::string(fn) + ": out_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
          std::to_string(out_dtype));
