@@ -105,7 +105,6 @@ CpuFeatures detect() {
   f.avx = (r[2] >> 28) & 1;
   f.fma = (r[2] >> 12) & 1;
   f.f16c = (r[2] >> 29) & 1;
-  bool os_amx = false;
   if (osxsave) {  // xgetbv faults unless the OS enabled XSAVE
     const uint64_t x = xcr0();
     f.os_avx = (x & 0x6) == 0x6;

@@ -75,7 +75,7 @@ FiniteScanner::FiniteScanner(const std::string& path, std::vector<int64_t> offse
   const int64_t size = file_ ? static_cast<int64_t>(file_.tellg()) : -1;
   if (size < 0) throw std::invalid_argument("FiniteScanner: cannot open " + path_);
   for (size_t b = 0; b < offsets_.size(); ++b) {
-    const int64_t es = dtypes_[b] == DType::kFloat32 ? 4 : 2, o = offsets_[b], n = numel_[b];
+    const int64_t es = dtype_size(dtypes_[b]), o = offsets_[b], n = numel_[b];
     if (o < 0 || n < 0 || o % es != 0 || o > size || n > (size - o) / es)
       throw std::invalid_argument("FiniteScanner: range " + std::to_string(b) + " (" + std::to_string(n) +
                                   " elements of " + std::to_string(es) + " bytes at byte " + std::to_string(o) +
@@ -89,7 +89,7 @@ void FiniteScanner::scan() {
   constexpr int64_t kBlock = int64_t{1} << 18;
   std::unique_ptr<char[]> block(new char[kBlock]);
   for (size_t b = 0; b < offsets_.size(); ++b) {
-    const int64_t es = dtypes_[b] == DType::kFloat32 ? 4 : 2, total = numel_[b] * es;
+    const int64_t es = dtype_size(dtypes_[b]), total = numel_[b] * es;
     bool hit = false;
     if (total > 0) file_.seekg(offsets_[b]);
     for (int64_t done = 0; done < total && !hit; done += kBlock) {

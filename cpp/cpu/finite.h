@@ -15,8 +15,9 @@ namespace svdq::cpu {
 
 // first_nonfinite's test of byte ranges of a file, run on one background thread started by the constructor, so
 // that it overlaps what the caller does meanwhile (a loader assigning the tensors of the checkpoint it scans).
-// The thread reads the file (std::ifstream: large reads go straight to the buffer) into a buffer that stays in its core's L2, not through a mapping: a
-// fresh mapping's page faults contend with the loader's own (measured: bench_load_checks.py). Not copyable;
+// The thread reads the file (std::ifstream: large reads go straight to the buffer) into a buffer that stays in
+// its core's L2, not through a mapping: a fresh mapping's page faults contend with the loader's own (measured:
+// bench_load_checks.py). Not copyable;
 // the destructor stops the thread at its next block and waits for it (a loader that fails early does not wait
 // for the scan of a large checkpoint).
 class FiniteScanner {

@@ -83,7 +83,7 @@ void quantize_act_impl(const void* x, const void* smooth, const void* lora_down,
   for (int64_t k = 0; k < K; ++k) sm[k] = elem<D>(smooth, k);
   // One scratch row per thread, allocated here so a bad_alloc never escapes a parallel region.
   std::vector<float> scratch(static_cast<size_t>(nt) * static_cast<size_t>(K));
-  const size_t elem_size = D == DType::kFloat32 ? 4 : 2;
+  const size_t elem_size = dtype_size(D);
 
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t m = 0; m < M; ++m) {

@@ -26,6 +26,9 @@ constexpr int64_t kGroupSize = 64;
 // The Python side passes these codes (ops.py `_DTYPE_CODES`).
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Bytes per element of a DType.
+constexpr int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
 // x: [M, K] `dtype`; smooth: [K] `dtype`; lora_down: [K, R] `dtype` (may be null when R == 0).
 // q_x: uint8 [M, K/2]; s_x: float32 [M, K/64]; lora_act: float32 [M, R] (null when R == 0).
 // K is a multiple of 64 (K == 0 allowed: lora_act is then zeros). num_threads >= 1.

@@ -114,7 +114,7 @@ void quantize_act_impl(const void* x, const void* smooth, const void* lora_down,
   Buffer<float> sm(K);
   for (int64_t k = 0; k < K; ++k) sm.p[k] = load1<D>(smooth, k);
   Buffer<float> scratch(static_cast<int64_t>(nt) * K);
-  const int64_t elem_size = D == DType::kFloat32 ? 4 : 2;
+  const int64_t elem_size = dtype_size(D);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t m = 0; m < M; ++m) {
     const int tid = thread_index();

@@ -322,24 +322,17 @@ void linear_w4a16(const W4A16Args& a) {
   // K into chunks instead, with every C of the layer stored and reloaded per chunk (1024 rows of 3072 -> 18432:
   // 75 MB four times, 0.6x torch's bf16 GEMM).
   const int64_t blocks = ceil_div(a.M, kMaxBlockRows), rows = ceil_div(ceil_div(a.M, blocks), 32) * 32;
-  const int64_t esize = static_cast<DType>(a.dtype) == DType::kFloat32 ? 4 : 2;
+  const DType dt = static_cast<DType>(a.dtype);
+  const LinearW4A16Fn impl = dt == DType::kFloat32    ? linear_impl<DType::kFloat32>
+                             : dt == DType::kBFloat16 ? linear_impl<DType::kBFloat16>
+                                                      : linear_impl<DType::kFloat16>;
   for (int64_t m0 = 0; m0 < a.M; m0 += rows) {
     W4A16Args b = a;
     b.M = min_i64(rows, a.M - m0);
-    b.x = static_cast<const char*>(a.x) + m0 * a.K * esize;
-    b.y = static_cast<char*>(a.y) + m0 * a.N * esize;
+    b.x = static_cast<const char*>(a.x) + m0 * a.K * dtype_size(dt);
+    b.y = static_cast<char*>(a.y) + m0 * a.N * dtype_size(dt);
     if (a.lora_act != nullptr) b.lora_act = a.lora_act + m0 * a.R;
-    switch (static_cast<DType>(a.dtype)) {
-      case DType::kFloat32:
-        linear_impl<DType::kFloat32>(b);
-        break;
-      case DType::kBFloat16:
-        linear_impl<DType::kBFloat16>(b);
-        break;
-      case DType::kFloat16:
-        linear_impl<DType::kFloat16>(b);
-        break;
-    }
+    impl(b);
   }
 }
 
