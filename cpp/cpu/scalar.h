@@ -1,4 +1,4 @@
-// Scalar element conversions shared by every CPU path.
+// Scalar element conversions and small helpers (threads, register-block dispatch) shared by every CPU path.
 //
 // Everything here has internal linkage (anonymous namespace): each kernel translation unit gets
 // its own copy compiled with its own flags, so an AVX2-compiled copy can never be the one the
@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #if defined(_MSC_VER)
 #include <malloc.h>
 #endif
@@ -21,6 +22,19 @@
 
 namespace svdq::cpu {
 namespace {
+
+// f(std::integral_constant<int, rows>) for rows in 1..Rows (a register block's row count as a template argument,
+// so that its accumulators live in registers).
+template <int Rows, typename F>
+inline void with_row_count(int64_t rows, F&& f) {
+  if constexpr (Rows == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (rows >= Rows) {
+    f(std::integral_constant<int, Rows>{});
+  } else {
+    with_row_count<Rows - 1>(rows, f);
+  }
+}
 
 // The calling thread's index in the enclosing OpenMP team (0 without OpenMP).
 inline int thread_index() {

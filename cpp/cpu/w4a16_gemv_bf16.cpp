@@ -50,8 +50,6 @@ inline __m512 load_bf16(const uint16_t* p, int64_t n) {  // the first n < 16 ele
   return bf16x16(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
 }
 
-inline float bf16f(uint16_t h) { return bf16_to_f32(h); }
-
 // part[0, R) += Σ over the 64 k of a group of xk[k] · lora_down[k0 + k, 0 .. R), float32 FMAs (lora_down
 // bfloat16). Up to 4 vectors of R at a time, even and odd k in separate chains; a scalar tail of R.
 inline void lora_group(const float* xk, const uint16_t* lora_down, int64_t k0, int64_t R, float* part) {
@@ -74,7 +72,7 @@ inline void lora_group(const float* xk, const uint16_t* lora_down, int64_t k0, i
   }
   for (int64_t r = Rv; r < R; ++r) {
     float t = part[r];
-    for (int64_t k = 0; k < kGroupSize; ++k) t += xk[k] * bf16f(lora_down[(k0 + k) * R + r]);
+    for (int64_t k = 0; k < kGroupSize; ++k) t += xk[k] * bf16_to_f32(lora_down[(k0 + k) * R + r]);
     part[r] = t;
   }
 }
@@ -136,21 +134,9 @@ inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, cons
     __m512 sv[NC];
     for (int c = 0; c < NC; ++c) {
       v[c] = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q[c] + p * 64);
-      sv[c] = _mm512_set1_ps(bf16f(s[c][2 * p]));
+      sv[c] = _mm512_set1_ps(bf16_to_f32(s[c][2 * p]));
     }
     pair(p, v, sv);
-  }
-}
-
-// f(std::integral_constant<int, rows>) for rows in 1..Rows.
-template <int Rows, typename F>
-inline void with_row_count(int64_t rows, F&& f) {
-  if constexpr (Rows == 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (rows >= Rows) {
-    f(std::integral_constant<int, Rows>{});
-  } else {
-    with_row_count<Rows - 1>(rows, f);
   }
 }
 
@@ -313,7 +299,7 @@ void linear_w4a16_bf16(const W4A16Args& a) {
                   for (int r = 0; r < MR; ++r)
                     acc[t][r] = _mm512_fmadd_ps(_mm512_loadu_ps(la.p + (m0 + r) * Rp + i), lu, acc[t][r]);
                 }
-                const float bv = bias != nullptr ? bf16f(bias[n]) : 0.0f;
+                const float bv = bias != nullptr ? bf16_to_f32(bias[n]) : 0.0f;
                 for (int r = 0; r < MR; ++r)
                   y[(m0 + r) * N + n] = f32_to_bf16(_mm512_reduce_add_ps(acc[t][r]) + bv);
               }
