@@ -243,9 +243,8 @@ def calibrate(
         items = procs.my_share(len(prompts))
 
         def drive(recorder: _Recorder, desc: str) -> None:
-            mine = items
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
-            bar = progress_bar(mine, desc=desc, enabled=progress and procs.rank == 0)
+            bar = progress_bar(items, desc=desc, enabled=progress and procs.rank == 0)
             target.set_progress_bar_config(disable=True)
             for i in bar:
                 recorder.start_item(i)

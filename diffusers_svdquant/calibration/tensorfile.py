@@ -45,7 +45,7 @@ def write_tensors(
         dtype, shape = shapes[name]
         if dtype not in _DTYPES:
             raise ValueError(f"write_tensors: tensor {name!r} has dtype {dtype}, not one a statistics file holds")
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
