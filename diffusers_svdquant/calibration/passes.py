@@ -3,7 +3,8 @@
 Each pass runs every calibration prompt (or ``run``) again and gathers ``XᵀX`` for one contiguous group of
 layers (in module order); its sums are merged and written to disk (:class:`ShardWriter`) before the next pass
 starts. A layer's sums while recording take ``4·K²`` bytes times :func:`tree_copies` (the partial sums of the
-fixed summation tree a process holds, :mod:`.hessian`).
+fixed summation tree a process holds, :mod:`.hessian`); layers that read the same input tensor hold one sum
+(:class:`~.hessian.SharedMoments`), counted once and kept in one pass.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -48,18 +49,26 @@ def moment_bytes(k: int, copies: int) -> int:
 
 
 def plan_passes(
-    sizes: Sequence[tuple[str, int]], *, passes: int | None = None, budget_bytes: int | None = None
+    sizes: Sequence[tuple[str, int]],
+    *,
+    passes: int | None = None,
+    budget_bytes: int | None = None,
+    together: Mapping[str, str] | None = None,
 ) -> list[list[str]]:
-    """Split the layers into contiguous groups, one per pass.
+    """Split the layers into contiguous groups, one per pass (a set of ``together`` is kept whole, where its
+    first layer stands).
 
     Args:
         sizes: ``(layer name, bytes its sums take while recording)`` in module order.
-        passes: this many groups of about equal bytes (fewer when there are fewer layers).
+        passes: this many groups of about equal bytes (fewer when there are fewer layers, or sets).
         budget_bytes: as few groups as keep each group's bytes within this budget (greedy, in order).
             With neither, one group (one pass).
+        together: layer → the first layer of its set, for the layers that hold one sum because they read the
+            same input tensor (:class:`~.hessian.SharedMoments`): a set's sum is counted once, where its first
+            layer in module order stands, and the set stays in one group (in another it would not be shared).
 
     Returns:
-        the groups, in order; every layer in exactly one.
+        the groups, in order, each in module order; every layer in exactly one.
     """
     if passes is not None and budget_bytes is not None:
         raise ValueError("calibrate: pass hessian_passes or hessian_budget_gib, not both")
@@ -69,6 +78,20 @@ def plan_passes(
         raise ValueError(f"calibrate: hessian_budget_gib must be > 0, got {budget_bytes / GIB!r}")
     if not sizes:
         return []
+    index = {name: i for i, (name, _) in enumerate(sizes)}
+    sets: dict[str, list[str]] = {}  # a set's first layer → its layers, in module order of the first
+    held_by: dict[str, int] = {}
+    for name, size in sizes:
+        first = (together or {}).get(name, name)
+        first = first if first in index else name
+        sets.setdefault(first, []).append(name)
+        held_by[first] = max(held_by.get(first, 0), size)  # one sum for the set (its layers have the same K)
+    groups = _plan(list(held_by.items()), passes, budget_bytes)
+    return [sorted((n for first in g for n in sets[first]), key=index.__getitem__) for g in groups]
+
+
+def _plan(sizes: Sequence[tuple[str, int]], passes: int | None, budget_bytes: int | None) -> list[list[str]]:
+    """:func:`plan_passes` on ``(name, bytes)`` units each held on its own."""
     if budget_bytes is not None:
         groups: list[list[str]] = [[]]
         held = 0
