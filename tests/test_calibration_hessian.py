@@ -7,7 +7,10 @@ import random
 
 import pytest
 import torch
+from safetensors import safe_open
+from torch import nn
 
+from diffusers_svdquant import CalibrationStats, calibrate
 from diffusers_svdquant.calibration.hessian import PairwiseSum, SharedMoments, share_labels, shared_units
 
 
@@ -45,3 +48,23 @@ def test_shared_units_merge_once_only_what_every_process_shares():
     rank1 = {"q": other, "k": other, "v": lone}  # v left the set on this process, o never ran here
     labels = [share_labels(rank0), share_labels(rank1)]
     assert shared_units(["q", "k", "v", "o", "never"], labels) == [["q", "k"], ["v"], ["o"]]
+
+
+def test_statistics_without_shared_sums_stay_version_2_and_bad_aliases_are_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    x = torch.randn(4, 64)
+    stats = calibrate(model, run=lambda m: m(x), search=False, progress=False, hessian=True)
+    stats.save(tmp_path / "s.safetensors")
+    with safe_open(tmp_path / "s.safetensors", framework="pt") as f:
+        assert f.metadata()["format_version"] == "2" and "hessian_aliases" not in f.metadata()
+    stats.hessian["2"] = stats.hessian["0"]  # one tensor for two layers: stored once
+    stats.save(tmp_path / "t.safetensors")
+    back = CalibrationStats.load(tmp_path / "t.safetensors")
+    assert back.hessian_alias == {"2": "0"} and torch.equal(back.hessian_for("2"), stats.hessian["0"])
+    from safetensors.torch import save_file
+
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, tmp_path / "bad.safetensors", meta | {"hessian_aliases": '{"2": "gone"}'})
+    with pytest.raises(ValueError, match="hessian_aliases names XᵀX the file does not hold"):
+        CalibrationStats.load(tmp_path / "bad.safetensors")
