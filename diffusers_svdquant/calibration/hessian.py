@@ -193,6 +193,12 @@ class SharedMoments:
         """Layer name → its finished items' sums; layers that share hold the very same object."""
         return {n: c.tree for n, c in self.cells.items()}
 
+    def take(self) -> dict[str, PairwiseSum]:
+        """:meth:`moments`, letting go of them here (so whoever merges them can free each as it goes)."""
+        self._close()
+        moments, self.cells = self.moments(), {}
+        return moments
+
     def groups(self) -> list[list[str]]:
         """The layers that share a sum, each group in first-call order; groups of one layer left out."""
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]

@@ -10,6 +10,7 @@ fixed summation tree a process holds, :mod:`.hessian`); layers that read the sam
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .hessian import PairwiseSum
+from .hessian import PairwiseSum, share_labels, shared_units
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
@@ -142,23 +143,42 @@ class ShardWriter:
         self.temporary = made is not None
         self.dir = procs.gather(made or (os.fspath(directory) if directory is not None else None))[0]
 
-    def write(self, index: int, moments: dict[str, PairwiseSum], group: Sequence[str]) -> dict[str, str]:
-        """Merge the group's sums of every process (layer by layer, so rank 0 holds one layer's parts at a time
-        besides the group's totals), write them as shard ``index`` and return name → shard path. ``moments`` is
-        emptied as it goes."""
+    def write(
+        self, index: int, moments: dict[str, PairwiseSum], group: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
+        the group's totals) and write them as shard ``index``; ``moments`` is emptied as it goes.
+
+        Layers that hold one sum on every process (:func:`~.hessian.shared_units`) are merged once and written
+        once, under the first one's name; the shard's metadata ``hessian_aliases`` maps the others to it.
+
+        Returns:
+            name → shard path for every layer written, and the aliases (layer → the name it is written under).
+        """
         path = os.path.join(self.dir, f"hessian-{index:05d}.safetensors")
+        units = shared_units(group, self.procs.gather(share_labels(moments)))
         totals: dict[str, torch.Tensor] = {}
-        for name in group:  # the same order on every rank: one collective per layer
-            parts = self.procs.gather_root(moments.pop(name, None))
+        aliases: dict[str, str] = {}
+        for unit in units:  # the same on every rank: one collective per sum
+            part = moments.get(unit[0])
+            for name in unit:
+                moments.pop(name, None)
+            parts = self.procs.gather_root(part)
+            del part
             found = [p for p in parts or () if p is not None]
             if found:
-                totals[HESSIAN_PREFIX + name] = PairwiseSum.merge(found).total()
+                totals[HESSIAN_PREFIX + unit[0]] = PairwiseSum.merge(found).total()
+                aliases |= dict.fromkeys(unit[1:], unit[0])
         written = [k[len(HESSIAN_PREFIX) :] for k in totals]
         if self.procs.rank == 0:
             shapes = {k: (torch.float32, tuple(v.shape)) for k, v in totals.items()}
-            write_tensors(path, shapes, totals.pop, {"format": "svdquant-calibration-xtx-shard"})
-        # Rank 0's list, gathered after its file is complete: no rank refers to a shard before it exists.
-        return dict.fromkeys(self.procs.gather(written)[0], path)
+            meta = {"format": "svdquant-calibration-xtx-shard"}
+            if aliases:
+                meta["hessian_aliases"] = json.dumps(aliases)
+            write_tensors(path, shapes, totals.pop, meta)
+        # Rank 0's lists, gathered after its file is complete: no rank refers to a shard before it exists.
+        written, aliases = self.procs.gather((written, aliases))[0]
+        return dict.fromkeys([*written, *aliases], path), aliases
 
     def keep_with(self, stats: CalibrationStats) -> None:
         """Keep a temporary folder as long as ``stats`` or a copy of it (which read from it) lives."""
