@@ -116,6 +116,21 @@ def test_layers_that_stop_reading_the_same_input_keep_the_bits_of_their_own_sums
     _same_bits(shared, alone)
 
 
+def test_inference_mode_inputs_are_never_shared(monkeypatch):
+    """An inference-mode tensor has no version counter, so an in-place change could not be seen: no sharing, and
+    the bits of one sum each."""
+    model = _Diverging()
+    x = torch.randn(3, 100, 64)
+
+    def go(m: nn.Module) -> None:
+        with torch.inference_mode():
+            m(x.clone())
+
+    shared = _calibrate(monkeypatch, True, model, run=go, search=False)
+    assert _sets(shared) == []
+    _same_bits(shared, _calibrate(monkeypatch, False, model, run=go, search=False))
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_shared_moments_match_one_sum_per_layer_over_random_calls_and_items(seed):
     """Random calls of 4 layers on a few tensors (some changed in place, some calls with no rows) over several

@@ -120,10 +120,15 @@ class _Call:
 
 def _identity(x: torch.Tensor) -> tuple | None:
     """What must match for a later hook's input to be ``x`` unchanged; None where it cannot be told (an
-    inference-mode tensor has no version counter, so an in-place change would go unseen)."""
+    inference-mode tensor has no version counter, so an in-place change would go unseen; a tensor subclass may
+    have no storage): such a call is never shared, which is always exact."""
     if x.is_inference():
         return None
-    return (x.untyped_storage().data_ptr(), x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+    try:
+        storage = x.untyped_storage().data_ptr()
+        return (storage, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class SharedMoments:

@@ -254,13 +254,16 @@ def calibrate(
         pipeline_kwargs: extra arguments for every pipeline call (``height``, ``guidance_scale``...).
         progress: tqdm bars on rank 0.
         hessian: also gather each layer's ``XᵀX`` (float32 ``[K, K]``), which makes quantization round the
-            residual with GPTQ (``SVDQuantConfig.gptq``). Memory: ``4·K²`` bytes per layer (times about
-            ``log2`` of the items per process while recording, :func:`~.passes.tree_copies`). Merged exactly
-            across processes, and the same bits however many passes.
+            residual with GPTQ (``SVDQuantConfig.gptq``). Memory: ``4·K²`` bytes per sum (times about
+            ``log2`` of the items per process while recording, :func:`~.passes.tree_copies`); layers that read
+            the very same input tensor (attention's q / k / v) hold one sum (:class:`~.hessian.SharedMoments`),
+            with the bits each would have alone. Merged exactly across processes, and the same bits however many
+            passes.
         hessian_passes: gather ``XᵀX`` in this many passes (default 1): each pass runs every prompt (or
             ``run``, which must then feed the same inputs each time) again and records the sums of one
-            contiguous group of layers, which are merged and written to disk before the next pass; the first
-            pass also records the absmax and samples of every layer. Memory: the largest group's sums.
+            contiguous group of layers (a set sharing one sum kept whole; the sets are found on the model's first
+            forward beforehand), which are merged and written to disk before the next pass; the first pass also
+            records the absmax and samples of every layer. Memory: the largest group's sums.
         hessian_budget_gib: instead of ``hessian_passes``, as few passes as keep each group's sums while
             recording within this many GiB per process (the model, its activations and the row samples are
             extra; a layer whose sums alone exceed it is an error).
