@@ -21,11 +21,14 @@ in a fresh process so that its peak RSS is its own; ``--collect-only`` stops aft
 projection then gives, for each memory budget of ``--budgets-gib``, the passes the whole FLUX.1 needs
 (``calibration.passes.plan_passes`` on its real layer list and the summation tree's partial sums for
 ``--project-prompts`` prompts per process) and the collection time that many passes take on this machine.
-The GPU line is an ESTIMATE from FLOPs at a stated throughput (``--gpu-tflops``), not a measurement.
+The GPU line is an ESTIMATE from FLOPs at a stated throughput (``--gpu-tflops``), not a measurement. The XᵀX
+is projected as calibrate gathers it: layers that read one input tensor (q / k / v, a single block's proj_mlp)
+hold one sum, and each sum costs the rows its layers see, read off this run by layer kind (image tokens, text
+tokens, or one row per call for the AdaLN linears) and scaled to ``--project-tokens`` / ``--project-text-tokens``.
 
     python benchmarks/bench_calibration.py [--blocks 1,1] [--calls 4] [--processes 1,2] [--gptq]
         [--hessian-passes 1,4] [--collect-only] [--budgets-gib 24,80]
-        [--project-prompts 128 --project-steps 8 --project-tokens 4608]
+        [--project-prompts 128 --project-steps 8 --project-tokens 4608 --project-text-tokens 512]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -89,18 +93,28 @@ def worker(args: argparse.Namespace) -> None:
     t1 = time.perf_counter()
     collect_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     recorded = len(stats.act_absmax)
-    # The sums one pass held: the largest group's (run= is one item per process: one K x K per layer).
+    # The sums one pass held: the largest group's (run= is one item per process: one K x K per layer), a sum that
+    # layers share (they read one input tensor: attention's q / k / v) once.
     from diffusers_svdquant.calibration.passes import moment_bytes, plan_passes
 
+    shared = stats.hessian_shared()  # layer -> the layer whose XᵀX it holds
     sizes = [(n, moment_bytes(int(stats.act_absmax[n].numel()), 1)) for n in stats.hessian_names()]
-    groups = plan_passes(sizes, passes=passes) if args.gptq else []
-    held = max((sum(dict(sizes)[n] for n in g) for g in groups), default=0)
+    groups = plan_passes(sizes, passes=passes, together=shared) if args.gptq else []
+    held = max((sum(dict(sizes)[n] for n in g if n not in shared) for g in groups), default=0)
     shapes_rec = stats.info["layers"]  # name -> [N, K] of every recorded layer
+    sets: dict[str, list[str]] = {}
+    for name, first in shared.items():
+        sets.setdefault(first, [first]).append(name)
     collect = {
         "tokens_per_call": args.image_tokens + args.text_tokens,
         "rec_weight": sum(n * k for n, k in shapes_rec.values()),
         "rec_double_weight": sum(n * k for name, (n, k) in shapes_rec.items() if name.startswith("transformer_")),
-        "rec_k2": sum(k * k for _, k in shapes_rec.values()),
+        # The XᵀX work measured: K² x the rows each sum saw (a shared sum once).
+        "rec_xtx_work": sum(k * k * stats.num_tokens[n] for n, (_, k) in shapes_rec.items() if n not in shared),
+        # What the projection scales to FLUX.1, by layer kind ("transformer_blocks.*.attn.to_q"): the rows one
+        # denoiser call feeds each kind, and the kinds that share one sum.
+        "rows_per_call": {_kind(n): stats.num_tokens[n] / args.calls for n in shapes_rec},
+        "shared_kinds": sorted({tuple(sorted(_kind(n) for n in s)) for s in sets.values()}),
         "processes": procs.world,
         "hessian_passes": len(groups),
         "recorded_layers": recorded,
@@ -108,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
         "collect_plain_s": plain_s,
         "before_collect_peak_rss_mib": before_peak,
         "collect_peak_rss_mib": collect_peak,
-        "hessian_mib": sum(b for _, b in sizes) / 2**20,
+        "hessian_mib": sum(b for n, b in sizes if n not in shared) / 2**20,
         "hessian_held_mib": held / 2**20,
     }
     if args.collect_only:
@@ -155,6 +169,11 @@ def worker(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
+
+
+def _kind(name: str) -> str:
+    """A layer's name with its block index as ``*``: the same layer in every block of that kind."""
+    return re.sub(r"^((?:single_)?transformer_blocks)\.\d+\.", r"\1.*.", name)
 
 
 def _free_port() -> str:
@@ -213,6 +232,8 @@ def main() -> None:
                    "toolkit's 128)")  # fmt: skip
     p.add_argument("--project-steps", type=int, default=8, help="projection: denoising steps per prompt (calibrate's)")
     p.add_argument("--project-tokens", type=int, default=4096 + 512, help="projection: tokens per call (1024² + T5)")
+    p.add_argument("--project-text-tokens", type=int, default=512, help="projection: of those, T5 text tokens "
+                   "(FLUX.1-dev's 512)")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -312,9 +333,42 @@ def _full_report(args: argparse.Namespace, results: list[dict]) -> None:
               f"(collect {collect / 3600:.1f} h, quantize {quant / 60:.1f} min on one)")  # fmt: skip
 
 
+def _flux1_rows_and_sets(args: argparse.Namespace, b: dict, layers: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """Per FLUX.1 layer: the input rows one denoiser call feeds it, and the layer whose XᵀX it shares (for those
+    that share), both read off the bench's own run by layer kind. A kind that saw the bench's image + text tokens
+    per call sees ``--project-tokens`` (single blocks), the image tokens alone the projected image tokens, the text
+    tokens alone ``--project-text-tokens`` (a double block's add_*_proj, to_add_out, ff_context), anything else
+    (the AdaLN linears: one row per call) the same rows as on the bench."""
+    image, text = b["tokens_per_call"] - args.text_tokens, args.text_tokens
+    if image == text:
+        sys.exit("bench_calibration: the projection tells image from text rows by count; give --image-tokens and "
+                 "--text-tokens different values")  # fmt: skip
+    to_flux = {image + text: args.project_tokens, image: args.project_tokens - args.project_text_tokens,
+               text: args.project_text_tokens}  # fmt: skip
+    rows = {}
+    for name in layers:
+        seen = b["rows_per_call"][_kind(name)]
+        rows[name] = to_flux.get(seen, seen)
+    sets = [set(kinds) for kinds in b["shared_kinds"]]
+    together: dict[str, str] = {}
+    for name in layers:
+        found = next((kinds for kinds in sets if _kind(name) in kinds), None)
+        if found is None:
+            continue
+        block = re.match(r"^(?:single_)?transformer_blocks\.(\d+)\.", name)  # its set is in its block
+        first = min(k.replace("*", block.group(1)) if block else k for k in found)
+        if first != name:
+            together[name] = first
+    return rows, together
+
+
 def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> None:
     """The passes the whole FLUX.1 transformer needs for each XᵀX budget, and the collection time they take: on
-    this machine (projected from the measured run) and on one GPU (an ESTIMATE from FLOPs, not measured)."""
+    this machine (projected from the measured run) and on one GPU (an ESTIMATE from FLOPs, not measured).
+
+    XᵀX is counted as calibrate does it: a sum that layers share (they read one input tensor) once, in memory, in
+    the pass plan and in FLOPs; and each sum's FLOPs (2·rows·K²) at the rows its layers really see per call
+    (:func:`_flux1_rows_and_sets`), not every layer at every token."""
     import math
 
     import torch
@@ -327,30 +381,41 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
     with torch.device("meta"):
         flux = flux_shaped(*FLUX1_BLOCKS)
     layers = quantizable_linears(flux, SVDQuantConfig())
+    rows, together = _flux1_rows_and_sets(args, b, layers)
+    sums = {n: m for n, m in layers.items() if n not in together}  # one XᵀX each
     weight = sum(m.in_features * m.out_features for m in layers.values())
-    k2 = sum(m.in_features**2 for m in layers.values())
+    k2_all = sum(m.in_features**2 for m in layers.values())
+    k2 = sum(m.in_features**2 for m in sums.values())
     calls = args.project_prompts * args.project_steps
     tokens = calls * args.project_tokens
     scale = tokens / (args.calls * b["tokens_per_call"])
+    # The XᵀX work, K² x rows per sum: FLUX.1's over the whole workload, against the bench's measured.
+    xtx_work = sum(m.in_features**2 * rows[n] for n, m in sums.items()) * calls
+    xtx_all_tokens = k2_all * tokens  # what the projection counted before: every layer, every token, its own sum
     # This machine, one process: the forwards (with the statistics hooks) scale with weight x tokens, the XᵀX
-    # accumulation with sum(K²) x tokens. A later pass reruns the forwards (hooks on its group only).
+    # accumulation with its work. A later pass reruns the forwards (hooks on its group only).
     forwards = b["collect_plain_s"] * weight / b["rec_weight"] * scale
-    xtx = (b["collect_s"] - b["collect_plain_s"]) * k2 / b["rec_k2"] * scale
-    print(f"\nXᵀX passes for the full FLUX.1 transformer ({len(layers)} layers, sum of 4·K² = {4 * k2 / GIB:.1f} GiB; "
-          f"{args.project_prompts} prompts x {args.project_steps} steps x {args.project_tokens} tokens):")  # fmt: skip
+    xtx = (b["collect_s"] - b["collect_plain_s"]) * xtx_work / b["rec_xtx_work"]
+    print(f"\nXᵀX passes for the full FLUX.1 transformer ({len(layers)} layers, {len(sums)} XᵀX sums: sum of 4·K² = "
+          f"{4 * k2 / GIB:.1f} GiB, {4 * k2_all / GIB:.1f} GiB one per layer; {args.project_prompts} prompts x "
+          f"{args.project_steps} steps x {args.project_tokens} tokens, {args.project_text_tokens} of them "
+          f"text):")  # fmt: skip
+    print(f"  XᵀX work (rows x K² over the sums): {xtx_work / xtx_all_tokens:.3f} of every layer at every token "
+          f"with its own sum")  # fmt: skip
     pb = b["collect_plain_s"] / b["collect_s"]
     for r in runs[1:]:
         model = (r["hessian_passes"] * pb + (1 - pb)) * b["collect_s"]
         print(f"  check on the bench: {r['hessian_passes']} passes collected in {r['collect_s']:.1f} s; "
               f"passes x forwards + XᵀX predicts {model:.1f} s")  # fmt: skip
-    # GPU ESTIMATE: forward FLOPs (2 x weight x tokens + attention 4·T²·d per block) at --gpu-tflops, XᵀX
-    # (2·rows·K² per layer, every layer counted at every token: an upper bound) at --gpu-fp32-tflops.
+    # GPU ESTIMATE: forward FLOPs (2 x weight x tokens, every layer at every token, + attention 4·T²·d per block)
+    # at --gpu-tflops, XᵀX (2·rows·K² per sum) at --gpu-fp32-tflops.
     attention = 4 * args.project_tokens**2 * 3072 * sum(FLUX1_BLOCKS) * calls
     gpu_fwd = (2 * weight * tokens + attention) / (args.gpu_tflops * 1e12)
-    gpu_xtx = 2 * k2 * tokens / (args.gpu_fp32_tflops * 1e12)
+    gpu_xtx = 2 * xtx_work / (args.gpu_fp32_tflops * 1e12)
     print(f"  GPU ESTIMATE (not measured): one pass of forwards {gpu_fwd / 60:.1f} min at {args.gpu_tflops:g} "
-          f"TFLOP/s, XᵀX {gpu_xtx / 60:.1f} min at {args.gpu_fp32_tflops:g} TFLOP/s float32; plus, as calibrate "
-          f"is written, each call's sums go to host memory: {4 * k2 / GIB:.0f} GiB per call, all passes")  # fmt: skip
+          f"TFLOP/s, XᵀX {gpu_xtx / 60:.1f} min at {args.gpu_fp32_tflops:g} TFLOP/s float32 (every layer at every "
+          f"token with its own sum: {2 * xtx_all_tokens / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min); plus each "
+          f"prompt's sums go to host memory once: {4 * k2 / GIB:.0f} GiB per prompt, all passes")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
     print(f"  {'procs':>5} {'sums/layer':>10} {'XᵀX GiB':>8} " + " ".join(f"{f'{g:g} GiB: passes':>15} "
           f"{'CPU h':>7} {'GPU est. min':>12}" for g in budgets))  # fmt: skip
@@ -358,10 +423,10 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
         share = math.ceil(args.project_prompts / n)
         copies = max(tree_copies(range(r * share, min((r + 1) * share, args.project_prompts))) for r in range(n))
         sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
-        line = f"  {n:>5} {copies:>10} {sum(s for _, s in sizes) / GIB:>8.0f} "
+        line = f"  {n:>5} {copies:>10} {sum(s for name, s in sizes if name not in together) / GIB:>8.0f} "
         for g in budgets:
             try:
-                k = len(plan_passes(sizes, budget_bytes=int(g * GIB)))
+                k = len(plan_passes(sizes, budget_bytes=int(g * GIB), together=together))
             except ValueError:
                 line += f"{'too small':>15} {'-':>7} {'-':>12} "
                 continue
