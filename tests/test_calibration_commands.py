@@ -82,7 +82,7 @@ def _calibrate_args(pipe_dir) -> list[str]:
 def test_two_processes_give_the_statistics_of_one(pipe_dir, one_process, tmp_path, launcher):
     """Two launched processes join one group (the file records world size 2) and produce exactly the
     statistics, samples, XᵀX (for GPTQ) and searched (α, β) of a single process, the XᵀX gathered in 3 passes
-    (rank 0 merging each pass's sums into a shard) against one pass."""
+    (rank 0 merging each pass's sums into a shard) against one pass, the sums of layers reading one tensor shared."""
     one, two = one_process, tmp_path / "two.safetensors"
     args = [*_calibrate_args(pipe_dir), "--hessian-passes", "3", "--out", str(two)]
     out = _launch(LAUNCHERS[launcher](), args, tmp_path)
@@ -92,6 +92,8 @@ def test_two_processes_give_the_statistics_of_one(pipe_dir, one_process, tmp_pat
     assert a.info["hessian_passes"] == 1 and b.info["hessian_passes"] == 3
     _same_statistics(a, b)
     assert len(a.smoothing) == len(a.act_absmax) - 3 and a.has_hessian  # the 3 AdaLN linears: W4A16, not searched
+    # q / k / v (and the single block's proj_mlp) read one tensor: their XᵀX is held and stored once, alike.
+    assert a.hessian_alias == b.hessian_alias and len(a.hessian_alias) == 2 + 2 + 3
 
 
 def test_calibrate_command_writes_a_file_the_quantizer_reads(pipe_dir, tmp_path, capsys):

@@ -56,6 +56,47 @@ def test_plan_passes_balances_bytes_and_refuses_bad_input():
         plan_passes([("a", 5)], budget_bytes=0)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_plan_passes_counts_a_shared_sum_once_and_keeps_its_layers_together(seed):
+    """Layers that hold one sum (``together``: layer → its set's first layer, as calibrate finds them) count once
+    and land in one pass, placed where their first layer in module order stands; every layer in exactly one."""
+    rng = random.Random(seed)
+    sizes = _sizes(seed)
+    names = [n for n, _ in sizes]
+    together = {}
+    for name in names:  # a layer joins an earlier one's set now and then, taking its size (the same K)
+        if rng.random() < 0.4 and name != names[0]:
+            first = rng.choice(names[: names.index(name)])
+            together[name] = together.get(first, first)
+    alone = dict(sizes)
+    sizes = [(n, alone[together.get(n, n)]) for n in names]
+    size = dict(sizes)
+    sets = {n: together.get(n, n) for n in names}
+    once = sum(s for n, s in sizes if n not in together)
+    passes = rng.randint(1, 16)
+    budget = max(s for _, s in sizes) + rng.randint(1, 8000)
+    for groups in (plan_passes(sizes, passes=passes, together=together),
+                   plan_passes(sizes, budget_bytes=budget, together=together)):  # fmt: skip
+        assert sorted(n for g in groups for n in g) == sorted(names) and all(groups)
+        assert all(g == sorted(g, key=names.index) for g in groups)
+        for first in set(sets.values()):  # each set in one pass
+            assert sum(any(sets[n] == first for n in g) for g in groups) == 1, first
+    groups = plan_passes(sizes, budget_bytes=budget, together=together)
+    held = [sum(size[n] for n in g if n not in together) for g in groups]
+    assert all(h <= budget for h in held) and sum(held) == once
+
+
+def test_plan_passes_places_a_shared_sum_where_its_first_layer_stands():
+    # Counted once: three 10-byte layers of one set fit a 10-byte budget.
+    assert plan_passes([("q", 10), ("k", 10), ("v", 10)], budget_bytes=10, together={"k": "q", "v": "q"}) == [
+        ["q", "k", "v"]
+    ]
+    # A FLUX single block: proj_mlp and the attention's q / k / v read one tensor, proj_out stands between them.
+    block = [("mlp", 10), ("out", 10), ("q", 10), ("k", 10)]
+    assert plan_passes(block, passes=2, together={"q": "mlp", "k": "mlp"}) == [["mlp", "q", "k"], ["out"]]
+    assert plan_passes(block, passes=2) == [["mlp", "out"], ["q", "k"]]
+
+
 @pytest.mark.parametrize(
     ("items", "copies"),
     [

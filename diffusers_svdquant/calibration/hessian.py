@@ -11,6 +11,7 @@ rebuilds the same tree, so one process and N processes give the same bits.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -108,3 +109,136 @@ def input_moment(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         chunk = x32[i : i + _MOMENT_ROWS]
         acc.addmm_(chunk.t(), chunk)
     return acc
+
+
+@dataclass
+class _Cell:
+    """One ``XᵀX`` held for every layer of ``names``: they have all read the very same input tensors, call by call,
+    since their first call, so their sums are the same bits. ``tree``: the finished items; ``item``: the item in
+    progress, on the inputs' device (None until its first call)."""
+
+    names: list[str]
+    tree: PairwiseSum = field(default_factory=PairwiseSum)
+    item: torch.Tensor | None = None
+
+
+@dataclass
+class _Call:
+    """The last call recorded: into ``cell``, of input ``x``. ``x`` is held so that its memory cannot be freed and
+    reused by another tensor that would then look the same (``key``: its storage, offset, shape, strides, dtype and
+    version when recorded). ``read``: the cell's layers that have read it. ``before``: the cell's item sum before
+    this call, what a layer of the cell that does not read it keeps. ``new``: the cell was made by this call, so a
+    layer never recorded before may join it."""
+
+    cell: _Cell
+    x: torch.Tensor
+    key: tuple | None
+    read: set[str]
+    before: torch.Tensor | None
+    new: bool
+
+
+def _identity(x: torch.Tensor) -> tuple | None:
+    """What must match for a later hook's input to be ``x`` unchanged; None where it cannot be told (an
+    inference-mode tensor has no version counter, so an in-place change would go unseen)."""
+    if x.is_inference():
+        return None
+    return (x.untyped_storage().data_ptr(), x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
+
+class SharedMoments:
+    """Each recorded layer's ``XᵀX`` per item, held once for layers that read the very same input tensor.
+
+    Attention's ``to_q`` / ``to_k`` / ``to_v`` (and a FLUX single block's ``proj_mlp``) are called one after the
+    other on one tensor: each would compute and hold the same ``K x K`` sum. A layer whose hook receives the very
+    object the previous recorded call received (same storage, offset, shape, strides, dtype and ``_version``: not
+    changed in place since) reads that call instead of computing it; layers that have read the same inputs since
+    their first call share one :class:`_Cell`, so their sums are the same bits as if each had computed its own.
+
+    When a layer of a cell does not read a call of the cell (another input, or no call before the next recorded
+    one or the end of the item), it leaves the cell with the cell's state before that call: a copy of the item sum
+    (taken before each call of a shared cell; ``K²`` floats against the call's ``2·rows·K²`` FLOPs) and the finished
+    items' tensors, which are never written again. A layer joins a cell only on the first call of both.
+
+    With ``compute=False`` no sum is formed: only which layers share (:meth:`groups`), for planning the passes.
+    With ``share=False`` every layer keeps its own sum (what the tests compare against)."""
+
+    def __init__(self, compute: bool = True, share: bool = True) -> None:
+        self.compute = compute
+        self.share = share
+        self.cells: dict[str, _Cell] = {}
+        self._last: _Call | None = None
+
+    def add(self, name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Record layer ``name``'s call on ``x`` (the very object its hook received), ``rows`` its ``[M, K]`` rows."""
+        last, key = self._last, _identity(x) if self.share else None
+        if last is not None and key is not None and x is last.x and key == last.key and name not in last.read:
+            if name in last.cell.names or (last.new and name not in self.cells):
+                if name not in last.cell.names:
+                    last.cell.names.append(name)
+                    self.cells[name] = last.cell
+                last.read.add(name)
+                return
+        self._close()
+        cell = self.cells.get(name)
+        new = cell is None
+        if new:
+            cell = self.cells[name] = _Cell([name])
+        before = cell.item.clone() if len(cell.names) > 1 and cell.item is not None else None
+        if self.compute:
+            cell.item = input_moment(rows, cell.item)
+        self._last = _Call(cell, x, key, {name}, before, new)
+
+    def _close(self) -> None:
+        """The last call is over: the layers of its cell that did not read it leave with the state before it."""
+        last, self._last = self._last, None
+        if last is None or len(last.read) == len(last.cell.names):
+            return
+        left = [n for n in last.cell.names if n not in last.read]
+        last.cell.names = [n for n in last.cell.names if n in last.read]
+        # Together: they had the same inputs until now and none since.
+        cell = _Cell(left, PairwiseSum(list(last.cell.tree.blocks)), last.before)
+        for n in left:
+            self.cells[n] = cell
+
+    def finish_item(self, item: int) -> None:
+        """File the item's sums (one per cell) as item ``item`` of each cell's tree, moved to the CPU."""
+        self._close()
+        for cell in {id(c): c for c in self.cells.values()}.values():
+            if cell.item is not None:
+                cell.tree.add(item, cell.item.cpu())
+                cell.item = None
+
+    def moments(self) -> dict[str, PairwiseSum]:
+        """Layer name → its finished items' sums; layers that share hold the very same object."""
+        return {n: c.tree for n, c in self.cells.items()}
+
+    def take(self) -> dict[str, PairwiseSum]:
+        """:meth:`moments`, letting go of them here (so whoever merges them can free each as it goes)."""
+        self._close()
+        moments, self.cells = self.moments(), {}
+        return moments
+
+    def groups(self) -> list[list[str]]:
+        """The layers that share a sum, each group in first-call order; groups of one layer left out."""
+        return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
+
+
+def share_labels(moments: Mapping[str, PairwiseSum]) -> dict[str, int]:
+    """Name → a label, equal for the names that hold the very same sum object: what :func:`shared_units` needs
+    from a process, small enough to gather before the sums themselves."""
+    first: dict[int, int] = {}
+    return {n: first.setdefault(id(v), i) for i, (n, v) in enumerate(moments.items())}
+
+
+def shared_units(names: Sequence[str], labels: Sequence[Mapping[str, int]]) -> list[list[str]]:
+    """``names`` (those some process has) grouped into the layers that hold one sum on every process (``labels``:
+    each process's :func:`share_labels`), in ``names``' order: what is merged once for all of them. A layer a
+    process never recorded adds nothing there, so layers absent from the same processes and shared on the others
+    still merge to the same bits."""
+    units: dict[tuple, list[str]] = {}
+    for name in names:
+        key = tuple(part.get(name) for part in labels)
+        if any(k is not None for k in key):
+            units.setdefault(key, []).append(name)
+    return list(units.values())

@@ -3,21 +3,23 @@
 Each pass runs every calibration prompt (or ``run``) again and gathers ``XᵀX`` for one contiguous group of
 layers (in module order); its sums are merged and written to disk (:class:`ShardWriter`) before the next pass
 starts. A layer's sums while recording take ``4·K²`` bytes times :func:`tree_copies` (the partial sums of the
-fixed summation tree a process holds, :mod:`.hessian`).
+fixed summation tree a process holds, :mod:`.hessian`); layers that read the same input tensor hold one sum
+(:class:`~.hessian.SharedMoments`), counted once and kept in one pass.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .hessian import PairwiseSum
+from .hessian import PairwiseSum, share_labels, shared_units
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
@@ -48,18 +50,26 @@ def moment_bytes(k: int, copies: int) -> int:
 
 
 def plan_passes(
-    sizes: Sequence[tuple[str, int]], *, passes: int | None = None, budget_bytes: int | None = None
+    sizes: Sequence[tuple[str, int]],
+    *,
+    passes: int | None = None,
+    budget_bytes: int | None = None,
+    together: Mapping[str, str] | None = None,
 ) -> list[list[str]]:
-    """Split the layers into contiguous groups, one per pass.
+    """Split the layers into contiguous groups, one per pass (a set of ``together`` is kept whole, where its
+    first layer stands).
 
     Args:
         sizes: ``(layer name, bytes its sums take while recording)`` in module order.
-        passes: this many groups of about equal bytes (fewer when there are fewer layers).
+        passes: this many groups of about equal bytes (fewer when there are fewer layers, or sets).
         budget_bytes: as few groups as keep each group's bytes within this budget (greedy, in order).
             With neither, one group (one pass).
+        together: layer → the first layer of its set, for the layers that hold one sum because they read the
+            same input tensor (:class:`~.hessian.SharedMoments`): a set's sum is counted once, where its first
+            layer in module order stands, and the set stays in one group (in another it would not be shared).
 
     Returns:
-        the groups, in order; every layer in exactly one.
+        the groups, in order, each in module order; every layer in exactly one.
     """
     if passes is not None and budget_bytes is not None:
         raise ValueError("calibrate: pass hessian_passes or hessian_budget_gib, not both")
@@ -69,6 +79,20 @@ def plan_passes(
         raise ValueError(f"calibrate: hessian_budget_gib must be > 0, got {budget_bytes / GIB!r}")
     if not sizes:
         return []
+    index = {name: i for i, (name, _) in enumerate(sizes)}
+    sets: dict[str, list[str]] = {}  # a set's first layer → its layers, in module order of the first
+    held_by: dict[str, int] = {}
+    for name, size in sizes:
+        first = (together or {}).get(name, name)
+        first = first if first in index else name
+        sets.setdefault(first, []).append(name)
+        held_by[first] = max(held_by.get(first, 0), size)  # one sum for the set (its layers have the same K)
+    groups = _plan(list(held_by.items()), passes, budget_bytes)
+    return [sorted((n for first in g for n in sets[first]), key=index.__getitem__) for g in groups]
+
+
+def _plan(sizes: Sequence[tuple[str, int]], passes: int | None, budget_bytes: int | None) -> list[list[str]]:
+    """:func:`plan_passes` on ``(name, bytes)`` units each held on its own."""
     if budget_bytes is not None:
         groups: list[list[str]] = [[]]
         held = 0
@@ -119,23 +143,42 @@ class ShardWriter:
         self.temporary = made is not None
         self.dir = procs.gather(made or (os.fspath(directory) if directory is not None else None))[0]
 
-    def write(self, index: int, moments: dict[str, PairwiseSum], group: Sequence[str]) -> dict[str, str]:
-        """Merge the group's sums of every process (layer by layer, so rank 0 holds one layer's parts at a time
-        besides the group's totals), write them as shard ``index`` and return name → shard path. ``moments`` is
-        emptied as it goes."""
+    def write(
+        self, index: int, moments: dict[str, PairwiseSum], group: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
+        the group's totals) and write them as shard ``index``; ``moments`` is emptied as it goes.
+
+        Layers that hold one sum on every process (:func:`~.hessian.shared_units`) are merged once and written
+        once, under the first one's name; the shard's metadata ``hessian_aliases`` maps the others to it.
+
+        Returns:
+            name → shard path for every layer written, and the aliases (layer → the name it is written under).
+        """
         path = os.path.join(self.dir, f"hessian-{index:05d}.safetensors")
+        units = shared_units(group, self.procs.gather(share_labels(moments)))
         totals: dict[str, torch.Tensor] = {}
-        for name in group:  # the same order on every rank: one collective per layer
-            parts = self.procs.gather_root(moments.pop(name, None))
+        aliases: dict[str, str] = {}
+        for unit in units:  # the same on every rank: one collective per sum
+            part = moments.get(unit[0])
+            for name in unit:
+                moments.pop(name, None)
+            parts = self.procs.gather_root(part)
+            del part
             found = [p for p in parts or () if p is not None]
             if found:
-                totals[HESSIAN_PREFIX + name] = PairwiseSum.merge(found).total()
+                totals[HESSIAN_PREFIX + unit[0]] = PairwiseSum.merge(found).total()
+                aliases |= dict.fromkeys(unit[1:], unit[0])
         written = [k[len(HESSIAN_PREFIX) :] for k in totals]
         if self.procs.rank == 0:
             shapes = {k: (torch.float32, tuple(v.shape)) for k, v in totals.items()}
-            write_tensors(path, shapes, totals.pop, {"format": "svdquant-calibration-xtx-shard"})
-        # Rank 0's list, gathered after its file is complete: no rank refers to a shard before it exists.
-        return dict.fromkeys(self.procs.gather(written)[0], path)
+            meta = {"format": "svdquant-calibration-xtx-shard"}
+            if aliases:
+                meta["hessian_aliases"] = json.dumps(aliases)
+            write_tensors(path, shapes, totals.pop, meta)
+        # Rank 0's lists, gathered after its file is complete: no rank refers to a shard before it exists.
+        written, aliases = self.procs.gather((written, aliases))[0]
+        return dict.fromkeys([*written, *aliases], path), aliases
 
     def keep_with(self, stats: CalibrationStats) -> None:
         """Keep a temporary folder as long as ``stats`` or a copy of it (which read from it) lives."""

@@ -28,20 +28,30 @@ from torch import nn
 
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
-from .hessian import PairwiseSum, input_moment
+from .hessian import PairwiseSum, SharedMoments, share_labels, shared_units
 from .passes import GIB, ShardWriter, moment_bytes, plan_passes, tree_copies
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
 from .search import search_smoothing
 from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats, keep_bottom_k
 
+# Layers that read the very same input tensor hold one XᵀX (hessian.SharedMoments); False gives each its own (the
+# tests compare the two).
+SHARE_INPUTS = True
+
 
 class _Recorder:
     """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples; with
-    ``record_stats``) and each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.PairwiseSum`)."""
+    ``record_stats``) and each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.SharedMoments`;
+    with ``compute_hessian=False`` only which layers share one)."""
 
     def __init__(
-        self, max_samples: int, seed: int, hessian_layers: Collection[str] = (), record_stats: bool = True
+        self,
+        max_samples: int,
+        seed: int,
+        hessian_layers: Collection[str] = (),
+        record_stats: bool = True,
+        compute_hessian: bool = True,
     ) -> None:
         self.stats = CalibrationStats()
         self.max_samples = max_samples
@@ -50,8 +60,7 @@ class _Recorder:
         self._calls: dict[str, int] = {}
         self.hessian_layers = frozenset(hessian_layers)
         self.record_stats = record_stats
-        self.moments: dict[str, PairwiseSum] = {}
-        self._item_moments: dict[str, torch.Tensor] = {}
+        self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS)
 
     def start_item(self, item: int) -> None:
         self.finish_item()
@@ -60,20 +69,24 @@ class _Recorder:
 
     def finish_item(self) -> None:
         """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
-        for name, moment in self._item_moments.items():  # on the inputs' device until now: one copy per item
-            self.moments.setdefault(name, PairwiseSum()).add(self.item, moment.cpu())
-        self._item_moments = {}
+        self.sums.finish_item(self.item)  # on the inputs' device until now: one copy per item
+
+    def take_moments(self) -> dict[str, PairwiseSum]:
+        """Layer name → its ``XᵀX`` sums (layers that read the same inputs hold the very same object), handed
+        over: the recorder lets go of them, so whoever merges them can free each as it goes."""
+        return self.sums.take()
 
     def hook(self, name: str) -> Callable[[nn.Module, tuple, dict], None]:
         def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = (args[0] if args else kwargs["input"]).detach()
+            given = args[0] if args else kwargs["input"]
+            x = given.detach()
             x2 = x.reshape(-1, x.shape[-1])
             call = self._calls.get(name, 0)
             self._calls[name] = call + 1
             if x2.shape[0] == 0:
                 return
             if name in self.hessian_layers:
-                self._item_moments[name] = input_moment(x2, self._item_moments.get(name))
+                self.sums.add(name, given, x2)  # the object itself: a layer reading the same one shares the sum
             if not self.record_stats:
                 return
             stats = self.stats
@@ -128,17 +141,53 @@ def _record(layers: dict[str, nn.Linear], recorder: _Recorder, drive: Callable[[
     recorder.finish_item()
 
 
+class _FirstCall(Exception):
+    """Raised after the calibrated model's first forward: the search for shared inputs has seen enough."""
+
+
+def _shared_inputs(
+    model: nn.Module, layers: dict[str, nn.Linear], drive: Callable[[_Recorder], None], procs: Processes
+) -> dict[str, str]:
+    """Layer → the first layer of its set, for the layers that read the very same input tensor (hold one ``XᵀX``,
+    :class:`~.hessian.SharedMoments`), as rank 0 finds them: what the pass plan needs to count a shared sum once and
+    keep its layers in one pass, known before any pass. Found on the model's first forward only (the whole drive
+    when it never calls the model as a whole, as a ``run`` may not), with no ``XᵀX`` formed: about one forward. A
+    set the recording later sees split is still recorded exactly (each layer its own sum; the plan held it once)."""
+    recorder = _Recorder(0, 0, layers, record_stats=False, compute_hessian=False)
+
+    def stop(*_: Any) -> None:
+        raise _FirstCall
+
+    handle = model.register_forward_hook(stop)
+    try:
+        _record(layers, recorder, drive)
+    except _FirstCall:
+        recorder.finish_item()
+    finally:
+        handle.remove()
+    return procs.gather({n: g[0] for g in recorder.sums.groups() for n in g[1:]})[0]
+
+
 def _hessian_groups(
-    layers: dict[str, nn.Linear], items: list[int], procs: Processes, passes: int | None, budget_gib: float | None
+    layers: dict[str, nn.Linear],
+    items: list[int],
+    procs: Processes,
+    passes: int | None,
+    budget_gib: float | None,
+    shared_inputs: Callable[[], dict[str, str]],
 ) -> list[list[str]]:
     """The layers whose ``XᵀX`` each pass records (:func:`~.passes.plan_passes`), the same on every rank: sized by
-    the most partial sums any process holds (:func:`~.passes.tree_copies` of its items)."""
+    the most partial sums any process holds (:func:`~.passes.tree_copies` of its items), a sum that layers share
+    (``shared_inputs()``, called only when there is more than one pass to plan) counted once."""
     if budget_gib is not None and (isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float))):
         raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget_gib!r}")
     copies = max(1, *procs.gather(tree_copies(items)))
     sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
     budget = None if budget_gib is None else int(budget_gib * GIB)
-    return plan_passes(sizes, passes=passes, budget_bytes=budget)
+    groups = plan_passes(sizes, passes=passes, budget_bytes=budget)  # checks the arguments before any forward
+    if len(groups) <= 1:  # sharing only lowers the bytes: still one pass
+        return groups
+    return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -242,9 +291,9 @@ def calibrate(
 
         items = procs.my_share(len(prompts))
 
-        def drive(recorder: _Recorder, desc: str) -> None:
+        def drive(recorder: _Recorder, desc: str | None) -> None:
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
-            bar = progress_bar(items, desc=desc, enabled=progress and procs.rank == 0)
+            bar = progress_bar(items, desc=desc or "", enabled=desc is not None and progress and procs.rank == 0)
             target.set_progress_bar_config(disable=True)
             for i in bar:
                 recorder.start_item(i)
@@ -260,7 +309,7 @@ def calibrate(
 
         items = [procs.rank]
 
-        def drive(recorder: _Recorder, desc: str) -> None:
+        def drive(recorder: _Recorder, desc: str | None) -> None:
             recorder.start_item(procs.rank)
             run(model)
 
@@ -274,7 +323,13 @@ def calibrate(
     }
     if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir) != (None, None, None):
         raise ValueError("calibrate: hessian_passes, hessian_budget_gib and hessian_dir need hessian=True")
-    groups = _hessian_groups(layers, items, procs, hessian_passes, hessian_budget_gib) if hessian else []
+    groups = []
+    if hessian:
+
+        def shared_inputs() -> dict[str, str]:
+            return _shared_inputs(model, layers, lambda r: drive(r, None), procs)  # no progress bar
+
+        groups = _hessian_groups(layers, items, procs, hessian_passes, hessian_budget_gib, shared_inputs)
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (groups and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
     # for the next group's XᵀX alone, so the sums held at once are one group's.
@@ -286,11 +341,15 @@ def calibrate(
         if p == 0:
             stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
         if shards is not None:
-            stats.hessian_files |= shards.write(p, recorder.moments, group)
+            files, aliases = shards.write(p, recorder.take_moments(), group)
+            stats.hessian_files |= files
+            stats.hessian_alias |= aliases
         elif group:
-            moments = procs.gather(recorder.moments)
-            for name in sorted({n for part in moments for n in part}):
-                stats.hessian[name] = PairwiseSum.merge([part[name] for part in moments if name in part]).total()
+            moments = procs.gather(recorder.take_moments())
+            # A sum the layers share on every process is merged once and held once (the same tensor for each).
+            for unit in shared_units(group, [share_labels(part) for part in moments]):
+                total = PairwiseSum.merge([part[unit[0]] for part in moments if unit[0] in part]).total()
+                stats.hessian |= dict.fromkeys(unit, total)
         del recorder
     if shards is not None:
         shards.keep_with(stats)

@@ -26,7 +26,10 @@ from .tensorfile import write_tensors
 logger = logging.getLogger(__name__)
 
 FILE_FORMAT = "svdquant-calibration"
-FILE_FORMAT_VERSION = 2
+# 3: a file whose layers share XᵀX (the metadata's hessian_aliases); written only then, so an older reader, which
+# would see no XᵀX for the aliased layers, refuses the file instead. Without aliases a file is still version 2.
+FILE_FORMAT_VERSION = 3
+_ALIASES = "hessian_aliases"
 DEFAULT_MAX_SAMPLES = 128
 # With neither a searched nor a configured α, SmoothQuant's default migration strength.
 DEFAULT_ALPHA = 0.5
@@ -48,10 +51,14 @@ class CalibrationStats:
         search_errors: name → float64 ``[2]``: relative output error after quantization with the
             searched ``(α, β)`` and with no smoothing, on the samples.
         hessian: name → float32 ``[K, K]`` ``XᵀX`` over every input row seen (``calibrate(hessian=True)``),
-            what GPTQ rounds the residual against, held in memory.
+            what GPTQ rounds the residual against, held in memory. Layers that read the very same input tensors
+            (attention's ``to_q`` / ``to_k`` / ``to_v``) map to the very same tensor: held once, not to be changed
+            in place.
         hessian_files: name → the safetensors file holding that layer's ``XᵀX`` on disk (a loaded statistics
             file, or the shards of ``calibrate(..., hessian_passes=N)``): read one layer at a time
             (:meth:`hessian_for`), so quantizing and saving hold one ``K x K`` matrix, not all of them.
+        hessian_alias: name → the layer whose name that layer's ``XᵀX`` is stored under in its file, for layers
+            that share one (a file holds a shared sum once); a layer not in it is stored under its own name.
         info: how the statistics were made (processes, prompts, steps, rank, ...), JSON-safe.
     """
 
@@ -64,6 +71,7 @@ class CalibrationStats:
     info: dict[str, Any] = field(default_factory=dict)
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_files: dict[str, str] = field(default_factory=dict, repr=False)
+    hessian_alias: dict[str, str] = field(default_factory=dict, repr=False)
     # What keeps a temporary folder of hessian_files alive (calibration.passes.TemporaryFolder); copies share it.
     hessian_folder: Any = field(default=None, repr=False, compare=False)
 
@@ -76,7 +84,7 @@ class CalibrationStats:
         from safetensors import safe_open
 
         with safe_open(self.hessian_files[name], framework="pt") as f:
-            return f.get_tensor(HESSIAN_PREFIX + name)
+            return f.get_tensor(HESSIAN_PREFIX + self.hessian_alias.get(name, name))
 
     def hessian_names(self) -> list[str]:
         """The layers whose ``XᵀX`` was gathered, sorted."""
@@ -88,7 +96,22 @@ class CalibrationStats:
         from safetensors import safe_open
 
         with safe_open(self.hessian_files[name], framework="pt") as f:
-            return tuple(f.get_slice(HESSIAN_PREFIX + name).get_shape())
+            return tuple(f.get_slice(HESSIAN_PREFIX + self.hessian_alias.get(name, name)).get_shape())
+
+    def hessian_shared(self) -> dict[str, str]:
+        """Layer → the first layer (in :meth:`hessian_names` order) holding the very same ``XᵀX``, for each layer
+        that shares one with an earlier layer: the same tensor in memory, or the same tensor of the same file."""
+        first: dict[tuple, str] = {}
+        shared = {}
+        for name in self.hessian_names():
+            if name in self.hessian:
+                source: tuple = ("memory", id(self.hessian[name]))
+            else:
+                source = ("file", self.hessian_files[name], self.hessian_alias.get(name, name))
+            held = first.setdefault(source, name)
+            if held != name:
+                shared[name] = held
+        return shared
 
     @property
     def has_hessian(self) -> bool:
@@ -119,7 +142,9 @@ class CalibrationStats:
 
         The file is written beside ``path`` and renamed over it, so a failed save leaves any
         previous file intact. Samples (``S x K`` per layer) are left out unless asked for: the
-        quantizer needs only the absmax and the searched ``(α, β)``.
+        quantizer needs only the absmax and the searched ``(α, β)``. An ``XᵀX`` that layers share
+        (:meth:`hessian_shared`) is written once (safetensors holds no two tensors on one buffer, and it
+        would cost the bytes twice), the others named in the metadata's ``hessian_aliases``.
         """
         tensors = {_ABSMAX + k: v.float().contiguous() for k, v in self.act_absmax.items()}
         tensors |= {_SMOOTHING + k: torch.tensor(v, dtype=torch.float64) for k, v in self.smoothing.items()}
@@ -129,13 +154,19 @@ class CalibrationStats:
             tensors |= {_KEYS + k: v.contiguous() for k, v in self.sample_keys.items()}
         meta = {
             "format": FILE_FORMAT,
-            "format_version": str(FILE_FORMAT_VERSION),
+            "format_version": "2",
             "num_tokens": json.dumps(self.num_tokens),
             "info": json.dumps(self.info),
         }
+        # A shared XᵀX is written once, under its first layer's name, the others named in the metadata.
+        shared = self.hessian_shared()
+        if shared:
+            meta |= {"format_version": str(FILE_FORMAT_VERSION), _ALIASES: json.dumps(shared)}
         shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
         # The K x K sums are read (from disk, when they are there) one at a time as they are written.
-        shapes |= {HESSIAN_PREFIX + k: (torch.float32, self._hessian_shape(k)) for k in self.hessian_names()}
+        shapes |= {
+            HESSIAN_PREFIX + k: (torch.float32, self._hessian_shape(k)) for k in self.hessian_names() if k not in shared
+        }
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
         os.close(fd)
@@ -156,7 +187,8 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
-        """Read a file written by :meth:`save` (or a version-1 file of bare ``name → [K]`` absmax)."""
+        """Read a file written by :meth:`save` (or a version-1 file of bare ``name → [K]`` absmax, or a version-2
+        file, which has no shared ``XᵀX``)."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -191,6 +223,12 @@ class CalibrationStats:
         def section(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        aliases = json.loads(meta.get(_ALIASES, "{}"))
+        missing = {a: n for a, n in aliases.items() if n not in hessian_files}
+        if missing:
+            raise ValueError(f"{path!r}: {_ALIASES} names XᵀX the file does not hold: {missing}")
+        hessian_files |= dict.fromkeys(aliases, path)
+
         return cls(
             act_absmax=section(_ABSMAX),
             num_tokens={k: int(v) for k, v in json.loads(meta.get("num_tokens", "{}")).items()},
@@ -200,6 +238,7 @@ class CalibrationStats:
             search_errors=section(_ERRORS),
             info=json.loads(meta.get("info", "{}")),
             hessian_files=hessian_files,
+            hessian_alias=aliases,
         )
 
     def __repr__(self) -> str:
