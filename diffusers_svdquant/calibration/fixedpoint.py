@@ -78,6 +78,13 @@ class FixedPointSum:
                 )
             self.sum[r0:r1] += units.long().cpu()
 
+    def copy(self) -> FixedPointSum:
+        """Another sum of the same items so far, added to independently from now on."""
+        out = FixedPointSum.__new__(FixedPointSum)
+        out.name, out.channel, out.rows_exponent = self.name, self.channel, self.rows_exponent
+        out.sum = self.sum.clone()
+        return out
+
     @classmethod
     def merge(cls, parts: list[FixedPointSum]) -> FixedPointSum:
         """The sum of every part's items (parts sized from the same statistics, in any order)."""

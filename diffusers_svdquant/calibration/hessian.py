@@ -11,10 +11,12 @@ rebuilds the same tree, so one process and N processes give the same bits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .fixedpoint import FixedPointSum
 
 
 @dataclass
@@ -30,8 +32,12 @@ class PairwiseSum:
             raise ValueError(
                 f"PairwiseSum: item {item} arrives after items up to {self.blocks[-1][0] + self.blocks[-1][1] - 1}"
             )
-        self.blocks.append((item, 1, value))
+        self.blocks.append((item, 1, value.cpu()))
         self.blocks = _pair_siblings(self.blocks)
+
+    def copy(self) -> PairwiseSum:
+        """Another sum with the same finished blocks (their tensors are never written again: shared, not copied)."""
+        return PairwiseSum(list(self.blocks))
 
     @classmethod
     def merge(cls, parts: list[PairwiseSum]) -> PairwiseSum:
@@ -111,6 +117,10 @@ def input_moment(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return acc
 
 
+# What holds a layer's finished items: the fixed summation tree, or int64 fixed point (calibrate's hessian_sum).
+MomentSum = PairwiseSum | FixedPointSum
+
+
 @dataclass
 class _Cell:
     """One ``XᵀX`` held for every layer of ``names``: they have all read the very same input tensors, call by call,
@@ -118,7 +128,7 @@ class _Cell:
     progress, on the inputs' device (None until its first call)."""
 
     names: list[str]
-    tree: PairwiseSum = field(default_factory=PairwiseSum)
+    tree: MomentSum = field(default_factory=PairwiseSum)
     item: torch.Tensor | None = None
 
 
@@ -161,11 +171,16 @@ class SharedMoments:
     items' tensors, which are never written again. A layer joins a cell only on the first call of both.
 
     With ``compute=False`` no sum is formed: only which layers share (:meth:`groups`), for planning the passes.
-    With ``share=False`` every layer keeps its own sum (what the tests compare against)."""
+    With ``share=False`` every layer keeps its own sum (what the tests compare against). ``new_sum(name)``: the
+    finished items' sum of a cell first made for layer ``name`` (default :class:`PairwiseSum`; calibrate's
+    ``hessian_sum="fixed"`` gives a :class:`~.fixedpoint.FixedPointSum` sized from the layer's statistics)."""
 
-    def __init__(self, compute: bool = True, share: bool = True) -> None:
+    def __init__(
+        self, compute: bool = True, share: bool = True, new_sum: Callable[[str], MomentSum] | None = None
+    ) -> None:
         self.compute = compute
         self.share = share
+        self.new_sum = new_sum or (lambda _name: PairwiseSum())
         self.cells: dict[str, _Cell] = {}
         self._last: _Call | None = None
 
@@ -183,7 +198,7 @@ class SharedMoments:
         cell = self.cells.get(name)
         new = cell is None
         if new:
-            cell = self.cells[name] = _Cell([name])
+            cell = self.cells[name] = _Cell([name], self.new_sum(name))
         before = cell.item.clone() if len(cell.names) > 1 and cell.item is not None else None
         if self.compute:
             cell.item = input_moment(rows, cell.item)
@@ -197,23 +212,23 @@ class SharedMoments:
         left = [n for n in last.cell.names if n not in last.read]
         last.cell.names = [n for n in last.cell.names if n in last.read]
         # Together: they had the same inputs until now and none since.
-        cell = _Cell(left, PairwiseSum(list(last.cell.tree.blocks)), last.before)
+        cell = _Cell(left, last.cell.tree.copy(), last.before)
         for n in left:
             self.cells[n] = cell
 
     def finish_item(self, item: int) -> None:
-        """File the item's sums (one per cell) as item ``item`` of each cell's tree, moved to the CPU."""
+        """File the item's sums (one per cell) as item ``item`` of each cell's sum (which keeps it on the CPU)."""
         self._close()
         for cell in {id(c): c for c in self.cells.values()}.values():
             if cell.item is not None:
-                cell.tree.add(item, cell.item.cpu())
+                cell.tree.add(item, cell.item)
                 cell.item = None
 
-    def moments(self) -> dict[str, PairwiseSum]:
+    def moments(self) -> dict[str, MomentSum]:
         """Layer name → its finished items' sums; layers that share hold the very same object."""
         return {n: c.tree for n, c in self.cells.items()}
 
-    def take(self) -> dict[str, PairwiseSum]:
+    def take(self) -> dict[str, MomentSum]:
         """:meth:`moments`, letting go of them here (so whoever merges them can free each as it goes)."""
         self._close()
         moments, self.cells = self.moments(), {}
@@ -224,7 +239,7 @@ class SharedMoments:
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
 
 
-def share_labels(moments: Mapping[str, PairwiseSum]) -> dict[str, int]:
+def share_labels(moments: Mapping[str, MomentSum]) -> dict[str, int]:
     """Name → a label, equal for the names that hold the very same sum object: what :func:`shared_units` needs
     from a process, small enough to gather before the sums themselves."""
     first: dict[int, int] = {}
