@@ -92,3 +92,31 @@ def test_errors_name_the_layer():
         FixedPointSum(torch.tensor([1.0, float("inf")]), 3, "x")
     with pytest.raises(ValueError, match="different statistics"):
         FixedPointSum.merge([FixedPointSum(absmax, 10), FixedPointSum(absmax * 4, 10)])
+
+
+def test_copy_host_and_an_empty_sum():
+    items, absmax, rows = _items(3, 8, 7)
+    acc = FixedPointSum(absmax, rows, "l")
+    assert torch.equal(acc.total(), torch.zeros(8, 8)) and acc.copy().total().abs().sum() == 0
+    acc.add(0, items[0])
+    fork = acc.copy()
+    fork.add(1, items[1])
+    acc.add(2, items[2])
+    assert acc.host() is acc and acc.sum.device.type == "cpu"
+    alone = FixedPointSum(absmax, rows, "l")
+    for i in (0, 2):
+        alone.add(i, items[i])
+    assert torch.equal(acc.total(), alone.total())  # the fork's item 1 did not reach it
+    assert not torch.equal(fork.total(), acc.total())
+    assert torch.equal(FixedPointSum.merge([FixedPointSum(absmax, rows), acc]).total(), acc.total())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_items_on_a_gpu_are_summed_there_to_the_cpu_bits():
+    items, absmax, rows = _items(5, 32, 3)
+    cpu, gpu = FixedPointSum(absmax, rows), FixedPointSum(absmax, rows)
+    for i, t in enumerate(items):
+        cpu.add(i, t)
+        gpu.add(i, t.cuda())
+    assert gpu.sum.is_cuda
+    assert torch.equal(gpu.total(), cpu.total()) and not gpu.sum.is_cuda

@@ -52,8 +52,10 @@ class FixedPointSum:
         self.name = name
         self.channel = channel_exponents(absmax)
         self.rows_exponent = max(0, math.ceil(math.log2(rows)))
-        k = absmax.numel()
-        self.sum = torch.zeros(k, k, dtype=torch.int64)
+        self.k = absmax.numel()
+        # On the first item's device: on a GPU the integers never cross to the host per item (one int64 K x K
+        # each way would be twice the float32 item sum the summation tree copies).
+        self.sum: torch.Tensor | None = None
 
     def _shift(self, r0: int, r1: int) -> torch.Tensor:
         """``61 − c_j − c_l − e`` for rows ``[r0, r1)``: value · 2^shift is the value in units."""
@@ -61,11 +63,13 @@ class FixedPointSum:
         return _FRACTION_BITS - self.rows_exponent - c[r0:r1, None] - c[None, :]
 
     def add(self, item: int, value: torch.Tensor) -> None:
-        """Add one item's float32 ``[K, K]`` sum (on any device; converted there, the integers kept on the CPU).
-        ``item`` is accepted for :class:`~.hessian.PairwiseSum`'s interface: the order does not matter here."""
-        k = self.sum.shape[0]
+        """Add one item's float32 ``[K, K]`` sum (converted on its device, where the integers are kept until
+        :meth:`host`). ``item`` is accepted for :class:`~.hessian.PairwiseSum`'s interface: order does not matter."""
+        k = self.k
         if value.shape != (k, k):
             raise ValueError(f"FixedPointSum({self.name!r}): item {item} is {list(value.shape)}, expected [{k}, {k}]")
+        if self.sum is None:
+            self.sum = torch.zeros(k, k, dtype=torch.int64, device=value.device)
         limit = 2.0**62
         for r0 in range(0, k, _ROWS_PER_STEP):
             r1 = min(k, r0 + _ROWS_PER_STEP)
@@ -76,30 +80,38 @@ class FixedPointSum:
                     f"FixedPointSum({self.name!r}): item {item}'s XᵀX exceeds rows · absmax² of the statistics it was "
                     "sized from (the inputs changed between the statistics pass and this one, or are not finite)"
                 )
-            self.sum[r0:r1] += units.long().cpu()
+            self.sum[r0:r1] += units.long().to(self.sum.device)
+
+    def host(self) -> FixedPointSum:
+        """This sum with its integers on the CPU (for gathering between processes and writing), returned."""
+        if self.sum is not None:
+            self.sum = self.sum.cpu()
+        return self
 
     def copy(self) -> FixedPointSum:
         """Another sum of the same items so far, added to independently from now on."""
         out = FixedPointSum.__new__(FixedPointSum)
-        out.name, out.channel, out.rows_exponent = self.name, self.channel, self.rows_exponent
-        out.sum = self.sum.clone()
+        out.name, out.channel, out.rows_exponent, out.k = self.name, self.channel, self.rows_exponent, self.k
+        out.sum = None if self.sum is None else self.sum.clone()
         return out
 
     @classmethod
     def merge(cls, parts: list[FixedPointSum]) -> FixedPointSum:
-        """The sum of every part's items (parts sized from the same statistics, in any order)."""
-        out = parts[0]
+        """The sum of every part's items (parts sized from the same statistics, in any order), on the CPU."""
+        out = parts[0].host()
         for part in parts[1:]:
             if part.rows_exponent != out.rows_exponent or not torch.equal(part.channel, out.channel):
                 raise ValueError(f"FixedPointSum.merge({out.name!r}): the parts were sized from different statistics")
-            out.sum += part.sum
+            if part.sum is not None:
+                out.sum = part.sum.cpu() if out.sum is None else out.sum + part.sum.cpu()
         return out
 
     def total(self) -> torch.Tensor:
-        """The sum as float32 ``[K, K]``: the integers times their units, rounded once to float32."""
-        k = self.sum.shape[0]
-        out = torch.empty(k, k)
-        for r0 in range(0, k, _ROWS_PER_STEP):
-            r1 = min(k, r0 + _ROWS_PER_STEP)
-            out[r0:r1] = torch.ldexp(self.sum[r0:r1].double(), -self._shift(r0, r1)).float()
+        """The sum as float32 ``[K, K]`` on the CPU: the integers times their units, rounded once to float32."""
+        k, total = self.k, self.host().sum
+        out = torch.zeros(k, k)
+        if total is not None:
+            for r0 in range(0, k, _ROWS_PER_STEP):
+                r1 = min(k, r0 + _ROWS_PER_STEP)
+                out[r0:r1] = torch.ldexp(total[r0:r1].double(), -self._shift(r0, r1)).float()
         return out

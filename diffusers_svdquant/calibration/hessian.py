@@ -35,6 +35,10 @@ class PairwiseSum:
         self.blocks.append((item, 1, value.cpu()))
         self.blocks = _pair_siblings(self.blocks)
 
+    def host(self) -> PairwiseSum:
+        """This sum (its blocks are on the CPU already): the interface of :class:`~.fixedpoint.FixedPointSum`."""
+        return self
+
     def copy(self) -> PairwiseSum:
         """Another sum with the same finished blocks (their tensors are never written again: shared, not copied)."""
         return PairwiseSum(list(self.blocks))
@@ -229,9 +233,10 @@ class SharedMoments:
         return {n: c.tree for n, c in self.cells.items()}
 
     def take(self) -> dict[str, MomentSum]:
-        """:meth:`moments`, letting go of them here (so whoever merges them can free each as it goes)."""
+        """:meth:`moments` on the CPU (to be gathered between processes), letting go of them here (so whoever merges
+        them can free each as it goes)."""
         self._close()
-        moments, self.cells = self.moments(), {}
+        moments, self.cells = {n: m.host() for n, m in self.moments().items()}, {}
         return moments
 
     def groups(self) -> list[list[str]]:
