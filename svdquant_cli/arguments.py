@@ -266,6 +266,15 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --gptq: keep the passes' XᵀX shards in this folder (default: a temporary one)",
     )
+    p.add_argument(
+        "--hessian-sum",
+        choices=("tree", "fixed"),
+        default=None,
+        help="with --gptq: how the prompts' XᵀX are added, the same bits on any number of processes: 'tree' "
+        "(default; up to log2(prompts per process) float32 sums per layer while recording) or 'fixed' (int64 "
+        "fixed point: 12·K² bytes per layer however many prompts, after one more run of the prompts for the "
+        "statistics that size it); 'fixed' for a big model on few processes",
+    )
 
 
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:

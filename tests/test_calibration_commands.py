@@ -96,6 +96,24 @@ def test_two_processes_give_the_statistics_of_one(pipe_dir, one_process, tmp_pat
     assert a.hessian_alias == b.hessian_alias and len(a.hessian_alias) == 2 + 2 + 3
 
 
+@pytest.mark.slow
+def test_fixed_point_sums_on_two_processes_give_the_bits_of_one(pipe_dir, one_process, tmp_path):
+    """--hessian-sum fixed with several prompts per process: 2 processes x 2 passes give the statistics and XᵀX bits
+    of 1 process x 1 pass, within float32 rounding of the summation tree's."""
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    args = [*_calibrate_args(pipe_dir), "--hessian-sum", "fixed"]
+    _launch([sys.executable], [*args, "--out", str(one)], tmp_path)
+    _launch(LAUNCHERS["torchrun"](), [*args, "--hessian-passes", "2", "--out", str(two)], tmp_path)
+    a, b, tree = CalibrationStats.load(one), CalibrationStats.load(two), CalibrationStats.load(one_process)
+    assert a.info["hessian_sum"] == b.info["hessian_sum"] == "fixed" and tree.info["hessian_sum"] == "tree"
+    assert b.info["num_processes"] == 2 and b.info["hessian_passes"] == 2
+    _same_statistics(a, b)
+    assert a.hessian_names() == tree.hessian_names() and a.hessian_alias == tree.hessian_alias
+    for name in tree.hessian_names():
+        want = tree.hessian_for(name)
+        torch.testing.assert_close(a.hessian_for(name), want, rtol=1e-5, atol=1e-6 * want.diagonal().max())
+
+
 def test_calibrate_command_writes_a_file_the_quantizer_reads(pipe_dir, tmp_path, capsys):
     out = tmp_path / "stats.safetensors"
     assert cli.main(["calibrate", str(pipe_dir), *CALIB, "--out", str(out)]) == 0
@@ -123,6 +141,7 @@ def test_calibrate_command_reads_a_prompt_file(pipe_dir, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--hessian-passes", "2"], "--hessian-passes needs --gptq"),
+        (["--hessian-sum", "fixed"], "--hessian-sum needs --gptq"),
         (["--gptq", "--hessian-passes", "0"], "--hessian-passes must be >= 1"),
         (["--gptq", "--hessian-budget-gib", "-1"], "--hessian-budget-gib must be > 0"),
         (["--gptq", "--hessian-budget-gib", "1e-6"], "svdquant: calibrate: layer .* alone needs .* GiB of XᵀX sums"),

@@ -152,6 +152,43 @@ def test_passes_give_the_bits_of_one_pass(plan, tmp_path):
     assert not os.path.exists(folder)
 
 
+def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree():
+    """hessian_sum="fixed": a statistics pass first, then the XᵀX passes; the same bits for any pass count, within
+    float32 rounding of the tree's sums, the statistics themselves unchanged. Planned at 12·K² bytes a layer."""
+    model, go = _model_and_run()
+    kw = {"run": go, "progress": False, "search": False, "hessian": True}
+    tree, one = calibrate(model, **kw), calibrate(model, **kw, hessian_sum="fixed")
+    three = calibrate(model, **kw, hessian_sum="fixed", hessian_passes=3)
+    budget = calibrate(model, **kw, hessian_sum="fixed", hessian_budget_gib=250e3 / GIB)  # 12·(64² + 128²): 1 pass
+    assert (tree.info["hessian_sum"], one.info["hessian_sum"]) == ("tree", "fixed")
+    assert (one.info["hessian_passes"], three.info["hessian_passes"], budget.info["hessian_passes"]) == (1, 3, 2)
+    assert one.hessian_names() == three.hessian_names() == tree.hessian_names() == ["0", "2", "3"]
+    for name in tree.hessian_names():
+        assert torch.equal(three.hessian_for(name), one.hessian_for(name)), name
+        assert torch.equal(budget.hessian_for(name), one.hessian_for(name)), name
+        scale = tree.hessian_for(name).diagonal().max()
+        torch.testing.assert_close(one.hessian_for(name), tree.hessian_for(name), rtol=1e-5, atol=1e-6 * scale)
+    for name in tree.act_absmax:
+        assert torch.equal(one.act_absmax[name], tree.act_absmax[name])
+    assert one.num_tokens == tree.num_tokens
+    with pytest.raises(ValueError, match="hessian_sum must be 'tree' or 'fixed', got 'exact'"):
+        calibrate(model, **kw, hessian_sum="exact")
+
+
+def test_fixed_point_sums_refuse_inputs_beyond_their_statistics():
+    """A run whose inputs grow between the statistics pass and the XᵀX pass: an error naming the layer, never a
+    wrapped-around sum."""
+    model, _ = _model_and_run()
+    x, calls = torch.randn(3, 7, 64), []
+
+    def go(m):
+        calls.append(1)
+        m(x * 100 ** (len(calls) - 1))  # the second run (the XᵀX pass): 100x the statistics pass's inputs
+
+    with pytest.raises(ValueError, match=r"FixedPointSum\('0'\): item 0's XᵀX exceeds rows · absmax²"):
+        calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_sum="fixed")
+
+
 def test_hessian_dir_keeps_the_shards_and_passes_need_hessian(tmp_path):
     model, go = _model_and_run()
     stats = calibrate(model, run=go, search=False, progress=False, hessian=True, hessian_dir=tmp_path / "xtx")
@@ -161,7 +198,7 @@ def test_hessian_dir_keeps_the_shards_and_passes_need_hessian(tmp_path):
     del stats
     gc.collect()
     assert (tmp_path / "xtx" / "hessian-00000.safetensors").is_file()
-    for kw in ({"hessian_passes": 2}, {"hessian_budget_gib": 1.0}, {"hessian_dir": tmp_path}):
+    for kw in ({"hessian_passes": 2}, {"hessian_budget_gib": 1.0}, {"hessian_dir": tmp_path}, {"hessian_sum": "fixed"}):
         with pytest.raises(ValueError, match="need hessian=True"):
             calibrate(model, run=go, search=False, progress=False, **kw)
     with pytest.raises(ValueError, match="hessian_budget_gib must be a number"):

@@ -20,7 +20,7 @@ from diffusers_svdquant import (
     quantize_,
     reference,
 )
-from diffusers_svdquant.calibration.hessian import PairwiseSum, input_moment
+from diffusers_svdquant.calibration.hessian import PairwiseSum, input_moment, tensor_core_moment
 
 
 def _inputs(m: int, k: int, seed: int, outliers: int = 8) -> torch.Tensor:
@@ -138,6 +138,34 @@ def test_input_moment_accumulates_in_place_on_the_rows_device(rows):
     torch.testing.assert_close(again, 2 * (x.double().t() @ x.double()), rtol=1e-5, atol=1e-4, check_dtype=False)
     with pytest.raises(ValueError, match=r"input_moment: the sum so far is torch.float32 \[32, 32\] on cpu"):
         input_moment(x, torch.zeros(32, 32))
+
+
+def test_input_moment_upcasts_on_the_cpu():
+    """Only 16-bit rows on a GPU take the tensor-core path; on the CPU every dtype is summed in float32 chunks."""
+    x = torch.randn(5, 64)
+    assert not tensor_core_moment(x) and not tensor_core_moment(x.bfloat16()) and not tensor_core_moment(x.half())
+    assert torch.equal(input_moment(x.bfloat16()), input_moment(x.bfloat16().float()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_input_moment_on_a_gpu_multiplies_the_16bit_rows(dtype):
+    """bfloat16 / float16 rows on a GPU: XᵀX from the 16-bit values with float32 output (tensor cores), over more
+    than one 8,192-row chunk, within float32 summation error of float64, the same bits on every call."""
+    torch.manual_seed(0)
+    x = (torch.randn(20_000, 96) * torch.logspace(-2, 2, 96)).to(dtype)
+    xg = x.cuda()
+    assert tensor_core_moment(xg) and not tensor_core_moment(xg.float())
+    got = input_moment(xg)
+    assert got.dtype == torch.float32 and got.is_cuda
+    exact, spread = x.double().t() @ x.double(), x.double().abs().t() @ x.double().abs()
+    # 1e-4 of the sum of |terms|: float32 sums in any order pass; a 16-bit result (2^-9 of the diagonal) does not.
+    assert ((got.double().cpu() - exact).abs() <= 1e-4 * spread).all()
+    assert torch.equal(input_moment(xg), got)
+    head = x[:100].double()
+    again = input_moment(xg[:100], got.clone())  # accumulated into a sum so far
+    err = (again.double().cpu() - exact - head.t() @ head).abs()
+    assert (err <= 1e-4 * (spread + head.abs().t() @ head.abs())).all()
 
 
 def test_calibrate_gathers_the_inputs_second_moment(tmp_path):

@@ -68,6 +68,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         "--hessian-passes": args.hessian_passes,
         "--hessian-budget-gib": args.hessian_budget_gib,
         "--hessian-dir": args.hessian_dir,
+        "--hessian-sum": args.hessian_sum,
     }
     given = [flag for flag, value in pass_options.items() if value is not None]
     if given and not args.gptq:
@@ -93,6 +94,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
             hessian_passes=args.hessian_passes,
             hessian_budget_gib=args.hessian_budget_gib,
             hessian_dir=args.hessian_dir,
+            hessian_sum=args.hessian_sum or "tree",
         )
     except ValueError as e:
         if str(e).startswith("calibrate:"):  # bad settings (a budget below one layer's sums...): one line

@@ -11,10 +11,12 @@ rebuilds the same tree, so one process and N processes give the same bits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .fixedpoint import FixedPointSum
 
 
 @dataclass
@@ -30,8 +32,16 @@ class PairwiseSum:
             raise ValueError(
                 f"PairwiseSum: item {item} arrives after items up to {self.blocks[-1][0] + self.blocks[-1][1] - 1}"
             )
-        self.blocks.append((item, 1, value))
+        self.blocks.append((item, 1, value.cpu()))
         self.blocks = _pair_siblings(self.blocks)
+
+    def host(self) -> PairwiseSum:
+        """This sum (its blocks are on the CPU already): the interface of :class:`~.fixedpoint.FixedPointSum`."""
+        return self
+
+    def copy(self) -> PairwiseSum:
+        """Another sum with the same finished blocks (their tensors are never written again: shared, not copied)."""
+        return PairwiseSum(list(self.blocks))
 
     @classmethod
     def merge(cls, parts: list[PairwiseSum]) -> PairwiseSum:
@@ -65,6 +75,18 @@ def _pair_siblings(blocks: list[tuple[int, int, torch.Tensor]]) -> list[tuple[in
 # Rows per matmul: a BLAS may split a long reduction between threads, which changes the rounding with the
 # thread count (measured: 1,000+ rows differ between 1 and 2 threads); short ones it does not split.
 _MOMENT_ROWS = 128
+# On a GPU the bits do not depend on a thread count (cuBLAS gives the same bits on the same GPU model for the
+# same shapes), so a call's rows go in long chunks: a 128-row chunk there would cost three passes over the
+# K x K sum for 2·128·K² flops, which is memory-bound on any tensor-core GPU.
+_MOMENT_ROWS_CUDA = 8192
+
+
+def tensor_core_moment(x: torch.Tensor) -> bool:
+    """Whether :func:`input_moment` forms ``x``'s ``XᵀX`` from its 16-bit values on tensor cores: CUDA rows in
+    bfloat16 or float16. Their products are exact in float32 (8 or 11 significant bits each), so this is the
+    same sum as upcasting first, but at the GPU's 16-bit matmul rate instead of its float32 one (about ten
+    times the float32 rate on an A100 / H100 / H200); only the tensor cores' float32 accumulation order differs."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def input_moment(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,19 +98,31 @@ def input_moment(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     item ends, not once per call (on a GPU that would copy every hooked layer's ``K x K`` per forward: ~69 GiB
     per denoiser call on FLUX.1). Each chunk is added by one ``addmm_`` into the sum (``C += XᵢᵀXᵢ``) rather than
     formed and then added: one pass over the ``K x K`` sum per chunk instead of three, 1.7x faster at K = 12,288
-    (1,280 rows, 2 threads: 2.76 s -> 1.57 s), and still the same bits on 1 and 2 threads."""
-    x32 = x.float()
-    k = x32.shape[1]
-    if out is not None and (out.device != x32.device or out.shape != (k, k) or out.dtype != torch.float32):
+    (1,280 rows, 2 threads: 2.76 s -> 1.57 s), and still the same bits on 1 and 2 threads.
+
+    bfloat16 / float16 rows on a GPU (:func:`tensor_core_moment`) are multiplied as they are, with float32
+    output, in chunks of 8,192 rows; every other input is upcast to float32 first."""
+    k = x.shape[1]
+    if out is not None and (out.device != x.device or out.shape != (k, k) or out.dtype != torch.float32):
         raise ValueError(
             f"input_moment: the sum so far is {out.dtype} {list(out.shape)} on {out.device}, the rows "
-            f"{list(x32.shape)} on {x32.device}: expected float32 [{k}, {k}] on the rows' device"
+            f"{list(x.shape)} on {x.device}: expected float32 [{k}, {k}] on the rows' device"
         )
-    acc = out if out is not None else torch.zeros(k, k, device=x32.device)
+    acc = out if out is not None else torch.zeros(k, k, device=x.device)
+    if tensor_core_moment(x):
+        for i in range(0, x.shape[0], _MOMENT_ROWS_CUDA):
+            chunk = x[i : i + _MOMENT_ROWS_CUDA]
+            acc.add_(torch.mm(chunk.t(), chunk, out_dtype=torch.float32))
+        return acc
+    x32 = x.float()
     for i in range(0, x32.shape[0], _MOMENT_ROWS):
         chunk = x32[i : i + _MOMENT_ROWS]
         acc.addmm_(chunk.t(), chunk)
     return acc
+
+
+# What holds a layer's finished items: the fixed summation tree, or int64 fixed point (calibrate's hessian_sum).
+MomentSum = PairwiseSum | FixedPointSum
 
 
 @dataclass
@@ -98,7 +132,7 @@ class _Cell:
     progress, on the inputs' device (None until its first call)."""
 
     names: list[str]
-    tree: PairwiseSum = field(default_factory=PairwiseSum)
+    tree: MomentSum = field(default_factory=PairwiseSum)
     item: torch.Tensor | None = None
 
 
@@ -146,11 +180,16 @@ class SharedMoments:
     items' tensors, which are never written again. A layer joins a cell only on the first call of both.
 
     With ``compute=False`` no sum is formed: only which layers share (:meth:`groups`), for planning the passes.
-    With ``share=False`` every layer keeps its own sum (what the tests compare against)."""
+    With ``share=False`` every layer keeps its own sum (what the tests compare against). ``new_sum(name)``: the
+    finished items' sum of a cell first made for layer ``name`` (default :class:`PairwiseSum`; calibrate's
+    ``hessian_sum="fixed"`` gives a :class:`~.fixedpoint.FixedPointSum` sized from the layer's statistics)."""
 
-    def __init__(self, compute: bool = True, share: bool = True) -> None:
+    def __init__(
+        self, compute: bool = True, share: bool = True, new_sum: Callable[[str], MomentSum] | None = None
+    ) -> None:
         self.compute = compute
         self.share = share
+        self.new_sum = new_sum or (lambda _name: PairwiseSum())
         self.cells: dict[str, _Cell] = {}
         self._last: _Call | None = None
 
@@ -168,7 +207,7 @@ class SharedMoments:
         cell = self.cells.get(name)
         new = cell is None
         if new:
-            cell = self.cells[name] = _Cell([name])
+            cell = self.cells[name] = _Cell([name], self.new_sum(name))
         before = cell.item.clone() if len(cell.names) > 1 and cell.item is not None else None
         if self.compute:
             cell.item = input_moment(rows, cell.item)
@@ -182,26 +221,27 @@ class SharedMoments:
         left = [n for n in last.cell.names if n not in last.read]
         last.cell.names = [n for n in last.cell.names if n in last.read]
         # Together: they had the same inputs until now and none since.
-        cell = _Cell(left, PairwiseSum(list(last.cell.tree.blocks)), last.before)
+        cell = _Cell(left, last.cell.tree.copy(), last.before)
         for n in left:
             self.cells[n] = cell
 
     def finish_item(self, item: int) -> None:
-        """File the item's sums (one per cell) as item ``item`` of each cell's tree, moved to the CPU."""
+        """File the item's sums (one per cell) as item ``item`` of each cell's sum (which keeps it on the CPU)."""
         self._close()
         for cell in {id(c): c for c in self.cells.values()}.values():
             if cell.item is not None:
-                cell.tree.add(item, cell.item.cpu())
+                cell.tree.add(item, cell.item)
                 cell.item = None
 
-    def moments(self) -> dict[str, PairwiseSum]:
+    def moments(self) -> dict[str, MomentSum]:
         """Layer name → its finished items' sums; layers that share hold the very same object."""
         return {n: c.tree for n, c in self.cells.items()}
 
-    def take(self) -> dict[str, PairwiseSum]:
-        """:meth:`moments`, letting go of them here (so whoever merges them can free each as it goes)."""
+    def take(self) -> dict[str, MomentSum]:
+        """:meth:`moments` on the CPU (to be gathered between processes), letting go of them here (so whoever merges
+        them can free each as it goes)."""
         self._close()
-        moments, self.cells = self.moments(), {}
+        moments, self.cells = {n: m.host() for n, m in self.moments().items()}, {}
         return moments
 
     def groups(self) -> list[list[str]]:
@@ -209,7 +249,7 @@ class SharedMoments:
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
 
 
-def share_labels(moments: Mapping[str, PairwiseSum]) -> dict[str, int]:
+def share_labels(moments: Mapping[str, MomentSum]) -> dict[str, int]:
     """Name → a label, equal for the names that hold the very same sum object: what :func:`shared_units` needs
     from a process, small enough to gather before the sums themselves."""
     first: dict[int, int] = {}

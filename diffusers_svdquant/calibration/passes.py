@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .hessian import PairwiseSum, share_labels, shared_units
+from .hessian import MomentSum, share_labels, shared_units
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
@@ -47,6 +47,12 @@ def tree_copies(items: Sequence[int]) -> int:
 def moment_bytes(k: int, copies: int) -> int:
     """Bytes of one layer's float32 ``[K, K]`` sums while recording, ``copies`` of them (:func:`tree_copies`)."""
     return 4 * k * k * copies
+
+
+def fixed_moment_bytes(k: int) -> int:
+    """Bytes of one layer's sums while recording with ``hessian_sum="fixed"``: the int64 ``[K, K]`` sum and the
+    float32 sum of the item in progress (:class:`~.fixedpoint.FixedPointSum`), however many items a process has."""
+    return 12 * k * k
 
 
 def plan_passes(
@@ -144,7 +150,7 @@ class ShardWriter:
         self.dir = procs.gather(made or (os.fspath(directory) if directory is not None else None))[0]
 
     def write(
-        self, index: int, moments: dict[str, PairwiseSum], group: Sequence[str]
+        self, index: int, moments: dict[str, MomentSum], group: Sequence[str]
     ) -> tuple[dict[str, str], dict[str, str]]:
         """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
         the group's totals) and write them as shard ``index``; ``moments`` is emptied as it goes.
@@ -167,7 +173,7 @@ class ShardWriter:
             del part
             found = [p for p in parts or () if p is not None]
             if found:
-                totals[HESSIAN_PREFIX + unit[0]] = PairwiseSum.merge(found).total()
+                totals[HESSIAN_PREFIX + unit[0]] = type(found[0]).merge(found).total()
                 aliases |= dict.fromkeys(unit[1:], unit[0])
         written = [k[len(HESSIAN_PREFIX) :] for k in totals]
         if self.procs.rank == 0:

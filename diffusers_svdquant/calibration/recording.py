@@ -28,8 +28,9 @@ from torch import nn
 
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
-from .hessian import PairwiseSum, SharedMoments, share_labels, shared_units
-from .passes import GIB, ShardWriter, moment_bytes, plan_passes, tree_copies
+from .fixedpoint import FixedPointSum
+from .hessian import MomentSum, SharedMoments, share_labels, shared_units
+from .passes import GIB, ShardWriter, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
 from .search import search_smoothing
@@ -52,6 +53,7 @@ class _Recorder:
         hessian_layers: Collection[str] = (),
         record_stats: bool = True,
         compute_hessian: bool = True,
+        new_sum: Callable[[str], MomentSum] | None = None,
     ) -> None:
         self.stats = CalibrationStats()
         self.max_samples = max_samples
@@ -60,7 +62,7 @@ class _Recorder:
         self._calls: dict[str, int] = {}
         self.hessian_layers = frozenset(hessian_layers)
         self.record_stats = record_stats
-        self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS)
+        self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum)
 
     def start_item(self, item: int) -> None:
         self.finish_item()
@@ -71,7 +73,7 @@ class _Recorder:
         """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
         self.sums.finish_item(self.item)  # on the inputs' device until now: one copy per item
 
-    def take_moments(self) -> dict[str, PairwiseSum]:
+    def take_moments(self) -> dict[str, MomentSum]:
         """Layer name → its ``XᵀX`` sums (layers that read the same inputs hold the very same object), handed
         over: the recorder lets go of them, so whoever merges them can free each as it goes."""
         return self.sums.take()
@@ -175,19 +177,39 @@ def _hessian_groups(
     passes: int | None,
     budget_gib: float | None,
     shared_inputs: Callable[[], dict[str, str]],
+    fixed: bool = False,
 ) -> list[list[str]]:
     """The layers whose ``XᵀX`` each pass records (:func:`~.passes.plan_passes`), the same on every rank: sized by
     the most partial sums any process holds (:func:`~.passes.tree_copies` of its items), a sum that layers share
     (``shared_inputs()``, called only when there is more than one pass to plan) counted once."""
     if budget_gib is not None and (isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float))):
         raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget_gib!r}")
-    copies = max(1, *procs.gather(tree_copies(items)))
-    sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
+    if fixed:  # one int64 sum and the item in progress, however the items are split
+        sizes = [(name, fixed_moment_bytes(m.in_features)) for name, m in layers.items()]
+    else:
+        copies = max(1, *procs.gather(tree_copies(items)))
+        sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
     budget = None if budget_gib is None else int(budget_gib * GIB)
     groups = plan_passes(sizes, passes=passes, budget_bytes=budget)  # checks the arguments before any forward
     if len(groups) <= 1:  # sharing only lowers the bytes: still one pass
         return groups
     return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
+
+
+def _fixed_point_sums(stats: CalibrationStats, index: int) -> Callable[[str], FixedPointSum]:
+    """The int64 sum of a layer's XᵀX in pass ``index``, its units sized from the statistics pass's absmax and row
+    count (merged over every process: the same units everywhere, :mod:`~.fixedpoint`)."""
+
+    def new_sum(name: str) -> FixedPointSum:
+        absmax, rows = stats.act_absmax.get(name), stats.num_tokens.get(name, 0)
+        if absmax is None or rows < 1:
+            raise ValueError(
+                f"calibrate: layer {name} has inputs in pass {index + 1} but had none in the statistics pass: "
+                "every pass must run the model on the same inputs"
+            )
+        return FixedPointSum(absmax, rows, name)
+
+    return new_sum
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -222,6 +244,7 @@ def calibrate(
     hessian_passes: int | None = None,
     hessian_budget_gib: float | None = None,
     hessian_dir: str | os.PathLike | None = None,
+    hessian_sum: str = "tree",
 ) -> CalibrationStats:
     """Collect activation statistics with the 16-bit model and search each layer's smoothing.
 
@@ -270,6 +293,13 @@ def calibrate(
         hessian_dir: the folder for the passes' shards (``hessian-NNNNN.safetensors``, kept); default a
             temporary folder removed with the returned statistics. Given, even one pass goes to disk. Rank 0
             writes the shards and every rank's statistics refer to them (several machines need a shared folder).
+        hessian_sum: how the items' ``XᵀX`` are added so that the bits do not depend on the process split:
+            ``"tree"`` (default), float32 along a fixed binary tree (up to ``log2`` of the items per process
+            partial sums per layer while recording); ``"fixed"``, int64 fixed point (:mod:`~.fixedpoint`): one
+            8-byte sum per entry and the item in progress (``12·K²`` bytes per layer however many prompts), at the
+            cost of one more run of the prompts first, for the statistics that size its units. For a big model
+            on few processes: FLUX.1 at 128 prompts on one process holds 3x less, so a budget needs a third of the
+            passes (``benchmarks/bench_calibration.py``).
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -324,40 +354,50 @@ def calibrate(
         "model_class": type(model).__name__,
         "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
     }
-    if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir) != (None, None, None):
-        raise ValueError("calibrate: hessian_passes, hessian_budget_gib and hessian_dir need hessian=True")
+    if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum) != (None, None, None, "tree"):
+        raise ValueError("calibrate: hessian_passes, hessian_budget_gib, hessian_dir and hessian_sum need hessian=True")
+    if hessian_sum not in ("tree", "fixed"):
+        raise ValueError(f"calibrate: hessian_sum must be 'tree' or 'fixed', got {hessian_sum!r}")
     groups = []
     if hessian:
 
         def shared_inputs() -> dict[str, str]:
             return _shared_inputs(model, layers, lambda r: drive(r, None), procs)  # no progress bar
 
-        groups = _hessian_groups(layers, items, procs, hessian_passes, hessian_budget_gib, shared_inputs)
+        groups = _hessian_groups(
+            layers, items, procs, hessian_passes, hessian_budget_gib, shared_inputs, fixed=hessian_sum == "fixed"
+        )
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (groups and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
-    # for the next group's XᵀX alone, so the sums held at once are one group's.
-    for p, group in enumerate(groups or [[]]):
-        recorder = _Recorder(max_samples, seed, group, record_stats=p == 0)
+    # for the next group's XᵀX alone, so the sums held at once are one group's. In fixed point, pass 0 records the
+    # statistics alone: every layer's units come from them (absmax and rows) before any of its XᵀX is summed.
+    fixed = hessian and hessian_sum == "fixed"
+    runs = [[], *groups] if fixed else groups or [[]]
+    stats: CalibrationStats | None = None  # after pass 0
+    for p, group in enumerate(runs):
+        new_sum = _fixed_point_sums(stats, p) if fixed and stats is not None else None
+        recorder = _Recorder(max_samples, seed, group, record_stats=p == 0, new_sum=new_sum)
         hooked = layers if p == 0 else {n: layers[n] for n in group}
-        desc = "calibration prompts" + (f" (pass {p + 1}/{len(groups)})" if len(groups) > 1 else "")
+        desc = "calibration prompts" + (f" (pass {p + 1}/{len(runs)})" if len(runs) > 1 else "")
         _record(hooked, recorder, lambda r, d=desc: drive(r, d))
         if p == 0:
             stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
-        if shards is not None:
-            files, aliases = shards.write(p, recorder.take_moments(), group)
+        if group and shards is not None:
+            files, aliases = shards.write(p - fixed, recorder.take_moments(), group)
             stats.hessian_files |= files
             stats.hessian_alias |= aliases
         elif group:
             moments = procs.gather(recorder.take_moments())
             # A sum the layers share on every process is merged once and held once (the same tensor for each).
             for unit in shared_units(group, [share_labels(part) for part in moments]):
-                total = PairwiseSum.merge([part[unit[0]] for part in moments if unit[0] in part]).total()
+                found = [part[unit[0]] for part in moments if unit[0] in part]
+                total = type(found[0]).merge(found).total()
                 stats.hessian |= dict.fromkeys(unit, total)
         del recorder
     if shards is not None:
         shards.keep_with(stats)
     if hessian:
-        info["hessian_passes"] = len(groups)
+        info |= {"hessian_passes": len(groups), "hessian_sum": hessian_sum}
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
     if search:
         search_smoothing(model, stats, config, procs=procs, progress=progress)

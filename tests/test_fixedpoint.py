@@ -1,0 +1,122 @@
+"""calibration/fixedpoint.py: the int64 fixed-point sum of per-item XᵀX (exact in any order, never overflows)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from diffusers_svdquant.calibration.fixedpoint import FixedPointSum, channel_exponents
+
+
+def _items(n: int, k: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """n items' float32 XᵀX of rows with channels 12 orders of magnitude apart, and their absmax / row count."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-6, 6, k, dtype=torch.float64)
+    xs = [torch.randn(int(torch.randint(1, 40, (1,), generator=g)), k, generator=g, dtype=torch.float64) * scale
+          for _ in range(n)]  # fmt: skip
+    xs[0][:, 3] = 0.0  # a channel that is zero in every row of one item
+    rows = sum(x.shape[0] for x in xs)
+    absmax = torch.stack([x.abs().amax(0) for x in xs]).amax(0).float()
+    return [(x.float().t() @ x.float()) for x in xs], absmax, rows
+
+
+def test_channel_exponents_are_the_ceiling_of_log2():
+    a = torch.tensor([1.0, 2.0, 3.0, 0.75, 0.5, 1e-30, 0.0, 2.0**-149])
+    expected = [0, 1, 2, 0, -1, -99, 0, -149]
+    assert channel_exponents(a).tolist() == expected
+    assert ((2.0 ** channel_exponents(a[:6]).double()) >= a[:6].double()).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16])
+def test_any_split_and_order_gives_the_same_bits(n):
+    items, absmax, rows = _items(n, 24, n)
+    one = FixedPointSum(absmax, rows, "layer")
+    for i, t in enumerate(items):
+        one.add(i, t)
+    want = one.total()
+    rng = random.Random(n)
+    for _ in range(8):
+        order = list(range(n))
+        rng.shuffle(order)
+        cuts = sorted(rng.sample(range(1, n), k=min(n - 1, rng.randint(0, 3)))) if n > 1 else []
+        parts = []
+        for lo, hi in zip([0, *cuts], [*cuts, n], strict=True):
+            part = FixedPointSum(absmax, rows, "layer")
+            for i in order[lo:hi]:
+                part.add(i, items[i])
+            parts.append(part)
+        rng.shuffle(parts)
+        assert torch.equal(FixedPointSum.merge(parts).total(), want)
+
+
+@pytest.mark.parametrize("n", [1, 5, 32])
+def test_the_sum_is_float32_close_to_the_exact_one(n):
+    """Within one float32 rounding of the exact sum of the items, plus ~2^-59 of rows·absmax_j·absmax_l per item."""
+    items, absmax, rows = _items(n, 16, 100 + n)
+    acc = FixedPointSum(absmax, rows)
+    for i, t in enumerate(items):
+        acc.add(i, t)
+    exact = torch.stack([t.double() for t in items]).sum(0)
+    bound = rows * absmax.double()[:, None] * absmax.double()[None, :]
+    err = (acc.total().double() - exact).abs()
+    assert (err <= exact.abs() * 2.0**-24 + n * bound * 2.0**-57).all()
+    assert (acc.total()[3, :] == 0).all() == bool((exact[3, :] == 0).all())
+
+
+def test_the_integers_stay_below_two_to_the_62():
+    """The worst case the statistics allow: every row at absmax in every channel."""
+    k, rows = 8, 1000
+    absmax = torch.full((k,), 3.0)
+    acc = FixedPointSum(absmax, rows)
+    x = torch.full((rows, k), 3.0)
+    for i in range(0, rows, 100):
+        acc.add(i, x[i : i + 100].t() @ x[i : i + 100])
+    assert acc.sum.abs().max() < 2**62
+    torch.testing.assert_close(acc.total(), x.t() @ x)
+
+
+def test_errors_name_the_layer():
+    absmax = torch.ones(4)
+    acc = FixedPointSum(absmax, 10, "blocks.0.ff")
+    with pytest.raises(ValueError, match=r"'blocks.0.ff'.*item 3's XᵀX exceeds rows · absmax²"):
+        acc.add(3, torch.full((4, 4), 1e6))  # far more than 10 rows of |x| <= 1 can give
+    with pytest.raises(ValueError, match=r"'blocks.0.ff'.*item 4's XᵀX exceeds"):
+        acc.add(4, torch.full((4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"item 5 is \[3, 3\], expected \[4, 4\]"):
+        acc.add(5, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        FixedPointSum(absmax, 0, "x")
+    with pytest.raises(ValueError, match="finite"):
+        FixedPointSum(torch.tensor([1.0, float("inf")]), 3, "x")
+    with pytest.raises(ValueError, match="different statistics"):
+        FixedPointSum.merge([FixedPointSum(absmax, 10), FixedPointSum(absmax * 4, 10)])
+
+
+def test_copy_host_and_an_empty_sum():
+    items, absmax, rows = _items(3, 8, 7)
+    acc = FixedPointSum(absmax, rows, "l")
+    assert torch.equal(acc.total(), torch.zeros(8, 8)) and acc.copy().total().abs().sum() == 0
+    acc.add(0, items[0])
+    fork = acc.copy()
+    fork.add(1, items[1])
+    acc.add(2, items[2])
+    assert acc.host() is acc and acc.sum.device.type == "cpu"
+    alone = FixedPointSum(absmax, rows, "l")
+    for i in (0, 2):
+        alone.add(i, items[i])
+    assert torch.equal(acc.total(), alone.total())  # the fork's item 1 did not reach it
+    assert not torch.equal(fork.total(), acc.total())
+    assert torch.equal(FixedPointSum.merge([FixedPointSum(absmax, rows), acc]).total(), acc.total())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_items_on_a_gpu_are_summed_there_to_the_cpu_bits():
+    items, absmax, rows = _items(5, 32, 3)
+    cpu, gpu = FixedPointSum(absmax, rows), FixedPointSum(absmax, rows)
+    for i, t in enumerate(items):
+        cpu.add(i, t)
+        gpu.add(i, t.cuda())
+    assert gpu.sum.is_cuda
+    assert torch.equal(gpu.total(), cpu.total()) and not gpu.sum.is_cuda
