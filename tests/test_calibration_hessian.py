@@ -114,6 +114,31 @@ def test_layers_that_stop_reading_the_same_input_keep_the_bits_of_their_own_sums
     shared = _calibrate(monkeypatch, True, model, run=go, search=False)
     assert _sets(shared) == sets
     _same_bits(shared, alone)
+    # In int64 fixed point too, where a layer shares only a sum in its own units (sized from its own statistics).
+    fixed = {"search": False, "hessian_sum": "fixed"}
+    _same_bits(
+        _calibrate(monkeypatch, True, model, run=go, **fixed), _calibrate(monkeypatch, False, model, run=go, **fixed)
+    )
+
+
+def test_fixed_point_sums_are_shared_only_in_the_same_units(monkeypatch):
+    """hessian_sum="fixed" sizes each layer's integer units from its own absmax and rows: b, which reads a's input
+    in call 1 and 10x larger ones after, must not share a's sum (in a's units its items would not even fit)."""
+    model = _Diverging()
+    xs = [torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def go(m: nn.Module) -> None:
+        for i, x in enumerate(xs):
+            m.a(x)
+            m.b(x if i == 0 else 10 * x)
+
+    fixed = {"search": False, "hessian_sum": "fixed"}
+    shared = _calibrate(monkeypatch, True, model, run=go, **fixed)
+    _same_bits(shared, _calibrate(monkeypatch, False, model, run=go, **fixed))
+    assert _sets(shared) == []
+    # Same inputs throughout: the same units, one sum.
+    same = _calibrate(monkeypatch, True, model, run=lambda m: [(m.a(x), m.b(x)) for x in xs], **fixed)
+    assert _sets(same) == [{"a", "b"}]
 
 
 def test_inference_mode_inputs_are_never_shared(monkeypatch):

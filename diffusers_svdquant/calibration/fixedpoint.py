@@ -95,6 +95,16 @@ class FixedPointSum:
         out.sum = None if self.sum is None else self.sum.clone()
         return out
 
+    def same_units(self, other: object) -> bool:
+        """Whether ``other`` (a new, empty sum) has this sum's units, so that it would turn every item into the same
+        integers: what lets two layers that read the same inputs share one sum (:class:`~.hessian.SharedMoments`).
+        Layers whose inputs part later have other statistics, so other units, and keep their own sums."""
+        return (
+            isinstance(other, FixedPointSum)
+            and (self.k, self.rows_exponent) == (other.k, other.rows_exponent)
+            and torch.equal(self.channel, other.channel)
+        )
+
     @classmethod
     def merge(cls, parts: list[FixedPointSum]) -> FixedPointSum:
         """The sum of every part's items (parts sized from the same statistics, in any order), on the CPU."""

@@ -43,6 +43,10 @@ class PairwiseSum:
         """Another sum with the same finished blocks (their tensors are never written again: shared, not copied)."""
         return PairwiseSum(list(self.blocks))
 
+    def same_units(self, other: MomentSum) -> bool:
+        """Whether ``other`` (a new, empty sum) would add items exactly as this one does: any other tree does."""
+        return isinstance(other, PairwiseSum)
+
     @classmethod
     def merge(cls, parts: list[PairwiseSum]) -> PairwiseSum:
         """The sum over the items of every part (parts hold disjoint items, in any order)."""
@@ -177,7 +181,9 @@ class SharedMoments:
     When a layer of a cell does not read a call of the cell (another input, or no call before the next recorded
     one or the end of the item), it leaves the cell with the cell's state before that call: a copy of the item sum
     (taken before each call of a shared cell; ``K²`` floats against the call's ``2·rows·K²`` FLOPs) and the finished
-    items' tensors, which are never written again. A layer joins a cell only on the first call of both.
+    items' tensors, which are never written again. A layer joins a cell only on the first call of both, and only
+    when its own sum would add the items exactly as the cell's does (``same_units``: in fixed point the units come
+    from each layer's statistics, and a layer whose inputs part later has others).
 
     With ``compute=False`` no sum is formed: only which layers share (:meth:`groups`), for planning the passes.
     With ``share=False`` every layer keeps its own sum (what the tests compare against). ``new_sum(name)``: the
@@ -197,7 +203,11 @@ class SharedMoments:
         """Record layer ``name``'s call on ``x`` (the very object its hook received), ``rows`` its ``[M, K]`` rows."""
         last, key = self._last, _identity(x) if self.share else None
         if last is not None and key is not None and x is last.x and key == last.key and name not in last.read:
-            if name in last.cell.names or (last.new and name not in self.cells):
+            # A new layer joins only a cell made by this very call, and only if its own sum would add the items
+            # exactly as the cell's does (fixed point: the same units, which come from each layer's statistics).
+            if name in last.cell.names or (
+                last.new and name not in self.cells and last.cell.tree.same_units(self.new_sum(name))
+            ):
                 if name not in last.cell.names:
                     last.cell.names.append(name)
                     self.cells[name] = last.cell
