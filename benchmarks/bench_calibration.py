@@ -375,9 +375,16 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
 
     from diffusers_svdquant import SVDQuantConfig
     from diffusers_svdquant.apps.model_zoo import flux_shaped
-    from diffusers_svdquant.calibration.passes import GIB, moment_bytes, plan_passes, tree_copies
+    from diffusers_svdquant.calibration.fixedpoint import FixedPointSum
+    from diffusers_svdquant.calibration.passes import GIB, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
     from diffusers_svdquant.config import quantizable_linears
 
+    # hessian_sum="fixed" converts each prompt's float32 sums to int64 once: measured here, per entry.
+    item = torch.randn(3072, 3072)
+    fixed = FixedPointSum(item.abs().amax(0), 1 << 20)
+    start = time.perf_counter()
+    fixed.add(0, item)
+    convert_s = (time.perf_counter() - start) / item.numel()
     with torch.device("meta"):
         flux = flux_shaped(*FLUX1_BLOCKS)
     layers = quantizable_linears(flux, SVDQuantConfig())
@@ -408,35 +415,50 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
         print(f"  check on the bench: {r['hessian_passes']} passes collected in {r['collect_s']:.1f} s; "
               f"passes x forwards + XᵀX predicts {model:.1f} s")  # fmt: skip
     # GPU ESTIMATE: forward FLOPs (2 x weight x tokens, every layer at every token, + attention 4·T²·d per block)
-    # at --gpu-tflops, XᵀX (2·rows·K² per sum) at --gpu-fp32-tflops.
+    # at --gpu-tflops; XᵀX (2·rows·K² per sum) at the same bf16 rate: calibrate multiplies a bf16 model's 16-bit
+    # rows on tensor cores with float32 output (hessian.tensor_core_moment); --gpu-fp32-tflops for float32 rows.
     attention = 4 * args.project_tokens**2 * 3072 * sum(FLUX1_BLOCKS) * calls
     gpu_fwd = (2 * weight * tokens + attention) / (args.gpu_tflops * 1e12)
-    gpu_xtx = 2 * xtx_work / (args.gpu_fp32_tflops * 1e12)
+    gpu_xtx = 2 * xtx_work / (args.gpu_tflops * 1e12)
     print(f"  GPU ESTIMATE (not measured): one pass of forwards {gpu_fwd / 60:.1f} min at {args.gpu_tflops:g} "
-          f"TFLOP/s, XᵀX {gpu_xtx / 60:.1f} min at {args.gpu_fp32_tflops:g} TFLOP/s float32 (every layer at every "
-          f"token with its own sum: {2 * xtx_all_tokens / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min); plus each "
+          f"TFLOP/s, XᵀX {gpu_xtx / 60:.1f} min at the same bf16 rate (float32 rows at {args.gpu_fp32_tflops:g} "
+          f"TFLOP/s: {2 * xtx_work / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min; every layer at every token with "
+          f"its own sum, float32: {2 * xtx_all_tokens / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min); each "
           f"prompt's sums go to host memory once: {4 * k2 / GIB:.0f} GiB per prompt, all passes")  # fmt: skip
+    # Fixed point: one more pass first (the statistics that size the units), 12·K² bytes per sum however many
+    # prompts, and each prompt's sums converted once (this machine's measured rate; on a GPU memory-bound, ~0).
+    convert = convert_s * k2 * args.project_prompts
+    print(f"  hessian_sum='fixed': converting every prompt's sums takes {convert_s * 1e9:.1f} ns per entry here, "
+          f"{convert / 3600:.1f} h in all on this machine")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
-    print(f"  {'procs':>5} {'sums/layer':>10} {'XᵀX GiB':>8} " + " ".join(f"{f'{g:g} GiB: passes':>15} "
+    print(f"  {'procs':>5} {'sum':>5} {'per sum':>7} {'XᵀX GiB':>8} " + " ".join(f"{f'{g:g} GiB: passes':>15} "
           f"{'CPU h':>7} {'GPU est. min':>12}" for g in budgets))  # fmt: skip
     for n in (1, 8):
         share = math.ceil(args.project_prompts / n)
         copies = max(tree_copies(range(r * share, min((r + 1) * share, args.project_prompts))) for r in range(n))
-        sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
-        line = f"  {n:>5} {copies:>10} {sum(s for name, s in sizes if name not in together) / GIB:>8.0f} "
-        for g in budgets:
-            try:
-                k = len(plan_passes(sizes, budget_bytes=int(g * GIB), together=together))
-            except ValueError:
-                line += f"{'too small':>15} {'-':>7} {'-':>12} "
-                continue
-            cpu = (k * forwards + xtx) / n / 3600
-            gpu = (k * gpu_fwd + gpu_xtx) / n / 60
-            line += f"{k:>15} {cpu:>7.0f} {gpu:>12.0f} "
-        print(line)
+        for mode in ("tree", "fixed"):
+            sizes = [
+                (name, moment_bytes(m.in_features, copies) if mode == "tree" else fixed_moment_bytes(m.in_features))
+                for name, m in layers.items()
+            ]
+            line = f"  {n:>5} {mode:>5} {f'{copies} x 4' if mode == 'tree' else '8 + 4':>7} "
+            line += f"{sum(s for name, s in sizes if name not in together) / GIB:>8.0f} "
+            for g in budgets:
+                try:
+                    k = len(plan_passes(sizes, budget_bytes=int(g * GIB), together=together))
+                except ValueError:
+                    line += f"{'too small':>15} {'-':>7} {'-':>12} "
+                    continue
+                runs_ = k + (mode == "fixed")  # fixed: the statistics pass first
+                cpu = (runs_ * forwards + xtx + (convert if mode == "fixed" else 0)) / n / 3600
+                gpu = (runs_ * gpu_fwd + gpu_xtx) / n / 60
+                shown = f"{k} + 1" if mode == "fixed" else f"{k}"
+                line += f"{shown:>15} {cpu:>7.0f} {gpu:>12.0f} "
+            print(line)
     print(
-        "  (budgets are per process; CPU h: this machine's measured rates, the calls split evenly between "
-        "processes; GPU est.: FLOPs at the stated rates, n GPUs, host transfers not counted)"
+        "  (budgets are per process; per sum: bytes per K² held while recording; CPU h: this machine's measured "
+        "rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, n GPUs, host "
+        "transfers not counted)"
     )
 
 
