@@ -268,12 +268,12 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--hessian-sum",
-        choices=("tree", "fixed"),
+        choices=("auto", "tree", "fixed"),
         default=None,
         help="with --gptq: how the prompts' XᵀX are added, the same bits on any number of processes: 'tree' "
-        "(default; up to log2(prompts per process) float32 sums per layer while recording) or 'fixed' (int64 "
-        "fixed point: 12·K² bytes per layer however many prompts, after one more run of the prompts for the "
-        "statistics that size it); 'fixed' for a big model on few processes",
+        "(up to log2(prompts per process) float32 sums per layer while recording), 'fixed' (int64 fixed point: "
+        "12·K² bytes per layer however many prompts, after one more run of the prompts for the statistics that "
+        "size it), or 'auto' (default: 'fixed' when --hessian-budget-gib then needs fewer runs)",
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from diffusers_svdquant import CalibrationStats, SVDQuantConfig, calibrate, quantize_
 from diffusers_svdquant.calibration.passes import GIB, plan_passes, tree_copies
+from diffusers_svdquant.calibration.recording import _auto_sum
 from diffusers_svdquant.calibration.tensorfile import write_tensors
 
 
@@ -171,8 +172,48 @@ def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree(
     for name in tree.act_absmax:
         assert torch.equal(one.act_absmax[name], tree.act_absmax[name])
     assert one.num_tokens == tree.num_tokens
-    with pytest.raises(ValueError, match="hessian_sum must be 'tree' or 'fixed', got 'exact'"):
+    with pytest.raises(ValueError, match="hessian_sum must be 'auto', 'tree' or 'fixed', got 'exact'"):
         calibrate(model, **kw, hessian_sum="exact")
+
+
+@pytest.mark.parametrize(
+    ("items", "budget", "chosen"),
+    [
+        (128, None, "tree"),  # no budget: one pass, the tree needs no statistics pass
+        (128, 300e3, "fixed"),  # the tree's 128-wide layer alone (8 x 4 x 128²) is over the budget
+        (128, 600e3, "fixed"),  # tree 3 passes, fixed 1 + 1
+        (128, 800e3, "tree"),  # tree 1 pass, fixed 1 + 1
+        (7, 300e3, "tree"),  # 3 partial sums at most: the tree never holds more than fixed point's 12·K²
+    ],
+)
+def test_auto_sum_takes_fixed_point_when_it_needs_fewer_runs(items, budget, chosen):
+    with torch.device("meta"):
+        layers = {"0": nn.Linear(64, 128), "2": nn.Linear(128, 64), "3": nn.Linear(64, 192)}
+    asked = []
+    budget_gib = None if budget is None else budget / GIB
+    assert _auto_sum(layers, items, budget_gib, lambda: asked.append(1) or {}) == chosen
+    assert len(asked) == (chosen == "fixed" or budget == 800e3)  # the shared sets are only looked for when it matters
+
+
+def test_calibrate_runs_what_auto_chooses(monkeypatch):
+    """calibrate's default hessian_sum="auto" runs the sum _auto_sum picks, from the total item count and budget."""
+    from diffusers_svdquant.calibration import recording
+
+    model, go = _model_and_run()
+    seen = []
+
+    def pick(layers, total_items, budget_gib, shared_inputs):
+        seen.append((sorted(layers), total_items, budget_gib))
+        return "fixed"
+
+    monkeypatch.setattr(recording, "_auto_sum", pick)
+    stats = calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_budget_gib=1.0)
+    assert stats.info["hessian_sum"] == "fixed" and seen == [(["0", "2", "3"], 1, 1.0)]
+    assert (
+        calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_sum="tree").info["hessian_sum"]
+        == "tree"
+        and len(seen) == 1
+    )
 
 
 def test_fixed_point_sums_refuse_inputs_beyond_their_statistics():

@@ -94,7 +94,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
             hessian_passes=args.hessian_passes,
             hessian_budget_gib=args.hessian_budget_gib,
             hessian_dir=args.hessian_dir,
-            hessian_sum=args.hessian_sum or "tree",
+            hessian_sum=args.hessian_sum or "auto",
         )
     except ValueError as e:
         if str(e).startswith("calibrate:"):  # bad settings (a budget below one layer's sums...): one line

@@ -17,6 +17,7 @@ process and N processes keep exactly the same rows.
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -196,6 +197,33 @@ def _hessian_groups(
     return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
 
 
+def _auto_sum(
+    layers: dict[str, nn.Linear],
+    total_items: int,
+    budget_gib: float | None,
+    shared_inputs: Callable[[], dict[str, str]],
+) -> str:
+    """``hessian_sum="auto"``: fixed point when, under a memory budget, its passes plus its statistics pass are fewer
+    than the tree's. Decided from what every process knows alike (the total item count, the tree's partial sums as
+    if one process held every item, rank 0's shared sets), so every split decides the same and gives the same bits."""
+    if budget_gib is None or isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)):
+        return "tree"  # one pass, or the passes asked for: the tree needs no statistics pass first
+    budget, copies = int(budget_gib * GIB), tree_copies(range(total_items))
+    if copies <= 3:  # 4·K² x copies <= 12·K²: the tree never holds more
+        return "tree"
+    together = shared_inputs()
+    plans: dict[str, int | None] = {}
+    for mode, per in (("tree", lambda k: moment_bytes(k, copies)), ("fixed", fixed_moment_bytes)):
+        try:
+            plans[mode] = len(plan_passes([(n, per(m.in_features)) for n, m in layers.items()],
+                                          budget_bytes=budget, together=together))  # fmt: skip
+        except ValueError:  # a layer alone over the budget in this mode
+            plans[mode] = None
+    if plans["fixed"] is not None and (plans["tree"] is None or plans["fixed"] + 1 < plans["tree"]):
+        return "fixed"
+    return "tree"
+
+
 def _fixed_point_sums(stats: CalibrationStats, index: int) -> Callable[[str], FixedPointSum]:
     """The int64 sum of a layer's XᵀX in pass ``index``, its units sized from the statistics pass's absmax and row
     count (merged over every process: the same units everywhere, :mod:`~.fixedpoint`)."""
@@ -244,7 +272,7 @@ def calibrate(
     hessian_passes: int | None = None,
     hessian_budget_gib: float | None = None,
     hessian_dir: str | os.PathLike | None = None,
-    hessian_sum: str = "tree",
+    hessian_sum: str = "auto",
 ) -> CalibrationStats:
     """Collect activation statistics with the 16-bit model and search each layer's smoothing.
 
@@ -294,12 +322,14 @@ def calibrate(
             temporary folder removed with the returned statistics. Given, even one pass goes to disk. Rank 0
             writes the shards and every rank's statistics refer to them (several machines need a shared folder).
         hessian_sum: how the items' ``XᵀX`` are added so that the bits do not depend on the process split:
-            ``"tree"`` (default), float32 along a fixed binary tree (up to ``log2`` of the items per process
-            partial sums per layer while recording); ``"fixed"``, int64 fixed point (:mod:`~.fixedpoint`): one
-            8-byte sum per entry and the item in progress (``12·K²`` bytes per layer however many prompts), at the
-            cost of one more run of the prompts first, for the statistics that size its units. For a big model
-            on few processes: FLUX.1 at 128 prompts on one process holds 3x less, so a budget needs a third of the
-            passes (``benchmarks/bench_calibration.py``).
+            ``"tree"``, float32 along a fixed binary tree (up to ``log2`` of the items per process partial sums
+            per layer while recording); ``"fixed"``, int64 fixed point (:mod:`~.fixedpoint`): one 8-byte sum per
+            entry and the item in progress (``12·K²`` bytes per layer however many prompts), at the cost of one
+            more run of the prompts first, for the statistics that size its units (FLUX.1 at 128 prompts on one
+            process holds 3x less, so a budget needs a third of the passes: ``benchmarks/bench_calibration.py``).
+            ``"auto"`` (default): fixed point when ``hessian_budget_gib`` is given and its passes, plus that
+            statistics pass, are fewer than the tree's (as if one process held every prompt, so that every split
+            chooses alike); else the tree. ``stats.info["hessian_sum"]`` says which ran.
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -322,7 +352,7 @@ def calibrate(
         if num_inference_steps < 1:
             raise ValueError(f"calibrate: num_inference_steps must be >= 1, got {num_inference_steps}")
 
-        items = procs.my_share(len(prompts))
+        items, total_items = procs.my_share(len(prompts)), len(prompts)
 
         def drive(recorder: _Recorder, desc: str | None) -> None:
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
@@ -340,7 +370,7 @@ def calibrate(
             raise TypeError("calibrate: pass a DiffusionPipeline (with prompts) or an nn.Module with run=callable")
         model = target
 
-        items = [procs.rank]
+        items, total_items = [procs.rank], procs.world
 
         def drive(recorder: _Recorder, desc: str | None) -> None:
             recorder.start_item(procs.rank)
@@ -354,16 +384,19 @@ def calibrate(
         "model_class": type(model).__name__,
         "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
     }
-    if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum) != (None, None, None, "tree"):
+    if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum) != (None, None, None, "auto"):
         raise ValueError("calibrate: hessian_passes, hessian_budget_gib, hessian_dir and hessian_sum need hessian=True")
-    if hessian_sum not in ("tree", "fixed"):
-        raise ValueError(f"calibrate: hessian_sum must be 'tree' or 'fixed', got {hessian_sum!r}")
+    if hessian_sum not in ("auto", "tree", "fixed"):
+        raise ValueError(f"calibrate: hessian_sum must be 'auto', 'tree' or 'fixed', got {hessian_sum!r}")
     groups = []
     if hessian:
 
+        @functools.cache
         def shared_inputs() -> dict[str, str]:
             return _shared_inputs(model, layers, lambda r: drive(r, None), procs)  # no progress bar
 
+        if hessian_sum == "auto":
+            hessian_sum = _auto_sum(layers, total_items, hessian_budget_gib, shared_inputs)
         groups = _hessian_groups(
             layers, items, procs, hessian_passes, hessian_budget_gib, shared_inputs, fixed=hessian_sum == "fixed"
         )
