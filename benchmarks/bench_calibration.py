@@ -95,6 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     recorded = len(stats.act_absmax)
     # The sums one pass held: the largest group's (run= is one item per process: one K x K per layer), a sum that
     # layers share (they read one input tensor: attention's q / k / v) once.
+    from diffusers_svdquant.calibration.packed import packed_size
     from diffusers_svdquant.calibration.passes import moment_bytes, plan_passes
 
     shared = stats.hessian_shared()  # layer -> the layer whose XᵀX it holds
@@ -109,8 +110,11 @@ def worker(args: argparse.Namespace) -> None:
         "tokens_per_call": args.image_tokens + args.text_tokens,
         "rec_weight": sum(n * k for n, k in shapes_rec.values()),
         "rec_double_weight": sum(n * k for name, (n, k) in shapes_rec.items() if name.startswith("transformer_")),
-        # The XᵀX work measured: K² x the rows each sum saw (a shared sum once).
-        "rec_xtx_work": sum(k * k * stats.num_tokens[n] for n, (_, k) in shapes_rec.items() if n not in shared),
+        # The XᵀX work measured: the packed upper triangle's entries (about K²/2) x the rows each sum saw (a shared
+        # sum once).
+        "rec_xtx_work": sum(
+            packed_size(k) * stats.num_tokens[n] for n, (_, k) in shapes_rec.items() if n not in shared
+        ),
         # What the projection scales to FLUX.1, by layer kind ("transformer_blocks.*.attn.to_q"): the rows one
         # denoiser call feeds each kind, and the kinds that share one sum.
         "rows_per_call": {_kind(n): stats.num_tokens[n] / args.calls for n in shapes_rec},
@@ -376,12 +380,13 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
     from diffusers_svdquant import SVDQuantConfig
     from diffusers_svdquant.apps.model_zoo import flux_shaped
     from diffusers_svdquant.calibration.fixedpoint import FixedPointSum
+    from diffusers_svdquant.calibration.packed import packed_size
     from diffusers_svdquant.calibration.passes import GIB, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
     from diffusers_svdquant.config import quantizable_linears
 
     # hessian_sum="fixed" converts each prompt's float32 sums to int64 once: measured here, per entry.
-    item = torch.randn(3072, 3072)
-    fixed = FixedPointSum(item.abs().amax(0), 1 << 20)
+    item = torch.randn(packed_size(3072))
+    fixed = FixedPointSum(torch.full((3072,), float(item.abs().max())), 1 << 20)
     start = time.perf_counter()
     fixed.add(0, item)
     convert_s = (time.perf_counter() - start) / item.numel()
@@ -391,24 +396,25 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
     rows, together = _flux1_rows_and_sets(args, b, layers)
     sums = {n: m for n, m in layers.items() if n not in together}  # one XᵀX each
     weight = sum(m.in_features * m.out_features for m in layers.values())
-    k2_all = sum(m.in_features**2 for m in layers.values())
-    k2 = sum(m.in_features**2 for m in sums.values())
+    k2_all = sum(m.in_features**2 for m in layers.values())  # full K x K sums, as they were held before
+    packed = sum(packed_size(m.in_features) for m in sums.values())  # the upper triangles now held
     calls = args.project_prompts * args.project_steps
     tokens = calls * args.project_tokens
     scale = tokens / (args.calls * b["tokens_per_call"])
-    # The XᵀX work, K² x rows per sum: FLUX.1's over the whole workload, against the bench's measured.
-    xtx_work = sum(m.in_features**2 * rows[n] for n, m in sums.items()) * calls
-    xtx_all_tokens = k2_all * tokens  # what the projection counted before: every layer, every token, its own sum
+    # The XᵀX work, packed entries x rows per sum: FLUX.1's over the whole workload, against the bench's measured.
+    xtx_work = sum(packed_size(m.in_features) * rows[n] for n, m in sums.items()) * calls
+    xtx_all_tokens = k2_all * tokens  # what the projection first counted: every layer, every token, full K x K
     # This machine, one process: the forwards (with the statistics hooks) scale with weight x tokens, the XᵀX
     # accumulation with its work. A later pass reruns the forwards (hooks on its group only).
     forwards = b["collect_plain_s"] * weight / b["rec_weight"] * scale
     xtx = (b["collect_s"] - b["collect_plain_s"]) * xtx_work / b["rec_xtx_work"]
-    print(f"\nXᵀX passes for the full FLUX.1 transformer ({len(layers)} layers, {len(sums)} XᵀX sums: sum of 4·K² = "
-          f"{4 * k2 / GIB:.1f} GiB, {4 * k2_all / GIB:.1f} GiB one per layer; {args.project_prompts} prompts x "
+    print(f"\nXᵀX passes for the full FLUX.1 transformer ({len(layers)} layers, {len(sums)} XᵀX sums, packed upper "
+          f"triangles: {4 * packed / GIB:.1f} GiB of float32, {4 * k2_all / GIB:.1f} GiB as full K x K one per layer; "
+          f"{args.project_prompts} prompts x "
           f"{args.project_steps} steps x {args.project_tokens} tokens, {args.project_text_tokens} of them "
           f"text):")  # fmt: skip
-    print(f"  XᵀX work (rows x K² over the sums): {xtx_work / xtx_all_tokens:.3f} of every layer at every token "
-          f"with its own sum")  # fmt: skip
+    print(f"  XᵀX work (rows x packed entries over the sums): {xtx_work / xtx_all_tokens:.3f} of every layer's "
+          f"full K x K at every token")  # fmt: skip
     pb = b["collect_plain_s"] / b["collect_s"]
     for r in runs[1:]:
         model = (r["hessian_passes"] * pb + (1 - pb)) * b["collect_s"]
@@ -424,10 +430,10 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
           f"TFLOP/s, XᵀX {gpu_xtx / 60:.1f} min at the same bf16 rate (float32 rows at {args.gpu_fp32_tflops:g} "
           f"TFLOP/s: {2 * xtx_work / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min; every layer at every token with "
           f"its own sum, float32: {2 * xtx_all_tokens / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min); each "
-          f"prompt's sums go to host memory once: {4 * k2 / GIB:.0f} GiB per prompt, all passes")  # fmt: skip
+          f"prompt's sums go to host memory once: {4 * packed / GIB:.0f} GiB per prompt, all passes")  # fmt: skip
     # Fixed point: one more pass first (the statistics that size the units), 12·K² bytes per sum however many
     # prompts, and each prompt's sums converted once (this machine's measured rate; on a GPU memory-bound, ~0).
-    convert = convert_s * k2 * args.project_prompts
+    convert = convert_s * packed * args.project_prompts
     print(f"  hessian_sum='fixed': converting every prompt's sums takes {convert_s * 1e9:.1f} ns per entry here, "
           f"{convert / 3600:.1f} h in all on this machine")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
@@ -456,9 +462,9 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
                 line += f"{shown:>15} {cpu:>7.0f} {gpu:>12.0f} "
             print(line)
     print(
-        "  (budgets are per process; per sum: bytes per K² held while recording; CPU h: this machine's measured "
-        "rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, n GPUs, host "
-        "transfers not counted)"
+        "  (budgets are per process; per sum: bytes per packed entry (about K²/2) held while recording; CPU h: this "
+        "machine's measured rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, "
+        "n GPUs, host transfers not counted)"
     )
 
 

@@ -8,10 +8,18 @@ import pytest
 import torch
 
 from diffusers_svdquant.calibration.fixedpoint import FixedPointSum, channel_exponents
+from diffusers_svdquant.calibration.hessian import input_moment
+from diffusers_svdquant.calibration.packed import pack_blocks, packed_size, unpack_moment
+
+
+def _pack(full: torch.Tensor) -> torch.Tensor:
+    """A [K, K] matrix in the packed layout of the sums (its upper row blocks, flat)."""
+    k = full.shape[0]
+    return torch.cat([full[r0:r1, r0:].reshape(-1) for r0, r1, _ in pack_blocks(torch.empty(packed_size(k)), k)])
 
 
 def _items(n: int, k: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """n items' float32 XᵀX of rows with channels 12 orders of magnitude apart, and their absmax / row count."""
+    """n items' packed float32 XᵀX of rows with channels 12 orders of magnitude apart, and their absmax / rows."""
     g = torch.Generator().manual_seed(seed)
     scale = torch.logspace(-6, 6, k, dtype=torch.float64)
     xs = [torch.randn(int(torch.randint(1, 40, (1,), generator=g)), k, generator=g, dtype=torch.float64) * scale
@@ -19,7 +27,7 @@ def _items(n: int, k: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor,
     xs[0][:, 3] = 0.0  # a channel that is zero in every row of one item
     rows = sum(x.shape[0] for x in xs)
     absmax = torch.stack([x.abs().amax(0) for x in xs]).amax(0).float()
-    return [(x.float().t() @ x.float()) for x in xs], absmax, rows
+    return [input_moment(x.float()) for x in xs], absmax, rows
 
 
 def test_channel_exponents_are_the_ceiling_of_log2():
@@ -59,10 +67,11 @@ def test_the_sum_is_float32_close_to_the_exact_one(n):
     for i, t in enumerate(items):
         acc.add(i, t)
     exact = torch.stack([t.double() for t in items]).sum(0)
-    bound = rows * absmax.double()[:, None] * absmax.double()[None, :]
+    bound = _pack(rows * absmax.double()[:, None] * absmax.double()[None, :])
     err = (acc.total().double() - exact).abs()
     assert (err <= exact.abs() * 2.0**-24 + n * bound * 2.0**-57).all()
-    assert (acc.total()[3, :] == 0).all() == bool((exact[3, :] == 0).all())
+    # Channel 3 is zero in item 0's rows: its entries are zero exactly when every item's are.
+    assert bool((unpack_moment(acc.total())[3] == 0).all()) == bool((unpack_moment(exact)[3] == 0).all())
 
 
 def test_the_integers_stay_below_two_to_the_62():
@@ -72,19 +81,19 @@ def test_the_integers_stay_below_two_to_the_62():
     acc = FixedPointSum(absmax, rows)
     x = torch.full((rows, k), 3.0)
     for i in range(0, rows, 100):
-        acc.add(i, x[i : i + 100].t() @ x[i : i + 100])
+        acc.add(i, input_moment(x[i : i + 100]))
     assert acc.sum.abs().max() < 2**62
-    torch.testing.assert_close(acc.total(), x.t() @ x)
+    torch.testing.assert_close(unpack_moment(acc.total()), x.t() @ x)
 
 
 def test_errors_name_the_layer():
     absmax = torch.ones(4)
     acc = FixedPointSum(absmax, 10, "blocks.0.ff")
     with pytest.raises(ValueError, match=r"'blocks.0.ff'.*item 3's XᵀX exceeds rows · absmax²"):
-        acc.add(3, torch.full((4, 4), 1e6))  # far more than 10 rows of |x| <= 1 can give
+        acc.add(3, torch.full((16,), 1e6))  # far more than 10 rows of |x| <= 1 can give
     with pytest.raises(ValueError, match=r"'blocks.0.ff'.*item 4's XᵀX exceeds"):
-        acc.add(4, torch.full((4, 4), float("nan")))
-    with pytest.raises(ValueError, match=r"item 5 is \[3, 3\], expected \[4, 4\]"):
+        acc.add(4, torch.full((16,), float("nan")))
+    with pytest.raises(ValueError, match=r"item 5 is \[3, 3\], expected \[16\] \(K = 4, packed\)"):
         acc.add(5, torch.zeros(3, 3))
     with pytest.raises(ValueError, match="rows must be >= 1"):
         FixedPointSum(absmax, 0, "x")
@@ -97,7 +106,7 @@ def test_errors_name_the_layer():
 def test_copy_host_and_an_empty_sum():
     items, absmax, rows = _items(3, 8, 7)
     acc = FixedPointSum(absmax, rows, "l")
-    assert torch.equal(acc.total(), torch.zeros(8, 8)) and acc.copy().total().abs().sum() == 0
+    assert torch.equal(acc.total(), torch.zeros(packed_size(8))) and acc.copy().total().abs().sum() == 0
     acc.add(0, items[0])
     fork = acc.copy()
     fork.add(1, items[1])

@@ -21,6 +21,7 @@ from diffusers_svdquant import (
     reference,
 )
 from diffusers_svdquant.calibration.hessian import PairwiseSum, input_moment, tensor_core_moment
+from diffusers_svdquant.calibration.packed import packed_size, unpack_moment
 
 
 def _inputs(m: int, k: int, seed: int, outliers: int = 8) -> torch.Tensor:
@@ -126,18 +127,34 @@ def test_pairwise_sum_is_the_same_bits_however_the_items_are_split(n):
         one.add(0, items[0])
 
 
-@pytest.mark.parametrize("rows", [1, 127, 300])
-def test_input_moment_accumulates_in_place_on_the_rows_device(rows):
+@pytest.mark.parametrize(("rows", "k"), [(1, 64), (127, 300), (300, 64), (129, 520)])
+def test_input_moment_accumulates_in_place_on_the_rows_device(rows, k):
+    """The packed upper triangle of XᵀX (one or several 256-row blocks, a last one short), float32 on the rows'
+    device, accumulated in place; unpacked, the symmetric XᵀX."""
     torch.manual_seed(0)
-    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    exact = x.double().t() @ x.double()
     first = input_moment(x)
-    assert first.dtype == torch.float32 and first.device == x.device
-    torch.testing.assert_close(first, x.double().t() @ x.double(), rtol=1e-5, atol=1e-4, check_dtype=False)
+    assert first.dtype == torch.float32 and first.device == x.device and first.shape == (packed_size(k),)
+    torch.testing.assert_close(unpack_moment(first), exact, rtol=1e-5, atol=1e-4, check_dtype=False)
     again = input_moment(x, first)
     assert again is first  # the running sum is updated in place, never copied per call
-    torch.testing.assert_close(again, 2 * (x.double().t() @ x.double()), rtol=1e-5, atol=1e-4, check_dtype=False)
+    torch.testing.assert_close(unpack_moment(again), 2 * exact, rtol=1e-5, atol=1e-4, check_dtype=False)
     with pytest.raises(ValueError, match=r"input_moment: the sum so far is torch.float32 \[32, 32\] on cpu"):
         input_moment(x, torch.zeros(32, 32))
+
+
+def test_input_moment_is_the_same_bits_on_1_and_2_threads():
+    x = torch.randn(1000, 600)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = input_moment(x)
+        torch.set_num_threads(2)
+        two = input_moment(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
 
 
 def test_input_moment_upcasts_on_the_cpu():
@@ -151,20 +168,21 @@ def test_input_moment_upcasts_on_the_cpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_input_moment_on_a_gpu_multiplies_the_16bit_rows(dtype):
     """bfloat16 / float16 rows on a GPU: XᵀX from the 16-bit values with float32 output (tensor cores), over more
-    than one 8,192-row chunk, within float32 summation error of float64, the same bits on every call."""
+    than one 8,192-row chunk and two packed row blocks, within float32 summation error of float64, the same bits on
+    every call."""
     torch.manual_seed(0)
-    x = (torch.randn(20_000, 96) * torch.logspace(-2, 2, 96)).to(dtype)
+    x = (torch.randn(20_000, 300) * torch.logspace(-2, 2, 300)).to(dtype)
     xg = x.cuda()
     assert tensor_core_moment(xg) and not tensor_core_moment(xg.float())
     got = input_moment(xg)
     assert got.dtype == torch.float32 and got.is_cuda
     exact, spread = x.double().t() @ x.double(), x.double().abs().t() @ x.double().abs()
     # 1e-4 of the sum of |terms|: float32 sums in any order pass; a 16-bit result (2^-9 of the diagonal) does not.
-    assert ((got.double().cpu() - exact).abs() <= 1e-4 * spread).all()
+    assert ((unpack_moment(got).double() - exact).abs() <= 1e-4 * spread).all()
     assert torch.equal(input_moment(xg), got)
     head = x[:100].double()
     again = input_moment(xg[:100], got.clone())  # accumulated into a sum so far
-    err = (again.double().cpu() - exact - head.t() @ head).abs()
+    err = (unpack_moment(again).double() - exact - head.t() @ head).abs()
     assert (err <= 1e-4 * (spread + head.abs().t() @ head.abs())).all()
 
 

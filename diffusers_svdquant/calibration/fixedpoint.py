@@ -1,7 +1,7 @@
 """An exact, order-free sum of per-item ``XᵀX`` in int64 fixed point: one 8-byte sum per entry, where the
 binary tree of :class:`~.hessian.PairwiseSum` holds ``log2(items)`` float32 partial sums.
 
-Each item's float32 ``[K, K]`` sum is rounded once to an integer multiple of a per-entry unit
+Each item's float32 sum (packed, :mod:`.packed`) is rounded once to an integer multiple of a per-entry unit
 ``u_jl = 2^(c_j + c_l + e − 61)`` (``c_j = ⌈log2 absmax_j⌉`` of the layer's input channel ``j``, ``e = ⌈log2
 rows⌉`` of every row the sum will cover, both known from a statistics pass before any ``XᵀX`` is recorded), and
 the integers are added. Integer addition is exact in any order, so how the items were split between processes
@@ -17,8 +17,9 @@ import math
 
 import torch
 
-# Rows of the K x K sum converted at a time: the float64 temporaries stay ~K · 256 · 8 bytes.
-_ROWS_PER_STEP = 256
+from .packed import pack_blocks, packed_size
+
+# Converted one packed row block at a time (:mod:`.packed`): the float64 temporaries stay ~K · 256 · 8 bytes.
 _FRACTION_BITS = 61
 
 
@@ -34,7 +35,7 @@ def channel_exponents(absmax: torch.Tensor) -> torch.Tensor:
 
 
 class FixedPointSum:
-    """Per-item float32 ``[K, K]`` sums added exactly as int64 multiples of ``2^(c_j + c_l + e − 61)`` (module
+    """Per-item packed float32 sums added exactly as int64 multiples of ``2^(c_j + c_l + e − 61)`` (module
     docstring). The same interface as :class:`~.hessian.PairwiseSum`: ``add`` per item, ``merge`` of the parts
     of several processes, ``total``; the result does not depend on the items' order or split.
 
@@ -58,29 +59,32 @@ class FixedPointSum:
         self.sum: torch.Tensor | None = None
 
     def _shift(self, r0: int, r1: int) -> torch.Tensor:
-        """``61 − c_j − c_l − e`` for rows ``[r0, r1)``: value · 2^shift is the value in units."""
+        """``61 − c_j − c_l − e`` for rows ``[r0, r1)``, columns ``[r0, K)`` (a packed row block): value · 2^shift
+        is the value in units."""
         c = self.channel
-        return _FRACTION_BITS - self.rows_exponent - c[r0:r1, None] - c[None, :]
+        return _FRACTION_BITS - self.rows_exponent - c[r0:r1, None] - c[None, r0:]
 
     def add(self, item: int, value: torch.Tensor) -> None:
-        """Add one item's float32 ``[K, K]`` sum (converted on its device, where the integers are kept until
-        :meth:`host`). ``item`` is accepted for :class:`~.hessian.PairwiseSum`'s interface: order does not matter."""
-        k = self.k
-        if value.shape != (k, k):
-            raise ValueError(f"FixedPointSum({self.name!r}): item {item} is {list(value.shape)}, expected [{k}, {k}]")
+        """Add one item's packed float32 ``XᵀX`` (``[packed_size(K)]``, :mod:`~.packed`; converted on its device,
+        where the integers are kept until :meth:`host`). ``item`` is accepted for :class:`~.hessian.PairwiseSum`'s
+        interface: the order does not matter here."""
+        k, n = self.k, packed_size(self.k)
+        if value.shape != (n,):
+            raise ValueError(
+                f"FixedPointSum({self.name!r}): item {item} is {list(value.shape)}, expected [{n}] (K = {k}, packed)"
+            )
         if self.sum is None:
-            self.sum = torch.zeros(k, k, dtype=torch.int64, device=value.device)
+            self.sum = torch.zeros(n, dtype=torch.int64, device=value.device)
         limit = 2.0**62
-        for r0 in range(0, k, _ROWS_PER_STEP):
-            r1 = min(k, r0 + _ROWS_PER_STEP)
-            scaled = torch.ldexp(value[r0:r1].double(), self._shift(r0, r1).to(value.device))
+        for (r0, r1, block), (_, _, ints) in zip(pack_blocks(value, k), pack_blocks(self.sum, k), strict=True):
+            scaled = torch.ldexp(block.double(), self._shift(r0, r1).to(value.device))
             units = torch.round(scaled)  # half to even: a function of this item alone
             if not bool((units.abs() < limit).all()):  # NaN fails too
                 raise ValueError(
                     f"FixedPointSum({self.name!r}): item {item}'s XᵀX exceeds rows · absmax² of the statistics it was "
                     "sized from (the inputs changed between the statistics pass and this one, or are not finite)"
                 )
-            self.sum[r0:r1] += units.long().to(self.sum.device)
+            ints += units.long().to(self.sum.device)
 
     def host(self) -> FixedPointSum:
         """This sum with its integers on the CPU (for gathering between processes and writing), returned."""
@@ -117,11 +121,10 @@ class FixedPointSum:
         return out
 
     def total(self) -> torch.Tensor:
-        """The sum as float32 ``[K, K]`` on the CPU: the integers times their units, rounded once to float32."""
+        """The sum, packed as the items, float32 on the CPU: the integers times their units, rounded once."""
         k, total = self.k, self.host().sum
-        out = torch.zeros(k, k)
+        out = torch.zeros(packed_size(k))
         if total is not None:
-            for r0 in range(0, k, _ROWS_PER_STEP):
-                r1 = min(k, r0 + _ROWS_PER_STEP)
-                out[r0:r1] = torch.ldexp(total[r0:r1].double(), -self._shift(r0, r1)).float()
+            for (r0, r1, ints), (_, _, block) in zip(pack_blocks(total, k), pack_blocks(out, k), strict=True):
+                block.copy_(torch.ldexp(ints.double(), -self._shift(r0, r1)).float())
         return out

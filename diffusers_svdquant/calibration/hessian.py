@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fixedpoint import FixedPointSum
+from .packed import pack_blocks, packed_size
 
 
 @dataclass
@@ -94,34 +95,39 @@ def tensor_core_moment(x: torch.Tensor) -> bool:
 
 
 def input_moment(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``XᵀX`` ``[K, K]`` in float32, on ``x``'s device, of a layer's input rows ``x`` ``[M, K]``: chunks of 128
-    rows accumulated in order, so the bits do not depend on the thread count (processes of a launch may differ).
-    With ``out`` (a float32 ``[K, K]`` sum so far on ``x``'s device) the chunks are accumulated into it, in place.
+    """``XᵀX`` of a layer's input rows ``x`` ``[M, K]``, packed (the upper triangle in row blocks: float32
+    ``[packed_size(K)]``, :func:`unpack_moment` gives ``[K, K]``), on ``x``'s device: chunks of 128 rows accumulated
+    in order, so the bits do not depend on the thread count (processes of a launch may differ). With ``out`` (the
+    packed sum so far, on ``x``'s device) the chunks are accumulated into it, in place.
 
     The sum stays on ``x``'s device across calls: the recorder moves one item's sum to the CPU once, when the
-    item ends, not once per call (on a GPU that would copy every hooked layer's ``K x K`` per forward: ~69 GiB
-    per denoiser call on FLUX.1). Each chunk is added by one ``addmm_`` into the sum (``C += XᵢᵀXᵢ``) rather than
-    formed and then added: one pass over the ``K x K`` sum per chunk instead of three, 1.7x faster at K = 12,288
-    (1,280 rows, 2 threads: 2.76 s -> 1.57 s), and still the same bits on 1 and 2 threads.
+    item ends, not once per call (on a GPU that would copy every hooked layer's sum per forward). Each chunk is
+    added by one ``addmm_`` per row block into the sum (``C += XᵢᵀXᵢ``) rather than formed and then added: one
+    pass over the sum per chunk instead of three (1.7x faster at K = 12,288 when the sums were full), and still
+    the same bits on 1 and 2 threads (each matmul's reduction is the chunk's 128 rows, which no BLAS splits).
 
     bfloat16 / float16 rows on a GPU (:func:`tensor_core_moment`) are multiplied as they are, with float32
     output, in chunks of 8,192 rows; every other input is upcast to float32 first."""
     k = x.shape[1]
-    if out is not None and (out.device != x.device or out.shape != (k, k) or out.dtype != torch.float32):
+    n = packed_size(k)
+    if out is not None and (out.device != x.device or out.shape != (n,) or out.dtype != torch.float32):
         raise ValueError(
             f"input_moment: the sum so far is {out.dtype} {list(out.shape)} on {out.device}, the rows "
-            f"{list(x.shape)} on {x.device}: expected float32 [{k}, {k}] on the rows' device"
+            f"{list(x.shape)} on {x.device}: expected float32 [{n}] (K = {k}, packed) on the rows' device"
         )
-    acc = out if out is not None else torch.zeros(k, k, device=x.device)
+    acc = out if out is not None else torch.zeros(n, device=x.device)
+    blocks = pack_blocks(acc, k)
     if tensor_core_moment(x):
         for i in range(0, x.shape[0], _MOMENT_ROWS_CUDA):
             chunk = x[i : i + _MOMENT_ROWS_CUDA]
-            acc.add_(torch.mm(chunk.t(), chunk, out_dtype=torch.float32))
+            for r0, r1, view in blocks:
+                view.add_(torch.mm(chunk[:, r0:r1].t(), chunk[:, r0:], out_dtype=torch.float32))
         return acc
     x32 = x.float()
     for i in range(0, x32.shape[0], _MOMENT_ROWS):
         chunk = x32[i : i + _MOMENT_ROWS]
-        acc.addmm_(chunk.t(), chunk)
+        for r0, r1, view in blocks:
+            view.addmm_(chunk[:, r0:r1].t(), chunk[:, r0:])
     return acc
 
 

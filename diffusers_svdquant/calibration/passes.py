@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .hessian import MomentSum, share_labels, shared_units
+from .packed import packed_size, unpack_moment
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
@@ -45,14 +46,16 @@ def tree_copies(items: Sequence[int]) -> int:
 
 
 def moment_bytes(k: int, copies: int) -> int:
-    """Bytes of one layer's float32 ``[K, K]`` sums while recording, ``copies`` of them (:func:`tree_copies`)."""
-    return 4 * k * k * copies
+    """Bytes of one layer's float32 sums while recording (packed upper triangles, :mod:`.packed`: about ``2·K²``
+    bytes each), ``copies`` of them (:func:`tree_copies`)."""
+    return 4 * packed_size(k) * copies
 
 
 def fixed_moment_bytes(k: int) -> int:
-    """Bytes of one layer's sums while recording with ``hessian_sum="fixed"``: the int64 ``[K, K]`` sum and the
-    float32 sum of the item in progress (:class:`~.fixedpoint.FixedPointSum`), however many items a process has."""
-    return 12 * k * k
+    """Bytes of one layer's sums while recording with ``hessian_sum="fixed"``: the int64 sum and the float32 sum of
+    the item in progress, both packed (:class:`~.fixedpoint.FixedPointSum`; about ``6·K²`` bytes), however many
+    items a process has."""
+    return 12 * packed_size(k)
 
 
 def plan_passes(
@@ -173,7 +176,7 @@ class ShardWriter:
             del part
             found = [p for p in parts or () if p is not None]
             if found:
-                totals[HESSIAN_PREFIX + unit[0]] = type(found[0]).merge(found).total()
+                totals[HESSIAN_PREFIX + unit[0]] = unpack_moment(type(found[0]).merge(found).total())
                 aliases |= dict.fromkeys(unit[1:], unit[0])
         written = [k[len(HESSIAN_PREFIX) :] for k in totals]
         if self.procs.rank == 0:

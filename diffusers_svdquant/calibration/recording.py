@@ -31,6 +31,7 @@ from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
 from .fixedpoint import FixedPointSum
 from .hessian import MomentSum, SharedMoments, share_labels, shared_units
+from .packed import unpack_moment
 from .passes import GIB, ShardWriter, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
@@ -424,7 +425,11 @@ def calibrate(
             # A sum the layers share on every process is merged once and held once (the same tensor for each).
             for unit in shared_units(group, [share_labels(part) for part in moments]):
                 found = [part[unit[0]] for part in moments if unit[0] in part]
-                total = type(found[0]).merge(found).total()
+                for part in moments:  # let go of the packed sums as their totals are made
+                    for name in unit:
+                        part.pop(name, None)
+                total = unpack_moment(type(found[0]).merge(found).total())
+                del found
                 stats.hessian |= dict.fromkeys(unit, total)
         del recorder
     if shards is not None:
