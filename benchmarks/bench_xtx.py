@@ -3,7 +3,8 @@
 On a GPU, bf16 rows take the tensor-core path (the 16-bit values multiplied with float32 output,
 ``hessian.tensor_core_moment``) and float32 rows the float32 matmul; on a CPU both are float32 matmuls over
 128-row chunks (bf16 upcast first). One call's rows (4,096 image + 512 text tokens of FLUX.1 at 1024²) into a
-running sum, as the calibration hooks do; TFLOP/s counts 2·rows·K². Also the int64 fixed-point conversion of one
+running sum, as the calibration hooks do; the sum is the packed upper triangle (``calibration/packed.py``), and
+TFLOP/s counts the 2·rows·packed entries it computes (about rows·K²). Also the int64 fixed-point conversion of one
 prompt's sum (``FixedPointSum.add``, ``hessian_sum="fixed"``). The projection in ``bench_calibration.py`` assumes
 400 TFLOP/s for the bf16 path on a GPU: this is where that gets measured.
 
@@ -20,6 +21,7 @@ import torch
 
 from diffusers_svdquant.calibration.fixedpoint import FixedPointSum
 from diffusers_svdquant.calibration.hessian import input_moment, tensor_core_moment
+from diffusers_svdquant.calibration.packed import packed_size
 
 WIDTHS = [3072, 12288, 15360]  # FLUX.1's linear input widths: attention / MLP in, MLP out, single-block out
 
@@ -51,15 +53,16 @@ def main() -> None:
     for k in WIDTHS:
         x16 = torch.randn(args.rows, k, device=device).to(torch.bfloat16)
         x32 = x16.float()
-        acc = torch.zeros(k, k, device=device)
-        flops = 2 * args.rows * k * k
+        acc = torch.zeros(packed_size(k), device=device)
+        flops = 2 * args.rows * packed_size(k)
         t16 = timed(lambda x=x16, a=acc: input_moment(x, a), args.repeats, sync)
         t32 = timed(lambda x=x32, a=acc: input_moment(x, a), args.repeats, sync)
         fixed = FixedPointSum(x32.abs().amax(0).cpu(), 1 << 24)
         tconv = timed(lambda f=fixed, a=acc: f.add(0, a), max(1, args.repeats // 2), sync)
         path = "tensor cores" if tensor_core_moment(x16) else "fp32 upcast"
+        per_entry = tconv / packed_size(k) * 1e9
         print(f"{k:>6} {args.rows:>5} | {t16 * 1e3:>8.2f} {flops / t16 / 1e12:>8.1f} {path:>12} | {t32 * 1e3:>8.2f} "
-              f"{flops / t32 / 1e12:>8.1f} | {t32 / t16:>5.2f}x | {tconv * 1e3:>11.1f} {tconv / k / k * 1e9:>8.2f}",
+              f"{flops / t32 / 1e12:>8.1f} | {t32 / t16:>5.2f}x | {tconv * 1e3:>11.1f} {per_entry:>8.2f}",
               flush=True)  # fmt: skip
         del x16, x32, acc, fixed
 

@@ -23,7 +23,7 @@ def _pack_blocks(k: int) -> list[tuple[int, int, int]]:
 
 
 def packed_size(k: int) -> int:
-    """Entries of a packed ``XᵀX`` of width ``k`` (:func:`input_moment`): about ``K²/2 + 128·K``."""
+    """Entries of a packed ``XᵀX`` of width ``k`` (:func:`~.hessian.input_moment`): about ``K²/2 + 128·K``."""
     return sum((r1 - r0) * (k - r0) for r0, r1, _ in _pack_blocks(k))
 
 
