@@ -36,9 +36,7 @@ void quantize_act(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   if (K % group_size != 0)
     fail(std::string(fn) + ": K must be a multiple of group_size=" + std::to_string(group_size) +
          ", got K=" + std::to_string(K));
-  if (dtype < 0 || dtype > 2)
-    fail(std::string(fn) + ": dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
-         std::to_string(dtype));
+  check_dtype(fn, "dtype", dtype);
   check_threads(fn, num_threads);
   check_product(fn, "M", M, "K", K);
   check_product(fn, "K", K, "R", R);

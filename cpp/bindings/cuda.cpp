@@ -47,9 +47,7 @@ void cuda_quantize_act(const py::int_& x_, const py::int_& smooth_, const py::in
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   check_groups(fn, K);
-  if (dtype < 0 || dtype > 2)
-    fail(std::string(fn) + ": dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
-         std::to_string(dtype));
+  check_dtype(fn, "dtype", dtype);
   check_device(fn, device);
   check_product(fn, "M", M, "K", K);
   check_product(fn, "K", K, "R", R);
@@ -87,9 +85,7 @@ void cuda_gemm_w4a4(const py::int_& q_x_, const py::int_& s_x_, const py::int_& 
   check_size(fn, "K", K);
   check_size(fn, "R", R);
   check_groups(fn, K);
-  if (out_dtype < 0 || out_dtype > 2)
-    fail(std::string(fn) + ": out_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
-         std::to_string(out_dtype));
+  check_dtype(fn, "out_dtype", out_dtype);
   if (mma_path < 0 || mma_path > 2)
     fail(std::string(fn) + ": mma_path must be 0 (auto), 1 (s4) or 2 (s8), got " + std::to_string(mma_path));
   check_device(fn, device);
