@@ -1,7 +1,8 @@
 """Second moments ``XᵀX`` of a layer's inputs for GPTQ, summed in an order that does not depend on how the
 calibration items were split between processes.
 
-Each item (a prompt, or a process's ``run``) contributes one ``[K, K]`` float32 sum. Floating-point
+Each item (a prompt, or a process's ``run``) contributes one float32 sum (the upper triangle of ``XᵀX``, packed:
+:mod:`.packed`). Floating-point
 addition is not associative, so the items are added along one fixed binary tree over their indices:
 the sum of an aligned block ``[j·2ᵏ, (j+1)·2ᵏ)`` is always (left half) + (right half), and what is left
 after pairing every block with its sibling is added left to right. A process holds only the maximal
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fixedpoint import FixedPointSum
-from .packed import pack_blocks, packed_size
+from .packed import pack_blocks, packed_size, unpack_moment
 
 
 @dataclass
@@ -142,7 +143,7 @@ class _Cell:
     progress, on the inputs' device (None until its first call)."""
 
     names: list[str]
-    tree: MomentSum = field(default_factory=PairwiseSum)
+    tree: MomentSum
     item: torch.Tensor | None = None
 
 
@@ -186,10 +187,10 @@ class SharedMoments:
 
     When a layer of a cell does not read a call of the cell (another input, or no call before the next recorded
     one or the end of the item), it leaves the cell with the cell's state before that call: a copy of the item sum
-    (taken before each call of a shared cell; ``K²`` floats against the call's ``2·rows·K²`` FLOPs) and the finished
-    items' tensors, which are never written again. A layer joins a cell only on the first call of both, and only
-    when its own sum would add the items exactly as the cell's does (``same_units``: in fixed point the units come
-    from each layer's statistics, and a layer whose inputs part later has others).
+    (taken before each call of a shared cell; about ``K²/2`` floats against the call's ``rows·K²`` FLOPs) and the
+    finished items' tensors, which are never written again. A layer joins a cell only on the first call of both,
+    and only when its own sum would add the items exactly as the cell's does (``same_units``: in fixed point the
+    units come from each layer's statistics, and a layer whose inputs part later has others).
 
     With ``compute=False`` no sum is formed: only which layers share (:meth:`groups`), for planning the passes.
     With ``share=False`` every layer keeps its own sum (what the tests compare against). ``new_sum(name)``: the
@@ -263,6 +264,12 @@ class SharedMoments:
     def groups(self) -> list[list[str]]:
         """The layers that share a sum, each group in first-call order; groups of one layer left out."""
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
+
+
+def merged_total(parts: Sequence[MomentSum]) -> torch.Tensor:
+    """The symmetric float32 ``[K, K]`` (on the CPU) of one sum's parts from every process that holds it (tree or
+    fixed point, all of one kind): merged, totalled and unpacked."""
+    return unpack_moment(type(parts[0]).merge(list(parts)).total())
 
 
 def share_labels(moments: Mapping[str, MomentSum]) -> dict[str, int]:

@@ -2,8 +2,9 @@
 
 Each pass runs every calibration prompt (or ``run``) again and gathers ``XᵀX`` for one contiguous group of
 layers (in module order); its sums are merged and written to disk (:class:`ShardWriter`) before the next pass
-starts. A layer's sums while recording take ``4·K²`` bytes times :func:`tree_copies` (the partial sums of the
-fixed summation tree a process holds, :mod:`.hessian`); layers that read the same input tensor hold one sum
+starts. A layer's sums while recording take about ``2·K²`` bytes (packed: :func:`moment_bytes`) times
+:func:`tree_copies` (the partial sums of the fixed summation tree a process holds, :mod:`.hessian`), or about
+``6·K²`` in fixed point (:func:`fixed_moment_bytes`); layers that read the same input tensor hold one sum
 (:class:`~.hessian.SharedMoments`), counted once and kept in one pass.
 """
 
@@ -19,8 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .hessian import MomentSum, share_labels, shared_units
-from .packed import packed_size, unpack_moment
+from .hessian import MomentSum, merged_total, share_labels, shared_units
+from .packed import packed_size
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
@@ -176,7 +177,7 @@ class ShardWriter:
             del part
             found = [p for p in parts or () if p is not None]
             if found:
-                totals[HESSIAN_PREFIX + unit[0]] = unpack_moment(type(found[0]).merge(found).total())
+                totals[HESSIAN_PREFIX + unit[0]] = merged_total(found)
                 aliases |= dict.fromkeys(unit[1:], unit[0])
         written = [k[len(HESSIAN_PREFIX) :] for k in totals]
         if self.procs.rank == 0:

@@ -30,8 +30,7 @@ from torch import nn
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
 from .fixedpoint import FixedPointSum
-from .hessian import MomentSum, SharedMoments, share_labels, shared_units
-from .packed import unpack_moment
+from .hessian import MomentSum, SharedMoments, merged_total, share_labels, shared_units
 from .passes import GIB, ShardWriter, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
@@ -184,8 +183,6 @@ def _hessian_groups(
     """The layers whose ``XᵀX`` each pass records (:func:`~.passes.plan_passes`), the same on every rank: sized by
     the most partial sums any process holds (:func:`~.passes.tree_copies` of its items), a sum that layers share
     (``shared_inputs()``, called only when there is more than one pass to plan) counted once."""
-    if budget_gib is not None and (isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float))):
-        raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget_gib!r}")
     if fixed:  # one int64 sum and the item in progress, however the items are split
         sizes = [(name, fixed_moment_bytes(m.in_features)) for name, m in layers.items()]
     else:
@@ -207,10 +204,10 @@ def _auto_sum(
     """``hessian_sum="auto"``: fixed point when, under a memory budget, its passes plus its statistics pass are fewer
     than the tree's. Decided from what every process knows alike (the total item count, the tree's partial sums as
     if one process held every item, rank 0's shared sets), so every split decides the same and gives the same bits."""
-    if budget_gib is None or isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)):
+    if budget_gib is None:
         return "tree"  # one pass, or the passes asked for: the tree needs no statistics pass first
     budget, copies = int(budget_gib * GIB), tree_copies(range(total_items))
-    if copies <= 3:  # 4·K² x copies <= 12·K²: the tree never holds more
+    if copies <= 3:  # 4 bytes x copies <= fixed point's 12 per packed entry: the tree never holds more
         return "tree"
     together = shared_inputs()
     plans: dict[str, int | None] = {}
@@ -306,11 +303,11 @@ def calibrate(
         pipeline_kwargs: extra arguments for every pipeline call (``height``, ``guidance_scale``...).
         progress: tqdm bars on rank 0.
         hessian: also gather each layer's ``XᵀX`` (float32 ``[K, K]``), which makes quantization round the
-            residual with GPTQ (``SVDQuantConfig.gptq``). Memory: ``4·K²`` bytes per sum (times about
-            ``log2`` of the items per process while recording, :func:`~.passes.tree_copies`); layers that read
-            the very same input tensor (attention's q / k / v) hold one sum (:class:`~.hessian.SharedMoments`),
-            with the bits each would have alone. Merged exactly across processes, and the same bits however many
-            passes.
+            residual with GPTQ (``SVDQuantConfig.gptq``). Memory: about ``2·K²`` bytes per sum, its upper triangle
+            (:mod:`~.packed`), times about ``log2`` of the items per process while recording
+            (:func:`~.passes.tree_copies`); layers that read the very same input tensor (attention's q / k / v)
+            hold one sum (:class:`~.hessian.SharedMoments`), with the bits each would have alone. Merged exactly
+            across processes, and the same bits however many passes.
         hessian_passes: gather ``XᵀX`` in this many passes (default 1): each pass runs every prompt (or
             ``run``, which must then feed the same inputs each time) again and records the sums of one
             contiguous group of layers (a set sharing one sum kept whole; the sets are found on the model's first
@@ -325,7 +322,7 @@ def calibrate(
         hessian_sum: how the items' ``XᵀX`` are added so that the bits do not depend on the process split:
             ``"tree"``, float32 along a fixed binary tree (up to ``log2`` of the items per process partial sums
             per layer while recording); ``"fixed"``, int64 fixed point (:mod:`~.fixedpoint`): one 8-byte sum per
-            entry and the item in progress (``12·K²`` bytes per layer however many prompts), at the cost of one
+            entry and the item in progress (about ``6·K²`` bytes per layer however many prompts), at the cost of one
             more run of the prompts first, for the statistics that size its units (FLUX.1 at 128 prompts on one
             process holds 3x less, so a budget needs a third of the passes: ``benchmarks/bench_calibration.py``).
             ``"auto"`` (default): fixed point when ``hessian_budget_gib`` is given and its passes, plus that
@@ -389,6 +386,9 @@ def calibrate(
         raise ValueError("calibrate: hessian_passes, hessian_budget_gib, hessian_dir and hessian_sum need hessian=True")
     if hessian_sum not in ("auto", "tree", "fixed"):
         raise ValueError(f"calibrate: hessian_sum must be 'auto', 'tree' or 'fixed', got {hessian_sum!r}")
+    budget = hessian_budget_gib
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+        raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget!r}")
     groups = []
     if hessian:
 
@@ -428,7 +428,7 @@ def calibrate(
                 for part in moments:  # let go of the packed sums as their totals are made
                     for name in unit:
                         part.pop(name, None)
-                total = unpack_moment(type(found[0]).merge(found).total())
+                total = merged_total(found)
                 del found
                 stats.hessian |= dict.fromkeys(unit, total)
         del recorder
