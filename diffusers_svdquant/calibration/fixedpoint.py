@@ -19,7 +19,7 @@ import torch
 
 from .packed import pack_blocks, packed_size
 
-# Converted one packed row block at a time (:mod:`.packed`): the float64 temporaries stay ~K · 256 · 8 bytes.
+# The bound rows·absmax_j·absmax_l is at most 2^61 units: one bit below the 2^62 every item is checked against.
 _FRACTION_BITS = 61
 
 
@@ -76,6 +76,7 @@ class FixedPointSum:
         if self.sum is None:
             self.sum = torch.zeros(n, dtype=torch.int64, device=value.device)
         limit = 2.0**62
+        # One packed row block at a time: the float64 temporaries stay about K · 256 · 8 bytes.
         for (r0, r1, block), (_, _, ints) in zip(pack_blocks(value, k), pack_blocks(self.sum, k), strict=True):
             scaled = torch.ldexp(block.double(), self._shift(r0, r1).to(value.device))
             units = torch.round(scaled)  # half to even: a function of this item alone
