@@ -243,7 +243,8 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gptq",
         action="store_true",
-        help="also gather each layer's XᵀX, so quantization rounds the residual with GPTQ (4·K² bytes per layer)",
+        help="also gather each layer's XᵀX, so quantization rounds the residual with GPTQ (its upper triangle: "
+        "about 2·K² bytes per float32 sum while recording)",
     )
     xtx = p.add_mutually_exclusive_group()
     xtx.add_argument(
@@ -271,9 +272,10 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "tree", "fixed"),
         default=None,
         help="with --gptq: how the prompts' XᵀX are added, the same bits on any number of processes: 'tree' "
-        "(up to log2(prompts per process) float32 sums per layer while recording), 'fixed' (int64 fixed point: "
-        "12·K² bytes per layer however many prompts, after one more run of the prompts for the statistics that "
-        "size it), or 'auto' (default: 'fixed' when --hessian-budget-gib then needs fewer runs)",
+        "(up to log2(prompts per process) + 1 float32 sums per layer while recording), 'fixed' (int64 fixed point "
+        "in units sized from the first forward: ~6·K² bytes per layer however many prompts; a layer that outgrows "
+        "them is recorded again after the other passes), or 'auto' (default: 'fixed' from 8 prompts, where it "
+        "holds less)",
     )
 
 

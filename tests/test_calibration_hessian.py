@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from diffusers_svdquant import CalibrationStats, calibrate
-from diffusers_svdquant.calibration import recording
+from diffusers_svdquant.calibration import recorder
 from diffusers_svdquant.calibration.hessian import PairwiseSum, SharedMoments, share_labels, shared_units
 
 FLUX_SETS = [  # the tiny FLUX's layers that read one tensor: 1 double block, 2 single blocks
@@ -42,7 +42,7 @@ def _same_bits(a: CalibrationStats, b: CalibrationStats) -> None:
 
 
 def _calibrate(monkeypatch, share: bool, *args, **kwargs) -> CalibrationStats:
-    monkeypatch.setattr(recording, "SHARE_INPUTS", share)
+    monkeypatch.setattr(recorder, "SHARE_INPUTS", share)
     return calibrate(*args, progress=False, hessian=True, **kwargs)
 
 
@@ -122,8 +122,8 @@ def test_layers_that_stop_reading_the_same_input_keep_the_bits_of_their_own_sums
 
 
 def test_fixed_point_sums_are_shared_only_in_the_same_units(monkeypatch):
-    """hessian_sum="fixed" sizes each layer's integer units from its own absmax and rows: b, which reads a's input
-    in call 1 and 10x larger ones after, must not share a's sum (in a's units its items would not even fit)."""
+    """hessian_sum="fixed" sizes each layer's integer units from its own probe (here the whole run: it never calls the
+    model as a whole): b, which reads a's input in call 1 and 10x larger ones after, must not share a's sum."""
     model = _Diverging()
     xs = [torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
@@ -282,7 +282,7 @@ import os, sys
 import torch
 from torch import nn
 from diffusers_svdquant import calibrate
-from diffusers_svdquant.calibration import recording
+from diffusers_svdquant.calibration import recorder
 from diffusers_svdquant.calibration.processes import Processes
 
 torch.manual_seed(0)
@@ -298,7 +298,7 @@ def go(m):
         m["d"](y)
 
 for name, share, passes in (("alone", False, 1), ("shared", True, 1), ("passes", True, 2)):
-    recording.SHARE_INPUTS = share
+    recorder.SHARE_INPUTS = share
     stats = calibrate(model, run=go, search=False, progress=False, hessian=True, hessian_passes=passes)
     if rank == 0:
         stats.save(os.path.join(sys.argv[1], name + ".safetensors"))

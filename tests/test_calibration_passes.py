@@ -15,8 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from diffusers_svdquant import CalibrationStats, SVDQuantConfig, calibrate, quantize_
-from diffusers_svdquant.calibration.passes import GIB, plan_passes, tree_copies
-from diffusers_svdquant.calibration.recording import _auto_sum
+from diffusers_svdquant.calibration.passes import GIB, auto_sum, plan_passes, tree_copies
 from diffusers_svdquant.calibration.tensorfile import write_tensors
 
 
@@ -154,15 +153,17 @@ def test_passes_give_the_bits_of_one_pass(plan, tmp_path):
 
 
 def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree():
-    """hessian_sum="fixed": a statistics pass first, then the XᵀX passes; the same bits for any pass count, within
-    float32 rounding of the tree's sums, the statistics themselves unchanged. Planned at 12·K² bytes a layer."""
+    """hessian_sum="fixed": units from the probe (the first forward), XᵀX from the statistics pass on; the same bits
+    for any pass count, within float32 rounding of the tree's sums, the statistics themselves unchanged. Planned at
+    12·K² bytes a layer."""
     model, go = _model_and_run()
     kw = {"run": go, "progress": False, "search": False, "hessian": True}
     tree, one = calibrate(model, **kw), calibrate(model, **kw, hessian_sum="fixed")
     three = calibrate(model, **kw, hessian_sum="fixed", hessian_passes=3)
-    budget = calibrate(model, **kw, hessian_sum="fixed", hessian_budget_gib=250e3 / GIB)  # 12·(64² + 128²): 1 pass
+    budget = calibrate(model, **kw, hessian_sum="fixed", hessian_budget_gib=250e3 / GIB)  # 12·(64² + 128²): 2 passes
     assert (tree.info["hessian_sum"], one.info["hessian_sum"]) == ("tree", "fixed")
     assert (one.info["hessian_passes"], three.info["hessian_passes"], budget.info["hessian_passes"]) == (1, 3, 2)
+    assert one.info["hessian_retried"] == three.info["hessian_retried"] == [] and "hessian_retried" not in tree.info
     assert one.hessian_names() == three.hessian_names() == tree.hessian_names() == ["0", "2", "3"]
     for name in tree.hessian_names():
         assert torch.equal(three.hessian_for(name), one.hessian_for(name)), name
@@ -176,39 +177,67 @@ def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree(
         calibrate(model, **kw, hessian_sum="exact")
 
 
-@pytest.mark.parametrize(
-    ("items", "budget", "chosen"),
-    [
-        (128, None, "tree"),  # no budget: one pass, the tree needs no statistics pass
-        (128, 300e3, "fixed"),  # the tree's 128-wide layer alone (8 x 4 x 128²) is over the budget
-        (128, 600e3, "fixed"),  # tree 3 passes, fixed 1 + 1
-        (128, 800e3, "tree"),  # tree 1 pass, fixed 1 + 1
-        (7, 300e3, "tree"),  # 3 partial sums at most: the tree never holds more than fixed point's 12·K²
-    ],
-)
-def test_auto_sum_takes_fixed_point_when_it_needs_fewer_runs(items, budget, chosen):
-    with torch.device("meta"):
-        layers = {"0": nn.Linear(64, 128), "2": nn.Linear(128, 64), "3": nn.Linear(64, 192)}
-    asked = []
-    budget_gib = None if budget is None else budget / GIB
-    assert _auto_sum(layers, items, budget_gib, lambda: asked.append(1) or {}) == chosen
-    assert len(asked) == (chosen == "fixed" or budget == 800e3)  # the shared sets are only looked for when it matters
+def _growing(scales: list[float]):
+    """A run whose r-th call (the probe's first forward is call 0) feeds inputs ``scales[r]`` times larger, to a model
+    whose tanh keeps the later layers' inputs within [-1, 1]."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Linear(64, 192))
+    x, runs = torch.randn(3, 7, 64), []
+
+    def go(m: nn.Module) -> None:
+        scale = scales[min(len(runs), len(scales) - 1)]
+        runs.append(1)
+        m(x[:2])
+        m(x[2:] * scale)
+
+    return model, go, runs
+
+
+@pytest.mark.parametrize("plan", [{}, {"hessian_passes": 2}, {"hessian_budget_gib": 250e3 / GIB}])
+def test_a_layer_that_outgrows_its_probe_is_recorded_again_in_units_from_the_statistics(plan, tmp_path):
+    """The probe (the first forward: the run's first call) sees x; the rest of the run 2^17 x (2^34 times the energy,
+    past the 2^32 the probe's units hold): the first layer is recorded again after the planned passes, in units from
+    the statistics, and its sum is the tree's within float32 rounding. The layers after the tanh keep their probe's."""
+    model, go, runs = _growing([2.0**17])
+    kw = {"run": go, "progress": False, "search": False, "hessian": True}
+    tree = calibrate(model, **kw)
+    runs.clear()
+    fixed = calibrate(model, **kw, hessian_sum="fixed", **plan)
+    planned = 2 if plan else 1
+    assert fixed.info["hessian_retried"] == ["0"]
+    assert fixed.info["hessian_passes"] == planned + 1 and len(runs) == 1 + planned + 1  # probe, passes, retry
+    assert fixed.hessian_names() == tree.hessian_names() == ["0", "2", "3"]
+    for name in tree.hessian_names():
+        want = tree.hessian_for(name)
+        torch.testing.assert_close(fixed.hessian_for(name), want, rtol=1e-5, atol=1e-6 * want.diagonal().max())
+    # Any pass plan gives the same bits: the retry is decided by the totals.
+    same = calibrate(model, **kw, hessian_sum="fixed", hessian_passes=3)
+    assert same.info["hessian_retried"] == ["0"]
+    for name in tree.hessian_names():
+        assert torch.equal(same.hessian_for(name), fixed.hessian_for(name)), name
+
+
+@pytest.mark.parametrize("items", [1, 7, 8, 128])
+def test_auto_sum_takes_fixed_point_when_it_holds_less(items):
+    """The tree holds up to tree_copies float32 sums per layer, fixed point 12 bytes per entry: fixed from 4 copies."""
+    assert auto_sum(items) == ("fixed" if tree_copies(range(items)) > 3 else "tree")
+    assert (auto_sum(7), auto_sum(8)) == ("tree", "fixed")
 
 
 def test_calibrate_runs_what_auto_chooses(monkeypatch):
-    """calibrate's default hessian_sum="auto" runs the sum _auto_sum picks, from the total item count and budget."""
+    """calibrate's default hessian_sum="auto" runs the sum auto_sum picks, from the total item count."""
     from diffusers_svdquant.calibration import recording
 
     model, go = _model_and_run()
     seen = []
 
-    def pick(layers, total_items, budget_gib, shared_inputs):
-        seen.append((sorted(layers), total_items, budget_gib))
+    def pick(total_items):
+        seen.append(total_items)
         return "fixed"
 
-    monkeypatch.setattr(recording, "_auto_sum", pick)
+    monkeypatch.setattr(recording, "auto_sum", pick)
     stats = calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_budget_gib=1.0)
-    assert stats.info["hessian_sum"] == "fixed" and seen == [(["0", "2", "3"], 1, 1.0)]
+    assert stats.info["hessian_sum"] == "fixed" and seen == [1]
     assert (
         calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_sum="tree").info["hessian_sum"]
         == "tree"
@@ -217,15 +246,9 @@ def test_calibrate_runs_what_auto_chooses(monkeypatch):
 
 
 def test_fixed_point_sums_refuse_inputs_beyond_their_statistics():
-    """A run whose inputs grow between the statistics pass and the XᵀX pass: an error naming the layer, never a
-    wrapped-around sum."""
-    model, _ = _model_and_run()
-    x, calls = torch.randn(3, 7, 64), []
-
-    def go(m):
-        calls.append(1)
-        m(x * 100 ** (len(calls) - 1))  # the second run (the XᵀX pass): 100x the statistics pass's inputs
-
+    """A run whose inputs outgrow the probe (so the layer is recorded again in units from the statistics) and then
+    grow again between the statistics pass and that pass: an error naming the layer, never a wrapped-around sum."""
+    model, go, _ = _growing([1.0, 2.0**17, 2.0**17 * 100])
     with pytest.raises(ValueError, match=r"FixedPointSum\('0'\): item 0's XᵀX exceeds rows · absmax²"):
         calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_sum="fixed")
 

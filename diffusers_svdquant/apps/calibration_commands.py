@@ -116,6 +116,11 @@ def _summary(stats: CalibrationStats, seconds: float) -> str:
             f"; smoothing searched for {searched} layers (median alpha {alphas[len(alphas) // 2]:.1f}, "
             f"output error vs no smoothing: {sum(gain) / max(len(gain), 1):.2f}x lower on average)"
         )
+    if stats.info.get("hessian_sum"):
+        retried = stats.info.get("hessian_retried") or []
+        line += f"; XᵀX summed by {stats.info['hessian_sum']} in {stats.info['hessian_passes']} pass(es)"
+        if retried:  # their sums outgrew the units of the first forward's probe
+            line += f", {len(retried)} layer(s) recorded again in units from the statistics"
     return line
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .recording import forward_pre_hooks
+from .recorder import forward_pre_hooks
 from .stats import CalibrationStats
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]

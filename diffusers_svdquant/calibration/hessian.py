@@ -195,7 +195,8 @@ class SharedMoments:
     With ``compute=False`` no sum is formed: only which layers share (:meth:`groups`), for planning the passes.
     With ``share=False`` every layer keeps its own sum (what the tests compare against). ``new_sum(name)``: the
     finished items' sum of a cell first made for layer ``name`` (default :class:`PairwiseSum`; calibrate's
-    ``hessian_sum="fixed"`` gives a :class:`~.fixedpoint.FixedPointSum` sized from the layer's statistics)."""
+    ``hessian_sum="fixed"`` gives a :class:`~.fixedpoint.FixedPointSum` sized from the layer's probe or statistics).
+    A cell whose fixed-point sum has overflowed its units stops forming items: its layers are recorded again."""
 
     def __init__(
         self, compute: bool = True, share: bool = True, new_sum: Callable[[str], MomentSum] | None = None
@@ -226,7 +227,7 @@ class SharedMoments:
         if new:
             cell = self.cells[name] = _Cell([name], self.new_sum(name))
         before = cell.item.clone() if len(cell.names) > 1 and cell.item is not None else None
-        if self.compute:
+        if self.compute and not getattr(cell.tree, "overflowed", False):
             cell.item = input_moment(rows, cell.item)
         self._last = _Call(cell, x, key, {name}, before, new)
 
@@ -266,10 +267,14 @@ class SharedMoments:
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
 
 
-def merged_total(parts: Sequence[MomentSum]) -> torch.Tensor:
+def merged_total(parts: Sequence[MomentSum]) -> torch.Tensor | None:
     """The symmetric float32 ``[K, K]`` (on the CPU) of one sum's parts from every process that holds it (tree or
-    fixed point, all of one kind): merged, totalled and unpacked."""
-    return unpack_moment(type(parts[0]).merge(list(parts)).total())
+    fixed point, all of one kind): merged, totalled and unpacked; None when a fixed-point sum overflowed the units of
+    its probe (:attr:`~.fixedpoint.FixedPointSum.overflowed`: calibration records that layer again)."""
+    merged = type(parts[0]).merge(list(parts))
+    if getattr(merged, "overflowed", False):
+        return None
+    return unpack_moment(merged.total())
 
 
 def share_labels(moments: Mapping[str, MomentSum]) -> dict[str, int]:

@@ -16,15 +16,21 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from .fixedpoint import FixedPointSum
 from .hessian import MomentSum, merged_total, share_labels, shared_units
 from .packed import packed_size
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
 from .tensorfile import write_tensors
+
+if TYPE_CHECKING:
+    from .recorder import FirstForward
 
 GIB = 1 << 30
 
@@ -137,6 +143,105 @@ def _plan(sizes: Sequence[tuple[str, int]], passes: int | None, budget_bytes: in
     return [[name for name, _ in sizes[a:b]] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
+def plan_groups(
+    layers: Mapping[str, nn.Linear],
+    items: list[int],
+    procs: Processes,
+    passes: int | None,
+    budget_gib: float | None,
+    shared_inputs: Callable[[], dict[str, str]],
+    fixed: bool = False,
+) -> list[list[str]]:
+    """The layers whose ``XᵀX`` each pass records (:func:`plan_passes`), the same on every rank: sized by the most
+    partial sums any process holds (:func:`tree_copies` of its items) or, ``fixed``, by :func:`fixed_moment_bytes`;
+    a sum that layers share (``shared_inputs()``, called only when there is more than one pass to plan) counted
+    once."""
+    if fixed:  # one int64 sum and the item in progress, however the items are split
+        sizes = [(name, fixed_moment_bytes(m.in_features)) for name, m in layers.items()]
+    else:
+        copies = max(1, *procs.gather(tree_copies(items)))
+        sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
+    budget = None if budget_gib is None else int(budget_gib * GIB)
+    groups = plan_passes(sizes, passes=passes, budget_bytes=budget)  # checks the arguments before any forward
+    if len(groups) <= 1:  # sharing only lowers the bytes: still one pass
+        return groups
+    return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
+
+
+def auto_sum(total_items: int) -> str:
+    """``hessian_sum="auto"``: int64 fixed point when it holds less than the tree while recording (its ``12`` bytes
+    per packed entry against the tree's ``4`` times its partial sums, counted as if one process held every item),
+    so never more passes for a budget; else the tree, which needs no probe. Decided from the total item count alone,
+    so every split decides the same and gives the same bits."""
+    return "fixed" if tree_copies(range(total_items)) > 3 else "tree"
+
+
+def new_sums(
+    units: str, probe: Callable[[], FirstForward], stats: CalibrationStats | None, index: int
+) -> Callable[[str], MomentSum] | None:
+    """What holds a layer's ``XᵀX`` in pass ``index``: the summation tree (``units="tree"``: None, the recorder's
+    default), or int64 fixed point in units from rank 0's probe (``"probe"``) or from the statistics of pass 0
+    (``"statistics"``: absmax and rows merged over every process), the same units on every rank
+    (:mod:`~.fixedpoint`)."""
+    if units == "tree":
+        return None
+    if units == "probe":
+        energy = probe().energy
+        return lambda name: FixedPointSum.from_probe(energy[name], name)
+
+    def from_statistics(name: str) -> FixedPointSum:
+        absmax, rows = stats.act_absmax.get(name), stats.num_tokens.get(name, 0)
+        if absmax is None or rows < 1:
+            raise ValueError(
+                f"calibrate: layer {name} has inputs in pass {index + 1} but had none in the statistics pass: "
+                "every pass must run the model on the same inputs"
+            )
+        return FixedPointSum.from_statistics(absmax, rows, name)
+
+    return from_statistics
+
+
+def retry_groups(
+    names: Sequence[str],
+    layers: Mapping[str, nn.Linear],
+    runs: Sequence[tuple[list[str], str]],
+    budget_gib: float | None,
+    probe: Callable[[], FirstForward],
+) -> list[list[str]]:
+    """The passes that record ``names`` again in fixed point with units from the statistics (their probe's units
+    overflowed, or they had no probe), planned like the others: within ``budget_gib`` when given, else within what
+    the largest planned pass held (a layer alone at least), so memory stays what the plan promised."""
+    size = {n: fixed_moment_bytes(m.in_features) for n, m in layers.items()}
+    together = probe().together
+    if budget_gib is not None:
+        budget = int(budget_gib * GIB)
+    else:
+        held = [sum(size[n] for n in g if together.get(n, n) not in g or together.get(n, n) == n) for g, _ in runs]
+        budget = max([*held, *(size[n] for n in names)])
+    return plan_passes([(n, size[n]) for n in names], budget_bytes=budget, together=together)
+
+
+def merge_in_memory(moments: list[dict[str, MomentSum]], group: Sequence[str], stats: CalibrationStats) -> list[str]:
+    """Every process's sums of ``group`` (``moments``, in rank order) merged into ``stats.hessian``; a sum the
+    layers share on every process is merged once and held once (the same tensor for each).
+
+    Returns:
+        the layers whose fixed-point sums overflowed their probe's units (not held: to be recorded again)."""
+    overflowed: list[str] = []
+    for unit in shared_units(group, [share_labels(part) for part in moments]):
+        found = [part[unit[0]] for part in moments if unit[0] in part]
+        for part in moments:  # let go of the packed sums as their totals are made
+            for name in unit:
+                part.pop(name, None)
+        total = merged_total(found)
+        del found
+        if total is None:
+            overflowed += unit
+        else:
+            stats.hessian |= dict.fromkeys(unit, total)
+    return overflowed
+
+
 class ShardWriter:
     """Where the passes' ``XᵀX`` go: one safetensors shard per pass in ``directory`` (default: a temporary
     folder removed with the statistics that refer to it). Rank 0 merges every process's sums and writes each
@@ -155,7 +260,7 @@ class ShardWriter:
 
     def write(
         self, index: int, moments: dict[str, MomentSum], group: Sequence[str]
-    ) -> tuple[dict[str, str], dict[str, str]]:
+    ) -> tuple[dict[str, str], dict[str, str], list[str]]:
         """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
         the group's totals) and write them as shard ``index``; ``moments`` is emptied as it goes.
 
@@ -163,12 +268,14 @@ class ShardWriter:
         once, under the first one's name; the shard's metadata ``hessian_aliases`` maps the others to it.
 
         Returns:
-            name → shard path for every layer written, and the aliases (layer → the name it is written under).
+            name → shard path for every layer written, the aliases (layer → the name it is written under), and the
+            layers whose fixed-point sums overflowed their probe's units (not written: to be recorded again).
         """
         path = os.path.join(self.dir, f"hessian-{index:05d}.safetensors")
         units = shared_units(group, self.procs.gather(share_labels(moments)))
         totals: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
+        overflowed: list[str] = []
         for unit in units:  # the same on every rank: one collective per sum
             part = moments.get(unit[0])
             for name in unit:
@@ -177,18 +284,22 @@ class ShardWriter:
             del part
             found = [p for p in parts or () if p is not None]
             if found:
-                totals[HESSIAN_PREFIX + unit[0]] = merged_total(found)
+                total = merged_total(found)
+                if total is None:
+                    overflowed += unit
+                    continue
+                totals[HESSIAN_PREFIX + unit[0]] = total
                 aliases |= dict.fromkeys(unit[1:], unit[0])
         written = [k[len(HESSIAN_PREFIX) :] for k in totals]
-        if self.procs.rank == 0:
+        if self.procs.rank == 0 and totals:
             shapes = {k: (torch.float32, tuple(v.shape)) for k, v in totals.items()}
             meta = {"format": "svdquant-calibration-xtx-shard"}
             if aliases:
                 meta["hessian_aliases"] = json.dumps(aliases)
             write_tensors(path, shapes, totals.pop, meta)
         # Rank 0's lists, gathered after its file is complete: no rank refers to a shard before it exists.
-        written, aliases = self.procs.gather((written, aliases))[0]
-        return dict.fromkeys([*written, *aliases], path), aliases
+        written, aliases, overflowed = self.procs.gather((written, aliases, overflowed))[0]
+        return dict.fromkeys([*written, *aliases], path), aliases, overflowed
 
     def keep_with(self, stats: CalibrationStats) -> None:
         """Keep a temporary folder as long as ``stats`` or a copy of it (which read from it) lives."""

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,89 +27,12 @@ from torch import nn
 
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
-from .fixedpoint import FixedPointSum
-from .hessian import MomentSum, SharedMoments, merged_total, share_labels, shared_units
-from .passes import GIB, ShardWriter, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
+from .passes import ShardWriter, auto_sum, merge_in_memory, new_sums, plan_groups, retry_groups
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
+from .recorder import Recorder, first_forward, record
 from .search import search_smoothing
-from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats, keep_bottom_k
-
-# Layers that read the very same input tensor hold one XᵀX (hessian.SharedMoments); False gives each its own (the
-# tests compare the two).
-SHARE_INPUTS = True
-
-
-class _Recorder:
-    """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples; with
-    ``record_stats``) and each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.SharedMoments`;
-    with ``compute_hessian=False`` only which layers share one)."""
-
-    def __init__(
-        self,
-        max_samples: int,
-        seed: int,
-        hessian_layers: Collection[str] = (),
-        record_stats: bool = True,
-        compute_hessian: bool = True,
-        new_sum: Callable[[str], MomentSum] | None = None,
-    ) -> None:
-        self.stats = CalibrationStats()
-        self.max_samples = max_samples
-        self.seed = seed
-        self.item = 0  # index of the prompt (or run) being processed: part of every row's key
-        self._calls: dict[str, int] = {}
-        self.hessian_layers = frozenset(hessian_layers)
-        self.record_stats = record_stats
-        self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum)
-
-    def start_item(self, item: int) -> None:
-        self.finish_item()
-        self.item = item
-        self._calls = {}
-
-    def finish_item(self) -> None:
-        """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
-        self.sums.finish_item(self.item)  # on the inputs' device until now: one copy per item
-
-    def take_moments(self) -> dict[str, MomentSum]:
-        """Layer name → its ``XᵀX`` sums (layers that read the same inputs hold the very same object), handed
-        over: the recorder lets go of them, so whoever merges them can free each as it goes."""
-        return self.sums.take()
-
-    def hook(self, name: str) -> Callable[[nn.Module, tuple, dict], None]:
-        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            given = args[0] if args else kwargs["input"]
-            x = given.detach()
-            x2 = x.reshape(-1, x.shape[-1])
-            call = self._calls.get(name, 0)
-            self._calls[name] = call + 1
-            if x2.shape[0] == 0:
-                return
-            if name in self.hessian_layers:
-                self.sums.add(name, given, x2)  # the object itself: a layer reading the same one shares the sum
-            if not self.record_stats:
-                return
-            stats = self.stats
-            m = x2.abs().amax(dim=0).float().cpu()
-            prev = stats.act_absmax.get(name)
-            stats.act_absmax[name] = m if prev is None else torch.maximum(prev, m)
-            stats.num_tokens[name] = stats.num_tokens.get(name, 0) + x2.shape[0]
-            if self.max_samples:
-                keys = self._keys(name, call, x2.shape[0])
-                if keys.numel() > self.max_samples:
-                    idx = torch.argsort(keys, stable=True)[: self.max_samples]
-                    keys, rows = keys[idx], x2[idx.to(x2.device)]
-                else:
-                    rows = x2
-                keep_bottom_k(stats, name, keys, rows.cpu().clone(), self.max_samples)
-
-        return record
-
-    def _keys(self, name: str, call: int, rows: int) -> torch.Tensor:
-        # crc32, not hash(): Python salts str hashes per process and every rank must agree.
-        seed = zlib.crc32(f"{self.seed}/{name}/{self.item}/{call}".encode())
-        return torch.rand(rows, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats
 
 
 def _target_linears(model: nn.Module, config: Any | None, module_filter: Callable | None) -> dict[str, nn.Linear]:
@@ -122,120 +43,6 @@ def _target_linears(model: nn.Module, config: Any | None, module_filter: Callabl
     if module_filter is not None:
         layers = {n: m for n, m in layers.items() if module_filter(n, m)}
     return layers
-
-
-@contextmanager
-def forward_pre_hooks(hooks: Iterable[tuple[nn.Module, Callable[[nn.Module, tuple, dict], None]]]) -> Iterator[None]:
-    """Each ``(module, hook)`` registered as a forward pre-hook (with kwargs) and the block run under
-    ``torch.no_grad``; the hooks are removed however the block ends."""
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m, hook in hooks]
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _record(layers: dict[str, nn.Linear], recorder: _Recorder, drive: Callable[[_Recorder], None]) -> None:
-    """One pass over the calibration inputs with ``recorder``'s hooks on ``layers`` (removed however it ends)."""
-    with forward_pre_hooks((m, recorder.hook(n)) for n, m in layers.items()):
-        drive(recorder)
-    recorder.finish_item()
-
-
-class _FirstCall(Exception):
-    """Raised after the calibrated model's first forward: the search for shared inputs has seen enough."""
-
-
-def _shared_inputs(
-    model: nn.Module, layers: dict[str, nn.Linear], drive: Callable[[_Recorder], None], procs: Processes
-) -> dict[str, str]:
-    """Layer → the first layer of its set, for the layers that read the very same input tensor (hold one ``XᵀX``,
-    :class:`~.hessian.SharedMoments`), as rank 0 finds them: what the pass plan needs to count a shared sum once and
-    keep its layers in one pass, known before any pass. Found on the model's first forward only (the whole drive
-    when it never calls the model as a whole, as a ``run`` may not), with no ``XᵀX`` formed: about one forward. A
-    set the recording later sees split is still recorded exactly (each layer its own sum; the plan held it once)."""
-    recorder = _Recorder(0, 0, layers, record_stats=False, compute_hessian=False)
-
-    def stop(*_: Any) -> None:
-        raise _FirstCall
-
-    handle = model.register_forward_hook(stop)
-    try:
-        _record(layers, recorder, drive)
-    except _FirstCall:
-        recorder.finish_item()
-    finally:
-        handle.remove()
-    return procs.gather({n: g[0] for g in recorder.sums.groups() for n in g[1:]})[0]
-
-
-def _hessian_groups(
-    layers: dict[str, nn.Linear],
-    items: list[int],
-    procs: Processes,
-    passes: int | None,
-    budget_gib: float | None,
-    shared_inputs: Callable[[], dict[str, str]],
-    fixed: bool = False,
-) -> list[list[str]]:
-    """The layers whose ``XᵀX`` each pass records (:func:`~.passes.plan_passes`), the same on every rank: sized by
-    the most partial sums any process holds (:func:`~.passes.tree_copies` of its items), a sum that layers share
-    (``shared_inputs()``, called only when there is more than one pass to plan) counted once."""
-    if fixed:  # one int64 sum and the item in progress, however the items are split
-        sizes = [(name, fixed_moment_bytes(m.in_features)) for name, m in layers.items()]
-    else:
-        copies = max(1, *procs.gather(tree_copies(items)))
-        sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
-    budget = None if budget_gib is None else int(budget_gib * GIB)
-    groups = plan_passes(sizes, passes=passes, budget_bytes=budget)  # checks the arguments before any forward
-    if len(groups) <= 1:  # sharing only lowers the bytes: still one pass
-        return groups
-    return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
-
-
-def _auto_sum(
-    layers: dict[str, nn.Linear],
-    total_items: int,
-    budget_gib: float | None,
-    shared_inputs: Callable[[], dict[str, str]],
-) -> str:
-    """``hessian_sum="auto"``: fixed point when, under a memory budget, its passes plus its statistics pass are fewer
-    than the tree's. Decided from what every process knows alike (the total item count, the tree's partial sums as
-    if one process held every item, rank 0's shared sets), so every split decides the same and gives the same bits."""
-    if budget_gib is None:
-        return "tree"  # one pass, or the passes asked for: the tree needs no statistics pass first
-    budget, copies = int(budget_gib * GIB), tree_copies(range(total_items))
-    if copies <= 3:  # 4 bytes x copies <= fixed point's 12 per packed entry: the tree never holds more
-        return "tree"
-    together = shared_inputs()
-    plans: dict[str, int | None] = {}
-    for mode, per in (("tree", lambda k: moment_bytes(k, copies)), ("fixed", fixed_moment_bytes)):
-        try:
-            plans[mode] = len(plan_passes([(n, per(m.in_features)) for n, m in layers.items()],
-                                          budget_bytes=budget, together=together))  # fmt: skip
-        except ValueError:  # a layer alone over the budget in this mode
-            plans[mode] = None
-    if plans["fixed"] is not None and (plans["tree"] is None or plans["fixed"] + 1 < plans["tree"]):
-        return "fixed"
-    return "tree"
-
-
-def _fixed_point_sums(stats: CalibrationStats, index: int) -> Callable[[str], FixedPointSum]:
-    """The int64 sum of a layer's XᵀX in pass ``index``, its units sized from the statistics pass's absmax and row
-    count (merged over every process: the same units everywhere, :mod:`~.fixedpoint`)."""
-
-    def new_sum(name: str) -> FixedPointSum:
-        absmax, rows = stats.act_absmax.get(name), stats.num_tokens.get(name, 0)
-        if absmax is None or rows < 1:
-            raise ValueError(
-                f"calibrate: layer {name} has inputs in pass {index + 1} but had none in the statistics pass: "
-                "every pass must run the model on the same inputs"
-            )
-        return FixedPointSum(absmax, rows, name)
-
-    return new_sum
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -322,12 +129,14 @@ def calibrate(
         hessian_sum: how the items' ``XᵀX`` are added so that the bits do not depend on the process split:
             ``"tree"``, float32 along a fixed binary tree (up to ``log2`` of the items per process partial sums
             per layer while recording); ``"fixed"``, int64 fixed point (:mod:`~.fixedpoint`): one 8-byte sum per
-            entry and the item in progress (about ``6·K²`` bytes per layer however many prompts), at the cost of one
-            more run of the prompts first, for the statistics that size its units (FLUX.1 at 128 prompts on one
-            process holds 3x less, so a budget needs a third of the passes: ``benchmarks/bench_calibration.py``).
-            ``"auto"`` (default): fixed point when ``hessian_budget_gib`` is given and its passes, plus that
-            statistics pass, are fewer than the tree's (as if one process held every prompt, so that every split
-            chooses alike); else the tree. ``stats.info["hessian_sum"]`` says which ran.
+            entry and the item in progress (about ``6·K²`` bytes per layer however many prompts; FLUX.1 at 128
+            prompts on one process holds 3x less, so a budget needs a third of the passes:
+            ``benchmarks/bench_calibration.py``). Its units are sized from a probe, the model's first forward (one
+            more forward, run before the passes), with room for ``2^32`` times the probe's energy per channel; a
+            layer whose sum outgrows them is recorded again after the planned passes, in units from the
+            statistics (``stats.info["hessian_retried"]``). ``"auto"`` (default): fixed point when it holds less
+            (8 prompts or more in all, counted as if one process held them, so that every split chooses alike);
+            else the tree. ``stats.info["hessian_sum"]`` says which ran.
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -352,7 +161,7 @@ def calibrate(
 
         items, total_items = procs.my_share(len(prompts)), len(prompts)
 
-        def drive(recorder: _Recorder, desc: str | None) -> None:
+        def drive(recorder: Recorder, desc: str | None) -> None:
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
             bar = progress_bar(items, desc=desc or "", enabled=desc is not None and progress and procs.rank == 0)
             target.set_progress_bar_config(disable=True)
@@ -370,7 +179,7 @@ def calibrate(
 
         items, total_items = [procs.rank], procs.world
 
-        def drive(recorder: _Recorder, desc: str | None) -> None:
+        def drive(recorder: Recorder, desc: str | None) -> None:
             recorder.start_item(procs.rank)
             run(model)
 
@@ -389,53 +198,55 @@ def calibrate(
     budget = hessian_budget_gib
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
         raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget!r}")
-    groups = []
+    groups: list[list[str]] = []
+    later: list[str] = []  # fixed point: layers recorded after the planned passes, in units from the statistics
+    probe = functools.cache(lambda: first_forward(model, layers, lambda r: drive(r, None), procs))  # no bar
     if hessian:
-
-        @functools.cache
-        def shared_inputs() -> dict[str, str]:
-            return _shared_inputs(model, layers, lambda r: drive(r, None), procs)  # no progress bar
-
-        if hessian_sum == "auto":
-            hessian_sum = _auto_sum(layers, total_items, hessian_budget_gib, shared_inputs)
-        groups = _hessian_groups(
-            layers, items, procs, hessian_passes, hessian_budget_gib, shared_inputs, fixed=hessian_sum == "fixed"
+        hessian_sum = auto_sum(total_items) if hessian_sum == "auto" else hessian_sum
+        fixed = hessian_sum == "fixed"
+        energy = probe().energy if fixed else {}
+        planned = {n: m for n, m in layers.items() if n in energy} if fixed else layers
+        later = [n for n in layers if n not in planned]  # not called in the first forward: no probe
+        groups = plan_groups(
+            planned, items, procs, hessian_passes, hessian_budget_gib, lambda: probe().together, fixed=fixed
         )
-    shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (groups and hessian_dir is not None) else None
+    shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (hessian and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
-    # for the next group's XᵀX alone, so the sums held at once are one group's. In fixed point, pass 0 records the
-    # statistics alone: every layer's units come from them (absmax and rows) before any of its XᵀX is summed.
-    fixed = hessian and hessian_sum == "fixed"
-    runs = [[], *groups] if fixed else groups or [[]]
+    # for the next group's XᵀX alone, so the sums held at once are one group's. In fixed point the planned passes
+    # size each layer's units from the probe; a layer whose sum outgrew them (or that had no probe) is recorded in
+    # passes after them, in units from the statistics, which it cannot outgrow.
+    runs: list[tuple[list[str], str]] = [(g, "probe" if hessian_sum == "fixed" else "tree") for g in groups]
+    runs = runs or [([], "tree")]
     stats: CalibrationStats | None = None  # after pass 0
-    for p, group in enumerate(runs):
-        new_sum = _fixed_point_sums(stats, p) if fixed and stats is not None else None
-        recorder = _Recorder(max_samples, seed, group, record_stats=p == 0, new_sum=new_sum)
+    retried: list[str] = []
+    p = 0
+    while p < len(runs):
+        group, units = runs[p]
+        recorder = Recorder(max_samples, seed, group, record_stats=p == 0, new_sum=new_sums(units, probe, stats, p))
         hooked = layers if p == 0 else {n: layers[n] for n in group}
         desc = "calibration prompts" + (f" (pass {p + 1}/{len(runs)})" if len(runs) > 1 else "")
-        _record(hooked, recorder, lambda r, d=desc: drive(r, d))
+        record(hooked, recorder, lambda r, d=desc: drive(r, d))
         if p == 0:
             stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
         if group and shards is not None:
-            files, aliases = shards.write(p - fixed, recorder.take_moments(), group)
+            files, aliases, overflowed = shards.write(p, recorder.take_moments(), group)
             stats.hessian_files |= files
             stats.hessian_alias |= aliases
+            later += overflowed
         elif group:
-            moments = procs.gather(recorder.take_moments())
-            # A sum the layers share on every process is merged once and held once (the same tensor for each).
-            for unit in shared_units(group, [share_labels(part) for part in moments]):
-                found = [part[unit[0]] for part in moments if unit[0] in part]
-                for part in moments:  # let go of the packed sums as their totals are made
-                    for name in unit:
-                        part.pop(name, None)
-                total = merged_total(found)
-                del found
-                stats.hessian |= dict.fromkeys(unit, total)
+            later += merge_in_memory(procs.gather(recorder.take_moments()), group, stats)
         del recorder
+        if p == len(runs) - 1 and later:
+            retried = [n for n in layers if n in later]  # in module order
+            runs += [(g, "statistics") for g in retry_groups(retried, layers, runs, hessian_budget_gib, probe)]
+            later = []
+        p += 1
     if shards is not None:
         shards.keep_with(stats)
     if hessian:
-        info |= {"hessian_passes": len(groups), "hessian_sum": hessian_sum}
+        info |= {"hessian_passes": sum(bool(g) for g, _ in runs), "hessian_sum": hessian_sum}
+        if hessian_sum == "fixed":
+            info["hessian_retried"] = retried
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
     if search:
         search_smoothing(model, stats, config, procs=procs, progress=progress)
