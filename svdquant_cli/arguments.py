@@ -268,6 +268,13 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         help="with --gptq: keep the passes' XᵀX shards in this folder (default: a temporary one)",
     )
     p.add_argument(
+        "--hessian-prompts",
+        type=int,
+        default=None,
+        help="with --gptq: gather XᵀX over this many of the prompts, spread evenly (default: all); the passes "
+        "after the first run those alone",
+    )
+    p.add_argument(
         "--hessian-sum",
         choices=("auto", "tree", "fixed"),
         default=None,

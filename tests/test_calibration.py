@@ -412,6 +412,46 @@ def _flux_inputs_for(pipe):
     }
 
 
+@pytest.mark.parametrize("hessian_sum", ["tree", "fixed"])
+def test_hessian_prompts_gathers_xtx_over_an_even_spread_of_the_prompts(tiny_pipe, hessian_sum):
+    """hessian_prompts=2 of 4: XᵀX over prompts 0 and 2 (their own seeds) alone, in every pass plan; the statistics
+    still over all 4; the pass after the first runs those 2 prompts only."""
+    from diffusers_svdquant.calibration.passes import spread_items
+
+    assert spread_items(4, 2) == {0, 2} and spread_items(7, 3) == {0, 2, 4} and spread_items(3, 5) == {0, 1, 2}
+    assert spread_items(5, None) == set(range(5))
+    prompts = [*PROMPTS, "a lighthouse in fog"]
+    name = "transformer_blocks.0.attn.to_q"
+    rows: list[torch.Tensor] = []
+    handle = tiny_pipe.transformer.get_submodule(name).register_forward_pre_hook(
+        lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).double().clone())
+    )
+    kw = {"prompts": prompts, "num_inference_steps": 2, "pipeline_kwargs": TINY_PIPELINE_KWARGS, "search": False,
+          "progress": False, "hessian": True, "hessian_sum": hessian_sum, "hessian_prompts": 2}  # fmt: skip
+    try:
+        one = calibrate(tiny_pipe, **kw)
+        calls = len(rows)
+        rows.clear()
+        two = calibrate(tiny_pipe, **kw, hessian_passes=2)
+    finally:
+        handle.remove()
+    assert one.info["hessian_prompts"] == 2 and one.num_tokens[name] == 4 * 2 * rows[-1].shape[0]
+    # The first forward (the probe; the shared sets of a plan of 2 passes), 4 prompts x 2 steps, then pass 2 reruns
+    # prompts 0 and 2 alone: 4 calls.
+    assert calls == 8 + (hessian_sum == "fixed") and len(rows) == 1 + 8 + 4 and two.info["hessian_passes"] == 2
+    per_call = torch.stack([r.t() @ r for r in rows[1:9]])
+    want = per_call[[0, 1, 4, 5]].sum(0).float()  # prompts 0 and 2
+    for stats in (one, two):
+        torch.testing.assert_close(stats.hessian_for(name), want, rtol=1e-5, atol=1e-5 * float(want.diagonal().max()))
+        assert torch.equal(stats.hessian_for(name), one.hessian_for(name))
+    with pytest.raises(ValueError, match="hessian_prompts must be an integer >= 1, got 0"):
+        calibrate(tiny_pipe, **(kw | {"hessian_prompts": 0}))
+    with pytest.raises(ValueError, match="need hessian=True"):
+        calibrate(tiny_pipe, prompts=PROMPTS, hessian_prompts=2)
+    with pytest.raises(ValueError, match="hessian_prompts is for a pipeline's prompts"):
+        calibrate(tiny_pipe.transformer, run=lambda m: None, hessian=True, hessian_prompts=2)
+
+
 def test_pipeline_bad_arguments(tiny_pipe):
     with pytest.raises(ValueError, match="prompts for a pipeline"):
         calibrate(tiny_pipe, run=lambda m: None)

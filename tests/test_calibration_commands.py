@@ -142,6 +142,8 @@ def test_calibrate_command_reads_a_prompt_file(pipe_dir, tmp_path, capsys):
     [
         (["--hessian-passes", "2"], "--hessian-passes needs --gptq"),
         (["--hessian-sum", "fixed"], "--hessian-sum needs --gptq"),
+        (["--hessian-prompts", "2"], "--hessian-prompts needs --gptq"),
+        (["--gptq", "--hessian-prompts", "0"], "--hessian-prompts must be >= 1"),
         (["--gptq", "--hessian-passes", "0"], "--hessian-passes must be >= 1"),
         (["--gptq", "--hessian-budget-gib", "-1"], "--hessian-budget-gib must be > 0"),
         (["--gptq", "--hessian-budget-gib", "1e-6"], "svdquant: calibrate: layer .* alone needs .* GiB of XᵀX sums"),

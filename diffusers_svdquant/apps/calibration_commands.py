@@ -69,12 +69,15 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         "--hessian-budget-gib": args.hessian_budget_gib,
         "--hessian-dir": args.hessian_dir,
         "--hessian-sum": args.hessian_sum,
+        "--hessian-prompts": args.hessian_prompts,
     }
     given = [flag for flag, value in pass_options.items() if value is not None]
     if given and not args.gptq:
         raise SystemExit(f"svdquant: {given[0]} needs --gptq")
     if args.hessian_passes is not None and args.hessian_passes < 1:
         raise SystemExit(f"svdquant: --hessian-passes must be >= 1, got {args.hessian_passes}")
+    if args.hessian_prompts is not None and args.hessian_prompts < 1:
+        raise SystemExit(f"svdquant: --hessian-prompts must be >= 1, got {args.hessian_prompts}")
     if args.hessian_budget_gib is not None and not args.hessian_budget_gib > 0:
         raise SystemExit(f"svdquant: --hessian-budget-gib must be > 0, got {args.hessian_budget_gib}")
     prompts = _read_prompts(args.prompts, args.num_prompts, CALIBRATION_PROMPTS)
@@ -95,6 +98,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
             hessian_budget_gib=args.hessian_budget_gib,
             hessian_dir=args.hessian_dir,
             hessian_sum=args.hessian_sum or "auto",
+            hessian_prompts=args.hessian_prompts,
         )
     except ValueError as e:
         if str(e).startswith("calibrate:"):  # bad settings (a budget below one layer's sums...): one line
@@ -118,7 +122,10 @@ def _summary(stats: CalibrationStats, seconds: float) -> str:
         )
     if stats.info.get("hessian_sum"):
         retried = stats.info.get("hessian_retried") or []
-        line += f"; XᵀX summed by {stats.info['hessian_sum']} in {stats.info['hessian_passes']} pass(es)"
+        line += (
+            f"; XᵀX over {stats.info.get('hessian_prompts', '?')} prompts, summed by {stats.info['hessian_sum']} in "
+            f"{stats.info['hessian_passes']} pass(es)"
+        )
         if retried:  # their sums outgrew the units of the first forward's probe
             line += f", {len(retried)} layer(s) recorded again in units from the statistics"
     return line

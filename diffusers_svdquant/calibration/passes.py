@@ -168,6 +168,17 @@ def plan_groups(
     return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
 
 
+def spread_items(total: int, count: int | None) -> frozenset[int]:
+    """The items whose ``XᵀX`` is gathered: ``count`` of ``range(total)`` spread evenly, item 0 among them
+    (``⌊j·total / count⌋`` for ``j < count``), or every item with ``count=None`` or ``count >= total``. A function of
+    the totals alone, so every split gathers the same items."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"calibrate: hessian_prompts must be an integer >= 1, got {count!r}")
+    if count is None or count >= total:
+        return frozenset(range(total))
+    return frozenset(j * total // count for j in range(count))
+
+
 def auto_sum(total_items: int) -> str:
     """``hessian_sum="auto"``: int64 fixed point when it holds less than the tree while recording (its ``12`` bytes
     per packed entry against the tree's ``4`` times its partial sums, counted as if one process held every item),

@@ -26,7 +26,8 @@ class Recorder:
     """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples; with
     ``record_stats``), each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.SharedMoments`;
     with ``compute_hessian=False`` only which layers share one), and with ``probe`` each layer's per-channel energy
-    ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`)."""
+    ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`). ``items``: the items whose ``XᵀX`` is recorded
+    (default all)."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class Recorder:
         compute_hessian: bool = True,
         new_sum: Callable[[str], MomentSum] | None = None,
         probe: bool = False,
+        items: Collection[int] | None = None,
     ) -> None:
         self.stats = CalibrationStats()
         self.max_samples = max_samples
@@ -47,6 +49,7 @@ class Recorder:
         self.record_stats = record_stats
         self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum)
         self.energy: dict[str, torch.Tensor] | None = {} if probe else None
+        self.items = None if items is None else frozenset(items)
 
     def start_item(self, item: int) -> None:
         self.finish_item()
@@ -71,7 +74,7 @@ class Recorder:
             self._calls[name] = call + 1
             if x2.shape[0] == 0:
                 return
-            if name in self.hessian_layers:
+            if name in self.hessian_layers and (self.items is None or self.item in self.items):
                 self.sums.add(name, given, x2)  # the object itself: a layer reading the same one shares the sum
             if self.energy is not None:
                 e = x2.double().square().sum(dim=0).cpu()

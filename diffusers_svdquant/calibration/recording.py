@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import SVDQuantConfig, quantizable_linears
 from ..progress import progress_bar
-from .passes import ShardWriter, auto_sum, merge_in_memory, new_sums, plan_groups, retry_groups
+from .passes import ShardWriter, auto_sum, merge_in_memory, new_sums, plan_groups, retry_groups, spread_items
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
 from .recorder import Recorder, first_forward, record
@@ -78,6 +78,7 @@ def calibrate(
     hessian_budget_gib: float | None = None,
     hessian_dir: str | os.PathLike | None = None,
     hessian_sum: str = "auto",
+    hessian_prompts: int | None = None,
 ) -> CalibrationStats:
     """Collect activation statistics with the 16-bit model and search each layer's smoothing.
 
@@ -137,6 +138,11 @@ def calibrate(
             statistics (``stats.info["hessian_retried"]``). ``"auto"`` (default): fixed point when it holds less
             (8 prompts or more in all, counted as if one process held them, so that every split chooses alike);
             else the tree. ``stats.info["hessian_sum"]`` says which ran.
+        hessian_prompts: with a pipeline, gather ``XᵀX`` over this many of the prompts, spread evenly (prompt 0
+            among them; default every prompt): the passes after the first run those prompts alone, and the sums
+            cost that share of the ``XᵀX`` FLOPs. The statistics and the search still see every prompt. GPTQ needs
+            far fewer rows than the smoothing statistics: ``K`` rows make ``XᵀX`` full rank and every FLUX.1 prompt
+            gives 8 steps x 4,608 rows (README: the quality measured against the prompts used).
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -160,10 +166,12 @@ def calibrate(
             raise ValueError(f"calibrate: num_inference_steps must be >= 1, got {num_inference_steps}")
 
         items, total_items = procs.my_share(len(prompts)), len(prompts)
+        xtx_items = spread_items(total_items, hessian_prompts)
 
-        def drive(recorder: Recorder, desc: str | None) -> None:
+        def drive(recorder: Recorder, desc: str | None, only: frozenset[int] | None = None) -> None:
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
-            bar = progress_bar(items, desc=desc or "", enabled=desc is not None and progress and procs.rank == 0)
+            mine = [i for i in items if only is None or i in only]
+            bar = progress_bar(mine, desc=desc or "", enabled=desc is not None and progress and procs.rank == 0)
             target.set_progress_bar_config(disable=True)
             for i in bar:
                 recorder.start_item(i)
@@ -177,9 +185,12 @@ def calibrate(
             raise TypeError("calibrate: pass a DiffusionPipeline (with prompts) or an nn.Module with run=callable")
         model = target
 
+        if hessian_prompts is not None:
+            raise ValueError("calibrate: hessian_prompts is for a pipeline's prompts; with run=, feed fewer rows")
         items, total_items = [procs.rank], procs.world
+        xtx_items = frozenset(range(total_items))
 
-        def drive(recorder: Recorder, desc: str | None) -> None:
+        def drive(recorder: Recorder, desc: str | None, only: frozenset[int] | None = None) -> None:
             recorder.start_item(procs.rank)
             run(model)
 
@@ -191,8 +202,12 @@ def calibrate(
         "model_class": type(model).__name__,
         "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
     }
-    if not hessian and (hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum) != (None, None, None, "auto"):
-        raise ValueError("calibrate: hessian_passes, hessian_budget_gib, hessian_dir and hessian_sum need hessian=True")
+    xtx_options = (hessian_passes, hessian_budget_gib, hessian_dir, hessian_prompts)
+    if not hessian and (hessian_sum != "auto" or any(o is not None for o in xtx_options)):
+        raise ValueError(
+            "calibrate: hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum and hessian_prompts need "
+            "hessian=True"
+        )
     if hessian_sum not in ("auto", "tree", "fixed"):
         raise ValueError(f"calibrate: hessian_sum must be 'auto', 'tree' or 'fixed', got {hessian_sum!r}")
     budget = hessian_budget_gib
@@ -202,13 +217,19 @@ def calibrate(
     later: list[str] = []  # fixed point: layers recorded after the planned passes, in units from the statistics
     probe = functools.cache(lambda: first_forward(model, layers, lambda r: drive(r, None), procs))  # no bar
     if hessian:
-        hessian_sum = auto_sum(total_items) if hessian_sum == "auto" else hessian_sum
+        hessian_sum = auto_sum(len(xtx_items)) if hessian_sum == "auto" else hessian_sum
         fixed = hessian_sum == "fixed"
         energy = probe().energy if fixed else {}
         planned = {n: m for n, m in layers.items() if n in energy} if fixed else layers
         later = [n for n in layers if n not in planned]  # not called in the first forward: no probe
         groups = plan_groups(
-            planned, items, procs, hessian_passes, hessian_budget_gib, lambda: probe().together, fixed=fixed
+            planned,
+            [i for i in items if i in xtx_items],
+            procs,
+            hessian_passes,
+            hessian_budget_gib,
+            lambda: probe().together,
+            fixed=fixed,
         )
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (hessian and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
@@ -222,10 +243,13 @@ def calibrate(
     p = 0
     while p < len(runs):
         group, units = runs[p]
-        recorder = Recorder(max_samples, seed, group, record_stats=p == 0, new_sum=new_sums(units, probe, stats, p))
+        recorder = Recorder(
+            max_samples, seed, group, record_stats=p == 0, new_sum=new_sums(units, probe, stats, p), items=xtx_items
+        )
         hooked = layers if p == 0 else {n: layers[n] for n in group}
         desc = "calibration prompts" + (f" (pass {p + 1}/{len(runs)})" if len(runs) > 1 else "")
-        record(hooked, recorder, lambda r, d=desc: drive(r, d))
+        # After pass 0 only the prompts whose XᵀX is gathered run again.
+        record(hooked, recorder, lambda r, d=desc, p=p: drive(r, d, xtx_items if p else None))
         if p == 0:
             stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
         if group and shards is not None:
@@ -245,6 +269,7 @@ def calibrate(
         shards.keep_with(stats)
     if hessian:
         info |= {"hessian_passes": sum(bool(g) for g, _ in runs), "hessian_sum": hessian_sum}
+        info |= {"hessian_prompts": len(xtx_items)} if _is_pipeline(target) else {}
         if hessian_sum == "fixed":
             info["hessian_retried"] = retried
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
