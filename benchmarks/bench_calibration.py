@@ -227,7 +227,11 @@ def main() -> None:
     p.add_argument("--hessian-passes", default="1", help="with --gptq: XᵀX pass counts to compare (the first on "
                    "every process count, the others on the first process count)")  # fmt: skip
     p.add_argument("--collect-only", action="store_true", help="time the collection only (no search, no quantize)")
-    p.add_argument("--budgets-gib", default="24,80", help="projection: XᵀX memory budgets per process, GiB")
+    p.add_argument("--budgets-gib", default="24,80,100", help="projection: XᵀX memory budgets per process, GiB "
+                   "(100: what an H200's 131 GiB leaves beside FLUX.1's 22 GiB of bf16 weights and the "
+                   "activations)")  # fmt: skip
+    p.add_argument("--project-xtx-prompts", default="128,32", help="projection: prompts XᵀX is gathered over "
+                   "(calibrate's hessian_prompts), each a table")  # fmt: skip
     p.add_argument("--gpu-tflops", type=float, default=400.0, help="GPU ESTIMATE: bf16 forward throughput, TFLOP/s "
                    "(an H100 SXM's 989 dense at 40%%)")  # fmt: skip
     p.add_argument("--gpu-fp32-tflops", type=float, default=50.0, help="GPU ESTIMATE: float32 XᵀX throughput, "
@@ -373,7 +377,6 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
     XᵀX is counted as calibrate does it: a sum that layers share (they read one input tensor) once, in memory, in
     the pass plan and in FLOPs; and each sum's FLOPs (2·rows·K²) at the rows its layers really see per call
     (:func:`_flux1_rows_and_sets`), not every layer at every token."""
-    import math
 
     import torch
 
@@ -381,12 +384,12 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
     from diffusers_svdquant.apps.model_zoo import flux_shaped
     from diffusers_svdquant.calibration.fixedpoint import FixedPointSum
     from diffusers_svdquant.calibration.packed import packed_size
-    from diffusers_svdquant.calibration.passes import GIB, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
+    from diffusers_svdquant.calibration.passes import GIB
     from diffusers_svdquant.config import quantizable_linears
 
     # hessian_sum="fixed" converts each prompt's float32 sums to int64 once: measured here, per entry.
     item = torch.randn(packed_size(3072))
-    fixed = FixedPointSum(torch.full((3072,), float(item.abs().max())), 1 << 20)
+    fixed = FixedPointSum.from_statistics(torch.full((3072,), float(item.abs().max())), 1 << 20)
     start = time.perf_counter()
     fixed.add(0, item)
     convert_s = (time.perf_counter() - start) / item.numel()
@@ -431,17 +434,38 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
           f"TFLOP/s: {2 * xtx_work / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min; every layer at every token with "
           f"its own sum, float32: {2 * xtx_all_tokens / (args.gpu_fp32_tflops * 1e12) / 60:.1f} min); each "
           f"prompt's sums go to host memory once: {4 * packed / GIB:.0f} GiB per prompt, all passes")  # fmt: skip
-    # Fixed point: one more pass first (the statistics that size the units), 12·K² bytes per sum however many
+    # Fixed point: units from a probe (the first forward, 1/calls of a pass), 12·K² bytes per sum however many
     # prompts, and each prompt's sums converted once (this machine's measured rate; on a GPU memory-bound, ~0).
-    convert = convert_s * packed * args.project_prompts
-    print(f"  hessian_sum='fixed': converting every prompt's sums takes {convert_s * 1e9:.1f} ns per entry here, "
-          f"{convert / 3600:.1f} h in all on this machine")  # fmt: skip
+    print(f"  hessian_sum='fixed': converting a prompt's sums takes {convert_s * 1e9:.1f} ns per entry here, "
+          f"{convert_s * packed / 60:.1f} min per prompt on this machine")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
+    for xtx_prompts in (int(x) for x in args.project_xtx_prompts.split(",")):
+        _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, convert_s * packed, gpu_fwd, gpu_xtx,
+                    calls)  # fmt: skip
+    print(
+        "  (budgets are per process; per sum: bytes per packed entry (about K²/2) held while recording; CPU h: this "
+        "machine's measured rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, "
+        "n GPUs, host transfers not counted; GPTQ +%: the passes after the first (only the XᵀX prompts) and the XᵀX "
+        "FLOPs against one pass of forwards, what a calibration without GPTQ runs besides its search)"
+    )
+
+
+def _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, convert, gpu_fwd, gpu_xtx, calls) -> None:
+    """One table of the projection: the passes and times for each process count, sum and budget, with XᵀX gathered
+    over ``xtx_prompts`` of the prompts (the first pass runs every prompt, the later ones those alone)."""
+    import math
+
+    from diffusers_svdquant.calibration.passes import GIB, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
+
+    xtx_prompts = min(xtx_prompts, args.project_prompts)
+    frac = xtx_prompts / args.project_prompts
+    print(f"\n  XᵀX over {xtx_prompts} of the {args.project_prompts} prompts "
+          f"(hessian_prompts):")  # fmt: skip
     print(f"  {'procs':>5} {'sum':>5} {'per sum':>7} {'XᵀX GiB':>8} " + " ".join(f"{f'{g:g} GiB: passes':>15} "
-          f"{'CPU h':>7} {'GPU est. min':>12}" for g in budgets))  # fmt: skip
+          f"{'CPU h':>7} {'GPU est. min':>12} {'GPTQ +%':>8}" for g in budgets))  # fmt: skip
     for n in (1, 8):
-        share = math.ceil(args.project_prompts / n)
-        copies = max(tree_copies(range(r * share, min((r + 1) * share, args.project_prompts))) for r in range(n))
+        share = math.ceil(xtx_prompts / n)
+        copies = max(tree_copies(range(r * share, min((r + 1) * share, xtx_prompts))) for r in range(n))
         for mode in ("tree", "fixed"):
             sizes = [
                 (name, moment_bytes(m.in_features, copies) if mode == "tree" else fixed_moment_bytes(m.in_features))
@@ -455,17 +479,14 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
                 except ValueError:
                     line += f"{'too small':>15} {'-':>7} {'-':>12} "
                     continue
-                runs_ = k + (mode == "fixed")  # fixed: the statistics pass first
-                cpu = (runs_ * forwards + xtx + (convert if mode == "fixed" else 0)) / n / 3600
-                gpu = (runs_ * gpu_fwd + gpu_xtx) / n / 60
-                shown = f"{k} + 1" if mode == "fixed" else f"{k}"
-                line += f"{shown:>15} {cpu:>7.0f} {gpu:>12.0f} "
+                # The first pass runs every prompt; the later ones (and the probe's one forward) the XᵀX prompts.
+                runs_ = 1 + (k - 1) * frac + (1 / calls if mode == "fixed" or k > 1 else 0)
+                conv = convert * xtx_prompts if mode == "fixed" else 0
+                cpu = (runs_ * forwards + xtx * frac + conv) / n / 3600
+                gpu = (runs_ * gpu_fwd + gpu_xtx * frac) / n
+                extra = ((runs_ - 1) * gpu_fwd + gpu_xtx * frac) / gpu_fwd
+                line += f"{k:>15} {cpu:>7.0f} {gpu / 60:>12.1f} {100 * extra:>7.0f}% "
             print(line)
-    print(
-        "  (budgets are per process; per sum: bytes per packed entry (about K²/2) held while recording; CPU h: this "
-        "machine's measured rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, "
-        "n GPUs, host transfers not counted)"
-    )
 
 
 if __name__ == "__main__":

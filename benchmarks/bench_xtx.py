@@ -57,7 +57,7 @@ def main() -> None:
         flops = 2 * args.rows * packed_size(k)
         t16 = timed(lambda x=x16, a=acc: input_moment(x, a), args.repeats, sync)
         t32 = timed(lambda x=x32, a=acc: input_moment(x, a), args.repeats, sync)
-        fixed = FixedPointSum(x32.abs().amax(0).cpu(), 1 << 24)
+        fixed = FixedPointSum.from_statistics(x32.abs().amax(0).cpu(), 1 << 24)
         tconv = timed(lambda f=fixed, a=acc: f.add(0, a), max(1, args.repeats // 2), sync)
         path = "tensor cores" if tensor_core_moment(x16) else "fp32 upcast"
         per_entry = tconv / packed_size(k) * 1e9
