@@ -452,6 +452,28 @@ def test_hessian_prompts_gathers_xtx_over_an_even_spread_of_the_prompts(tiny_pip
         calibrate(tiny_pipe.transformer, run=lambda m: None, hessian=True, hessian_prompts=2)
 
 
+def test_spread_items_are_neighbours_in_the_summation_tree():
+    """XᵀX over items 0, 4, 8, 12 of 16: filed as places 0-3, so the tree pairs them into one block (by their indices
+    no two would be siblings, and a process would hold one partial sum per item)."""
+    from torch import nn
+
+    from diffusers_svdquant.calibration.packed import unpack_moment
+    from diffusers_svdquant.calibration.recorder import Recorder, forward_pre_hooks
+
+    lin = nn.Linear(8, 8)
+    recorder = Recorder(0, 0, ["l"], record_stats=False, items={0, 4, 8, 12})
+    xs = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    with forward_pre_hooks([(lin, recorder.hook("l"))]):
+        for i, x in enumerate(xs):
+            recorder.start_item(i)
+            lin(x)
+    recorder.finish_item()
+    tree = recorder.take_moments()["l"]
+    assert [(first, n) for first, n, _ in tree.blocks] == [(0, 4)]
+    want = sum(xs[i].double().t() @ xs[i].double() for i in (0, 4, 8, 12))
+    torch.testing.assert_close(unpack_moment(tree.total()).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_pipeline_bad_arguments(tiny_pipe):
     with pytest.raises(ValueError, match="prompts for a pipeline"):
         calibrate(tiny_pipe, run=lambda m: None)

@@ -27,7 +27,7 @@ class Recorder:
     ``record_stats``), each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.SharedMoments`;
     with ``compute_hessian=False`` only which layers share one), and with ``probe`` each layer's per-channel energy
     ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`). ``items``: the items whose ``XᵀX`` is recorded
-    (default all)."""
+    (default all), numbered by their place among them in the summation tree."""
 
     def __init__(
         self,
@@ -49,7 +49,9 @@ class Recorder:
         self.record_stats = record_stats
         self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum)
         self.energy: dict[str, torch.Tensor] | None = {} if probe else None
-        self.items = None if items is None else frozenset(items)
+        # An item's place among the recorded ones: the summation tree pairs neighbours by index, and items spread
+        # over the prompts (0, 4, 8, ...) would never be neighbours.
+        self.items = None if items is None else {i: p for p, i in enumerate(sorted(items))}
 
     def start_item(self, item: int) -> None:
         self.finish_item()
@@ -58,7 +60,8 @@ class Recorder:
 
     def finish_item(self) -> None:
         """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
-        self.sums.finish_item(self.item)  # on the inputs' device until now: one copy per item
+        place = self.item if self.items is None else self.items.get(self.item, self.item)
+        self.sums.finish_item(place)  # on the inputs' device until now: one copy per item
 
     def take_moments(self) -> dict[str, MomentSum]:
         """Layer name → its ``XᵀX`` sums (layers that read the same inputs hold the very same object), handed
@@ -77,7 +80,7 @@ class Recorder:
             if name in self.hessian_layers and (self.items is None or self.item in self.items):
                 self.sums.add(name, given, x2)  # the object itself: a layer reading the same one shares the sum
             if self.energy is not None:
-                e = x2.double().square().sum(dim=0).cpu()
+                e = torch.linalg.vector_norm(x2, dim=0, dtype=torch.float32).double().cpu().square()
                 self.energy[name] = e if name not in self.energy else self.energy[name] + e
             if not self.record_stats:
                 return

@@ -224,7 +224,7 @@ def calibrate(
         later = [n for n in layers if n not in planned]  # not called in the first forward: no probe
         groups = plan_groups(
             planned,
-            [i for i in items if i in xtx_items],
+            [p for p, i in enumerate(sorted(xtx_items)) if i in items],  # their places in the summation tree
             procs,
             hessian_passes,
             hessian_budget_gib,
