@@ -114,6 +114,21 @@ def test_fixed_point_sums_on_two_processes_give_the_bits_of_one(pipe_dir, one_pr
         torch.testing.assert_close(a.hessian_for(name), want, rtol=1e-5, atol=1e-6 * want.diagonal().max())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("hessian_sum", ["tree", "fixed"])
+def test_hessian_prompts_on_two_processes_give_the_bits_of_one(pipe_dir, tmp_path, hessian_sum):
+    """--hessian-prompts 3 of 4 (prompts 0, 1, 2: two on rank 0, one on rank 1): 2 processes x 2 passes (the second
+    running those prompts alone) give the statistics and XᵀX bits of 1 process x 1 pass, in either sum."""
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    args = [*_calibrate_args(pipe_dir), "--hessian-prompts", "3", "--hessian-sum", hessian_sum]
+    _launch([sys.executable], [*args, "--out", str(one)], tmp_path)
+    out = _launch(LAUNCHERS["torchrun"](), [*args, "--hessian-passes", "2", "--out", str(two)], tmp_path)
+    assert f"XᵀX over 3 prompts, summed by {hessian_sum} in 2 pass(es)" in out.stdout
+    a, b = CalibrationStats.load(one), CalibrationStats.load(two)
+    assert a.info["hessian_prompts"] == b.info["hessian_prompts"] == 3 and b.info["num_processes"] == 2
+    _same_statistics(a, b)
+
+
 def test_calibrate_command_writes_a_file_the_quantizer_reads(pipe_dir, tmp_path, capsys):
     out = tmp_path / "stats.safetensors"
     assert cli.main(["calibrate", str(pipe_dir), *CALIB, "--out", str(out)]) == 0
