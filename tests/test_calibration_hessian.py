@@ -17,6 +17,7 @@ from torch import nn
 from diffusers_svdquant import CalibrationStats, calibrate
 from diffusers_svdquant.calibration import recorder
 from diffusers_svdquant.calibration.hessian import PairwiseSum, SharedMoments, share_labels, shared_units
+from diffusers_svdquant.calibration.packed import packed_size, unpack_moment
 
 FLUX_SETS = [  # the tiny FLUX's layers that read one tensor: 1 double block, 2 single blocks
     {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"},
@@ -228,8 +229,12 @@ def test_shared_sums_are_saved_once_and_load_back(tiny_flux, monkeypatch, tmp_pa
         stats.save(path)
         with safe_open(path, framework="pt") as f:
             meta, keys = f.metadata(), set(f.keys())
-        assert meta["format_version"] == "3"
+        assert meta["format_version"] == "4"
         held = {k.split(":", 1)[1] for k in keys if k.startswith("hessian:")}
+        with safe_open(path, framework="pt") as f:  # each sum as its packed upper triangle: half the bytes
+            for name in held:
+                k = stats.act_absmax[name].numel()
+                assert f.get_slice(f"hessian:{name}").get_shape() == [packed_size(k)], name
         assert len(held) == len(stats.hessian_names()) - sum(len(s) - 1 for s in FLUX_SETS)
         back = CalibrationStats.load(path)
         _same_bits(back, stats)
@@ -240,24 +245,43 @@ def test_shared_sums_are_saved_once_and_load_back(tiny_flux, monkeypatch, tmp_pa
         _same_bits(CalibrationStats.load(tmp_path / "again.safetensors"), stats)
 
 
-def test_statistics_without_shared_sums_stay_version_2_and_bad_aliases_are_refused(tmp_path):
-    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+def test_statistics_files_are_version_2_without_xtx_4_with_it_and_version_3_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 128))
     x = torch.randn(4, 64)
+    plain = calibrate(model, run=lambda m: m(x), search=False, progress=False)
+    plain.save(tmp_path / "p.safetensors")
     stats = calibrate(model, run=lambda m: m(x), search=False, progress=False, hessian=True)
     stats.save(tmp_path / "s.safetensors")
-    with safe_open(tmp_path / "s.safetensors", framework="pt") as f:
-        assert f.metadata()["format_version"] == "2" and "hessian_aliases" not in f.metadata()
+    for name, version in (("p", "2"), ("s", "4")):
+        with safe_open(tmp_path / f"{name}.safetensors", framework="pt") as f:
+            assert f.metadata()["format_version"] == version and "hessian_aliases" not in f.metadata()
     stats.hessian["2"] = stats.hessian["0"]  # one tensor for two layers: stored once
     stats.save(tmp_path / "t.safetensors")
     back = CalibrationStats.load(tmp_path / "t.safetensors")
     assert back.hessian_alias == {"2": "0"} and torch.equal(back.hessian_for("2"), stats.hessian["0"])
-    from safetensors.torch import save_file
-
     with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(tensors, tmp_path / "bad.safetensors", meta | {"hessian_aliases": '{"2": "gone"}'})
     with pytest.raises(ValueError, match="hessian_aliases names XᵀX the file does not hold"):
         CalibrationStats.load(tmp_path / "bad.safetensors")
+    # A version-3 file holds each XᵀX as the full [K, K]: it loads to the same sums, and saves again as version 4.
+    full = {k: (unpack_moment(v) if k.startswith("hessian:") else v) for k, v in tensors.items()}
+    save_file(full, tmp_path / "v3.safetensors", meta | {"format_version": "3"})
+    old = CalibrationStats.load(tmp_path / "v3.safetensors")
+    for name in ("0", "2"):
+        assert torch.equal(old.hessian_for(name), stats.hessian["0"]), name
+    old.save(tmp_path / "v4.safetensors")
+    for name in ("0", "2"):
+        assert torch.equal(CalibrationStats.load(tmp_path / "v4.safetensors").hessian_for(name), stats.hessian["0"])
+    # A stored XᵀX of the wrong size is refused by name, from the header.
+    for bad in (torch.zeros(7), torch.zeros(64, 32), torch.zeros(packed_size(32))):
+        save_file(full | {"hessian:0": bad}, tmp_path / "shape.safetensors", meta)
+        with pytest.raises(
+            ValueError, match=r"shape.safetensors'.*hessian:0 is \[.*\], not the \[K, K\] XᵀX of a layer of width 64"
+        ):
+            CalibrationStats.load(tmp_path / "shape.safetensors")
 
 
 PROMPTS = ["a red bicycle", "a cat on a mat", "snowy mountains at dawn"]

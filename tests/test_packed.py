@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_svdquant.calibration.packed import pack_blocks, packed_size, packed_width, unpack_moment
+from diffusers_svdquant.calibration.packed import pack_blocks, pack_moment, packed_size, packed_width, unpack_moment
 
 
 @pytest.mark.parametrize("k", [0, 1, 64, 255, 256, 257, 300, 512, 3072, 12288])
@@ -29,3 +29,17 @@ def test_unpack_gives_the_symmetric_matrix_of_the_upper_triangle(k):
     upper = torch.triu(full)
     assert torch.equal(out, upper + torch.triu(full, 1).t())  # the lower triangle of `full` is never read
     assert torch.equal(out, out.t())
+
+
+@pytest.mark.parametrize("k", [1, 64, 255, 256, 257, 700])
+def test_pack_moment_is_what_unpack_reads_back_bit_for_bit(k):
+    """What the calibration file stores (version 4): the packed triangle of the unpacked matrix, which unpacks to the
+    very same bits (the diagonal blocks' lower wedges, computed but never read, may differ)."""
+    g = torch.Generator().manual_seed(k)
+    packed = torch.randn(packed_size(k), generator=g)
+    full = unpack_moment(packed)
+    again = pack_moment(full)
+    assert again.shape == (packed_size(k),) and again.dtype == torch.float32
+    assert torch.equal(unpack_moment(again), full)
+    with pytest.raises(ValueError, match=r"must be square \[K, K\], got \[3, 4\]"):
+        pack_moment(torch.zeros(3, 4))

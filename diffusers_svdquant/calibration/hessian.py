@@ -267,14 +267,20 @@ class SharedMoments:
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
 
 
-def merged_total(parts: Sequence[MomentSum]) -> torch.Tensor | None:
-    """The symmetric float32 ``[K, K]`` (on the CPU) of one sum's parts from every process that holds it (tree or
-    fixed point, all of one kind): merged, totalled and unpacked; None when a fixed-point sum overflowed the units of
-    its probe (:attr:`~.fixedpoint.FixedPointSum.overflowed`: calibration records that layer again)."""
+def merged_packed(parts: Sequence[MomentSum]) -> torch.Tensor | None:
+    """The packed float32 total (on the CPU, :mod:`.packed`) of one sum's parts from every process that holds it
+    (tree or fixed point, all of one kind); None when a fixed-point sum overflowed the units of its probe
+    (:attr:`~.fixedpoint.FixedPointSum.overflowed`: calibration records that layer again)."""
     merged = type(parts[0]).merge(list(parts))
     if getattr(merged, "overflowed", False):
         return None
-    return unpack_moment(merged.total())
+    return merged.total()
+
+
+def merged_total(parts: Sequence[MomentSum]) -> torch.Tensor | None:
+    """:func:`merged_packed` as the symmetric float32 ``[K, K]``."""
+    packed = merged_packed(parts)
+    return None if packed is None else unpack_moment(packed)
 
 
 def share_labels(moments: Mapping[str, MomentSum]) -> dict[str, int]:

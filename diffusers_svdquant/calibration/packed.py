@@ -57,3 +57,12 @@ def unpack_moment(packed: torch.Tensor) -> torch.Tensor:
         wedge.copy_(torch.triu(wedge) + torch.triu(wedge, 1).t())
         out[r1:, r0:r1] = out[r0:r1, r1:].t()
     return out
+
+
+def pack_moment(full: torch.Tensor) -> torch.Tensor:
+    """The packed upper triangle (float32 ``[packed_size(K)]``) of a symmetric ``[K, K]`` ``XᵀX``: what
+    :func:`unpack_moment` turns back into the same matrix, bit for bit."""
+    k = full.shape[0]
+    if full.dim() != 2 or full.shape[1] != k:
+        raise ValueError(f"pack_moment: XᵀX must be square [K, K], got {list(full.shape)}")
+    return torch.cat([full[r0:r1, r0:].float().reshape(-1) for r0, r1, _ in _pack_blocks(k)])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .fixedpoint import FixedPointSum
-from .hessian import MomentSum, merged_total, share_labels, shared_units
+from .hessian import MomentSum, merged_packed, merged_total, share_labels, shared_units
 from .packed import packed_size
 from .processes import Processes
 from .stats import HESSIAN_PREFIX, CalibrationStats
@@ -273,7 +273,8 @@ class ShardWriter:
         self, index: int, moments: dict[str, MomentSum], group: Sequence[str]
     ) -> tuple[dict[str, str], dict[str, str], list[str]]:
         """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
-        the group's totals) and write them as shard ``index``; ``moments`` is emptied as it goes.
+        the group's totals) and write them as shard ``index``, packed (:mod:`.packed`; :meth:`~.stats.CalibrationStats.
+        hessian_for` unpacks a layer's when it is read); ``moments`` is emptied as it goes.
 
         Layers that hold one sum on every process (:func:`~.hessian.shared_units`) are merged once and written
         once, under the first one's name; the shard's metadata ``hessian_aliases`` maps the others to it.
@@ -295,7 +296,7 @@ class ShardWriter:
             del part
             found = [p for p in parts or () if p is not None]
             if found:
-                total = merged_total(found)
+                total = merged_packed(found)  # stored packed, as in a calibration file
                 if total is None:
                     overflowed += unit
                     continue

@@ -21,14 +21,16 @@ from typing import Any
 import torch
 
 from ..filemodes import as_new_files
+from .packed import pack_moment, packed_size, packed_width, unpack_moment
 from .tensorfile import write_tensors
 
 logger = logging.getLogger(__name__)
 
 FILE_FORMAT = "svdquant-calibration"
-# 3: a file whose layers share XᵀX (the metadata's hessian_aliases); written only then, so an older reader, which
-# would see no XᵀX for the aliased layers, refuses the file instead. Without aliases a file is still version 2.
-FILE_FORMAT_VERSION = 3
+# 3: a file whose layers share XᵀX (the metadata's hessian_aliases). 4: its XᵀX are stored as their packed upper
+# triangles (1-D, calibration/packed.py: half the bytes). A file with XᵀX is written as version 4, so an older
+# reader, which would take a packed vector for a matrix, refuses it; without XᵀX a file is still version 2.
+FILE_FORMAT_VERSION = 4
 _ALIASES = "hessian_aliases"
 DEFAULT_MAX_SAMPLES = 128
 # With neither a searched nor a configured α, SmoothQuant's default migration strength.
@@ -79,6 +81,12 @@ class CalibrationStats:
         """Layer ``name``'s ``XᵀX`` ``[K, K]`` float32, or None when it was not gathered."""
         if name in self.hessian:
             return self.hessian[name]
+        stored = self._stored_hessian(name)
+        return None if stored is None else unpack_moment(stored) if stored.dim() == 1 else stored
+
+    def _stored_hessian(self, name: str) -> torch.Tensor | None:
+        """Layer ``name``'s ``XᵀX`` as its file holds it: packed ``[packed_size(K)]`` (version 4 and the shards) or
+        ``[K, K]`` (versions 2 and 3); None when no file holds it."""
         if name not in self.hessian_files:
             return None
         from safetensors import safe_open
@@ -90,13 +98,15 @@ class CalibrationStats:
         """The layers whose ``XᵀX`` was gathered, sorted."""
         return sorted(set(self.hessian) | set(self.hessian_files))
 
-    def _hessian_shape(self, name: str) -> tuple[int, ...]:
+    def _hessian_width(self, name: str) -> int:
+        """``K`` of layer ``name``'s ``XᵀX``, read from the file's header when it is on disk."""
         if name in self.hessian:
-            return tuple(self.hessian[name].shape)
+            return int(self.hessian[name].shape[0])
         from safetensors import safe_open
 
         with safe_open(self.hessian_files[name], framework="pt") as f:
-            return tuple(f.get_slice(HESSIAN_PREFIX + self.hessian_alias.get(name, name)).get_shape())
+            shape = f.get_slice(HESSIAN_PREFIX + self.hessian_alias.get(name, name)).get_shape()
+        return packed_width(shape[0]) if len(shape) == 1 else int(shape[0])
 
     def hessian_shared(self) -> dict[str, str]:
         """Layer → the first layer (in :meth:`hessian_names` order) holding the very same ``XᵀX``, for each layer
@@ -142,9 +152,10 @@ class CalibrationStats:
 
         The file is written beside ``path`` and renamed over it, so a failed save leaves any
         previous file intact. Samples (``S x K`` per layer) are left out unless asked for: the
-        quantizer needs only the absmax and the searched ``(α, β)``. An ``XᵀX`` that layers share
-        (:meth:`hessian_shared`) is written once (safetensors holds no two tensors on one buffer, and it
-        would cost the bytes twice), the others named in the metadata's ``hessian_aliases``.
+        quantizer needs only the absmax and the searched ``(α, β)``. Each ``XᵀX`` is written as its packed upper
+        triangle (half the bytes; :mod:`~.packed`), and one that layers share (:meth:`hessian_shared`) once
+        (safetensors holds no two tensors on one buffer, and it would cost the bytes twice), the others named in
+        the metadata's ``hessian_aliases``.
         """
         tensors = {_ABSMAX + k: v.float().contiguous() for k, v in self.act_absmax.items()}
         tensors |= {_SMOOTHING + k: torch.tensor(v, dtype=torch.float64) for k, v in self.smoothing.items()}
@@ -160,12 +171,16 @@ class CalibrationStats:
         }
         # A shared XᵀX is written once, under its first layer's name, the others named in the metadata.
         shared = self.hessian_shared()
+        if self.has_hessian:
+            meta["format_version"] = str(FILE_FORMAT_VERSION)
         if shared:
-            meta |= {"format_version": str(FILE_FORMAT_VERSION), _ALIASES: json.dumps(shared)}
+            meta[_ALIASES] = json.dumps(shared)
         shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-        # The K x K sums are read (from disk, when they are there) one at a time as they are written.
+        # The sums are read (from disk, when they are there) one at a time as they are written, packed.
         shapes |= {
-            HESSIAN_PREFIX + k: (torch.float32, self._hessian_shape(k)) for k in self.hessian_names() if k not in shared
+            HESSIAN_PREFIX + k: (torch.float32, (packed_size(self._hessian_width(k)),))
+            for k in self.hessian_names()
+            if k not in shared
         }
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
@@ -174,7 +189,11 @@ class CalibrationStats:
         def read(key: str) -> torch.Tensor:
             if key in tensors:
                 return tensors[key]
-            return self.hessian_for(key[len(HESSIAN_PREFIX) :]).float().contiguous()
+            name = key[len(HESSIAN_PREFIX) :]
+            stored = None if name in self.hessian else self._stored_hessian(name)
+            if stored is not None and stored.dim() == 1:  # packed on disk already: copied as it is
+                return stored.float().contiguous()
+            return pack_moment(self.hessian_for(name))
 
         try:
             write_tensors(tmp, shapes, read, meta)
@@ -187,8 +206,8 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
-        """Read a file written by :meth:`save` (or a version-1 file of bare ``name → [K]`` absmax, or a version-2
-        file, which has no shared ``XᵀX``)."""
+        """Read a file written by :meth:`save` (or a version-1 file of bare ``name → [K]`` absmax, a version-2 file,
+        which has no shared ``XᵀX``, or a version-3 file, whose ``XᵀX`` are full ``[K, K]``)."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -200,6 +219,7 @@ class CalibrationStats:
                 # The K x K moments stay on disk until a layer is quantized (hessian_for).
                 tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(HESSIAN_PREFIX)}
                 hessian_files = {k[len(HESSIAN_PREFIX) :]: path for k in f.keys() if k.startswith(HESSIAN_PREFIX)}
+                f_shapes = {n: f.get_slice(HESSIAN_PREFIX + n).get_shape() for n in hessian_files}
         except Exception as e:
             raise ValueError(f"{path!r} is not a safetensors calibration file: {e}") from e
         try:
@@ -223,6 +243,8 @@ class CalibrationStats:
         def section(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        for name in hessian_files:  # headers only: a matrix or a packed triangle, of the layer's width
+            _check_hessian_shape(path, name, f_shapes[name], tensors.get(_ABSMAX + name))
         aliases = json.loads(meta.get(_ALIASES, "{}"))
         missing = {a: n for a, n in aliases.items() if n not in hessian_files}
         if missing:
@@ -289,6 +311,23 @@ def _check_version1_absmax(path: str, tensors: dict[str, torch.Tensor]) -> None:
                 f"{path!r} is not a calibration file: tensor {name!r} ({t.dtype} {list(t.shape)}) is not a "
                 f"per-channel absmax (1-D, finite, >= 0); pass what diffusers_svdquant.calibrate() saved"
             )
+
+
+def _check_hessian_shape(path: str, name: str, shape: list[int], absmax: torch.Tensor | None) -> None:
+    """A stored ``XᵀX`` is ``[K, K]`` (versions 2 and 3) or a packed upper triangle (version 4), ``K`` the layer's."""
+    k = None
+    if len(shape) == 2 and shape[0] == shape[1]:
+        k = shape[0]
+    elif len(shape) == 1:
+        try:
+            k = packed_width(shape[0])
+        except ValueError:
+            k = None
+    if k is None or (absmax is not None and absmax.numel() != k):
+        raise ValueError(
+            f"{path!r}: hessian:{name} is {shape}, not the [K, K] XᵀX of a layer of width "
+            f"{absmax.numel() if absmax is not None else 'K'} nor its packed upper triangle"
+        )
 
 
 def keep_bottom_k(stats: CalibrationStats, name: str, keys: torch.Tensor, rows: torch.Tensor, k: int) -> None:
