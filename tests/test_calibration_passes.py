@@ -164,6 +164,8 @@ def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree(
     assert (tree.info["hessian_sum"], one.info["hessian_sum"]) == ("tree", "fixed")
     assert (one.info["hessian_passes"], three.info["hessian_passes"], budget.info["hessian_passes"]) == (1, 3, 2)
     assert one.info["hessian_retried"] == three.info["hessian_retried"] == [] and "hessian_retried" not in tree.info
+    # The probe is the first of the run's two calls: the sums used about one doubling of the 2^35 room.
+    assert 32 < one.info["hessian_headroom_bits"] == three.info["hessian_headroom_bits"] <= 35
     assert one.hessian_names() == three.hessian_names() == tree.hessian_names() == ["0", "2", "3"]
     for name in tree.hessian_names():
         assert torch.equal(three.hessian_for(name), one.hessian_for(name)), name
@@ -195,10 +197,10 @@ def _growing(scales: list[float]):
 
 @pytest.mark.parametrize("plan", [{}, {"hessian_passes": 2}, {"hessian_budget_gib": 250e3 / GIB}])
 def test_a_layer_that_outgrows_its_probe_is_recorded_again_in_units_from_the_statistics(plan, tmp_path):
-    """The probe (the first forward: the run's first call) sees x; the rest of the run 2^17 x (2^34 times the energy,
-    past the 2^32 the probe's units hold): the first layer is recorded again after the planned passes, in units from
+    """The probe (the first forward: the run's first call) sees x; the rest of the run 2^19 x (2^38 times the energy,
+    past the 2^35 the probe's units hold): the first layer is recorded again after the planned passes, in units from
     the statistics, and its sum is the tree's within float32 rounding. The layers after the tanh keep their probe's."""
-    model, go, runs = _growing([2.0**17])
+    model, go, runs = _growing([2.0**19])
     kw = {"run": go, "progress": False, "search": False, "hessian": True}
     tree = calibrate(model, **kw)
     runs.clear()
@@ -248,7 +250,7 @@ def test_calibrate_runs_what_auto_chooses(monkeypatch):
 def test_fixed_point_sums_refuse_inputs_beyond_their_statistics():
     """A run whose inputs outgrow the probe (so the layer is recorded again in units from the statistics) and then
     grow again between the statistics pass and that pass: an error naming the layer, never a wrapped-around sum."""
-    model, go, _ = _growing([1.0, 2.0**17, 2.0**17 * 100])
+    model, go, _ = _growing([1.0, 2.0**19, 2.0**19 * 100])
     with pytest.raises(ValueError, match=r"FixedPointSum\('0'\): item 0's XᵀX exceeds rows · absmax²"):
         calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_sum="fixed")
 

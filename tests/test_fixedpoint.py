@@ -3,6 +3,7 @@ statistics it cannot overflow, in units from a probe its overflow is seen alike 
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -147,12 +148,12 @@ def test_items_on_a_gpu_are_summed_there_to_the_cpu_bits():
     assert torch.equal(gpu.total(), cpu.total()) and not gpu.sum.is_cuda
 
 
-def test_probe_units_are_the_channels_norms_floored_twelve_below_the_largest():
-    energy = torch.tensor([4.0, 1.0, 0.0, 2.0**-30, 3.0, 2.0**40])
+def test_probe_units_are_the_channels_norms_floored_eight_below_the_largest():
+    energy = torch.tensor([4.0, 1.0, 0.0, 2.0**-30, 3.0, 2.0**40, 2.0**30])
     acc = FixedPointSum.from_probe(energy, "l")
-    # ⌈log2 √e⌉: 1, 0, (silent), −15, 1, 20; floored at 20 − 12 = 8
-    assert acc.exponents.tolist() == [8, 8, 8, 8, 8, 20] and acc.offset == -30 and not acc.bounded
-    assert FixedPointSum.from_probe(torch.tensor([4.0, 1.0, 0.0]), "l").exponents.tolist() == [1, 0, -11]
+    # ⌈log2 √e⌉: 1, 0, (silent), −15, 1, 20, 15; floored at 20 − 8 = 12
+    assert acc.exponents.tolist() == [12, 12, 12, 12, 12, 20, 15] and acc.offset == -27 and not acc.bounded
+    assert FixedPointSum.from_probe(torch.tensor([4.0, 1.0, 0.0]), "l").exponents.tolist() == [1, 0, -7]
     assert FixedPointSum.from_probe(torch.zeros(3), "l").exponents.tolist() == [0, 0, 0]
     for bad in (torch.tensor([1.0, -1.0]), torch.tensor([float("nan")]), torch.ones(2, 2)):
         with pytest.raises(ValueError, match=r"FixedPointSum\('l'\): the probe's energy must be"):
@@ -163,18 +164,24 @@ def test_probe_units_are_the_channels_norms_floored_twelve_below_the_largest():
 
 @pytest.mark.parametrize("n", [3, 4])
 def test_overflow_beyond_the_probe_is_seen_on_every_split_alike(n):
-    """Probe energy 1 per channel: units 2^-30 on the diagonal, whose sums must stay below 2^62 units (2^32). Items of
-    one row at ±2^15 give 2^30 each: three fit, the fourth reaches the limit, and every split and order sees it."""
+    """Probe energy 1 per channel: units 2^-27 on the diagonal, whose sums must stay below 2^62 units (2^35). Items of
+    two rows at ±2^16 give 2^33 each: three fit, the fourth reaches the limit, and every split and order sees it."""
     k = 4
     signs = torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, 1.0, -1.0, 1.0], [-1.0, 1.0, 1.0, -1.0], [1.0, 1.0, 1.0, 1.0]])
-    items = [input_moment(signs[i : i + 1] * 2.0**15) for i in range(n)]
+    xs = [torch.stack([signs[i], signs[(i + 1) % 4]]) * 2.0**16 for i in range(n)]
+    items = [input_moment(x) for x in xs]
     new = lambda: FixedPointSum.from_probe(torch.ones(k), "blocks.3.ff")  # noqa: E731
     rng = random.Random(n)
     for _ in range(12):
         merged = _split_sums(new, items, rng)
         assert merged.overflowed == (n == 4)
         if n == 3:
-            torch.testing.assert_close(unpack_moment(merged.total()), (signs[:3] * 2.0**15).t() @ (signs[:3] * 2.0**15))
+            torch.testing.assert_close(unpack_moment(merged.total()), sum(x.t() @ x for x in xs))
+    if n == 3:  # 3·2^33 real = 3·2^60 units on the diagonal: log2(3) bits short of 2^62
+        assert merged.headroom_bits() == pytest.approx(2 - math.log2(3))
+    else:
+        assert merged.headroom_bits() == 0.0
+    assert new().headroom_bits() == 62.0
     if n == 4:
         with pytest.raises(ValueError, match=r"'blocks.3.ff'\) overflowed its probe's units"):
             merged.total()
@@ -186,7 +193,7 @@ def test_overflow_beyond_the_probe_is_seen_on_every_split_alike(n):
             merged.add(10, torch.full_like(items[0], float("nan")))
     # One item alone over the limit: an off-diagonal entry (which the diagonal would have bounded) or the diagonal.
     big = new()
-    big.add(0, input_moment(torch.full((1, k), 2.0**16)))
+    big.add(0, input_moment(torch.full((1, k), 2.0**18)))
     assert big.overflowed
 
 

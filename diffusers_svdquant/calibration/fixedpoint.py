@@ -6,9 +6,9 @@ Each item's float32 sum (packed, :mod:`.packed`) is rounded once to an integer m
 were split between processes and the order parts are merged in cannot change a bit. The units come in two kinds:
 
 * *from a probe* (:meth:`FixedPointSum.from_probe`, what calibration uses first): ``s_j = ⌈log2 ‖x_j‖⌉`` over a few
-  rows every process has alike (the model's first forward), floored 12 below the layer's largest, and ``o = −30``:
-  the probe's ``Σ x_j²`` sits at most at ``2^30`` units, so the sum holds ``2^32`` times the probe's energy per
-  channel before its diagonal reaches ``2^62``; the rounding is at most ``2^-27`` of the probe's energy per item.
+  rows every process has alike (the model's first forward), floored 8 below the layer's largest, and ``o = −27``:
+  the probe's ``Σ x_j²`` sits at most at ``2^27`` units, so the sum holds ``2^35`` times the probe's energy per
+  channel before its diagonal reaches ``2^62``; the rounding is at most ``2^-26`` of the probe's energy per item.
   Known before any row of the real work is seen, so ``XᵀX`` is summed in the statistics pass itself.
 * *from the statistics* (:meth:`FixedPointSum.from_statistics`): ``s_j = ⌈log2 absmax_j⌉`` and ``o = ⌈log2 rows⌉
   − 61`` over every row the sum will cover: ``|Σ x_j x_l| ≤ rows · absmax_j · absmax_l ≤ 2^61 · u_jl``, so it
@@ -37,13 +37,15 @@ _LIMIT = 2.0**62
 # Units from the statistics: the bound rows·absmax_j·absmax_l is at most 2^61 units, half the limit (the other half
 # is room for the items' float32 and integer roundings).
 _FRACTION_BITS = 61
-# Units from a probe: the probe's energy Σ x_j² sits at most 2^30 units (2^(2·s_j) < 4·Σ x_j²): 2^32 probes' worth of
-# energy fits in a channel (a FLUX.1 calibration is 2^10 denoiser calls), and the rounding, half a unit per item, is
-# at most 2^-27 of the probe's energy, below the float32 rounding of the item itself.
-_PROBE_OFFSET = -30
-# A channel (nearly) silent in the probe takes the unit of one 2^12 times smaller in magnitude than the layer's
-# largest: room for 2^32·2^-24 = 4,096 of the largest probe's energy in it, at a rounding of 2^-51 of that energy.
-_PROBE_FLOOR_BITS = 12
+# Units from a probe: the probe's energy E_j = Σ x_j² sits at most 2^27 units (E_j <= 2^(2·s_j)): 2^35 probes' worth
+# of energy fits in a channel (a FLUX.1 calibration is 2^10 denoiser calls; the tiny test pipeline's AdaLN inputs,
+# one row per call, grew 2^12 beyond that from the first call), and the rounding, half a unit per item, is below
+# 2^-26·E_j (2^(2·s_j) < 4·E_j), under the float32 rounding of the item itself.
+_PROBE_OFFSET = -27
+# A channel (nearly) silent in the probe takes the unit of one 2^8 times smaller in magnitude than the layer's
+# largest: room for 2^35·2^-16 = 2^19 of the largest probe's energy in it, at a rounding of 2^-42 of that energy
+# (GPTQ damps the diagonal by 1% of its mean: the small channels' precision does not matter below that).
+_PROBE_FLOOR_BITS = 8
 
 
 def channel_exponents(absmax: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ class FixedPointSum:
     @classmethod
     def from_probe(cls, energy: torch.Tensor, name: str = "") -> FixedPointSum:
         """Units sized from a probe's per-channel energy ``Σ x_j²`` (float ``[K]``, over rows every process sees
-        alike): ``s_j = ⌈log2 √energy_j⌉``, at least the largest minus 12, and ``o = −30`` (module docstring). A
+        alike): ``s_j = ⌈log2 √energy_j⌉``, at least the largest minus 8, and ``o = −27`` (module docstring). A
         layer whose probe is zero in every channel takes ``s_j = 0``."""
         if energy.dim() != 1 or not torch.isfinite(energy).all() or bool((energy < 0).any()):
             raise ValueError(
@@ -157,6 +159,15 @@ class FixedPointSum:
             ints += units.long().to(ints.device)
         if not bool((self._diagonal(self.sum) < _LIMIT).all()):
             self._overflow(item)
+
+    def headroom_bits(self) -> float:
+        """How many more doublings the largest diagonal entry could take before it reached the ``2^62`` units
+        that overflow: ``62 − log2(max diagonal)`` (62 for an empty sum). For units from a probe, what was left
+        of the ``2^35`` times the probe's energy a channel holds."""
+        if self.overflowed:
+            return 0.0
+        top = 0 if self.sum is None else int(self._diagonal(self.sum).max())
+        return 62.0 - math.log2(top) if top > 0 else 62.0
 
     def host(self) -> FixedPointSum:
         """This sum with its integers on the CPU (for gathering between processes and writing), returned."""

@@ -267,19 +267,22 @@ class SharedMoments:
         return [c.names for c in {id(c): c for c in self.cells.values()}.values() if len(c.names) > 1]
 
 
-def merged_packed(parts: Sequence[MomentSum]) -> torch.Tensor | None:
+def merged_packed(parts: Sequence[MomentSum], headroom: list[float] | None = None) -> torch.Tensor | None:
     """The packed float32 total (on the CPU, :mod:`.packed`) of one sum's parts from every process that holds it
     (tree or fixed point, all of one kind); None when a fixed-point sum overflowed the units of its probe
-    (:attr:`~.fixedpoint.FixedPointSum.overflowed`: calibration records that layer again)."""
+    (:attr:`~.fixedpoint.FixedPointSum.overflowed`: calibration records that layer again). A sum in a probe's units
+    appends its :meth:`~.fixedpoint.FixedPointSum.headroom_bits` to ``headroom``."""
     merged = type(parts[0]).merge(list(parts))
     if getattr(merged, "overflowed", False):
         return None
+    if headroom is not None and isinstance(merged, FixedPointSum) and not merged.bounded:
+        headroom.append(merged.headroom_bits())
     return merged.total()
 
 
-def merged_total(parts: Sequence[MomentSum]) -> torch.Tensor | None:
+def merged_total(parts: Sequence[MomentSum], headroom: list[float] | None = None) -> torch.Tensor | None:
     """:func:`merged_packed` as the symmetric float32 ``[K, K]``."""
-    packed = merged_packed(parts)
+    packed = merged_packed(parts, headroom)
     return None if packed is None else unpack_moment(packed)
 
 

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -232,25 +233,40 @@ def retry_groups(
     return plan_passes([(n, size[n]) for n in names], budget_bytes=budget, together=together)
 
 
-def merge_in_memory(moments: list[dict[str, MomentSum]], group: Sequence[str], stats: CalibrationStats) -> list[str]:
-    """Every process's sums of ``group`` (``moments``, in rank order) merged into ``stats.hessian``; a sum the
-    layers share on every process is merged once and held once (the same tensor for each).
+@dataclass
+class Merged:
+    """What merging one pass's sums found.
 
-    Returns:
-        the layers whose fixed-point sums overflowed their probe's units (not held: to be recorded again)."""
-    overflowed: list[str] = []
+    Attributes:
+        files: layer → the shard holding its ``XᵀX`` (empty when held in memory).
+        aliases: layer → the name its shared ``XᵀX`` is written under in its shard.
+        overflowed: the layers whose fixed-point sums overflowed their probe's units (not kept: to be recorded
+            again in units from the statistics).
+        headroom: each probed fixed-point sum's :meth:`~.fixedpoint.FixedPointSum.headroom_bits`.
+    """
+
+    files: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    overflowed: list[str] = field(default_factory=list)
+    headroom: list[float] = field(default_factory=list)
+
+
+def merge_in_memory(moments: list[dict[str, MomentSum]], group: Sequence[str], stats: CalibrationStats) -> Merged:
+    """Every process's sums of ``group`` (``moments``, in rank order) merged into ``stats.hessian``; a sum the
+    layers share on every process is merged once and held once (the same tensor for each)."""
+    out = Merged()
     for unit in shared_units(group, [share_labels(part) for part in moments]):
         found = [part[unit[0]] for part in moments if unit[0] in part]
         for part in moments:  # let go of the packed sums as their totals are made
             for name in unit:
                 part.pop(name, None)
-        total = merged_total(found)
+        total = merged_total(found, out.headroom)
         del found
         if total is None:
-            overflowed += unit
+            out.overflowed += unit
         else:
             stats.hessian |= dict.fromkeys(unit, total)
-    return overflowed
+    return out
 
 
 class ShardWriter:
@@ -269,9 +285,7 @@ class ShardWriter:
         self.temporary = made is not None
         self.dir = procs.gather(made or (os.fspath(directory) if directory is not None else None))[0]
 
-    def write(
-        self, index: int, moments: dict[str, MomentSum], group: Sequence[str]
-    ) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    def write(self, index: int, moments: dict[str, MomentSum], group: Sequence[str]) -> Merged:
         """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
         the group's totals) and write them as shard ``index``, packed (:mod:`.packed`; :meth:`~.stats.CalibrationStats.
         hessian_for` unpacks a layer's when it is read); ``moments`` is emptied as it goes.
@@ -280,14 +294,15 @@ class ShardWriter:
         once, under the first one's name; the shard's metadata ``hessian_aliases`` maps the others to it.
 
         Returns:
-            name → shard path for every layer written, the aliases (layer → the name it is written under), and the
-            layers whose fixed-point sums overflowed their probe's units (not written: to be recorded again).
+            the shard of every layer written, the aliases (layer → the name it is written under), the layers whose
+            fixed-point sums overflowed their probe's units (not written: to be recorded again) and the headroom.
         """
         path = os.path.join(self.dir, f"hessian-{index:05d}.safetensors")
         units = shared_units(group, self.procs.gather(share_labels(moments)))
         totals: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
         overflowed: list[str] = []
+        headroom: list[float] = []
         for unit in units:  # the same on every rank: one collective per sum
             part = moments.get(unit[0])
             for name in unit:
@@ -296,7 +311,7 @@ class ShardWriter:
             del part
             found = [p for p in parts or () if p is not None]
             if found:
-                total = merged_packed(found)  # stored packed, as in a calibration file
+                total = merged_packed(found, headroom)  # stored packed, as in a calibration file
                 if total is None:
                     overflowed += unit
                     continue
@@ -310,8 +325,8 @@ class ShardWriter:
                 meta["hessian_aliases"] = json.dumps(aliases)
             write_tensors(path, shapes, totals.pop, meta)
         # Rank 0's lists, gathered after its file is complete: no rank refers to a shard before it exists.
-        written, aliases, overflowed = self.procs.gather((written, aliases, overflowed))[0]
-        return dict.fromkeys([*written, *aliases], path), aliases, overflowed
+        written, aliases, overflowed, headroom = self.procs.gather((written, aliases, overflowed, headroom))[0]
+        return Merged(dict.fromkeys([*written, *aliases], path), aliases, overflowed, headroom)
 
     def keep_with(self, stats: CalibrationStats) -> None:
         """Keep a temporary folder as long as ``stats`` or a copy of it (which read from it) lives."""

@@ -133,9 +133,10 @@ def calibrate(
             entry and the item in progress (about ``6·K²`` bytes per layer however many prompts; FLUX.1 at 128
             prompts on one process holds 3x less, so a budget needs a third of the passes:
             ``benchmarks/bench_calibration.py``). Its units are sized from a probe, the model's first forward (one
-            more forward, run before the passes), with room for ``2^32`` times the probe's energy per channel; a
+            more forward, run before the passes), with room for ``2^35`` times the probe's energy per channel; a
             layer whose sum outgrows them is recorded again after the planned passes, in units from the
-            statistics (``stats.info["hessian_retried"]``). ``"auto"`` (default): fixed point when it holds less
+            statistics (``stats.info["hessian_retried"]``; ``stats.info["hessian_headroom_bits"]``: the fewest
+            doublings any probed sum had left). ``"auto"`` (default): fixed point when it holds less
             (8 prompts or more in all, counted as if one process held them, so that every split chooses alike);
             else the tree. ``stats.info["hessian_sum"]`` says which ran.
         hessian_prompts: with a pipeline, gather ``XᵀX`` over this many of the prompts, spread evenly (prompt 0
@@ -240,6 +241,7 @@ def calibrate(
     runs = runs or [([], "tree")]
     stats: CalibrationStats | None = None  # after pass 0
     retried: list[str] = []
+    headroom: list[float] = []  # what each sum in a probe's units had left (bits)
     p = 0
     while p < len(runs):
         group, units = runs[p]
@@ -252,13 +254,15 @@ def calibrate(
         record(hooked, recorder, lambda r, d=desc, p=p: drive(r, d, xtx_items if p else None))
         if p == 0:
             stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
-        if group and shards is not None:
-            files, aliases, overflowed = shards.write(p, recorder.take_moments(), group)
-            stats.hessian_files |= files
-            stats.hessian_alias |= aliases
-            later += overflowed
-        elif group:
-            later += merge_in_memory(procs.gather(recorder.take_moments()), group, stats)
+        if group:
+            if shards is not None:
+                merged = shards.write(p, recorder.take_moments(), group)
+            else:
+                merged = merge_in_memory(procs.gather(recorder.take_moments()), group, stats)
+            stats.hessian_files |= merged.files
+            stats.hessian_alias |= merged.aliases
+            later += merged.overflowed
+            headroom += merged.headroom
         del recorder
         if p == len(runs) - 1 and later:
             retried = [n for n in layers if n in later]  # in module order
@@ -272,6 +276,7 @@ def calibrate(
         info |= {"hessian_prompts": len(xtx_items)} if _is_pipeline(target) else {}
         if hessian_sum == "fixed":
             info["hessian_retried"] = retried
+            info["hessian_headroom_bits"] = round(min(headroom), 1) if headroom else None
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
     if search:
         search_smoothing(model, stats, config, procs=procs, progress=progress)
