@@ -1,11 +1,15 @@
-"""Which layers' ``XᵀX`` each calibration pass gathers, so the sums held at once fit a memory budget.
+"""What each calibration pass gathers of ``XᵀX``: which layers (so the sums held at once fit a memory budget), over
+which prompts, in which sums, and where the merged sums go.
 
-Each pass runs every calibration prompt (or ``run``) again and gathers ``XᵀX`` for one contiguous group of
-layers (in module order); its sums are merged and written to disk (:class:`ShardWriter`) before the next pass
-starts. A layer's sums while recording take about ``2·K²`` bytes (packed: :func:`moment_bytes`) times
-:func:`tree_copies` (the partial sums of the fixed summation tree a process holds, :mod:`.hessian`), or about
-``6·K²`` in fixed point (:func:`fixed_moment_bytes`); layers that read the same input tensor hold one sum
-(:class:`~.hessian.SharedMoments`), counted once and kept in one pass.
+The first pass runs every calibration prompt (or ``run``), each later pass the prompts ``XᵀX`` is gathered over
+(:func:`spread_items`), and each gathers ``XᵀX`` for one contiguous group of layers (in module order,
+:func:`plan_groups`); its sums are merged and held (:func:`merge_in_memory`) or written to disk
+(:class:`ShardWriter`) before the next pass starts. A layer's sums while recording take about ``2·K²`` bytes
+(packed: :func:`moment_bytes`) times :func:`tree_copies` (the partial sums of the fixed summation tree a process
+holds, :mod:`.hessian`), or about ``6·K²`` in fixed point (:func:`fixed_moment_bytes`, in units from the first
+forward's probe, :func:`new_sums`; a layer whose sum outgrows them is recorded again in passes of its own,
+:func:`retry_groups`); layers that read the same input tensor hold one sum (:class:`~.hessian.SharedMoments`),
+counted once and kept in one pass.
 """
 
 from __future__ import annotations
@@ -228,7 +232,8 @@ def retry_groups(
     if budget_gib is not None:
         budget = int(budget_gib * GIB)
     else:
-        held = [sum(size[n] for n in g if together.get(n, n) not in g or together.get(n, n) == n) for g, _ in runs]
+        # A set's layers share one sum: counted where its first layer is, or once per group without it.
+        held = [sum(size[n] for n in g if together.get(n, n) == n or together[n] not in g) for g, _ in runs]
         budget = max([*held, *(size[n] for n in names)])
     return plan_passes([(n, size[n]) for n in names], budget_bytes=budget, together=together)
 
@@ -287,8 +292,9 @@ class ShardWriter:
 
     def write(self, index: int, moments: dict[str, MomentSum], group: Sequence[str]) -> Merged:
         """Merge the group's sums of every process (sum by sum, so rank 0 holds one sum's parts at a time besides
-        the group's totals) and write them as shard ``index``, packed (:mod:`.packed`; :meth:`~.stats.CalibrationStats.
-        hessian_for` unpacks a layer's when it is read); ``moments`` is emptied as it goes.
+        the group's totals) and write them as shard ``index``, packed (:mod:`.packed`;
+        :meth:`~.stats.CalibrationStats.hessian_for` unpacks a layer's when it is read); ``moments`` is emptied as
+        it goes.
 
         Layers that hold one sum on every process (:func:`~.hessian.shared_units`) are merged once and written
         once, under the first one's name; the shard's metadata ``hessian_aliases`` maps the others to it.
