@@ -466,22 +466,24 @@ def _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, con
     for n in (1, 8):
         share = math.ceil(xtx_prompts / n)
         copies = max(tree_copies(range(r * share, min((r + 1) * share, xtx_prompts))) for r in range(n))
-        for mode in ("tree", "fixed"):
-            sizes = [
-                (name, moment_bytes(m.in_features, copies) if mode == "tree" else fixed_moment_bytes(m.in_features))
-                for name, m in layers.items()
-            ]
-            line = f"  {n:>5} {mode:>5} {f'{copies} x 4' if mode == 'tree' else '8 + 4':>7} "
+        # "call": fixed point adding each call at once, what a model on a GPU does (8 bytes per packed entry; its
+        # per-call conversion, memory-bound on a GPU, is not counted; the CPU figure is for converting per prompt).
+        for mode in ("tree", "fixed", "call"):
+            per = {"tree": lambda k, c=copies: moment_bytes(k, c), "fixed": fixed_moment_bytes,
+                   "call": lambda k: fixed_moment_bytes(k, per_call=True)}[mode]  # fmt: skip
+            sizes = [(name, per(m.in_features)) for name, m in layers.items()]
+            held = {"tree": f"{copies} x 4", "fixed": "8 + 4", "call": "8"}[mode]
+            line = f"  {n:>5} {mode:>5} {held:>7} "
             line += f"{sum(s for name, s in sizes if name not in together) / GIB:>8.0f} "
             for g in budgets:
                 try:
                     k = len(plan_passes(sizes, budget_bytes=int(g * GIB), together=together))
                 except ValueError:
-                    line += f"{'too small':>15} {'-':>7} {'-':>12} "
+                    line += f"{'too small':>15} {'-':>7} {'-':>12} {'-':>8} "
                     continue
                 # The first pass runs every prompt; the later ones (and the probe's one forward) the XᵀX prompts.
-                runs_ = 1 + (k - 1) * frac + (1 / calls if mode == "fixed" or k > 1 else 0)
-                conv = convert * xtx_prompts if mode == "fixed" else 0
+                runs_ = 1 + (k - 1) * frac + (1 / calls if mode != "tree" or k > 1 else 0)
+                conv = convert * xtx_prompts if mode != "tree" else 0
                 cpu = (runs_ * forwards + xtx * frac + conv) / n / 3600
                 gpu = (runs_ * gpu_fwd + gpu_xtx * frac) / n
                 extra = ((runs_ - 1) * gpu_fwd + gpu_xtx * frac) / gpu_fwd

@@ -16,6 +16,7 @@ from torch import nn
 
 from diffusers_svdquant import CalibrationStats, calibrate
 from diffusers_svdquant.calibration import recorder
+from diffusers_svdquant.calibration.fixedpoint import FixedPointSum
 from diffusers_svdquant.calibration.hessian import PairwiseSum, SharedMoments, share_labels, shared_units
 from diffusers_svdquant.calibration.packed import packed_size, unpack_moment
 
@@ -157,14 +158,20 @@ def test_inference_mode_inputs_are_never_shared(monkeypatch):
     _same_bits(shared, _calibrate(monkeypatch, False, model, run=go, search=False))
 
 
+@pytest.mark.parametrize("sums", ["tree", "fixed", "fixed per call"])
 @pytest.mark.parametrize("seed", range(30))
-def test_shared_moments_match_one_sum_per_layer_over_random_calls_and_items(seed):
+def test_shared_moments_match_one_sum_per_layer_over_random_calls_and_items(seed, sums):
     """Random calls of 4 layers on a few tensors (some changed in place, some calls with no rows) over several
-    items: sharing gives every layer the bits of its own sum, item tree included."""
+    items: sharing gives every layer the bits of its own sum, item tree included; in fixed point too, each item's
+    sum converted once or each call's at once (per_call, where a layer that leaves keeps a copy of the integers)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     names = ["w", "x", "y", "z"]
-    shared, alone = SharedMoments(), SharedMoments(share=False)
+    kw = {}
+    if sums != "tree":
+        energy = torch.full((32,), 40.0)  # about one 40-row call's: the units the layers share
+        kw = {"new_sum": lambda name: FixedPointSum.from_probe(energy, name), "per_call": sums == "fixed per call"}
+    shared, alone = SharedMoments(**kw), SharedMoments(share=False, **kw)
     for item in range(rng.randint(1, 6)):
         pool = [torch.randn(rng.choice([0, 5, 130, 260]), 32, generator=g) for _ in range(3)]
         for _ in range(rng.randint(0, 12)):

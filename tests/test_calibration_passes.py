@@ -152,17 +152,23 @@ def test_passes_give_the_bits_of_one_pass(plan, tmp_path):
     assert not os.path.exists(folder)
 
 
-def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree():
+@pytest.mark.parametrize("per_call", [False, True])
+def test_fixed_point_sums_are_the_same_bits_in_any_passes_and_close_to_the_tree(per_call, monkeypatch):
     """hessian_sum="fixed": units from the probe (the first forward), XᵀX from the statistics pass on; the same bits
     for any pass count, within float32 rounding of the tree's sums, the statistics themselves unchanged. Planned at
-    12·K² bytes a layer."""
+    12·K² bytes a layer, or 8·K² adding each call at once (what a model on a GPU does)."""
+    from diffusers_svdquant.calibration import recorder
+
+    monkeypatch.setattr(recorder, "FIXED_PER_CALL", per_call)
     model, go = _model_and_run()
     kw = {"run": go, "progress": False, "search": False, "hessian": True}
     tree, one = calibrate(model, **kw), calibrate(model, **kw, hessian_sum="fixed")
     three = calibrate(model, **kw, hessian_sum="fixed", hessian_passes=3)
-    budget = calibrate(model, **kw, hessian_sum="fixed", hessian_budget_gib=250e3 / GIB)  # 12·(64² + 128²): 2 passes
+    budget = calibrate(model, **kw, hessian_sum="fixed", hessian_budget_gib=(170e3 if per_call else 250e3) / GIB)
     assert (tree.info["hessian_sum"], one.info["hessian_sum"]) == ("tree", "fixed")
+    # (8 or 12)·(64² + 128² + 64²) bytes (packed, one block each) in 2 passes at 170e3 / 250e3 bytes
     assert (one.info["hessian_passes"], three.info["hessian_passes"], budget.info["hessian_passes"]) == (1, 3, 2)
+    assert one.info["hessian_per_call"] == per_call
     assert one.info["hessian_retried"] == three.info["hessian_retried"] == [] and "hessian_retried" not in tree.info
     # The probe is the first of the run's two calls: the sums used about one doubling of the 2^35 room.
     assert 32 < one.info["hessian_headroom_bits"] == three.info["hessian_headroom_bits"] <= 35
@@ -195,17 +201,21 @@ def _growing(scales: list[float]):
     return model, go, runs
 
 
+@pytest.mark.parametrize("per_call", [False, True])
 @pytest.mark.parametrize("plan", [{}, {"hessian_passes": 2}, {"hessian_budget_gib": 250e3 / GIB}])
-def test_a_layer_that_outgrows_its_probe_is_recorded_again_in_units_from_the_statistics(plan, tmp_path):
+def test_a_layer_that_outgrows_its_probe_is_recorded_again_in_units_from_the_statistics(plan, per_call, monkeypatch):
     """The probe (the first forward: the run's first call) sees x; the rest of the run 2^19 x (2^38 times the energy,
     past the 2^35 the probe's units hold): the first layer is recorded again after the planned passes, in units from
     the statistics, and its sum is the tree's within float32 rounding. The layers after the tanh keep their probe's."""
+    from diffusers_svdquant.calibration import recorder
+
+    monkeypatch.setattr(recorder, "FIXED_PER_CALL", per_call)
     model, go, runs = _growing([2.0**19])
     kw = {"run": go, "progress": False, "search": False, "hessian": True}
     tree = calibrate(model, **kw)
     runs.clear()
     fixed = calibrate(model, **kw, hessian_sum="fixed", **plan)
-    planned = 2 if plan else 1
+    planned = 1 if not plan or (per_call and "hessian_budget_gib" in plan) else 2  # 8 B per entry: 1 group
     assert fixed.info["hessian_retried"] == ["0"]
     assert fixed.info["hessian_passes"] == planned + 1 and len(runs) == 1 + planned + 1  # probe, passes, retry
     assert fixed.hessian_names() == tree.hessian_names() == ["0", "2", "3"]
@@ -233,18 +243,40 @@ def test_calibrate_runs_what_auto_chooses(monkeypatch):
     model, go = _model_and_run()
     seen = []
 
-    def pick(total_items):
-        seen.append(total_items)
+    def pick(total_items, per_call):
+        seen.append((total_items, per_call))
         return "fixed"
 
     monkeypatch.setattr(recording, "auto_sum", pick)
     stats = calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_budget_gib=1.0)
-    assert stats.info["hessian_sum"] == "fixed" and seen == [1]
+    assert stats.info["hessian_sum"] == "fixed" and seen == [(1, False)] and not stats.info["hessian_per_call"]
     assert (
         calibrate(model, run=go, progress=False, search=False, hessian=True, hessian_sum="tree").info["hessian_sum"]
         == "tree"
         and len(seen) == 1
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_a_model_on_a_gpu_adds_each_call_in_fixed_point():
+    """On a GPU fixed point adds each call's sums at once (8 bytes per packed entry, no item in progress): within
+    float32 rounding of the tree, the same bits for any pass count."""
+    model, _ = _model_and_run()
+    model = model.cuda()
+    x = torch.randn(3, 7, 64, device="cuda")
+
+    def go(m):
+        m(x[:2])
+        m(x[2:])
+
+    kw = {"run": go, "progress": False, "search": False, "hessian": True}
+    tree, one = calibrate(model, **kw), calibrate(model, **kw, hessian_sum="fixed")
+    three = calibrate(model, **kw, hessian_sum="fixed", hessian_passes=3)
+    assert one.info["hessian_per_call"] and one.info["hessian_retried"] == []
+    for name in tree.hessian_names():
+        want = tree.hessian_for(name)
+        assert torch.equal(three.hessian_for(name), one.hessian_for(name)), name
+        torch.testing.assert_close(one.hessian_for(name), want, rtol=1e-5, atol=1e-6 * want.diagonal().max())
 
 
 def test_fixed_point_sums_refuse_inputs_beyond_their_statistics():

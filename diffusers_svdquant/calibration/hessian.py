@@ -152,14 +152,14 @@ class _Call:
     """The last call recorded: into ``cell``, of input ``x``. ``x`` is held so that its memory cannot be freed and
     reused by another tensor that would then look the same (``key``: its storage, offset, shape, strides, dtype and
     version when recorded). ``read``: the cell's layers that have read it. ``before``: the cell's item sum before
-    this call, what a layer of the cell that does not read it keeps. ``new``: the cell was made by this call, so a
-    layer never recorded before may join it."""
+    this call (per call: its whole sum), what a layer of the cell that does not read it keeps. ``new``: the cell was
+    made by this call, so a layer never recorded before may join it."""
 
     cell: _Cell
     x: torch.Tensor
     key: tuple | None
     read: set[str]
-    before: torch.Tensor | None
+    before: torch.Tensor | MomentSum | None
     new: bool
 
 
@@ -196,14 +196,25 @@ class SharedMoments:
     With ``share=False`` every layer keeps its own sum (what the tests compare against). ``new_sum(name)``: the
     finished items' sum of a cell first made for layer ``name`` (default :class:`PairwiseSum`; calibrate's
     ``hessian_sum="fixed"`` gives a :class:`~.fixedpoint.FixedPointSum` sized from the layer's probe or statistics).
-    A cell whose fixed-point sum has overflowed its units stops forming items: its layers are recorded again."""
+    A cell whose fixed-point sum has overflowed its units stops forming items: its layers are recorded again.
+
+    With ``per_call`` (fixed point only) each call's ``XᵀX`` is added to the cell's sum at once, as an item of its
+    own: no float32 sum of the item in progress is held (8 bytes per packed entry instead of 12), at the cost of one
+    conversion per call instead of one per item, and a copy of the integer sum before each call of a shared cell
+    (what a layer that does not read the call keeps). ``item``: the item in progress, named in errors."""
 
     def __init__(
-        self, compute: bool = True, share: bool = True, new_sum: Callable[[str], MomentSum] | None = None
+        self,
+        compute: bool = True,
+        share: bool = True,
+        new_sum: Callable[[str], MomentSum] | None = None,
+        per_call: bool = False,
     ) -> None:
         self.compute = compute
         self.share = share
         self.new_sum = new_sum or (lambda _name: PairwiseSum())
+        self.per_call = per_call
+        self.item = 0
         self.cells: dict[str, _Cell] = {}
         self._last: _Call | None = None
 
@@ -226,9 +237,15 @@ class SharedMoments:
         new = cell is None
         if new:
             cell = self.cells[name] = _Cell([name], self.new_sum(name))
-        before = cell.item.clone() if len(cell.names) > 1 and cell.item is not None else None
-        if self.compute and not getattr(cell.tree, "overflowed", False):
-            cell.item = input_moment(rows, cell.item)
+        forming = self.compute and not getattr(cell.tree, "overflowed", False)
+        if self.per_call:
+            before = cell.tree.copy() if len(cell.names) > 1 else None
+            if forming:
+                cell.tree.add(self.item, input_moment(rows))
+        else:
+            before = cell.item.clone() if len(cell.names) > 1 and cell.item is not None else None
+            if forming:
+                cell.item = input_moment(rows, cell.item)
         self._last = _Call(cell, x, key, {name}, before, new)
 
     def _close(self) -> None:
@@ -238,8 +255,8 @@ class SharedMoments:
             return
         left = [n for n in last.cell.names if n not in last.read]
         last.cell.names = [n for n in last.cell.names if n in last.read]
-        # Together: they had the same inputs until now and none since.
-        cell = _Cell(left, last.cell.tree.copy(), last.before)
+        # Together: they had the same inputs until now and none since. Per call, ``before`` is the whole sum then.
+        cell = _Cell(left, last.before, None) if self.per_call else _Cell(left, last.cell.tree.copy(), last.before)
         for n in left:
             self.cells[n] = cell
 

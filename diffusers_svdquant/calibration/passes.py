@@ -63,11 +63,12 @@ def moment_bytes(k: int, copies: int) -> int:
     return 4 * packed_size(k) * copies
 
 
-def fixed_moment_bytes(k: int) -> int:
+def fixed_moment_bytes(k: int, per_call: bool = False) -> int:
     """Bytes of one layer's sums while recording with ``hessian_sum="fixed"``: the int64 sum and the float32 sum of
     the item in progress, both packed (:class:`~.fixedpoint.FixedPointSum`; about ``6·K²`` bytes), however many
-    items a process has."""
-    return 12 * packed_size(k)
+    items a process has; ``per_call`` (each call added at once, :class:`~.hessian.SharedMoments`), the int64 sum
+    alone (about ``4·K²``; the call's float32 sum is formed and converted one layer at a time)."""
+    return (8 if per_call else 12) * packed_size(k)
 
 
 def plan_passes(
@@ -156,13 +157,14 @@ def plan_groups(
     budget_gib: float | None,
     shared_inputs: Callable[[], dict[str, str]],
     fixed: bool = False,
+    per_call: bool = False,
 ) -> list[list[str]]:
     """The layers whose ``XᵀX`` each pass records (:func:`plan_passes`), the same on every rank: sized by the most
     partial sums any process holds (:func:`tree_copies` of its items) or, ``fixed``, by :func:`fixed_moment_bytes`;
     a sum that layers share (``shared_inputs()``, called only when there is more than one pass to plan) counted
     once."""
-    if fixed:  # one int64 sum and the item in progress, however the items are split
-        sizes = [(name, fixed_moment_bytes(m.in_features)) for name, m in layers.items()]
+    if fixed:  # one int64 sum (and the item in progress), however the items are split
+        sizes = [(name, fixed_moment_bytes(m.in_features, per_call)) for name, m in layers.items()]
     else:
         copies = max(1, *procs.gather(tree_copies(items)))
         sizes = [(name, moment_bytes(m.in_features, copies)) for name, m in layers.items()]
@@ -184,12 +186,13 @@ def spread_items(total: int, count: int | None) -> frozenset[int]:
     return frozenset(j * total // count for j in range(count))
 
 
-def auto_sum(total_items: int) -> str:
+def auto_sum(total_items: int, per_call: bool = False) -> str:
     """``hessian_sum="auto"``: int64 fixed point when it holds less than the tree while recording (its ``12`` bytes
-    per packed entry against the tree's ``4`` times its partial sums, counted as if one process held every item),
-    so never more passes for a budget; else the tree, which needs no probe. Decided from the total item count alone,
-    so every split decides the same and gives the same bits."""
-    return "fixed" if tree_copies(range(total_items)) > 3 else "tree"
+    per packed entry, ``8`` adding each call at once, against the tree's ``4`` times its partial sums, counted as if
+    one process held every item), so never more passes for a budget; else the tree, which needs no probe. Decided
+    from the total item count (and where the model is) alone, so every split decides the same and gives the same
+    bits."""
+    return "fixed" if 4 * tree_copies(range(total_items)) > fixed_moment_bytes(1, per_call) else "tree"
 
 
 def new_sums(
@@ -223,11 +226,12 @@ def retry_groups(
     runs: Sequence[tuple[list[str], str]],
     budget_gib: float | None,
     probe: Callable[[], FirstForward],
+    per_call: bool = False,
 ) -> list[list[str]]:
     """The passes that record ``names`` again in fixed point with units from the statistics (their probe's units
     overflowed, or they had no probe), planned like the others: within ``budget_gib`` when given, else within what
     the largest planned pass held (a layer alone at least), so memory stays what the plan promised."""
-    size = {n: fixed_moment_bytes(m.in_features) for n, m in layers.items()}
+    size = {n: fixed_moment_bytes(m.in_features, per_call) for n, m in layers.items()}
     together = probe().together
     if budget_gib is not None:
         budget = int(budget_gib * GIB)

@@ -20,6 +20,17 @@ from .stats import CalibrationStats, keep_bottom_k
 # Layers that read the very same input tensor hold one XᵀX (hessian.SharedMoments); False gives each its own (the
 # tests compare the two).
 SHARE_INPUTS = True
+# Fixed-point sums add each call at once (hessian.SharedMoments(per_call=True): 8 bytes per packed entry instead of
+# 12) when the calibrated model is on a GPU, where converting a call costs little; None: decided so, True / False:
+# always / never (the tests run it on the CPU).
+FIXED_PER_CALL: bool | None = None
+
+
+def fixed_per_call(model: nn.Module) -> bool:
+    """Whether fixed-point sums of ``model``'s calibration add each call at once (:data:`FIXED_PER_CALL`)."""
+    if FIXED_PER_CALL is not None:
+        return FIXED_PER_CALL
+    return any(p.is_cuda for p in model.parameters())
 
 
 class Recorder:
@@ -27,7 +38,8 @@ class Recorder:
     ``record_stats``), each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.SharedMoments`;
     with ``compute_hessian=False`` only which layers share one), and with ``probe`` each layer's per-channel energy
     ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`). ``items``: the items whose ``XᵀX`` is recorded
-    (default all), numbered by their place among them in the summation tree."""
+    (default all), numbered by their place among them in the summation tree. ``per_call``: fixed-point sums add each
+    call at once (:class:`~.hessian.SharedMoments`)."""
 
     def __init__(
         self,
@@ -39,6 +51,7 @@ class Recorder:
         new_sum: Callable[[str], MomentSum] | None = None,
         probe: bool = False,
         items: Collection[int] | None = None,
+        per_call: bool = False,
     ) -> None:
         self.stats = CalibrationStats()
         self.max_samples = max_samples
@@ -47,7 +60,7 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self.hessian_layers = frozenset(hessian_layers)
         self.record_stats = record_stats
-        self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum)
+        self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum, per_call=per_call)
         self.energy: dict[str, torch.Tensor] | None = {} if probe else None
         # An item's place among the recorded ones: the summation tree pairs neighbours by index, and items spread
         # over the prompts (0, 4, 8, ...) would never be neighbours.
@@ -55,7 +68,7 @@ class Recorder:
 
     def start_item(self, item: int) -> None:
         self.finish_item()
-        self.item = item
+        self.item = self.sums.item = item
         self._calls = {}
 
     def finish_item(self) -> None:

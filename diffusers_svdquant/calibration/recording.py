@@ -30,7 +30,7 @@ from ..progress import progress_bar
 from .passes import ShardWriter, auto_sum, merge_in_memory, new_sums, plan_groups, retry_groups, spread_items
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
-from .recorder import Recorder, first_forward, record
+from .recorder import Recorder, first_forward, fixed_per_call, record
 from .search import search_smoothing
 from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats
 
@@ -136,9 +136,11 @@ def calibrate(
             more forward, run before the passes), with room for ``2^35`` times the probe's energy per channel; a
             layer whose sum outgrows them is recorded again after the planned passes, in units from the
             statistics (``stats.info["hessian_retried"]``; ``stats.info["hessian_headroom_bits"]``: the fewest
-            doublings any probed sum had left). ``"auto"`` (default): fixed point when it holds less
-            (8 prompts or more in all, counted as if one process held them, so that every split chooses alike);
-            else the tree. ``stats.info["hessian_sum"]`` says which ran.
+            doublings any probed sum had left). ``"auto"`` (default): fixed point when it holds less (8 prompts or
+            more in all, 4 or more with the model on a GPU, counted as if one process held them, so that every
+            split chooses alike); else the tree. ``stats.info["hessian_sum"]`` says which ran. With the model on a
+            GPU, fixed point adds each call's sums at once (no float32 sum of the prompt in progress: about ``4·K²``
+            bytes per layer; ``stats.info["hessian_per_call"]``).
         hessian_prompts: with a pipeline, gather ``XᵀX`` over this many of the prompts, spread evenly (prompt 0
             among them; default every prompt): the passes after the first run those prompts alone, and the sums
             cost that share of the ``XᵀX`` FLOPs. The statistics and the search still see every prompt. GPTQ needs
@@ -215,11 +217,14 @@ def calibrate(
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
         raise ValueError(f"calibrate: hessian_budget_gib must be a number of GiB, got {budget!r}")
     groups: list[list[str]] = []
+    per_call = False
     later: list[str] = []  # fixed point: layers recorded after the planned passes, in units from the statistics
     probe = functools.cache(lambda: first_forward(model, layers, lambda r: drive(r, None), procs))  # no bar
     if hessian:
-        hessian_sum = auto_sum(len(xtx_items)) if hessian_sum == "auto" else hessian_sum
+        per_call = fixed_per_call(model)
+        hessian_sum = auto_sum(len(xtx_items), per_call) if hessian_sum == "auto" else hessian_sum
         fixed = hessian_sum == "fixed"
+        per_call = per_call and fixed
         energy = probe().energy if fixed else {}
         planned = {n: m for n, m in layers.items() if n in energy} if fixed else layers
         later = [n for n in layers if n not in planned]  # not called in the first forward: no probe
@@ -231,6 +236,7 @@ def calibrate(
             hessian_budget_gib,
             lambda: probe().together,
             fixed=fixed,
+            per_call=per_call,
         )
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (hessian and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
@@ -245,8 +251,9 @@ def calibrate(
     p = 0
     while p < len(runs):
         group, units = runs[p]
+        new_sum = new_sums(units, probe, stats, p)
         recorder = Recorder(
-            max_samples, seed, group, record_stats=p == 0, new_sum=new_sums(units, probe, stats, p), items=xtx_items
+            max_samples, seed, group, record_stats=p == 0, new_sum=new_sum, items=xtx_items, per_call=per_call
         )
         hooked = layers if p == 0 else {n: layers[n] for n in group}
         desc = "calibration prompts" + (f" (pass {p + 1}/{len(runs)})" if len(runs) > 1 else "")
@@ -266,7 +273,8 @@ def calibrate(
         del recorder
         if p == len(runs) - 1 and later:
             retried = [n for n in layers if n in later]  # in module order
-            runs += [(g, "statistics") for g in retry_groups(retried, layers, runs, hessian_budget_gib, probe)]
+            retries = retry_groups(retried, layers, runs, hessian_budget_gib, probe, per_call)
+            runs += [(g, "statistics") for g in retries]
             later = []
         p += 1
     if shards is not None:
@@ -277,6 +285,7 @@ def calibrate(
         if hessian_sum == "fixed":
             info["hessian_retried"] = retried
             info["hessian_headroom_bits"] = round(min(headroom), 1) if headroom else None
+            info["hessian_per_call"] = per_call
     stats.info = info | {"num_processes": procs.world, "max_samples": max_samples, "seed": seed}
     if search:
         search_smoothing(model, stats, config, procs=procs, progress=progress)
