@@ -77,6 +77,7 @@ class FixedPointSum:
         self.exponents = exponents.long().cpu()
         self.offset = int(offset)
         self.bounded = bounded
+        self._exponents_on: dict[torch.device, torch.Tensor] = {}
         self.k = exponents.numel()
         self.overflowed = False
         # On the first item's device: on a GPU the integers never cross to the host per item (one int64 K x K
@@ -116,10 +117,13 @@ class FixedPointSum:
             s = torch.where(norm > 0, torch.clamp(s, min=floor), floor)
         return cls(s, _PROBE_OFFSET, bounded=False, name=name)
 
-    def _shift(self, r0: int, r1: int) -> torch.Tensor:
-        """``−(s_j + s_l + o)`` for rows ``[r0, r1)``, columns ``[r0, K)`` (a packed row block): value · 2^shift
-        is the value in units."""
-        s = self.exponents
+    def _shift(self, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+        """``−(s_j + s_l + o)`` for rows ``[r0, r1)``, columns ``[r0, K)`` (a packed row block), on ``device``:
+        value · 2^shift is the value in units. Formed there from the ``[K]`` exponents, which cross to a device
+        once (a block's shifts sent per item would move as many bytes as the integer sum itself)."""
+        s = self._exponents_on.get(device)
+        if s is None:
+            s = self._exponents_on[device] = self.exponents.to(device)
         return -self.offset - s[r0:r1, None] - s[None, r0:]
 
     def _diagonal(self, packed: torch.Tensor) -> torch.Tensor:
@@ -150,14 +154,15 @@ class FixedPointSum:
             return
         if self.sum is None:
             self.sum = torch.zeros(n, dtype=torch.int64, device=value.device)
-        # One packed row block at a time: the float64 temporaries stay about K · 256 · 8 bytes. An overflow midway
-        # leaves a half-added sum, which is then dropped (probe) or an error (statistics).
+        # One packed row block at a time: the float64 temporaries stay about K · 256 · 8 bytes. Whether every unit
+        # fits is gathered on the device and read once, after the blocks (on a GPU one wait per item, not one per
+        # block): an overflowed sum has all its blocks added, and is then dropped (probe) or an error (statistics).
+        fits = torch.ones((), dtype=torch.bool, device=value.device)
         for (r0, r1, block), (_, _, ints) in zip(pack_blocks(value, k), pack_blocks(self.sum, k), strict=True):
-            units = torch.round(torch.ldexp(block.double(), self._shift(r0, r1).to(value.device)))  # half to even
-            if not bool((units.abs() < _LIMIT).all()):
-                return self._overflow(item)
+            units = torch.round(torch.ldexp(block.double(), self._shift(r0, r1, value.device)))  # half to even
+            fits &= (units.abs() < _LIMIT).all()
             ints += units.long().to(ints.device)
-        if not bool((self._diagonal(self.sum) < _LIMIT).all()):
+        if not bool(fits.to(self.sum.device) & (self._diagonal(self.sum) < _LIMIT).all()):
             self._overflow(item)
 
     def headroom_bits(self) -> float:
@@ -178,6 +183,7 @@ class FixedPointSum:
     def copy(self) -> FixedPointSum:
         """Another sum of the same items so far, added to independently from now on."""
         out = FixedPointSum(self.exponents, self.offset, bounded=self.bounded, name=self.name)
+        out._exponents_on = self._exponents_on  # the same exponents: their device copies serve both
         out.overflowed = self.overflowed
         out.sum = None if self.sum is None else self.sum.clone()
         return out
@@ -217,5 +223,5 @@ class FixedPointSum:
         out = torch.zeros(packed_size(k))
         if total is not None:
             for (r0, r1, ints), (_, _, block) in zip(pack_blocks(total, k), pack_blocks(out, k), strict=True):
-                block.copy_(torch.ldexp(ints.double(), -self._shift(r0, r1)).float())
+                block.copy_(torch.ldexp(ints.double(), -self._shift(r0, r1, ints.device)).float())
         return out
