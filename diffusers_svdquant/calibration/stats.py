@@ -105,8 +105,7 @@ class CalibrationStats:
         from safetensors import safe_open
 
         with safe_open(self.hessian_files[name], framework="pt") as f:
-            shape = f.get_slice(HESSIAN_PREFIX + self.hessian_alias.get(name, name)).get_shape()
-        return packed_width(shape[0]) if len(shape) == 1 else int(shape[0])
+            return _stored_width(f.get_slice(HESSIAN_PREFIX + self.hessian_alias.get(name, name)).get_shape())
 
     def hessian_shared(self) -> dict[str, str]:
         """Layer → the first layer (in :meth:`hessian_names` order) holding the very same ``XᵀX``, for each layer
@@ -190,10 +189,10 @@ class CalibrationStats:
             if key in tensors:
                 return tensors[key]
             name = key[len(HESSIAN_PREFIX) :]
-            stored = None if name in self.hessian else self._stored_hessian(name)
-            if stored is not None and stored.dim() == 1:  # packed on disk already: copied as it is
-                return stored.float().contiguous()
-            return pack_moment(self.hessian_for(name))
+            if name in self.hessian:
+                return pack_moment(self.hessian[name])
+            stored = self._stored_hessian(name)  # read once; packed on disk already: copied as it is
+            return stored.float().contiguous() if stored.dim() == 1 else pack_moment(stored)
 
         try:
             write_tensors(tmp, shapes, read, meta)
@@ -313,16 +312,22 @@ def _check_version1_absmax(path: str, tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def _check_hessian_shape(path: str, name: str, shape: list[int], absmax: torch.Tensor | None) -> None:
-    """A stored ``XᵀX`` is ``[K, K]`` (versions 2 and 3) or a packed upper triangle (version 4), ``K`` the layer's."""
-    k = None
+def _stored_width(shape: Sequence[int]) -> int | None:
+    """``K`` of a stored ``XᵀX`` of this shape: ``[K, K]`` (versions 2 and 3) or a packed upper triangle (version 4);
+    None for any other shape."""
     if len(shape) == 2 and shape[0] == shape[1]:
-        k = shape[0]
-    elif len(shape) == 1:
+        return int(shape[0])
+    if len(shape) == 1:
         try:
-            k = packed_width(shape[0])
+            return packed_width(shape[0])
         except ValueError:
-            k = None
+            return None
+    return None
+
+
+def _check_hessian_shape(path: str, name: str, shape: list[int], absmax: torch.Tensor | None) -> None:
+    """A stored ``XᵀX`` is ``[K, K]`` or a packed upper triangle (:func:`_stored_width`), ``K`` the layer's."""
+    k = _stored_width(shape)
     if k is None or (absmax is not None and absmax.numel() != k):
         raise ValueError(
             f"{path!r}: hessian:{name} is {shape}, not the [K, K] XᵀX of a layer of width "
