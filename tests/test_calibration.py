@@ -418,8 +418,8 @@ def test_hessian_prompts_gathers_xtx_over_an_even_spread_of_the_prompts(tiny_pip
     still over all 4; the pass after the first runs those 2 prompts only."""
     from diffusers_svdquant.calibration.passes import spread_items
 
-    assert spread_items(4, 2) == {0, 2} and spread_items(7, 3) == {0, 2, 4} and spread_items(3, 5) == {0, 1, 2}
-    assert spread_items(5, None) == set(range(5))
+    assert spread_items(4, 2) == {0: 0, 2: 1} and spread_items(7, 3) == {0: 0, 2: 1, 4: 2}
+    assert spread_items(3, 5) == {0: 0, 1: 1, 2: 2} and spread_items(5, None) == {i: i for i in range(5)}
     prompts = [*PROMPTS, "a lighthouse in fog"]
     name = "transformer_blocks.0.attn.to_q"
     rows: list[torch.Tensor] = []
@@ -458,10 +458,11 @@ def test_spread_items_are_neighbours_in_the_summation_tree():
     from torch import nn
 
     from diffusers_svdquant.calibration.packed import unpack_moment
+    from diffusers_svdquant.calibration.passes import spread_items
     from diffusers_svdquant.calibration.recorder import Recorder, forward_pre_hooks
 
     lin = nn.Linear(8, 8)
-    recorder = Recorder(0, 0, ["l"], record_stats=False, items={0, 4, 8, 12})
+    recorder = Recorder(0, 0, ["l"], record_stats=False, places=spread_items(16, 4))
     xs = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(16)]
     with forward_pre_hooks([(lin, recorder.hook("l"))]):
         for i, x in enumerate(xs):

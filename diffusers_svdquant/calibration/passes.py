@@ -175,15 +175,16 @@ def plan_groups(
     return plan_passes(sizes, passes=passes, budget_bytes=budget, together=shared_inputs())
 
 
-def spread_items(total: int, count: int | None) -> frozenset[int]:
-    """The items whose ``XᵀX`` is gathered: ``count`` of ``range(total)`` spread evenly, item 0 among them
-    (``⌊j·total / count⌋`` for ``j < count``), or every item with ``count=None`` or ``count >= total``. A function of
-    the totals alone, so every split gathers the same items."""
+def spread_items(total: int, count: int | None) -> dict[int, int]:
+    """The items whose ``XᵀX`` is gathered, each → its place among them (what the summation tree numbers them by:
+    it pairs neighbours, and 0, 4, 8, ... would never be): ``count`` of ``range(total)`` spread evenly, item 0 among
+    them (``⌊j·total / count⌋`` for ``j < count``), or every item with ``count=None`` or ``count >= total``. A
+    function of the totals alone, so every split gathers the same items."""
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
         raise ValueError(f"calibrate: hessian_prompts must be an integer >= 1, got {count!r}")
     if count is None or count >= total:
-        return frozenset(range(total))
-    return frozenset(j * total // count for j in range(count))
+        return {i: i for i in range(total)}
+    return {j * total // count: j for j in range(count)}
 
 
 def auto_sum(total_items: int, per_call: bool = False) -> str:

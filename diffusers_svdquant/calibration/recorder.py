@@ -5,7 +5,7 @@ fixed-point units and finds the layers that read one input tensor before any pas
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +37,9 @@ class Recorder:
     """Forward pre-hooks that fill a :class:`CalibrationStats` (absmax, token counts, row samples; with
     ``record_stats``), each layer of ``hessian_layers``'s ``XᵀX`` per item (:class:`~.hessian.SharedMoments`;
     with ``compute_hessian=False`` only which layers share one), and with ``probe`` each layer's per-channel energy
-    ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`). ``items``: the items whose ``XᵀX`` is recorded
-    (default all), numbered by their place among them in the summation tree. ``per_call``: fixed-point sums add each
+    ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`). ``places``: the items whose ``XᵀX`` is recorded, each →
+    its place among them, what the summation tree numbers it by (:func:`~.passes.spread_items`; default every item,
+    by its own index). ``per_call``: fixed-point sums add each
     call at once (:class:`~.hessian.SharedMoments`)."""
 
     def __init__(
@@ -50,7 +51,7 @@ class Recorder:
         compute_hessian: bool = True,
         new_sum: Callable[[str], MomentSum] | None = None,
         probe: bool = False,
-        items: Collection[int] | None = None,
+        places: Mapping[int, int] | None = None,
         per_call: bool = False,
     ) -> None:
         self.stats = CalibrationStats()
@@ -62,9 +63,7 @@ class Recorder:
         self.record_stats = record_stats
         self.sums = SharedMoments(compute=compute_hessian, share=SHARE_INPUTS, new_sum=new_sum, per_call=per_call)
         self.energy: dict[str, torch.Tensor] | None = {} if probe else None
-        # An item's place among the recorded ones: the summation tree pairs neighbours by index, and items spread
-        # over the prompts (0, 4, 8, ...) would never be neighbours.
-        self.items = None if items is None else {i: p for p, i in enumerate(sorted(items))}
+        self.places = places
 
     def start_item(self, item: int) -> None:
         self.finish_item()
@@ -73,7 +72,7 @@ class Recorder:
 
     def finish_item(self) -> None:
         """File the current item's ``XᵀX`` sums (each item's are added as one, in the fixed order)."""
-        place = self.item if self.items is None else self.items.get(self.item, self.item)
+        place = self.item if self.places is None else self.places.get(self.item, self.item)
         self.sums.finish_item(place)  # on the inputs' device until now: one copy per item
 
     def take_moments(self) -> dict[str, MomentSum]:
@@ -90,7 +89,7 @@ class Recorder:
             self._calls[name] = call + 1
             if x2.shape[0] == 0:
                 return
-            if name in self.hessian_layers and (self.items is None or self.item in self.items):
+            if name in self.hessian_layers and (self.places is None or self.item in self.places):
                 self.sums.add(name, given, x2)  # the object itself: a layer reading the same one shares the sum
             if self.energy is not None:
                 e = torch.linalg.vector_norm(x2, dim=0, dtype=torch.float32).double().cpu().square()

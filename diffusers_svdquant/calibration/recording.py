@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -171,7 +171,7 @@ def calibrate(
         items, total_items = procs.my_share(len(prompts)), len(prompts)
         xtx_items = spread_items(total_items, hessian_prompts)
 
-        def drive(recorder: Recorder, desc: str | None, only: frozenset[int] | None = None) -> None:
+        def drive(recorder: Recorder, desc: str | None, only: Collection[int] | None = None) -> None:
             kwargs = {"num_inference_steps": num_inference_steps, "output_type": "latent"} | (pipeline_kwargs or {})
             mine = [i for i in items if only is None or i in only]
             bar = progress_bar(mine, desc=desc or "", enabled=desc is not None and progress and procs.rank == 0)
@@ -191,9 +191,9 @@ def calibrate(
         if hessian_prompts is not None:
             raise ValueError("calibrate: hessian_prompts is for a pipeline's prompts; with run=, feed fewer rows")
         items, total_items = [procs.rank], procs.world
-        xtx_items = frozenset(range(total_items))
+        xtx_items = spread_items(total_items, None)
 
-        def drive(recorder: Recorder, desc: str | None, only: frozenset[int] | None = None) -> None:
+        def drive(recorder: Recorder, desc: str | None, only: Collection[int] | None = None) -> None:
             recorder.start_item(procs.rank)
             run(model)
 
@@ -230,7 +230,7 @@ def calibrate(
         later = [n for n in layers if n not in planned]  # not called in the first forward: no probe
         groups = plan_groups(
             planned,
-            [p for p, i in enumerate(sorted(xtx_items)) if i in items],  # their places in the summation tree
+            [xtx_items[i] for i in items if i in xtx_items],  # their places in the summation tree
             procs,
             hessian_passes,
             hessian_budget_gib,
@@ -253,7 +253,7 @@ def calibrate(
         group, units = runs[p]
         new_sum = new_sums(units, probe, stats, p)
         recorder = Recorder(
-            max_samples, seed, group, record_stats=p == 0, new_sum=new_sum, items=xtx_items, per_call=per_call
+            max_samples, seed, group, record_stats=p == 0, new_sum=new_sum, places=xtx_items, per_call=per_call
         )
         hooked = layers if p == 0 else {n: layers[n] for n in group}
         desc = "calibration prompts" + (f" (pass {p + 1}/{len(runs)})" if len(runs) > 1 else "")
