@@ -2,8 +2,8 @@
 result, called directly (every row count, not only those the op hands it) and through the op.
 
 The kernel rounds x̂, W, lora_act and lora_up to bfloat16 and sums in float32: the tolerance is the bfloat16
-one of tests/test_weight_only.py (``2⁻⁵ · spread`` per element, ``2⁻⁶`` in norm), whatever the dtype of the
-tensors it reads. Shapes cover the kernel's edges: m tiles of 16 (1, 15, 16, 17, 33 rows: one and two B
+one of tests/test_weight_only.py (``2⁻⁵ · spread`` per element, ``2⁻⁶ · ‖spread‖`` in norm), whatever the dtype
+of the tensors it reads. Shapes cover the kernel's edges: m tiles of 16 (1, 15, 16, 17, 33 rows: one and two B
 tiles per pass), n blocks of 32 (1, 31, 33, 200 columns), runs of 8 tile steps, the low-rank columns (R = 0,
 5, 32, 40: one or two extra steps), K = 0, K chunks (K = 12288 with 300 rows: x̂ᵀ beyond the chunk size), and
 row blocks (more than 384 rows run as equal blocks of whole m tiles, one pass each).
@@ -15,9 +15,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_weight_only import BF16_PANEL_TOL, DTYPES, G, assert_close, exact, make_case, on_isa
+from test_weight_only import BF16_NORM_TOL, BF16_PANEL_TOL, DTYPES, G, assert_close, exact, make_case, on_isa
 
 from diffusers_svdquant import ops
 from diffusers_svdquant.ops import native, weight_only
@@ -43,7 +43,7 @@ def check_tiles(case, threads=2):
     truth, _, spread = exact(*case)
     with on_isa("amx"):
         y = tiles(case, threads)
-    assert_close(y, truth, BF16_PANEL_TOL * spread, case[0].dtype, norm_tol=2.0**-6)
+    assert_close(y, truth, BF16_PANEL_TOL * spread, case[0].dtype, BF16_NORM_TOL, norm_ref=spread)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -101,6 +101,9 @@ def test_tiles_thread_counts(threads):
     has_bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# Found by hypothesis: the planted x40 column cancels to 15.8 against a spread of 294; its error (0.75) is within
+# the element bound but was 2⁻⁴ of ‖truth‖ when the norm check measured against the result instead of the spread.
+@example(m=1, n=20, groups=1, r=0, dtype=torch.float32, has_bias=False, seed=20)
 def test_tiles_hypothesis(m, n, groups, r, dtype, has_bias, seed):
     check_tiles(make_case(m, n, groups * G, r, dtype, has_bias, seed))
 
