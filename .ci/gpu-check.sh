@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 step env 60 bash -c 'nvidia-smi; python3 -c "import torch, diffusers; from diffusers_svdquant import ops; \
 print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(), ops.cuda_kernels_available())"'
 step tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_w4a16.py \
-  tests/test_gptq.py tests/test_fixedpoint.py \
+  tests/test_gptq.py tests/test_fixedpoint.py tests/test_fixed_point_op.py \
   tests/test_calibration_passes.py::test_a_model_on_a_gpu_adds_each_call_in_fixed_point
 step bench_linear_cuda 150 python3 benchmarks/bench_linear_cuda.py
 step bench_xtx 60 python3 benchmarks/bench_xtx.py

@@ -236,6 +236,13 @@ def main() -> None:
                    "(an H100 SXM's 989 dense at 40%%)")  # fmt: skip
     p.add_argument("--gpu-fp32-tflops", type=float, default=50.0, help="GPU ESTIMATE: float32 XᵀX throughput, "
                    "TFLOP/s (an H100 SXM's 67 at 75%%)")  # fmt: skip
+    p.add_argument(
+        "--gpu-tbps",
+        type=float,
+        default=2.5,
+        help="GPU ESTIMATE: memory bandwidth for the fixed-point "
+        "conversion (ops.fixed_point_add: 20 bytes per packed entry), TB/s (an H100 SXM's 3.35 at 75%%)",
+    )
     p.add_argument("--project-prompts", type=int, default=128, help="projection: calibration prompts (the reference "
                    "toolkit's 128)")  # fmt: skip
     p.add_argument("--project-steps", type=int, default=8, help="projection: denoising steps per prompt (calibrate's)")
@@ -387,12 +394,16 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
     from diffusers_svdquant.calibration.passes import GIB
     from diffusers_svdquant.config import quantizable_linears
 
-    # hessian_sum="fixed" converts each prompt's float32 sums to int64 once: measured here, per entry.
-    item = torch.randn(packed_size(3072))
-    fixed = FixedPointSum.from_statistics(torch.full((3072,), float(item.abs().max())), 1 << 20)
-    start = time.perf_counter()
+    # hessian_sum="fixed" converts each prompt's float32 sums to int64 once: measured here, per entry, on a sum of
+    # FLUX.1's MLP width (900 MB of integers: from memory, as FLUX.1's are), after one warm-up add.
+    item = torch.randn(packed_size(12288))
+    fixed = FixedPointSum.from_statistics(torch.full((12288,), float(item.abs().max())), 1 << 20)
     fixed.add(0, item)
-    convert_s = (time.perf_counter() - start) / item.numel()
+    start = time.perf_counter()
+    fixed.add(1, item)
+    fixed.add(2, item)
+    convert_s = (time.perf_counter() - start) / (2 * item.numel())
+    del item, fixed
     with torch.device("meta"):
         flux = flux_shaped(*FLUX1_BLOCKS)
     layers = quantizable_linears(flux, SVDQuantConfig())
@@ -436,23 +447,31 @@ def _pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> Non
           f"prompt's sums go to host memory once: {4 * packed / GIB:.0f} GiB per prompt, all passes")  # fmt: skip
     # Fixed point: units from a probe (the first forward, 1/calls of a pass), 12·K² bytes per sum however many
     # prompts, and each prompt's sums converted once (this machine's measured rate; on a GPU memory-bound, ~0).
-    print(f"  hessian_sum='fixed': converting a prompt's sums takes {convert_s * 1e9:.1f} ns per entry here, "
-          f"{convert_s * packed / 60:.1f} min per prompt on this machine")  # fmt: skip
+    # On a GPU the conversion (ops.fixed_point_add's kernel) is memory-bound: 20 bytes per packed entry per
+    # conversion, once per prompt (fixed) or per call (fixed per call), at --gpu-tbps.
+    gpu_convert = 20 * packed / (args.gpu_tbps * 1e12)
+    print(f"  hessian_sum='fixed': converting a prompt's sums takes {convert_s * 1e9:.2f} ns per entry here, "
+          f"{convert_s * packed / 60:.1f} min per prompt on this machine; GPU ESTIMATE {gpu_convert:.3f} s per "
+          f"conversion of every sum at {args.gpu_tbps:g} TB/s (20 bytes per entry)")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
     for xtx_prompts in (int(x) for x in args.project_xtx_prompts.split(",")):
         _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, convert_s * packed, gpu_fwd, gpu_xtx,
-                    calls)  # fmt: skip
+                    calls, gpu_convert)  # fmt: skip
     print(
         "  (budgets are per process; per sum: bytes per packed entry (about K²/2) held while recording; CPU h: this "
         "machine's measured rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, "
-        "n GPUs, host transfers not counted; GPTQ +%: the passes after the first (only the XᵀX prompts) and the XᵀX "
-        "FLOPs against one pass of forwards, what a calibration without GPTQ runs besides its search)"
+        "n GPUs, host transfers not counted, the fixed-point conversions at --gpu-tbps; GPTQ +%: the passes after the "
+        "first (only the XᵀX prompts), the XᵀX FLOPs and conversions against one pass of forwards, what a calibration "
+        "without GPTQ runs besides its search)"
     )
 
 
-def _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, convert, gpu_fwd, gpu_xtx, calls) -> None:
+def _pass_plans(
+    args, budgets, xtx_prompts, layers, together, forwards, xtx, convert, gpu_fwd, gpu_xtx, calls, gpu_convert
+) -> None:
     """One table of the projection: the passes and times for each process count, sum and budget, with XᵀX gathered
-    over ``xtx_prompts`` of the prompts (the first pass runs every prompt, the later ones those alone)."""
+    over ``xtx_prompts`` of the prompts (the first pass runs every prompt, the later ones those alone). ``convert``
+    / ``gpu_convert``: seconds to convert every sum once, here / on a GPU (estimate)."""
     import math
 
     from diffusers_svdquant.calibration.passes import GIB, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
@@ -466,8 +485,8 @@ def _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, con
     for n in (1, 8):
         share = math.ceil(xtx_prompts / n)
         copies = max(tree_copies(range(r * share, min((r + 1) * share, xtx_prompts))) for r in range(n))
-        # "call": fixed point adding each call at once, what a model on a GPU does (8 bytes per packed entry; its
-        # per-call conversion, memory-bound on a GPU, is not counted; the CPU figure is for converting per prompt).
+        # "call": fixed point adding each call at once, what a model on a GPU does (8 bytes per packed entry, one
+        # conversion per call: args.project_steps per prompt; the CPU figure is for converting per prompt).
         for mode in ("tree", "fixed", "call"):
             per = {"tree": lambda k, c=copies: moment_bytes(k, c), "fixed": fixed_moment_bytes,
                    "call": lambda k: fixed_moment_bytes(k, per_call=True)}[mode]  # fmt: skip
@@ -485,8 +504,10 @@ def _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, con
                 runs_ = 1 + (k - 1) * frac + (1 / calls if mode != "tree" or k > 1 else 0)
                 conv = convert * xtx_prompts if mode != "tree" else 0
                 cpu = (runs_ * forwards + xtx * frac + conv) / n / 3600
-                gpu = (runs_ * gpu_fwd + gpu_xtx * frac) / n
-                extra = ((runs_ - 1) * gpu_fwd + gpu_xtx * frac) / gpu_fwd
+                conversions = {"tree": 0, "fixed": xtx_prompts, "call": xtx_prompts * args.project_steps}[mode]
+                gpu_xtx_all = gpu_xtx * frac + gpu_convert * conversions
+                gpu = (runs_ * gpu_fwd + gpu_xtx_all) / n
+                extra = ((runs_ - 1) * gpu_fwd + gpu_xtx_all) / gpu_fwd
                 line += f"{k:>15} {cpu:>7.0f} {gpu / 60:>12.1f} {100 * extra:>7.0f}% "
             print(line)
 

@@ -342,3 +342,56 @@ def linear_w4a16(
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)
+
+
+# The packed XᵀX of calibration (calibration/packed.py): the upper triangle of a symmetric K x K matrix in row
+# blocks of PACK_ROWS rows (block: rows [r0, r1), columns [r0, K), row-major), one after another in a flat vector.
+PACK_ROWS = 256
+# Fixed-point XᵀX (calibration/fixedpoint.py): every unit of an item, and every partial diagonal, stays below this
+# (an int: the integers are compared exactly, not through a float32 promotion).
+FIXED_POINT_LIMIT = 2**62
+
+
+def packed_row_blocks(k: int) -> list[tuple[int, int, int]]:
+    """``(r0, r1, offset)`` of each row block of a packed ``K x K`` upper triangle: block rows ``[r0, r1)``,
+    columns ``[r0, K)``, row-major from ``offset``."""
+    out, offset = [], 0
+    for r0 in range(0, k, PACK_ROWS):
+        r1 = min(k, r0 + PACK_ROWS)
+        out.append((r0, r1, offset))
+        offset += (r1 - r0) * (k - r0)
+    return out
+
+
+def packed_size(k: int) -> int:
+    """Entries of a packed ``K x K`` upper triangle (:func:`packed_row_blocks`): about ``K²/2 + 128·K``."""
+    return sum((r1 - r0) * (k - r0) for r0, r1, _ in packed_row_blocks(k))
+
+
+def fixed_point_add(ints: torch.Tensor, item: torch.Tensor, exponents: torch.Tensor, offset: int) -> bool:
+    """Add one packed float32 ``XᵀX`` item to its int64 fixed-point sum, in place: entry ``(j, l)`` gains
+    ``round(item_jl · 2^−(s_j + s_l + o))``, rounded half to even from the exact float64 product (a power of two
+    scales a float64 exactly). The kernel of :class:`~diffusers_svdquant.calibration.fixedpoint.FixedPointSum`.
+
+    Args:
+        ints: int64 ``[P]``, ``P = packed_size(K)``, the sum, updated.
+        item: float32 ``[P]``, finite (the caller checks), on the device of ``ints``.
+        exponents: int64 ``[K]``, ``s_j``, on the device of ``ints``.
+        offset: ``o``.
+
+    Returns:
+        Whether every entry's units were below ``2^62`` in magnitude and every diagonal entry of the updated sum
+        is below ``2^62``. When False the integers are unspecified: the caller drops the sum
+        or raises.
+    """
+    k = exponents.numel()
+    fits = torch.ones((), dtype=torch.bool, device=ints.device)
+    for r0, r1, o in packed_row_blocks(k):
+        n = (r1 - r0) * (k - r0)
+        block, acc = item[o : o + n].view(r1 - r0, k - r0), ints[o : o + n].view(r1 - r0, k - r0)
+        shift = -offset - exponents[r0:r1, None] - exponents[None, r0:]
+        units = torch.round(torch.ldexp(block.double(), shift))  # half to even
+        fits &= (units.abs() < FIXED_POINT_LIMIT).all()
+        acc += units.long()
+        fits &= (acc.diagonal() < FIXED_POINT_LIMIT).all()
+    return bool(fits)

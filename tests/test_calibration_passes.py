@@ -257,6 +257,29 @@ def test_calibrate_runs_what_auto_chooses(monkeypatch):
     )
 
 
+def test_on_a_gpu_a_budget_that_holds_the_prompt_in_progress_adds_per_prompt(monkeypatch):
+    """With the model on a GPU fixed point adds per call (8 bytes per packed entry), unless a budget holds the float32
+    sum of the prompt in progress too (12 bytes) in as few passes: then per prompt, converting a step count times
+    less often. FIXED_PER_CALL=True keeps per call; no budget keeps the smaller per call."""
+    from diffusers_svdquant.calibration import recorder, recording
+
+    monkeypatch.setattr(recording, "fixed_per_call", lambda model: True)  # as if the model were on a GPU
+    model, go = _model_and_run()
+    kw = {"run": go, "progress": False, "search": False, "hessian": True, "hessian_sum": "fixed"}
+    # 8 or 12 x (64² + 128² + 64²) bytes: 196,608 per call, 294,912 per prompt.
+    roomy = calibrate(model, **kw, hessian_budget_gib=300e3 / GIB)
+    tight = calibrate(model, **kw, hessian_budget_gib=200e3 / GIB)
+    unbounded = calibrate(model, **kw)
+    assert (roomy.info["hessian_per_call"], roomy.info["hessian_passes"]) == (False, 1)
+    assert (tight.info["hessian_per_call"], tight.info["hessian_passes"]) == (True, 1)  # per prompt: 2 passes
+    assert unbounded.info["hessian_per_call"]
+    for name in roomy.hessian_names():  # each call rounded to units, or each prompt: float32 rounding apart
+        want = tight.hessian_for(name)
+        torch.testing.assert_close(roomy.hessian_for(name), want, rtol=1e-5, atol=1e-6 * want.diagonal().max())
+    monkeypatch.setattr(recorder, "FIXED_PER_CALL", True)
+    assert calibrate(model, **kw, hessian_budget_gib=300e3 / GIB).info["hessian_per_call"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_a_model_on_a_gpu_adds_each_call_in_fixed_point():
     """On a GPU fixed point adds each call's sums at once (8 bytes per packed entry, no item in progress): within

@@ -12,6 +12,7 @@
 
 #include "bindings/common.h"
 #include "cpu/finite.h"
+#include "cpu/fixedpoint.h"
 #include "cpu/kernels.h"
 
 namespace svdq::bindings {
@@ -440,6 +441,31 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
       },
       py::arg("data"), py::arg("numel"), py::arg("dtypes"), py::arg("num_threads"),
       "Index of the first contiguous buffer (data_ptr, numel, dtype code) holding NaN or +-inf, or -1.");
+  m.def(
+      "fixed_point_add",
+      [](const py::int_& ints_, const py::int_& item_, const py::int_& exponents_, int64_t K, int64_t offset,
+         int64_t num_threads) -> bool {
+        const char* fn = "fixed_point_add";
+        const uintptr_t ints = as_ptr(fn, "ints", ints_), item = as_ptr(fn, "item", item_),
+                        exponents = as_ptr(fn, "exponents", exponents_);
+        check_size(fn, "K", K);
+        if (K > (int64_t{1} << 24)) fail(std::string(fn) + ": K must be at most 2^24, got K=" + std::to_string(K));
+        if (offset < -512 || offset > 512)
+          fail(std::string(fn) + ": offset must be in [-512, 512], got " + std::to_string(offset));
+        check_threads(fn, num_threads);
+        const int64_t n = svdq::cpu::packed_size(K);
+        check_ptr(fn, "ints", ints, n);
+        check_ptr(fn, "item", item, n);
+        check_ptr(fn, "exponents", exponents, K);
+        py::gil_scoped_release release;
+        return svdq::cpu::fixed_point_add(reinterpret_cast<int64_t*>(ints), reinterpret_cast<const float*>(item),
+                                          reinterpret_cast<const int64_t*>(exponents), K, offset,
+                                          static_cast<int>(num_threads));
+      },
+      py::arg("ints"), py::arg("item"), py::arg("exponents"), py::arg("K"), py::arg("offset"),
+      py::arg("num_threads"),
+      "reference.fixed_point_add: ints (int64) += the packed float32 item in units 2^(s_j + s_l + offset), in place;\n"
+      "whether every unit and every diagonal stayed below 2^62. exponents: int64 [K], within +-512.");
   py::class_<svdq::cpu::FiniteScanner>(
       m, "FiniteScanner",
       "first_nonfinite's test of byte ranges of a file, read and tested on one background thread started by the\n"

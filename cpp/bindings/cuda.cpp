@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/fixedpoint.h"
 #include "cpu/kernels.h"
 #include "cuda/kernels.h"
 
@@ -213,6 +214,27 @@ void cuda_linear_w4a16(const py::int_& x_, const py::int_& qweight_, const py::i
                                       static_cast<int>(device), stream));
 }
 
+void cuda_fixed_point_add(const py::int_& ints_, const py::int_& item_, const py::int_& exponents_,
+                          const py::int_& ok_, int64_t K, int64_t offset, int64_t device, const py::int_& stream_) {
+  const char* fn = "cuda_fixed_point_add";
+  const uintptr_t ints = as_ptr(fn, "ints", ints_), item = as_ptr(fn, "item", item_),
+                  exponents = as_ptr(fn, "exponents", exponents_), ok = as_ptr(fn, "ok", ok_),
+                  stream = as_ptr(fn, "stream", stream_);
+  check_size(fn, "K", K);
+  if (K > (int64_t{1} << 24)) fail(std::string(fn) + ": K must be at most 2^24, got K=" + std::to_string(K));
+  if (offset < -512 || offset > 512)
+    fail(std::string(fn) + ": offset must be in [-512, 512], got " + std::to_string(offset));
+  check_device(fn, device);
+  const int64_t n = svdq::cpu::packed_size(K);
+  check_ptr(fn, "ints", ints, n);
+  check_ptr(fn, "item", item, n);
+  check_ptr(fn, "exponents", exponents, K);
+  check_ptr(fn, "ok", ok, 1);
+  check_cuda(svdq::cuda::fixed_point_add(reinterpret_cast<int64_t*>(ints), reinterpret_cast<const float*>(item),
+                                         reinterpret_cast<const int64_t*>(exponents), K, offset,
+                                         reinterpret_cast<int*>(ok), static_cast<int>(device), stream));
+}
+
 std::string cuda_mma_path(int64_t device) {
   check_device("cuda_mma_path", device);
   int cc = 0;
@@ -255,6 +277,11 @@ x [M, K]; qweight uint8 [N, K/2] unsigned codes; wscales, wmins [N, K/64]; smoot
 lora_up [N, R]; bias [N] or 0; y [M, N]: all floats in `dtype` (1 bfloat16, 2 float16), contiguous.
 workspace: cuda_w4a16_plan(...)['bytes'] bytes. x, qweight, smooth, workspace 16-byte aligned. path: 0 auto
 (GEMV up to 16 rows, mma GEMM above), 1 gemv, 2 gemm. sms: the device's multiprocessor count.)doc");
+  m.def("cuda_fixed_point_add", &cuda_fixed_point_add, py::arg("ints"), py::arg("item"), py::arg("exponents"),
+        py::arg("ok"), py::arg("K"), py::arg("offset"), py::arg("device"), py::arg("stream"),
+        "reference.fixed_point_add on CUDA device pointers, launched on `stream`: ints int64 += the packed float32 "
+        "item in units 2^(s_j + s_l + offset) (exponents int64 [K], within +-512); sets the int32 *ok to 0 when a "
+        "unit or a diagonal reached 2^62.");
   m.def("cuda_mma_path", &cuda_mma_path, py::arg("device"),
         "The GEMM path auto-selected on a CUDA device: 's4' (sm_8x), 's8' (sm_90+), '' (cannot run); "
         "RuntimeError without a usable device.");

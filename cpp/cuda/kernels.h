@@ -101,4 +101,10 @@ struct W4A16Args {
 // 1 / smooth, x̂ lora_down, as the path needs them) and the GEMV or GEMM with the low-rank + bias epilogue.
 std::string linear_w4a16(const W4A16Args& args, W4A16Path path, int sms, int device, uintptr_t stream);
 
+// reference.fixed_point_add (cpu/fixedpoint.h): ints [packed_size(K)] += the packed float32 item in units
+// 2^(s_j + s_l + offset), exponents int64 [K] within ±512; one launch on `stream`, which sets *ok (int32, 1 before
+// the call) to 0 when a unit or a diagonal reached 2^62.
+std::string fixed_point_add(int64_t* ints, const float* item, const int64_t* exponents, int64_t K, int64_t offset,
+                            int* ok, int device, uintptr_t stream);
+
 }  // namespace svdq::cuda

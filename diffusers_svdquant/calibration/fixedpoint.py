@@ -29,11 +29,12 @@ import math
 
 import torch
 
+from .. import ops, reference
 from .packed import pack_blocks, packed_size
 
 # Every partial diagonal, and every entry of one item, must stay below 2^62 units: then no entry of any partial sum
 # (bounded by the diagonals, module docstring) comes near int64's 2^63.
-_LIMIT = 2.0**62
+_LIMIT = reference.FIXED_POINT_LIMIT
 # Units from the statistics: the bound rows·absmax_j·absmax_l is at most 2^61 units, half the limit (the other half
 # is room for the items' float32 and integer roundings).
 _FRACTION_BITS = 61
@@ -75,6 +76,9 @@ class FixedPointSum:
     def __init__(self, exponents: torch.Tensor, offset: int, *, bounded: bool, name: str = "") -> None:
         self.name = name
         self.exponents = exponents.long().cpu()
+        # Exponents come from float32 magnitudes (|s_j| <= 150): far inside the kernels' bound, checked once here.
+        if self.exponents.numel() and int(self.exponents.abs().max()) > ops.fixed_point.EXPONENT_LIMIT:
+            raise ValueError(f"FixedPointSum({name!r}): exponents beyond ±{ops.fixed_point.EXPONENT_LIMIT}")
         self.offset = int(offset)
         self.bounded = bounded
         self._exponents_on: dict[torch.device, torch.Tensor] = {}
@@ -117,14 +121,17 @@ class FixedPointSum:
             s = torch.where(norm > 0, torch.clamp(s, min=floor), floor)
         return cls(s, _PROBE_OFFSET, bounded=False, name=name)
 
-    def _shift(self, r0: int, r1: int, device: torch.device) -> torch.Tensor:
-        """``−(s_j + s_l + o)`` for rows ``[r0, r1)``, columns ``[r0, K)`` (a packed row block), on ``device``:
-        value · 2^shift is the value in units. Formed there from the ``[K]`` exponents, which cross to a device
-        once (a block's shifts sent per item would move as many bytes as the integer sum itself)."""
+    def _exponents(self, device: torch.device) -> torch.Tensor:
+        """The ``[K]`` exponents on ``device``, sent there once (not per item)."""
         s = self._exponents_on.get(device)
         if s is None:
             s = self._exponents_on[device] = self.exponents.to(device)
-        return -self.offset - s[r0:r1, None] - s[None, r0:]
+        return s
+
+    def _shift(self, r0: int, r1: int) -> torch.Tensor:
+        """``−(s_j + s_l + o)`` for rows ``[r0, r1)``, columns ``[r0, K)`` (a packed row block), on the CPU: value ·
+        2^shift is the value in units."""
+        return -self.offset - self.exponents[r0:r1, None] - self.exponents[None, r0:]
 
     def _diagonal(self, packed: torch.Tensor) -> torch.Tensor:
         """The diagonal ``[K]`` of a packed sum (a view's copy)."""
@@ -148,21 +155,15 @@ class FixedPointSum:
             raise ValueError(
                 f"FixedPointSum({self.name!r}): item {item} is {list(value.shape)}, expected [{n}] (K = {k}, packed)"
             )
-        if not bool(torch.isfinite(value).all()):
+        if ops.first_nonfinite([value]) >= 0:  # on the CPU a native scan of the bits (torch.isfinite: 5 ns per entry)
             raise ValueError(f"FixedPointSum({self.name!r}): item {item}'s XᵀX is not finite (NaN or inf inputs)")
         if self.overflowed:
             return
         if self.sum is None:
             self.sum = torch.zeros(n, dtype=torch.int64, device=value.device)
-        # One packed row block at a time: the float64 temporaries stay about K · 256 · 8 bytes. Whether every unit
-        # fits is gathered on the device and read once, after the blocks (on a GPU one wait per item, not one per
-        # block): an overflowed sum has all its blocks added, and is then dropped (probe) or an error (statistics).
-        fits = torch.ones((), dtype=torch.bool, device=value.device)
-        for (r0, r1, block), (_, _, ints) in zip(pack_blocks(value, k), pack_blocks(self.sum, k), strict=True):
-            units = torch.round(torch.ldexp(block.double(), self._shift(r0, r1, value.device)))  # half to even
-            fits &= (units.abs() < _LIMIT).all()
-            ints += units.long().to(ints.device)
-        if not bool(fits.to(self.sum.device) & (self._diagonal(self.sum) < _LIMIT).all()):
+        # One kernel pass over the item and the integers (ops.fixed_point_add; on a GPU one wait per item): an
+        # overflowed sum has all its entries added, and is then dropped (probe) or an error (statistics).
+        if not ops.fixed_point_add(self.sum, value, self._exponents(value.device), self.offset):
             self._overflow(item)
 
     def headroom_bits(self) -> float:
@@ -223,5 +224,5 @@ class FixedPointSum:
         out = torch.zeros(packed_size(k))
         if total is not None:
             for (r0, r1, ints), (_, _, block) in zip(pack_blocks(total, k), pack_blocks(out, k), strict=True):
-                block.copy_(torch.ldexp(ints.double(), -self._shift(r0, r1, ints.device)).float())
+                block.copy_(torch.ldexp(ints.double(), -self._shift(r0, r1)).float())
         return out

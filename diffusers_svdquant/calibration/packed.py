@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import torch
 
-# XᵀX is symmetric: the sums hold its upper triangle only, in blocks of _PACK_ROWS rows (block r: rows [r0, r1),
-# columns [r0, K), row-major, one after another in a flat float32 vector). Half the memory of K x K (0.51 of it at
-# K = 12,288; the diagonal blocks' lower wedges are the rest) and half the matmul FLOPs (1.6x faster here at K =
-# 3,072 and 12,288): the pass plan of a FLUX-sized model needs half the passes.
-_PACK_ROWS = 256
+from ..reference import packed_row_blocks, packed_size
 
-
-def _pack_blocks(k: int) -> list[tuple[int, int, int]]:
-    """``(r0, r1, offset)`` of each row block of the packed upper triangle of a ``K x K`` sum."""
-    out, offset = [], 0
-    for r0 in range(0, k, _PACK_ROWS):
-        r1 = min(k, r0 + _PACK_ROWS)
-        out.append((r0, r1, offset))
-        offset += (r1 - r0) * (k - r0)
-    return out
-
-
-def packed_size(k: int) -> int:
-    """Entries of a packed ``XᵀX`` of width ``k`` (:func:`~.hessian.input_moment`): about ``K²/2 + 128·K``."""
-    return sum((r1 - r0) * (k - r0) for r0, r1, _ in _pack_blocks(k))
+# XᵀX is symmetric: the sums hold its upper triangle only, in row blocks of reference.PACK_ROWS (256) rows (block:
+# rows [r0, r1), columns [r0, K), row-major, one after another in a flat float32 vector; the layout the fixed-point
+# kernels read). Half the memory of K x K (0.51 of it at K = 12,288; the diagonal blocks' lower wedges are the rest)
+# and half the matmul FLOPs (1.6x faster here at K = 3,072 and 12,288): the pass plan of a FLUX-sized model needs
+# half the passes.
 
 
 def packed_width(n: int) -> int:
@@ -43,7 +30,7 @@ def packed_width(n: int) -> int:
 def pack_blocks(packed: torch.Tensor, k: int) -> list[tuple[int, int, torch.Tensor]]:
     """``(r0, r1, view)`` of each row block of ``packed``: ``view`` ``[r1 − r0, K − r0]`` holds rows ``[r0, r1)``,
     columns ``[r0, K)`` of the symmetric ``XᵀX``."""
-    return [(r0, r1, packed[o : o + (r1 - r0) * (k - r0)].view(r1 - r0, k - r0)) for r0, r1, o in _pack_blocks(k)]
+    return [(r0, r1, packed[o : o + (r1 - r0) * (k - r0)].view(r1 - r0, k - r0)) for r0, r1, o in packed_row_blocks(k)]
 
 
 def unpack_moment(packed: torch.Tensor) -> torch.Tensor:
@@ -65,4 +52,4 @@ def pack_moment(full: torch.Tensor) -> torch.Tensor:
     k = full.shape[0]
     if full.dim() != 2 or full.shape[1] != k:
         raise ValueError(f"pack_moment: XᵀX must be square [K, K], got {list(full.shape)}")
-    return torch.cat([full[r0:r1, r0:].float().reshape(-1) for r0, r1, _ in _pack_blocks(k)])
+    return torch.cat([full[r0:r1, r0:].float().reshape(-1) for r0, r1, _ in packed_row_blocks(k)])

@@ -21,9 +21,16 @@ from .stats import CalibrationStats, keep_bottom_k
 # tests compare the two).
 SHARE_INPUTS = True
 # Fixed-point sums add each call at once (hessian.SharedMoments(per_call=True): 8 bytes per packed entry instead of
-# 12) when the calibrated model is on a GPU, where converting a call costs little; None: decided so, True / False:
-# always / never (the tests run it on the CPU).
+# 12) when the calibrated model is on a GPU, where converting a call costs little (unless a hessian_budget_gib
+# holds the 12 bytes in as few passes: calibrate); None: decided so, True / False: always / never (the tests run
+# it on the CPU).
 FIXED_PER_CALL: bool | None = None
+
+
+def per_call_forced() -> bool:
+    """Whether :data:`FIXED_PER_CALL` forces the mode (else calibrate may add per prompt on a GPU when a budget
+    allows it)."""
+    return FIXED_PER_CALL is not None
 
 
 def fixed_per_call(model: nn.Module) -> bool:

@@ -30,7 +30,7 @@ from ..progress import progress_bar
 from .passes import ShardWriter, auto_sum, merge_in_memory, new_sums, plan_groups, retry_groups, spread_items
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
-from .recorder import Recorder, first_forward, fixed_per_call, record
+from .recorder import Recorder, first_forward, fixed_per_call, per_call_forced, record
 from .search import search_smoothing
 from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats
 
@@ -140,7 +140,8 @@ def calibrate(
             more in all, 4 or more with the model on a GPU, counted as if one process held them, so that every
             split chooses alike); else the tree. ``stats.info["hessian_sum"]`` says which ran. With the model on a
             GPU, fixed point adds each call's sums at once (no float32 sum of the prompt in progress: about ``4·K²``
-            bytes per layer; ``stats.info["hessian_per_call"]``).
+            bytes per layer; ``stats.info["hessian_per_call"]``), unless ``hessian_budget_gib`` holds the sums
+            of the prompt in progress in as few passes: then per prompt, converting a step count times less often.
         hessian_prompts: with a pipeline, gather ``XᵀX`` over this many of the prompts, spread evenly (prompt 0
             among them; default every prompt): the passes after the first run those prompts alone, and the sums
             cost that share of the ``XᵀX`` FLOPs. The statistics and the search still see every prompt. GPTQ needs
@@ -228,7 +229,8 @@ def calibrate(
         energy = probe().energy if fixed else {}
         planned = {n: m for n, m in layers.items() if n in energy} if fixed else layers
         later = [n for n in layers if n not in planned]  # not called in the first forward: no probe
-        groups = plan_groups(
+        plan = functools.partial(
+            plan_groups,
             planned,
             [xtx_items[i] for i in items if i in xtx_items],  # their places in the summation tree
             procs,
@@ -236,8 +238,14 @@ def calibrate(
             hessian_budget_gib,
             lambda: probe().together,
             fixed=fixed,
-            per_call=per_call,
         )
+        groups = plan(per_call=per_call)
+        if per_call and hessian_budget_gib is not None and not per_call_forced():
+            # Adding per prompt converts a step count times less often (20 bytes of memory traffic per entry each
+            # time): taken when its 12 bytes per entry need no more passes within the budget than per call's 8.
+            by_prompt = plan(per_call=False)
+            if len(by_prompt) <= len(groups):
+                per_call, groups = False, by_prompt
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (hessian and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
     # for the next group's XᵀX alone, so the sums held at once are one group's. In fixed point the planned passes

@@ -6,7 +6,8 @@
   ``linear``) with their fakes, reference defaults and CPU kernels, and ``linear``'s backward w.r.t. its input;
 * :mod:`.weight_only` defines the weight-only op ``linear_w4a16`` the same way;
 * :mod:`.cuda` adds the CUDA kernels and the mma-fragment weight layout they read;
-* :mod:`.cuda_w4a16` adds the CUDA kernel of ``linear_w4a16`` (GEMV for small M, mma GEMM above).
+* :mod:`.cuda_w4a16` adds the CUDA kernel of ``linear_w4a16`` (GEMV for small M, mma GEMM above);
+* :mod:`.fixed_point` runs calibration's exact ``XᵀX`` add (``fixed_point_add``) on the CPU or CUDA kernel.
 
 Nothing outside this package calls ``_C``.
 """
@@ -23,6 +24,7 @@ from .cuda import (
     unpack_mma_weights,
 )
 from .cuda_w4a16 import cuda_w4a16_path, set_cuda_w4a16_path
+from .fixed_point import fixed_point_add
 from .native import (
     FiniteScan,
     cpu_isa,
@@ -45,6 +47,7 @@ __all__ = [
     "cuda_w4a16_path",
     "dequantized_w4a4",
     "first_nonfinite",
+    "fixed_point_add",
     "gemm_w4a4",
     "gemm_w4a4_mma",
     "int8_peak_gops",
