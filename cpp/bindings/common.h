@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/fixedpoint.h"
 #include "cpu/kernels.h"
 
 namespace svdq::bindings {
@@ -74,6 +75,20 @@ inline void check_dtype(const char* fn, const char* name, int64_t code) {
 inline void check_threads(const char* fn, int64_t n) {
   if (n < 1 || n > 4096)
     fail(std::string(fn) + ": num_threads must be in [1, 4096], got " + std::to_string(n));
+}
+
+// fixed_point_add's arguments (the CPU and CUDA entry points): K within 2^24, offset within ±512, and the
+// buffers of a packed K x K sum.
+inline void check_fixed_point(const char* fn, int64_t K, int64_t offset, uintptr_t ints, uintptr_t item,
+                              uintptr_t exponents) {
+  check_size(fn, "K", K);
+  if (K > (int64_t{1} << 24)) fail(std::string(fn) + ": K must be at most 2^24, got K=" + std::to_string(K));
+  if (offset < -512 || offset > 512)
+    fail(std::string(fn) + ": offset must be in [-512, 512], got " + std::to_string(offset));
+  const int64_t n = svdq::cpu::packed_size(K);
+  check_ptr(fn, "ints", ints, n);
+  check_ptr(fn, "item", item, n);
+  check_ptr(fn, "exponents", exponents, K);
 }
 
 }  // namespace svdq::bindings

@@ -12,7 +12,6 @@
 
 #include "bindings/common.h"
 #include "cpu/finite.h"
-#include "cpu/fixedpoint.h"
 #include "cpu/kernels.h"
 
 namespace svdq::bindings {
@@ -448,15 +447,8 @@ qweight uint8 [N, K/2]; wscales, wmins [N, K/64] and smooth [K] (0: no smoothing
         const char* fn = "fixed_point_add";
         const uintptr_t ints = as_ptr(fn, "ints", ints_), item = as_ptr(fn, "item", item_),
                         exponents = as_ptr(fn, "exponents", exponents_);
-        check_size(fn, "K", K);
-        if (K > (int64_t{1} << 24)) fail(std::string(fn) + ": K must be at most 2^24, got K=" + std::to_string(K));
-        if (offset < -512 || offset > 512)
-          fail(std::string(fn) + ": offset must be in [-512, 512], got " + std::to_string(offset));
+        check_fixed_point(fn, K, offset, ints, item, exponents);
         check_threads(fn, num_threads);
-        const int64_t n = svdq::cpu::packed_size(K);
-        check_ptr(fn, "ints", ints, n);
-        check_ptr(fn, "item", item, n);
-        check_ptr(fn, "exponents", exponents, K);
         py::gil_scoped_release release;
         return svdq::cpu::fixed_point_add(reinterpret_cast<int64_t*>(ints), reinterpret_cast<const float*>(item),
                                           reinterpret_cast<const int64_t*>(exponents), K, offset,

@@ -11,7 +11,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/fixedpoint.h"
 #include "cpu/kernels.h"
 #include "cuda/kernels.h"
 
@@ -220,15 +219,8 @@ void cuda_fixed_point_add(const py::int_& ints_, const py::int_& item_, const py
   const uintptr_t ints = as_ptr(fn, "ints", ints_), item = as_ptr(fn, "item", item_),
                   exponents = as_ptr(fn, "exponents", exponents_), ok = as_ptr(fn, "ok", ok_),
                   stream = as_ptr(fn, "stream", stream_);
-  check_size(fn, "K", K);
-  if (K > (int64_t{1} << 24)) fail(std::string(fn) + ": K must be at most 2^24, got K=" + std::to_string(K));
-  if (offset < -512 || offset > 512)
-    fail(std::string(fn) + ": offset must be in [-512, 512], got " + std::to_string(offset));
+  check_fixed_point(fn, K, offset, ints, item, exponents);
   check_device(fn, device);
-  const int64_t n = svdq::cpu::packed_size(K);
-  check_ptr(fn, "ints", ints, n);
-  check_ptr(fn, "item", item, n);
-  check_ptr(fn, "exponents", exponents, K);
   check_ptr(fn, "ok", ok, 1);
   check_cuda(svdq::cuda::fixed_point_add(reinterpret_cast<int64_t*>(ints), reinterpret_cast<const float*>(item),
                                          reinterpret_cast<const int64_t*>(exponents), K, offset,
