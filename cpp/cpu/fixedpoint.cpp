@@ -35,27 +35,17 @@ inline int shift_of(int64_t e) { return static_cast<int>(std::clamp<int64_t>(e, 
 
 }  // namespace
 
-int64_t packed_size(int64_t K) {
-  int64_t n = 0;
-  for (int64_t r0 = 0; r0 < K; r0 += kPackRows) n += (std::min(K, r0 + kPackRows) - r0) * (K - r0);
-  return n;
-}
+int64_t packed_size(int64_t K) { return K > 0 ? packed_row_start(K - 1, K) + (K - (K - 1) / kPackRows * kPackRows) : 0; }
 
 bool fixed_point_add(int64_t* ints, const float* item, const int64_t* exponents, int64_t K, int64_t offset,
                      int num_threads) {
-  std::vector<int64_t> block_start;  // offset of each row block in the packed vector
-  for (int64_t r0 = 0, o = 0; r0 < K; r0 += kPackRows) {
-    block_start.push_back(o);
-    o += (std::min(K, r0 + kPackRows) - r0) * (K - r0);
-  }
   std::vector<double> col(static_cast<size_t>(K));  // 2^−s_l
   for (int64_t l = 0; l < K; ++l) col[l] = std::ldexp(1.0, shift_of(-exponents[l]));
   int ok = 1;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, K)));
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 8) reduction(& : ok) if (nt > 1)
   for (int64_t j = 0; j < K; ++j) {
-    const int64_t r0 = j / kPackRows * kPackRows, width = K - r0;
-    const int64_t start = block_start[j / kPackRows] + (j - r0) * width;
+    const int64_t r0 = j / kPackRows * kPackRows, width = K - r0, start = packed_row_start(j, K);
     int64_t* acc = ints + start;
     const float* v = item + start;
     const double* c = col.data() + r0;

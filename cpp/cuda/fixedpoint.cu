@@ -4,26 +4,20 @@
 // entry, where the torch chain of the reference (float64 temporaries, shifts, checks) moves about 100.
 
 #include "common.cuh"
+#include "cpu/fixedpoint.h"  // packed_row_start: the indexing the CPU kernel's tests check
 
 namespace svdq::cuda {
 namespace {
 
-constexpr int kPackRows = 256;  // reference.PACK_ROWS
 constexpr int kThreads = 256;
 constexpr int kMaxGridRows = 65535;
 constexpr double kLimit = 4611686018427387904.0;  // 2^62
 constexpr long long kLimitInt = 1LL << 62;
 
-// Row j's first entry: the full blocks before its own (256 rows each, row widths K − 256·b), then its rows above.
-__device__ __forceinline__ long long row_start(long long j, long long K) {
-  const long long b = j / kPackRows, r0 = b * kPackRows;
-  return kPackRows * (b * K - kPackRows * (b * (b - 1) / 2)) + (j - r0) * (K - r0);
-}
-
 __global__ void fixed_point_add_kernel(long long* ints, const float* item, const long long* exponents, long long K,
                                        long long offset, int* ok) {
   for (long long j = blockIdx.y; j < K; j += gridDim.y) {
-    const long long r0 = j / kPackRows * kPackRows, start = row_start(j, K);
+    const long long r0 = j / svdq::cpu::kPackRows * svdq::cpu::kPackRows, start = svdq::cpu::packed_row_start(j, K);
     const long long row_shift = -offset - exponents[j];
     for (long long c = r0 + static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; c < K;
          c += static_cast<long long>(gridDim.x) * kThreads) {
