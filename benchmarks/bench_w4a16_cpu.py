@@ -10,10 +10,15 @@ FLUX.1's shapes: the AdaLN modulation (3072 → 18432, M = batch) and the MLP (3
 Medians of repeated runs, the three calls timed in turn within each repeat (a neighbour loading the shared CPU
 slows a whole round alike rather than one side of a ratio); the load average is printed with the results.
 
-    python benchmarks/bench_w4a16_cpu.py [--repeats 7] [--rows 1 4 16 256] [--sweep]
+    python benchmarks/bench_w4a16_cpu.py [--repeats 7] [--rows 1 4 16 256] [--sweep] [--cold]
 
 ``--sweep``: rows 1 .. 2048 (ROWS_SWEEP) against bf16 ``F.linear`` only (fp32 is the slower one from a few rows
 on this CPU class; the table says which was faster where both are timed).
+
+``--cold``: before every timed call, read a buffer of ``--cold-mib`` (default 1,536 MiB, 3x the 480 MiB L3 of this
+project's VMs), so that each call streams its weights from memory: what a layer of a whole model meets, whose
+other layers' weights pass through the caches between two of its calls. Warm (the default), torch's bf16 weights
+(75–113 MB here) stay in that L3 between repeats, which the 4-bit weights' 21–32 MB need less.
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ ROWS_SWEEP = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 38
 RANK = 32
 
 
-def interleaved_medians(repeats: int, *calls: tuple) -> list[float]:
-    """Median seconds of each ``(fn, *args)``, timed in turn within every repeat."""
+def interleaved_medians(repeats: int, *calls: tuple, flush=None) -> list[float]:
+    """Median seconds of each ``(fn, *args)``, timed in turn within every repeat; ``flush()`` (untimed) before each
+    timed call."""
     for fn, *args in calls:
         fn(*args)  # warm-up (allocator, oneDNN primitive cache)
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
         for i, (fn, *args) in enumerate(calls):
+            if flush is not None:
+                flush()
             start = time.perf_counter()
             fn(*args)
             times[i].append(time.perf_counter() - start)
@@ -72,14 +80,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--rows", type=int, nargs="+", default=ROWS)
     p.add_argument("--sweep", action="store_true", help="rows 1 .. 2048 against bf16 F.linear only")
+    p.add_argument("--cold", action="store_true", help="read --cold-mib of memory before each timed call")
+    p.add_argument("--cold-mib", type=int, default=1536)
     args = p.parse_args()
+    flush = None
+    if args.cold:
+        buffer = torch.ones(args.cold_mib << 18)  # float32: 4 bytes each
+
+        def flush() -> None:
+            float(buffer.sum())
+
     rows = ROWS_SWEEP if args.sweep else args.rows
     if not ops.native_available():
         raise SystemExit(f"the native kernels are not built: {ops.native_error()}")
     print(
         f"CPU: {cpu_model()}; torch {torch.__version__}, get_cpu_capability() = "
         f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
-        f"svdquant CPU path {ops.cpu_isa()}; load average before {os.getloadavg()[0]:.2f}"
+        f"svdquant CPU path {ops.cpu_isa()}; caches {'flushed before each call' if args.cold else 'warm'}; load "
+        f"average before {os.getloadavg()[0]:.2f}"
     )
     print(
         f"{'M':>4} {'K':>6} {'N':>6} {'path':>9} | {'W4A16 ms':>9} {'bf16 ms':>8} {'fp32 ms':>8} | "
@@ -96,7 +114,7 @@ def main() -> None:
             calls = [(ops.linear_w4a16, x, *layer, b16), (F.linear, x, w16, b16)]
             if not args.sweep:
                 calls.append((F.linear, x.float(), w, bias))
-            t_q, t_16, t_32 = [*interleaved_medians(args.repeats, *calls), float("inf")][:3]
+            t_q, t_16, t_32 = [*interleaved_medians(args.repeats, *calls, flush=flush), float("inf")][:3]
             best, which = (t_16, "bf16") if t_16 <= t_32 else (t_32, "fp32")
             path = weight_only.cpu_regime(m, x.dtype)
             fp32 = "-" if args.sweep else f"{1e3 * t_32:.2f}"
