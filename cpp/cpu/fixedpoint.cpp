@@ -35,7 +35,9 @@ inline int shift_of(int64_t e) { return static_cast<int>(std::clamp<int64_t>(e, 
 
 }  // namespace
 
-int64_t packed_size(int64_t K) { return K > 0 ? packed_row_start(K - 1, K) + (K - (K - 1) / kPackRows * kPackRows) : 0; }
+int64_t packed_size(int64_t K) {
+  return K > 0 ? packed_row_start(K - 1, K) + (K - (K - 1) / kPackRows * kPackRows) : 0;  // the last row's end
+}
 
 bool fixed_point_add(int64_t* ints, const float* item, const int64_t* exponents, int64_t K, int64_t offset,
                      int num_threads) {

@@ -27,10 +27,11 @@ SVDQ_HOST_DEVICE inline int64_t packed_row_start(int64_t j, int64_t K) {
   return kPackRows * (b * K - kPackRows * (b * (b - 1) / 2)) + (j - r0) * (K - r0);
 }
 
-// ints[e] += round_half_even(item[e] · 2^−(s_j + s_l + offset)) for every packed entry e = (j, l), exponents[j] = s_j,
-// the product formed exactly in float64. Returns whether every |units| < 2^62 and every diagonal entry of the
-// updated ints < 2^62; when it returns false the integers are unspecified. item must be finite (the caller checks).
-// ints: int64 [packed_size(K)]; item: float32 [packed_size(K)]; exponents: int64 [K]; |exponents|, |offset| < 512.
+// ints[e] += round_half_even(item[e] · 2^−(s_j + s_l + offset)) for every packed entry e = (j, l), with
+// exponents[j] = s_j and the product formed exactly in float64. Returns whether every |units| < 2^62 and every
+// diagonal entry of the updated ints < 2^62; when it returns false the integers are unspecified. item must be
+// finite (the caller checks). ints: int64 [packed_size(K)]; item: float32 [packed_size(K)]; exponents: int64 [K];
+// |exponents|, |offset| <= 512.
 bool fixed_point_add(int64_t* ints, const float* item, const int64_t* exponents, int64_t K, int64_t offset,
                      int num_threads);
 
