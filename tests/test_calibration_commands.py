@@ -129,6 +129,20 @@ def test_hessian_prompts_on_two_processes_give_the_bits_of_one(pipe_dir, tmp_pat
     _same_statistics(a, b)
 
 
+def test_the_summary_says_how_xtx_was_summed():
+    """The calibrate command's one-line summary: the XᵀX prompts, sum, passes, whether each call was added at once
+    (a model on a GPU), and how many layers were recorded again."""
+    from diffusers_svdquant.apps.calibration_commands import _summary
+
+    stats = CalibrationStats(info={"hessian_sum": "fixed", "hessian_passes": 2, "hessian_prompts": 8})
+    line = _summary(stats, 1.0)
+    assert line.endswith("; XᵀX over 8 prompts, summed by fixed in 2 pass(es)")
+    stats.info |= {"hessian_per_call": True, "hessian_retried": ["a", "b"]}
+    assert _summary(stats, 1.0).endswith(
+        "summed by fixed in 2 pass(es), each call added at once, 2 layer(s) recorded again in units from the statistics"
+    )
+
+
 def test_calibrate_command_writes_a_file_the_quantizer_reads(pipe_dir, tmp_path, capsys):
     out = tmp_path / "stats.safetensors"
     assert cli.main(["calibrate", str(pipe_dir), *CALIB, "--out", str(out)]) == 0

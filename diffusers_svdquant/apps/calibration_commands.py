@@ -126,6 +126,8 @@ def _summary(stats: CalibrationStats, seconds: float) -> str:
             f"; XᵀX over {stats.info.get('hessian_prompts', '?')} prompts, summed by {stats.info['hessian_sum']} in "
             f"{stats.info['hessian_passes']} pass(es)"
         )
+        if stats.info.get("hessian_per_call"):  # a model on a GPU: 8 bytes per entry, one conversion per call
+            line += ", each call added at once"
         if retried:  # their sums outgrew the units of the first forward's probe
             line += f", {len(retried)} layer(s) recorded again in units from the statistics"
     return line
