@@ -363,6 +363,12 @@ def packed_row_blocks(k: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def pack_blocks(packed: torch.Tensor, k: int) -> list[tuple[int, int, torch.Tensor]]:
+    """``(r0, r1, view)`` of each row block of a packed ``K x K`` upper triangle ``packed``: ``view``
+    ``[r1 − r0, K − r0]`` holds rows ``[r0, r1)``, columns ``[r0, K)``."""
+    return [(r0, r1, packed[o : o + (r1 - r0) * (k - r0)].view(r1 - r0, k - r0)) for r0, r1, o in packed_row_blocks(k)]
+
+
 def packed_size(k: int) -> int:
     """Entries of a packed ``K x K`` upper triangle (:func:`packed_row_blocks`): about ``K²/2 + 128·K``."""
     return sum((r1 - r0) * (k - r0) for r0, r1, _ in packed_row_blocks(k))
@@ -381,14 +387,11 @@ def fixed_point_add(ints: torch.Tensor, item: torch.Tensor, exponents: torch.Ten
 
     Returns:
         Whether every entry's units were below ``2^62`` in magnitude and every diagonal entry of the updated sum
-        is below ``2^62``. When False the integers are unspecified: the caller drops the sum
-        or raises.
+        is below ``2^62``. When False the integers are unspecified: the caller drops the sum or raises.
     """
     k = exponents.numel()
     fits = torch.ones((), dtype=torch.bool, device=ints.device)
-    for r0, r1, o in packed_row_blocks(k):
-        n = (r1 - r0) * (k - r0)
-        block, acc = item[o : o + n].view(r1 - r0, k - r0), ints[o : o + n].view(r1 - r0, k - r0)
+    for (r0, r1, block), (_, _, acc) in zip(pack_blocks(item, k), pack_blocks(ints, k), strict=True):
         shift = -offset - exponents[r0:r1, None] - exponents[None, r0:]
         units = torch.round(torch.ldexp(block.double(), shift))  # half to even
         fits &= (units.abs() < FIXED_POINT_LIMIT).all()

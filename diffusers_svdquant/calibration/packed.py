@@ -1,11 +1,12 @@
 """The packed layout of the ``XᵀX`` sums of calibration (:func:`~.hessian.input_moment`): the upper triangle
-of the symmetric ``K x K`` matrix in row blocks, one after another in one flat vector."""
+of the symmetric ``K x K`` matrix in row blocks, one after another in one flat vector. The layout itself (its
+blocks, size and block views) is :mod:`diffusers_svdquant.reference`'s, which the fixed-point kernels share."""
 
 from __future__ import annotations
 
 import torch
 
-from ..reference import packed_row_blocks, packed_size
+from ..reference import pack_blocks, packed_row_blocks, packed_size
 
 # XᵀX is symmetric: the sums hold its upper triangle only, in row blocks of reference.PACK_ROWS (256) rows (block:
 # rows [r0, r1), columns [r0, K), row-major, one after another in a flat float32 vector; the layout the fixed-point
@@ -25,12 +26,6 @@ def packed_width(n: int) -> int:
     if packed_size(lo) != n:
         raise ValueError(f"{n} entries are no packed XᵀX (K = {lo} has {packed_size(lo)})")
     return lo
-
-
-def pack_blocks(packed: torch.Tensor, k: int) -> list[tuple[int, int, torch.Tensor]]:
-    """``(r0, r1, view)`` of each row block of ``packed``: ``view`` ``[r1 − r0, K − r0]`` holds rows ``[r0, r1)``,
-    columns ``[r0, K)`` of the symmetric ``XᵀX``."""
-    return [(r0, r1, packed[o : o + (r1 - r0) * (k - r0)].view(r1 - r0, k - r0)) for r0, r1, o in packed_row_blocks(k)]
 
 
 def unpack_moment(packed: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,7 @@ class Recorder:
     with ``compute_hessian=False`` only which layers share one), and with ``probe`` each layer's per-channel energy
     ``Σ x_j²`` (float64 ``[K]`` on the CPU, :attr:`energy`). ``places``: the items whose ``XᵀX`` is recorded, each →
     its place among them, what the summation tree numbers it by (:func:`~.passes.spread_items`; default every item,
-    by its own index). ``per_call``: fixed-point sums add each
-    call at once (:class:`~.hessian.SharedMoments`)."""
+    by its own index). ``per_call``: fixed-point sums add each call at once (:class:`~.hessian.SharedMoments`)."""
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 
 Converting an item is memory-bound: the kernels read 12 bytes and write 8 per packed entry, where the reference's
 torch chain (float64 temporaries, the shifts, the checks) moves about a hundred; on this project's CPU the kernel
-takes ~1 ns per entry against the chain's 13–15 (benchmarks/RESULTS.md). The integers are the same bits.
+takes 1.5–1.6 ns per entry against the chain's 10–23 (benchmarks/RESULTS.md). The integers are the same bits.
 """
 
 from __future__ import annotations
