@@ -228,6 +228,19 @@ def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the pipeline calls")
 
 
+def _rows_per_column(value: str) -> int | str | None:
+    """``--hessian-rows-per-column``: an integer >= 1, ``all`` (None: every call) or ``auto`` (the default)."""
+    if value in ("all", "auto"):
+        return None if value == "all" else value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all', got {value!r}")
+    return n
+
+
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts",
@@ -273,6 +286,14 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --gptq: gather XᵀX over this many of the prompts, spread evenly (default: all); the passes "
         "after the first run those alone",
+    )
+    p.add_argument(
+        "--hessian-rows-per-column",
+        type=_rows_per_column,
+        default="auto",
+        metavar="N|all|auto",
+        help="with --gptq: each layer's XᵀX sums a random share of its calls, about N rows per input column (default "
+        "64 with fixed-point sums: GPTQ's gain saturates at about 16); 'all': every call",
     )
     p.add_argument(
         "--hessian-sum",

@@ -118,15 +118,21 @@ def test_fixed_point_sums_on_two_processes_give_the_bits_of_one(pipe_dir, one_pr
 @pytest.mark.parametrize("hessian_sum", ["tree", "fixed"])
 def test_hessian_prompts_on_two_processes_give_the_bits_of_one(pipe_dir, tmp_path, hessian_sum):
     """--hessian-prompts 3 of 4 (prompts 0, 1, 2: two on rank 0, one on rank 1): 2 processes x 2 passes (the second
-    running those prompts alone) give the statistics and XᵀX bits of 1 process x 1 pass, in either sum."""
+    running those prompts alone) give the statistics and XᵀX bits of 1 process x 1 pass, in either sum; in fixed
+    point with --hessian-rows-per-column 2 too (a share of the calls, the same ones on every split)."""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     args = [*_calibrate_args(pipe_dir), "--hessian-prompts", "3", "--hessian-sum", hessian_sum]
+    args += ["--hessian-rows-per-column", "2"] if hessian_sum == "fixed" else []
     _launch([sys.executable], [*args, "--out", str(one)], tmp_path)
     out = _launch(LAUNCHERS["torchrun"](), [*args, "--hessian-passes", "2", "--out", str(two)], tmp_path)
     assert f"XᵀX over 3 prompts, summed by {hessian_sum} in 2 pass(es)" in out.stdout
     a, b = CalibrationStats.load(one), CalibrationStats.load(two)
     assert a.info["hessian_prompts"] == b.info["hessian_prompts"] == 3 and b.info["num_processes"] == 2
     _same_statistics(a, b)
+    assert a.hessian_rows == b.hessian_rows
+    if hessian_sum == "fixed":  # calls were dropped: fewer rows than 3 of the 4 prompts' tokens
+        assert b.info["hessian_rows_per_column"] == 2 and "calls kept for about 2 rows" in out.stdout
+        assert any(4 * a.hessian_rows[n] < 3 * a.num_tokens[n] for n in a.hessian_rows)
 
 
 def test_the_summary_says_how_xtx_was_summed():
@@ -172,6 +178,10 @@ def test_calibrate_command_reads_a_prompt_file(pipe_dir, tmp_path, capsys):
         (["--hessian-passes", "2"], "--hessian-passes needs --gptq"),
         (["--hessian-sum", "fixed"], "--hessian-sum needs --gptq"),
         (["--hessian-prompts", "2"], "--hessian-prompts needs --gptq"),
+        (["--hessian-rows-per-column", "all"], "--hessian-rows-per-column needs --gptq"),
+        (["--gptq", "--hessian-rows-per-column", "0"], "2"),  # argparse: usage error, exit status 2
+        (["--gptq", "--hessian-rows-per-column", "x"], "2"),
+        (["--gptq", "--hessian-sum", "tree", "--hessian-rows-per-column", "8"], "needs fixed-point sums"),
         (["--gptq", "--hessian-prompts", "0"], "--hessian-prompts must be >= 1"),
         (["--gptq", "--hessian-passes", "0"], "--hessian-passes must be >= 1"),
         (["--gptq", "--hessian-budget-gib", "-1"], "--hessian-budget-gib must be > 0"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
@@ -339,3 +340,28 @@ def test_act_order_keeps_static_scales_and_compensates():
         codes, scales, _ = algorithm.gptq_quantize_groups(r, x.t() @ x, act_order=True, shrinks=shrinks)
         err = (x @ (reference.dequantize_groups(codes, scales) - r).t()).norm()
         assert err < 0.9 * (x @ (reference.dequantize_groups(*want) - r).t()).norm()
+
+
+def test_gptq_damping_reads_the_rows_xtx_summed(tmp_path):
+    """A layer's damping counts the rows its XᵀX summed (stats.hessian_rows: fewer with hessian_prompts /
+    hessian_rows_per_column), not every row seen: the same XᵀX over 8 rows of 128 columns quantizes as
+    gptq_damping(128, 8) says, not as for 4,000 rows; hessian_rows survives save / load and adds up in merge."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64)).requires_grad_(False)
+    x = torch.randn(8, 128) * torch.linspace(0.1, 4, 128)
+    stats = calibrate(model, run=lambda m: m(x), search=False, progress=False, hessian=True)
+    assert stats.xtx_rows("0") == 8 and stats.hessian_rows == {"0": 8}
+    stats.num_tokens["0"] = 4000  # as if 3,992 more rows had been seen but not summed
+    stats.save(tmp_path / "s.safetensors")
+    back = CalibrationStats.load(tmp_path / "s.safetensors")
+    assert back.hessian_rows == {"0": 8} and back.xtx_rows("0") == 8
+    assert CalibrationStats.merge([back, back]).hessian_rows == {"0": 16}
+
+    def codes(s):
+        return quantize_(copy.deepcopy(model), SVDQuantConfig(rank=8, calibration=s))[0].qweight
+
+    summed = codes(back)
+    del stats.hessian_rows["0"]
+    assert not torch.equal(summed, codes(stats))  # damped as for 4,000 rows
+    stats.num_tokens["0"] = 8
+    assert torch.equal(summed, codes(stats))

@@ -71,6 +71,9 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         "--hessian-sum": args.hessian_sum,
         "--hessian-prompts": args.hessian_prompts,
     }
+    # "all" parses to None, which must still count as given
+    rows_per_column = getattr(args, "hessian_rows_per_column", "auto")
+    pass_options["--hessian-rows-per-column"] = True if rows_per_column != "auto" else None
     given = [flag for flag, value in pass_options.items() if value is not None]
     if given and not args.gptq:
         raise SystemExit(f"svdquant: {given[0]} needs --gptq")
@@ -99,6 +102,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
             hessian_dir=args.hessian_dir,
             hessian_sum=args.hessian_sum or "auto",
             hessian_prompts=args.hessian_prompts,
+            hessian_rows_per_column=rows_per_column,
         )
     except ValueError as e:
         if str(e).startswith("calibrate:"):  # bad settings (a budget below one layer's sums...): one line
@@ -126,6 +130,8 @@ def _summary(stats: CalibrationStats, seconds: float) -> str:
             f"; XᵀX over {stats.info.get('hessian_prompts', '?')} prompts, summed by {stats.info['hessian_sum']} in "
             f"{stats.info['hessian_passes']} pass(es)"
         )
+        if stats.info.get("hessian_rows_per_column"):
+            line += f", calls kept for about {stats.info['hessian_rows_per_column']} rows per input column"
         if stats.info.get("hessian_per_call"):  # a model on a GPU: 8 bytes per entry, one conversion per call
             line += ", each call added at once"
         if retried:  # their sums outgrew the units of the first forward's probe

@@ -100,6 +100,7 @@ def block_statistics(stats: CalibrationStats, prefix: str) -> CalibrationStats:
     return CalibrationStats(
         act_absmax=mine(stats.act_absmax),
         num_tokens=mine(stats.num_tokens),
+        hessian_rows=mine(stats.hessian_rows),
         smoothing=mine(stats.smoothing),
         hessian={k[cut:]: stats.hessian_for(k) for k in stats.hessian_names() if k.startswith(prefix + ".")},
     )

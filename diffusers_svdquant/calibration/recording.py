@@ -30,7 +30,7 @@ from ..progress import progress_bar
 from .passes import ShardWriter, auto_sum, merge_in_memory, new_sums, plan_groups, retry_groups, spread_items
 from .processes import Processes
 from .prompts import CALIBRATION_PROMPTS
-from .recorder import Recorder, first_forward, fixed_per_call, per_call_forced, record
+from .recorder import DEFAULT_ROWS_PER_COLUMN, Recorder, first_forward, fixed_per_call, per_call_forced, record
 from .search import search_smoothing
 from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats
 
@@ -79,6 +79,7 @@ def calibrate(
     hessian_dir: str | os.PathLike | None = None,
     hessian_sum: str = "auto",
     hessian_prompts: int | None = None,
+    hessian_rows_per_column: int | str | None = "auto",
 ) -> CalibrationStats:
     """Collect activation statistics with the 16-bit model and search each layer's smoothing.
 
@@ -147,6 +148,15 @@ def calibrate(
             cost that share of the ``XᵀX`` FLOPs. The statistics and the search still see every prompt. GPTQ needs
             far fewer rows than the smoothing statistics: ``K`` rows make ``XᵀX`` full rank and every FLUX.1 prompt
             gives 8 steps x 4,608 rows (README: the quality measured against the prompts used).
+        hessian_rows_per_column: with a pipeline and fixed-point sums, each layer's ``XᵀX`` sums the rows of
+            a pseudo-random share of its calls (the same on any process split, and for layers that share one sum),
+            about this many rows per input column over the ``XᵀX`` prompts x steps: a layer whose calls offer no
+            more keeps every call. ``"auto"`` (default): :data:`~.recorder.DEFAULT_ROWS_PER_COLUMN` (64; GPTQ's
+            gain saturates at about 16) with fixed point, every call with the tree (its partial sums assume every
+            item adds one) or ``run=``; an integer makes ``hessian_sum="auto"`` fixed point; ``None``: every call.
+            On FLUX.1 (128 prompts x 8 steps) its wide layers keep about a fifth of their calls, which cuts the
+            ``XᵀX`` FLOPs and conversions about 5x; ``stats.hessian_rows`` has the rows each ``XᵀX`` summed (what
+            GPTQ's damping reads).
 
     Returns:
         :class:`CalibrationStats` (float32 ``[K]`` absmax on the CPU), the same on every rank.
@@ -191,6 +201,8 @@ def calibrate(
 
         if hessian_prompts is not None:
             raise ValueError("calibrate: hessian_prompts is for a pipeline's prompts; with run=, feed fewer rows")
+        if hessian_rows_per_column != "auto" and hessian_rows_per_column is not None:
+            raise ValueError("calibrate: hessian_rows_per_column is for a pipeline's steps; with run=, feed fewer rows")
         items, total_items = [procs.rank], procs.world
         xtx_items = spread_items(total_items, None)
 
@@ -207,10 +219,24 @@ def calibrate(
         "layers": {n: [m.out_features, m.in_features] for n, m in layers.items()},
     }
     xtx_options = (hessian_passes, hessian_budget_gib, hessian_dir, hessian_prompts)
-    if not hessian and (hessian_sum != "auto" or any(o is not None for o in xtx_options)):
+    if not hessian and (
+        hessian_sum != "auto" or hessian_rows_per_column != "auto" or any(o is not None for o in xtx_options)
+    ):
         raise ValueError(
-            "calibrate: hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum and hessian_prompts need "
-            "hessian=True"
+            "calibrate: hessian_passes, hessian_budget_gib, hessian_dir, hessian_sum, hessian_prompts and "
+            "hessian_rows_per_column need hessian=True"
+        )
+    rows_per_column = hessian_rows_per_column
+    if rows_per_column not in ("auto", None) and (
+        isinstance(rows_per_column, bool) or not isinstance(rows_per_column, int) or rows_per_column < 1
+    ):
+        raise ValueError(
+            f"calibrate: hessian_rows_per_column must be 'auto', None or an integer >= 1, got {rows_per_column!r}"
+        )
+    if isinstance(rows_per_column, int) and hessian_sum == "tree":
+        raise ValueError(
+            "calibrate: hessian_rows_per_column needs fixed-point sums (the tree's partial sums assume every item "
+            "adds one); pass hessian_sum='fixed' or 'auto'"
         )
     if hessian_sum not in ("auto", "tree", "fixed"):
         raise ValueError(f"calibrate: hessian_sum must be 'auto', 'tree' or 'fixed', got {hessian_sum!r}")
@@ -223,7 +249,8 @@ def calibrate(
     probe = functools.cache(lambda: first_forward(model, layers, lambda r: drive(r, None), procs))  # no bar
     if hessian:
         per_call = fixed_per_call(model)
-        hessian_sum = auto_sum(len(xtx_items), per_call) if hessian_sum == "auto" else hessian_sum
+        if hessian_sum == "auto":
+            hessian_sum = "fixed" if isinstance(rows_per_column, int) else auto_sum(len(xtx_items), per_call)
         fixed = hessian_sum == "fixed"
         per_call = per_call and fixed
         energy = probe().energy if fixed else {}
@@ -246,6 +273,11 @@ def calibrate(
             by_prompt = plan(per_call=False)
             if len(by_prompt) <= len(groups):
                 per_call, groups = False, by_prompt
+    if rows_per_column == "auto":
+        rows_per_column = DEFAULT_ROWS_PER_COLUMN if hessian_sum == "fixed" and _is_pipeline(target) else None
+    # The calls each layer is expected to see: a pipeline calls its denoiser once per step (classifier-free guidance
+    # batches its two halves); one that calls it more often keeps more rows than asked for, never fewer.
+    xtx_calls = len(xtx_items) * num_inference_steps if _is_pipeline(target) else 1
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (hessian and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
     # for the next group's XᵀX alone, so the sums held at once are one group's. In fixed point the planned passes
@@ -261,8 +293,9 @@ def calibrate(
         group, units = runs[p]
         new_sum = new_sums(units, probe, stats, p)
         recorder = Recorder(
-            max_samples, seed, group, record_stats=p == 0, new_sum=new_sum, places=xtx_items, per_call=per_call
-        )
+            max_samples, seed, group, record_stats=p == 0, new_sum=new_sum, places=xtx_items, per_call=per_call,
+            rows_per_column=rows_per_column, xtx_calls=xtx_calls,
+        )  # fmt: skip
         hooked = layers if p == 0 else {n: layers[n] for n in group}
         desc = "calibration prompts" + (f" (pass {p + 1}/{len(runs)})" if len(runs) > 1 else "")
         # After pass 0 only the prompts whose XᵀX is gathered run again.
@@ -270,6 +303,11 @@ def calibrate(
         if p == 0:
             stats = CalibrationStats.merge(procs.gather(recorder.stats), max_samples)
         if group:
+            rows: dict[str, int] = {}
+            for part in procs.gather(recorder.hessian_rows):
+                for name in group:
+                    rows[name] = rows.get(name, 0) + part.get(name, 0)
+            stats.hessian_rows |= rows  # a layer recorded again (its sum outgrew its units) replaces its rows
             if shards is not None:
                 merged = shards.write(p, recorder.take_moments(), group)
             else:
@@ -290,6 +328,7 @@ def calibrate(
     if hessian:
         info |= {"hessian_passes": sum(bool(g) for g, _ in runs), "hessian_sum": hessian_sum}
         info |= {"hessian_prompts": len(xtx_items)} if _is_pipeline(target) else {}
+        info["hessian_rows_per_column"] = rows_per_column
         if hessian_sum == "fixed":
             info["hessian_retried"] = retried
             info["hessian_headroom_bits"] = round(min(headroom), 1) if headroom else None

@@ -85,8 +85,9 @@ def heldout_search(
     The samples ``[S, K]`` are split in two halves (they are in random key order): each candidate is quantized
     by :func:`algorithm.quantize_weight` with ``config``'s ``lowrank_iters`` and ``scale_search`` and, when the
     statistics carry ``XᵀX`` and ``config.gptq`` is not False, GPTQ against ``XᵀX − X_hᵀX_h`` (every
-    calibration row but the held-out half ``X_h``); it is scored on ``X_h`` through the run-time linear
-    (:func:`reference.svdquant_linear`: activations quantized too), ``‖y_q − y‖² / ‖y‖²``. The absmax that
+    calibration row but the held-out half ``X_h``; ``XᵀX`` as it is when it summed a share of the rows); it is
+    scored on ``X_h`` through the run-time linear (:func:`reference.svdquant_linear`: activations quantized
+    too), ``‖y_q − y‖² / ‖y‖²``. The absmax that
     λ is built from still covers every row. Ties keep the earlier candidate (``(0, 0)`` first).
 
     Not the default: on real MiniLM (every linear W4A4 r32, + GPTQ) it scored 0.9768 mean cosine on the held-out
@@ -101,8 +102,13 @@ def heldout_search(
     hessian = stats.hessian_for(name) if getattr(config, "gptq", None) is not False else None
     rows = None
     if hessian is not None:
-        hessian = hessian.float() - held.t() @ held
-        rows = max(1, stats.num_tokens.get(name, 0) - held.shape[0])
+        rows = stats.xtx_rows(name) or 0
+        if rows == stats.num_tokens.get(name, 0):  # every row was summed, the held-out half among them
+            hessian = hessian.float() - held.t() @ held
+            rows -= held.shape[0]
+        # else XᵀX summed a share of the calls (hessian_prompts / hessian_rows_per_column) that the samples were
+        # not drawn from alone: it is taken as it is, a few held-out rows perhaps in it
+        rows = max(1, rows)
     y = held @ weight.float().t()
     candidates = algorithm.smoothing_candidates()
     errors = []

@@ -61,6 +61,8 @@ class CalibrationStats:
             (:meth:`hessian_for`), so quantizing and saving hold one ``K x K`` matrix, not all of them.
         hessian_alias: name → the layer whose name that layer's ``XᵀX`` is stored under in its file, for layers
             that share one (a file holds a shared sum once); a layer not in it is stored under its own name.
+        hessian_rows: name → the input rows its ``XᵀX`` summed (fewer than ``num_tokens`` with calibrate's
+            ``hessian_prompts`` / ``hessian_rows_per_column``): what GPTQ's damping reads (:meth:`xtx_rows`).
         info: how the statistics were made (processes, prompts, steps, rank, ...), JSON-safe.
     """
 
@@ -74,6 +76,7 @@ class CalibrationStats:
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_files: dict[str, str] = field(default_factory=dict, repr=False)
     hessian_alias: dict[str, str] = field(default_factory=dict, repr=False)
+    hessian_rows: dict[str, int] = field(default_factory=dict)
     # What keeps a temporary folder of hessian_files alive (calibration.passes.TemporaryFolder); copies share it.
     hessian_folder: Any = field(default=None, repr=False, compare=False)
 
@@ -93,6 +96,11 @@ class CalibrationStats:
 
         with safe_open(self.hessian_files[name], framework="pt") as f:
             return f.get_tensor(HESSIAN_PREFIX + self.hessian_alias.get(name, name))
+
+    def xtx_rows(self, name: str) -> int | None:
+        """The input rows layer ``name``'s ``XᵀX`` summed: :attr:`hessian_rows`, or every row seen (files from before
+        it was recorded summed them all unless made with ``hessian_prompts``); None when unknown."""
+        return self.hessian_rows.get(name, self.num_tokens.get(name))
 
     def hessian_names(self) -> list[str]:
         """The layers whose ``XᵀX`` was gathered, sorted."""
@@ -168,6 +176,8 @@ class CalibrationStats:
             "num_tokens": json.dumps(self.num_tokens),
             "info": json.dumps(self.info),
         }
+        if self.hessian_rows:
+            meta["hessian_rows"] = json.dumps(self.hessian_rows)
         # A shared XᵀX is written once, under its first layer's name, the others named in the metadata.
         shared = self.hessian_shared()
         if self.has_hessian:
@@ -260,6 +270,7 @@ class CalibrationStats:
             info=json.loads(meta.get("info", "{}")),
             hessian_files=hessian_files,
             hessian_alias=aliases,
+            hessian_rows={k: int(v) for k, v in json.loads(meta.get("hessian_rows", "{}")).items()},
         )
 
     def __repr__(self) -> str:
@@ -290,6 +301,8 @@ class CalibrationStats:
                 out.act_absmax[name] = m.clone() if prev is None else torch.maximum(prev, m)
             for name, n in part.num_tokens.items():
                 out.num_tokens[name] = out.num_tokens.get(name, 0) + n
+            for name, n in part.hessian_rows.items():
+                out.hessian_rows[name] = out.hessian_rows.get(name, 0) + n
             for name, rows in part.samples.items():
                 keep_bottom_k(out, name, part.sample_keys[name], rows, max_samples)
             for name in part.hessian_names():

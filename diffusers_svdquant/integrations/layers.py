@@ -163,7 +163,7 @@ def quantize_(model: nn.Module, config: SVDQuantConfig) -> nn.Module:
                 svd_method=config.svd_method,
                 lowrank_iters=config.lowrank_iters,
                 hessian=gptq_hessian(config, stats, name, cls.WEIGHT_ONLY),
-                hessian_rows=stats.num_tokens.get(name),
+                hessian_rows=stats.xtx_rows(name),
                 scale_search=config.scale_search,
             )
         except ValueError as e:
@@ -287,7 +287,7 @@ def quantize_layer_weight(
             svd_method=config.svd_method,
             lowrank_iters=config.lowrank_iters,
             hessian=gptq_hessian(config, stats, module_name, layer.WEIGHT_ONLY),
-            hessian_rows=stats.num_tokens.get(module_name),
+            hessian_rows=stats.xtx_rows(module_name),
             scale_search=config.scale_search,
             weight_only=layer.WEIGHT_ONLY,
         )
