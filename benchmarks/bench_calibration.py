@@ -226,6 +226,9 @@ def main() -> None:
                    "activations)")  # fmt: skip
     p.add_argument("--project-xtx-prompts", default="128,32", help="projection: prompts XᵀX is gathered over "
                    "(calibrate's hessian_prompts), each a table")  # fmt: skip
+    p.add_argument("--project-rows-per-column", default="all,64", help="projection: fixed point keeping calls for "
+                   "about this many XᵀX rows per input column (calibrate's hessian_rows_per_column; 'all': every "
+                   "call), each a table")  # fmt: skip
     p.add_argument("--gpu-tflops", type=float, default=400.0, help="GPU ESTIMATE: bf16 forward throughput, TFLOP/s "
                    "(an H100 SXM's 989 dense at 40%%)")  # fmt: skip
     p.add_argument("--gpu-fp32-tflops", type=float, default=50.0, help="GPU ESTIMATE: float32 XᵀX throughput, "

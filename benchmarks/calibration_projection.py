@@ -123,9 +123,12 @@ def pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> None
           f"{convert_s * packed / 60:.1f} min per prompt on this machine; GPU ESTIMATE {gpu_convert:.3f} s per "
           f"conversion of every sum at {args.gpu_tbps:g} TB/s (20 bytes per entry)")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
+    per_call_rows = [(m.in_features, rows[n]) for n, m in sums.items()]
     for xtx_prompts in (int(x) for x in args.project_xtx_prompts.split(",")):
-        _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, convert_s * packed, gpu_fwd, gpu_xtx,
-                    calls, gpu_convert)  # fmt: skip
+        for target in args.project_rows_per_column.split(","):
+            share = _kept_share(per_call_rows, None if target == "all" else int(target), xtx_prompts, args)
+            _pass_plans(args, budgets, xtx_prompts, layers, together, forwards, xtx, convert_s * packed, gpu_fwd,
+                        gpu_xtx, calls, gpu_convert, share)  # fmt: skip
     print(
         "  (budgets are per process; per sum: bytes per packed entry (about K²/2) held while recording; CPU h: this "
         "machine's measured rates, the calls split evenly between processes; GPU est.: FLOPs at the stated rates, "
@@ -135,20 +138,51 @@ def pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> None
     )
 
 
+def _kept_share(
+    per_call_rows: list[tuple[int, float]], target: int | None, xtx_prompts: int, args: argparse.Namespace
+) -> dict:
+    """What calibrate's ``hessian_rows_per_column=target`` keeps of the XᵀX over ``xtx_prompts`` prompts, from each
+    sum's ``(K, rows per call)``: ``work``, the XᵀX FLOPs against every call of every prompt; ``prompt``, the share
+    of a prompt's conversions left (a sum is converted for a prompt when one of its calls was kept); ``call``, the
+    share of a call's (fixed point per call); ``fractions``, the kept share of each distinct K (rows)."""
+    from diffusers_svdquant.calibration.packed import packed_size
+    from diffusers_svdquant.calibration.recorder import call_fraction
+
+    steps = args.project_steps
+    calls = xtx_prompts * steps
+    whole = sum(packed_size(k) * r for k, r in per_call_rows) * args.project_prompts * steps
+    work = prompt = call = 0.0
+    fractions = {}
+    for k, r in per_call_rows:
+        f = call_fraction(target, k, round(r), calls)
+        fractions[(k, round(r))] = f
+        work += packed_size(k) * r * calls * f
+        prompt += packed_size(k) * (1 - (1 - f) ** steps)
+        call += packed_size(k) * f
+    held = sum(packed_size(k) for k, _ in per_call_rows)
+    return {"target": target, "work": work / whole, "prompt": prompt / held, "call": call / held,
+            "fractions": fractions}  # fmt: skip
+
+
 def _pass_plans(
-    args, budgets, xtx_prompts, layers, together, forwards, xtx, convert, gpu_fwd, gpu_xtx, calls, gpu_convert
+    args, budgets, xtx_prompts, layers, together, forwards, xtx, convert, gpu_fwd, gpu_xtx, calls, gpu_convert, kept
 ) -> None:
     """One table of the projection: the passes and times for each process count, sum and budget, with XᵀX gathered
-    over ``xtx_prompts`` of the prompts (the first pass runs every prompt, the later ones those alone). ``convert``
-    / ``gpu_convert``: seconds to convert every sum once, here / on a GPU (estimate)."""
+    over ``xtx_prompts`` of the prompts (the first pass runs every prompt, the later ones those alone) and, in fixed
+    point, the calls ``kept`` keeps (:func:`_kept_share`; the tree sums every call). ``convert`` / ``gpu_convert``:
+    seconds to convert every sum once, here / on a GPU (estimate)."""
     import math
 
     from diffusers_svdquant.calibration.passes import GIB, fixed_moment_bytes, moment_bytes, plan_passes, tree_copies
 
     xtx_prompts = min(xtx_prompts, args.project_prompts)
     frac = xtx_prompts / args.project_prompts
-    print(f"\n  XᵀX over {xtx_prompts} of the {args.project_prompts} prompts "
-          f"(hessian_prompts):")  # fmt: skip
+    dropped = ", ".join(f"K {k} x {r}: {f:.3f}" for (k, r), f in sorted(kept["fractions"].items()) if f < 1)
+    print(f"\n  XᵀX over {xtx_prompts} of the {args.project_prompts} prompts (hessian_prompts), fixed point "
+          f"keeping calls for {kept['target'] or 'every'} rows per column (hessian_rows_per_column): XᵀX FLOPs "
+          f"{kept['work']:.3f} of every call's; conversions per prompt {kept['prompt']:.3f}, per call "
+          f"{kept['call']:.3f} of every sum's" + (f"; the calls kept (K x rows per call: share) {dropped}"
+                                                  if dropped else ""))  # fmt: skip
     print(f"  {'procs':>5} {'sum':>5} {'per sum':>7} {'XᵀX GiB':>8} " + " ".join(f"{f'{g:g} GiB: passes':>15} "
           f"{'CPU h':>7} {'GPU est. min':>12} {'GPTQ +%':>8}" for g in budgets))  # fmt: skip
     for n in (1, 8):
@@ -171,10 +205,13 @@ def _pass_plans(
                     continue
                 # The first pass runs every prompt; the later ones (and the probe's one forward) the XᵀX prompts.
                 runs_ = 1 + (k - 1) * frac + (1 / calls if mode != "tree" or k > 1 else 0)
-                conv = convert * xtx_prompts if mode != "tree" else 0
-                cpu = (runs_ * forwards + xtx * frac + conv) / n / 3600
-                conversions = {"tree": 0, "fixed": xtx_prompts, "call": xtx_prompts * args.project_steps}[mode]
-                gpu_xtx_all = gpu_xtx * frac + gpu_convert * conversions
+                # The tree sums every call of the XᵀX prompts; fixed point the calls `kept` keeps.
+                work = frac if mode == "tree" else kept["work"]
+                conv = convert * xtx_prompts * kept["prompt"] if mode != "tree" else 0
+                cpu = (runs_ * forwards + xtx * work + conv) / n / 3600
+                conversions = {"tree": 0, "fixed": xtx_prompts * kept["prompt"],
+                               "call": xtx_prompts * args.project_steps * kept["call"]}[mode]  # fmt: skip
+                gpu_xtx_all = gpu_xtx * work + gpu_convert * conversions
                 gpu = (runs_ * gpu_fwd + gpu_xtx_all) / n
                 extra = ((runs_ - 1) * gpu_fwd + gpu_xtx_all) / gpu_fwd
                 line += f"{k:>15} {cpu:>7.0f} {gpu / 60:>12.1f} {100 * extra:>7.0f}% "
