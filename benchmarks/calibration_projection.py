@@ -122,6 +122,13 @@ def pass_projection(args: argparse.Namespace, b: dict, runs: list[dict]) -> None
     print(f"  hessian_sum='fixed': converting a prompt's sums takes {convert_s * 1e9:.2f} ns per entry here, "
           f"{convert_s * packed / 60:.1f} min per prompt on this machine; GPU ESTIMATE {gpu_convert:.3f} s per "
           f"conversion of every sum at {args.gpu_tbps:g} TB/s (20 bytes per entry)")  # fmt: skip
+    # GPTQ's own solve, at quantize time (not calibration): per layer a Cholesky inverse of its K x K XᵀX (~K³
+    # FLOPs, each layer its own: the smoothing differs) and the error updates (2·N·K²), float32.
+    solve = sum(m.in_features**3 + 2 * m.out_features * m.in_features**2 for m in layers.values())
+    print(f"  GPTQ's solve when quantizing (not in the GPTQ + below): {solve / 1e12:.0f} TFLOP, GPU ESTIMATE "
+          f"{solve / (args.gpu_fp32_tflops * 1e12):.0f} s at {args.gpu_fp32_tflops:g} TFLOP/s float32, plus "
+          f"{sum(m.in_features for m in layers.values()) / 1e6:.1f} M column steps of a few small kernels each "
+          f"(~50 µs per step: {sum(m.in_features for m in layers.values()) * 50e-6 / 60:.1f} min)")  # fmt: skip
     budgets = [float(x) for x in args.budgets_gib.split(",")]
     per_call_rows = [(m.in_features, rows[n]) for n, m in sums.items()]
     for xtx_prompts in (int(x) for x in args.project_xtx_prompts.split(",")):
