@@ -276,7 +276,8 @@ def calibrate(
     if rows_per_column == "auto":
         rows_per_column = DEFAULT_ROWS_PER_COLUMN if hessian_sum == "fixed" and _is_pipeline(target) else None
     # The calls each layer is expected to see: a pipeline calls its denoiser once per step (classifier-free guidance
-    # batches its two halves); one that calls it more often keeps more rows than asked for, never fewer.
+    # batches its two halves). One that calls it more often keeps more rows than asked for; one that runs fewer
+    # steps than num_inference_steps (an img2img strength) keeps that share fewer.
     xtx_calls = len(xtx_items) * num_inference_steps if _is_pipeline(target) else 1
     shards = ShardWriter(procs, hessian_dir) if len(groups) > 1 or (hessian and hessian_dir is not None) else None
     # Pass 0 records every layer's statistics and the first group's XᵀX; each later pass runs the prompts again
