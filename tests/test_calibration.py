@@ -486,12 +486,17 @@ def test_pipeline_bad_arguments(tiny_pipe):
         calibrate(tiny_pipe, prompts=PROMPTS, num_inference_steps=0)
 
 
-def test_hessian_rows_per_column_sums_the_kept_calls_alone(tiny_pipe):
-    """hessian_rows_per_column=2 (fixed point): each layer's XᵀX is the sum over the calls keeps_call keeps, at the
-    share call_fraction gives for its K and rows; the rows it summed are in hessian_rows (GPTQ's damping reads
-    them); q / k / v still hold one sum; 2 passes give the same bits; the summary says so."""
+@pytest.mark.parametrize("per_call", [False, True])
+def test_hessian_rows_per_column_sums_the_kept_calls_alone(tiny_pipe, per_call, monkeypatch):
+    """hessian_rows_per_column=2 (fixed point, per prompt or each call added at once as on a GPU): each layer's XᵀX
+    is the sum over the calls keeps_call keeps, at the share call_fraction gives for its K and rows; the rows it
+    summed are in hessian_rows (GPTQ's damping reads them); q / k / v still hold one sum; 2 passes give the same
+    bits; the summary says so."""
     from diffusers_svdquant.apps.calibration_commands import _summary
+    from diffusers_svdquant.calibration import recorder
     from diffusers_svdquant.calibration.recorder import call_fraction, keeps_call
+
+    monkeypatch.setattr(recorder, "FIXED_PER_CALL", per_call)
 
     prompts = [*PROMPTS, "a lighthouse in fog"]
     names = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"]
@@ -512,6 +517,7 @@ def test_hessian_rows_per_column_sums_the_kept_calls_alone(tiny_pipe):
         for h in handles:
             h.remove()
     assert one.info["hessian_sum"] == "fixed" and one.info["hessian_rows_per_column"] == 2
+    assert one.info["hessian_per_call"] == per_call
     for name in names:
         calls = seen[name]
         assert len(calls) == 4 * 3
