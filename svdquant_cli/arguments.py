@@ -293,7 +293,8 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="N|all|auto",
         help="with --gptq: each layer's XᵀX sums a random share of its calls, about N rows per input column (default "
-        "64 with fixed-point sums: GPTQ's gain saturates at about 16); 'all': every call",
+        "64 with fixed-point sums, where the W4A4 output error measured within 0.05%% of every call's); 'all': "
+        "every call",
     )
     p.add_argument(
         "--hessian-sum",

@@ -87,8 +87,8 @@ def heldout_search(
     statistics carry ``XᵀX`` and ``config.gptq`` is not False, GPTQ against ``XᵀX − X_hᵀX_h`` (every
     calibration row but the held-out half ``X_h``; ``XᵀX`` as it is when it summed a share of the rows); it is
     scored on ``X_h`` through the run-time linear (:func:`reference.svdquant_linear`: activations quantized
-    too), ``‖y_q − y‖² / ‖y‖²``. The absmax that
-    λ is built from still covers every row. Ties keep the earlier candidate (``(0, 0)`` first).
+    too), ``‖y_q − y‖² / ‖y‖²``. The absmax that λ is built from still covers every row. Ties keep the earlier
+    candidate (``(0, 0)`` first).
 
     Not the default: on real MiniLM (every linear W4A4 r32, + GPTQ) it scored 0.9768 mean cosine on the held-out
     test sentences against the plain search's 0.9781 (α = 0.5: 0.9761), at 7x its search time (benchmarks/RESULTS.md).
