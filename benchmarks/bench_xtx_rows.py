@@ -97,7 +97,7 @@ def main() -> None:
           f"{os.cpu_count()} cores; one {args.k} -> {args.k} layer, {args.prompts} prompts x {args.steps} steps x "
           f"{args.tokens} rows ({offered:.0f} rows per input column offered), W4A4 rank {args.rank}")  # fmt: skip
     results: dict[str, list[tuple[float, float]]] = {}
-    labels: dict[str, str] = {}  # the first layer's (row counts differ a little between layers)
+    labels: dict[str, str] = {}  # the last layer's (its kept calls and rows differ a little from the others')
     for seed in range(args.seeds):
         start = time.perf_counter()
         data = Inputs(args.k, seed)

@@ -374,6 +374,12 @@ def packed_size(k: int) -> int:
     return sum((r1 - r0) * (k - r0) for r0, r1, _ in packed_row_blocks(k))
 
 
+def fixed_point_shift(exponents: torch.Tensor, offset: int, r0: int, r1: int) -> torch.Tensor:
+    """``−(s_j + s_l + o)`` for rows ``[r0, r1)``, columns ``[r0, K)`` of a packed row block (int64, on the
+    exponents' device): an item's value · 2^shift is its value in fixed-point units."""
+    return -offset - exponents[r0:r1, None] - exponents[None, r0:]
+
+
 def fixed_point_add(ints: torch.Tensor, item: torch.Tensor, exponents: torch.Tensor, offset: int) -> bool:
     """Add one packed float32 ``XᵀX`` item to its int64 fixed-point sum, in place: entry ``(j, l)`` gains
     ``round(item_jl · 2^−(s_j + s_l + o))``, rounded half to even from the exact float64 product (a power of two
@@ -392,8 +398,7 @@ def fixed_point_add(ints: torch.Tensor, item: torch.Tensor, exponents: torch.Ten
     k = exponents.numel()
     fits = torch.ones((), dtype=torch.bool, device=ints.device)
     for (r0, r1, block), (_, _, acc) in zip(pack_blocks(item, k), pack_blocks(ints, k), strict=True):
-        shift = -offset - exponents[r0:r1, None] - exponents[None, r0:]
-        units = torch.round(torch.ldexp(block.double(), shift))  # half to even
+        units = torch.round(torch.ldexp(block.double(), fixed_point_shift(exponents, offset, r0, r1)))  # half to even
         fits &= (units.abs() < FIXED_POINT_LIMIT).all()
         acc += units.long()
         fits &= (acc.diagonal() < FIXED_POINT_LIMIT).all()

@@ -72,7 +72,7 @@ def _run_calibration(args: argparse.Namespace, procs: Processes, config: SVDQuan
         "--hessian-prompts": args.hessian_prompts,
     }
     # "all" parses to None, which must still count as given
-    rows_per_column = getattr(args, "hessian_rows_per_column", "auto")
+    rows_per_column = args.hessian_rows_per_column
     pass_options["--hessian-rows-per-column"] = True if rows_per_column != "auto" else None
     given = [flag for flag, value in pass_options.items() if value is not None]
     if given and not args.gptq:

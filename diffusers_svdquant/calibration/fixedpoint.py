@@ -128,11 +128,6 @@ class FixedPointSum:
             s = self._exponents_on[device] = self.exponents.to(device)
         return s
 
-    def _shift(self, r0: int, r1: int) -> torch.Tensor:
-        """``−(s_j + s_l + o)`` for rows ``[r0, r1)``, columns ``[r0, K)`` (a packed row block), on the CPU: value ·
-        2^shift is the value in units."""
-        return -self.offset - self.exponents[r0:r1, None] - self.exponents[None, r0:]
-
     def _diagonal(self, packed: torch.Tensor) -> torch.Tensor:
         """The diagonal ``[K]`` of a packed sum (a view's copy)."""
         return torch.cat([block.diagonal() for _, _, block in pack_blocks(packed, self.k)])
@@ -224,5 +219,6 @@ class FixedPointSum:
         out = torch.zeros(packed_size(k))
         if total is not None:
             for (r0, r1, ints), (_, _, block) in zip(pack_blocks(total, k), pack_blocks(out, k), strict=True):
-                block.copy_(torch.ldexp(ints.double(), -self._shift(r0, r1)).float())
+                shift = reference.fixed_point_shift(self.exponents, self.offset, r0, r1)
+                block.copy_(torch.ldexp(ints.double(), -shift).float())
         return out
