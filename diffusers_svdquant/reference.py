@@ -344,6 +344,41 @@ def linear_w4a16(
     return y.to(x.dtype)
 
 
+# x̂ in 16-bit fixed point per row and group of 64, as the bfloat16 W4A16 GEMV of the x86 CPU paths multiplies it
+# (cpp/cpu/w4a16_gemv_bf16.cpp: the codes' unsigned bytes against x̂'s two signed bytes with vpdpbusd).
+# FIXED16_MAX = 127·256 + 127: the largest integer i whose bytes h, l in i = 256·h + l are both int8.
+FIXED16_MAX = 32639
+# Groups whose largest |x̂| is below this count as zero (32639 / amax would overflow float32 near 2^-113).
+FIXED16_TINY = 2.0**-100
+
+
+def quantize_fixed16(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂ in 16-bit fixed point per row and group of 64: ``x̂ ≈ codes · step``.
+
+    Per group, ``amax = max |x̂|``, ``codes = round(x̂ · (FIXED16_MAX / amax))`` (half to even) and
+    ``step = amax / FIXED16_MAX``, every operation in float32: a kernel computes the same bits. A group with
+    ``amax < FIXED16_TINY`` gets codes 0 and step 0; one with an infinite or NaN element codes 0 and step NaN
+    (its outputs are NaN). The error is at most half a step, ``amax · 2⁻¹⁶``.
+
+    Args:
+        xs: float32 ``[M, K]``, K a multiple of 64.
+
+    Returns:
+        ``(codes, steps)``: int32 ``[M, K]`` in ``[-FIXED16_MAX, FIXED16_MAX]``, float32 ``[M, K/64]``.
+    """
+    m, k = xs.shape
+    g = xs.float().reshape(m, k // GROUP_SIZE, GROUP_SIZE)
+    amax = g.abs().amax(-1, keepdim=True)  # NaN if any element is
+    finite = amax <= torch.finfo(torch.float32).max
+    live = finite & (amax >= FIXED16_TINY)
+    safe = torch.where(live, amax, torch.ones_like(amax))
+    top = torch.full_like(safe, FIXED16_MAX)
+    # Tensor by tensor: a Python number over a tensor multiplies by the reciprocal, not the IEEE quotient.
+    codes = torch.where(live, torch.round(g * (top / safe)), torch.zeros_like(g)).to(torch.int32)
+    steps = torch.where(live, safe / top, torch.where(finite, 0.0, float("nan")))
+    return codes.reshape(m, k), steps.squeeze(-1)
+
+
 # The packed XᵀX of calibration (calibration/packed.py): the upper triangle of a symmetric K x K matrix in row
 # blocks of PACK_ROWS rows (block: rows [r0, r1), columns [r0, K), row-major), one after another in a flat vector.
 PACK_ROWS = 256

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,3 +300,53 @@ def test_dequantize_groups_of_an_empty_k():
     assert reference.dequantize_groups(torch.zeros(3, 0, dtype=torch.int8), torch.zeros(3, 0)).shape == (3, 0)
     empty = torch.zeros(3, 0, dtype=torch.uint8)
     assert reference.dequantize_groups_affine(empty, torch.zeros(3, 0), torch.zeros(3, 0)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("m", [0, 1, 3])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_quantize_fixed16_within_half_a_step(m, scale):
+    g = torch.Generator().manual_seed(m)
+    xs = torch.randn(m, 4 * reference.GROUP_SIZE, generator=g) * scale
+    if m:
+        xs[0, 3] *= 1e3  # an outlier: its group's other elements get few steps each
+    codes, steps = reference.quantize_fixed16(xs)
+    assert codes.dtype == torch.int32 and codes.shape == xs.shape and steps.shape == (m, 4)
+    if not m:
+        return
+    assert codes.abs().max().item() <= reference.FIXED16_MAX
+    back = codes.double().reshape(m, 4, -1) * steps.double().unsqueeze(-1)
+    amax = xs.double().abs().reshape(m, 4, -1).amax(-1, keepdim=True)
+    # Half a step plus float32's rounding of the step and of x̂ · (FIXED16_MAX / amax).
+    assert ((back - xs.double().reshape(m, 4, -1)).abs() <= amax * (0.5 / reference.FIXED16_MAX + 2e-7)).all()
+    # Each group's largest element is a full-scale code.
+    assert (codes.reshape(m, 4, -1).abs().amax(-1) == reference.FIXED16_MAX).all()
+
+
+def test_quantize_fixed16_is_float32_arithmetic():
+    # The same bits as numpy's IEEE float32 division and rounding (half to even), which a kernel reproduces.
+    xs = torch.randn(5, 2 * reference.GROUP_SIZE, generator=torch.Generator().manual_seed(1))
+    codes, steps = reference.quantize_fixed16(xs)
+    g = xs.numpy().reshape(5, 2, -1)
+    amax = np.abs(g).max(-1, keepdims=True)
+    top = np.float32(reference.FIXED16_MAX)
+    assert np.array_equal(codes.numpy().reshape(5, 2, -1), np.rint(g * (top / amax)).astype(np.int32))
+    assert np.array_equal(steps.numpy(), (amax / top)[..., 0])
+    # Ties go to even: 0.5 and 1.5 steps.
+    x = torch.zeros(1, reference.GROUP_SIZE)
+    x[0, 0] = reference.FIXED16_MAX
+    x[0, 1], x[0, 2] = 0.5, 1.5
+    codes, steps = reference.quantize_fixed16(x)
+    assert steps.item() == 1.0 and codes[0, :3].tolist() == [reference.FIXED16_MAX, 0, 2]
+
+
+def test_quantize_fixed16_zero_tiny_and_non_finite_groups():
+    x = torch.randn(1, 5 * reference.GROUP_SIZE)
+    x[0, :64] = 0
+    x[0, 64:128] = 2.0**-101  # below FIXED16_TINY: zero
+    x[0, 128:192] = 2.0**-99  # above it: full-scale codes
+    x[0, 200] = float("inf")
+    x[0, 300] = float("nan")
+    codes, steps = reference.quantize_fixed16(x)
+    assert steps[0, :2].tolist() == [0.0, 0.0] and not codes[0, :128].any()
+    assert (codes[0, 128:192] == reference.FIXED16_MAX).all() and steps[0, 2] == 2.0**-99 / reference.FIXED16_MAX
+    assert steps[0, 3:].isnan().all() and not codes[0, 192:].any()

@@ -118,8 +118,9 @@ def test_op_takes_tiles_for_many_bf16_rows():
         assert weight_only.cpu_regime(100, torch.float16) == "panels"
         case = make_case(many, 50, 256, 8, torch.bfloat16, seed=3)
         assert torch.equal(ops.linear_w4a16(*case), tiles(case, torch.get_num_threads()))
-    with on_isa("avx512vnni"):
-        assert weight_only.cpu_regime(many, torch.bfloat16) == "gemv"
+    with on_isa("avx512vnni"):  # no tiles: the few-rows GEMV, then panels
+        assert weight_only.cpu_regime(many, torch.bfloat16) == "gemv_bf16"
+        assert weight_only.cpu_regime(weight_only.GEMV_MAX_ROWS[torch.bfloat16] + 1, torch.bfloat16) == "panels"
 
 
 def test_tiles_refused_on_a_path_without_them():

@@ -172,7 +172,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
          "' has no tile kernel (the amx path has)");
   if (bf16 && svdq::cpu::kernels().linear_w4a16_bf16 == nullptr)
     fail(std::string(fn) + ": bf16=True, but the CPU path '" + svdq::cpu::current_isa() +
-         "' has no bfloat16 GEMV (the amx path has)");
+         "' has no bfloat16 GEMV (the avx512vnni and amx paths have)");
   if (tiles && bf16) fail(std::string(fn) + ": tiles=True and bf16=True: choose one kernel");
   const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
                   lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
@@ -383,10 +383,12 @@ wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in
 1 bfloat16, 2 float16), contiguous. Writes y [M, N] in dtype (float32 arithmetic, rounded once).
 tiles=False: the few-rows kernel; tiles=True: the AMX tile kernel (w4a16_tiles_available()), whose
 operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first; bf16=True (dtype 1 only): the
-few-rows kernel with x / smooth rounded to bfloat16 (w4a16_bf16_gemv_available()). Releases the GIL.)doc");
+few-rows kernel with x / smooth in 16-bit fixed point per group of 64 (reference.quantize_fixed16;
+w4a16_bf16_gemv_available()). Releases the GIL.)doc");
   m.def(
       "w4a16_bf16_gemv_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16 != nullptr; },
-      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): the amx path.");
+      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): the avx512vnni "
+      "and amx paths.");
   m.def(
       "w4a16_tiles_available", [] { return svdq::cpu::kernels().linear_w4a16_tiles != nullptr; },
       "Whether the selected CPU path has the W4A16 tile kernel (linear_w4a16(..., tiles=True)): the amx path.");

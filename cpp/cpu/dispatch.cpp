@@ -176,7 +176,7 @@ const IsaEntry kIsas[] = {
               f.avx512dq && f.avx512vnni;
      },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, nullptr, nullptr, true}},
+      avx512::dequantize_w4a16, nullptr, nullptr, true, avx512::linear_w4a16_bf16}},
 #endif
 #if defined(SVDQ_HAVE_AMX)
     // avx512vnni with AMX-BF16 tiles where a bf16 layer gains from them: the W4A4 low-rank branch (the GEMM's
@@ -188,7 +188,7 @@ const IsaEntry kIsas[] = {
               f.avx512dq && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
      },
      {avx512::quantize_act, avx512amx::gemm_w4a4, avx512amx::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act, true, amx::linear_w4a16_bf16}},
+      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act, true, avx512::linear_w4a16_bf16}},
 #endif
 #if defined(SVDQ_HAVE_DOTPROD)
     // The sdot GEMM and NEON quantize_act; pack_tile and W4A16 are generic's.

@@ -94,8 +94,8 @@ struct KernelTable {
   // linear_w4a16 computes lora_act itself from lora_down (the x86 GEMV, its threads splitting K), so the
   // binding passes it none.
   bool linear_w4a16_lora = false;
-  // The few-rows W4A16 linear for bfloat16 input with x̂ rounded to bfloat16 (vdpbf16ps; every float tensor
-  // bfloat16, lora_act computed itself), null on paths without AVX512-BF16.
+  // The few-rows W4A16 linear for bfloat16 input with x̂ in 16-bit fixed point per group (vpdpbusd; every float
+  // tensor bfloat16, lora_act computed itself), null on paths without AVX512-VNNI.
   LinearW4A16Fn linear_w4a16_bf16 = nullptr;
 };
 
@@ -132,14 +132,14 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 void linear_w4a16(const W4A16Args& args);
 void dequantize_w4a16(const DequantW4A16Args& args);
+// The few-rows bfloat16 GEMV (w4a16_gemv_bf16.cpp), linear_w4a16_bf16 of the avx512vnni and amx paths.
+void linear_w4a16_bf16(const W4A16Args& args);
 }  // namespace avx512
 
 #if defined(SVDQ_HAVE_AMX)
 // W4A16 on AMX-BF16 tiles (w4a16_amx.cpp), the amx path's linear_w4a16_tiles.
 namespace amx {
 void linear_w4a16(const W4A16Args& args);
-// The few-rows bfloat16 GEMV (w4a16_gemv_bf16.cpp), the amx path's linear_w4a16_bf16.
-void linear_w4a16_bf16(const W4A16Args& args);
 }  // namespace amx
 #endif
 

@@ -1,23 +1,28 @@
-// The few-rows W4A16 linear for bfloat16 input on the amx path (KernelTable::linear_w4a16_bf16): x̂ rounded to
-// bfloat16, the 4-bit codes turned into bfloat16 without a shuffle, vdpbf16ps.
+// The few-rows W4A16 linear for bfloat16 input on the avx512vnni and amx paths (KernelTable::linear_w4a16_bf16):
+// x̂ in 16-bit fixed point per group of 64, the 4-bit codes against its two bytes with vpdpbusd.
 //
-// Why: the float32 GEMV (w4a16_x86.inc) decodes a zmm of weights with vpmovzxbd + vpermps, port-5 shuffles,
-// about 13 uops per 64 weights; at one row, codes in cache, that bounds it. Here 64 code bytes (two groups, 128
-// weights) are one zmm. As 16-bit words, word w holds k = 4w .. 4w + 3 of the pair of groups in its four
-// nibbles, and `(word >> 4e) & 0xF | 0x4300` (a shift and one vpternlogd) is exactly the bfloat16 of 128 + q
-// (128 .. 143 need 4 of bfloat16's 7 mantissa bits). So extraction e's dword lane i holds the pair
-// (128 + q[8i + e], 128 + q[8i + 4 + e]), lanes 0-7 group g, 8-15 group g + 1, and one vdpbf16ps with x̂
-// arranged to match (per call: dword lane i of vector e = (x̂[8i + e], x̂[8i + 4 + e])) adds their exact
-// products in float32. Per pair of groups and row, S = Σ (128 + q)·x̂ over 4 vdpbf16ps into a fresh
-// accumulator, one FMA with (s_g in lanes 0-7, s_g+1 in 8-15) into the running one; after the column,
-// Σ_g (m_g − 128·s_g)·X_g with X_g = Σ x̂ of the group (the same rounded x̂), vectorized over groups.
+// Why: at few rows the decode and the multiply, not memory, bound a GEMV on this CPU class. The float32 GEMV
+// (w4a16_x86.inc) spends about 13 vector uops per 64 weights on its shuffles; the vdpbf16ps GEMV this file held
+// before spent four vdpbf16ps per 128 weights and row, and vdpbf16ps issues one per two cycles (15 cycles per
+// 128 weights in an L1 loop). vpdpbusd issues two per cycle and multiplies 64 unsigned bytes by 64 signed
+// ones, so the codes need no conversion at all: one vpandd (low nibbles), one vpsrlw + vpandd (high nibbles).
+// x̂ is the signed operand, split into two bytes: per row and group of 64 (reference.quantize_fixed16),
+// i = round(x̂ · 32639 / amax) in [-32639, 32639], step d = amax / 32639, and i = 256·h + l with h, l both
+// int8 (32639 = 127·256 + 127 is the largest i whose two bytes are). Per pair of groups (64 code bytes, 128
+// weights: one zmm) and row, with the low nibbles (even k) and the high nibbles (odd k) against x̂'s bytes
+// arranged to match once per call:
+//   t = (Σ q·h) << 8, then t += Σ q·l, over 8 k per dword lane (lanes 0-7 group g, 8-15 group g + 1),
+// four vpdpbusd and a shift, exact in int32 (|t| ≤ 8·15·32639 < 2^22, so its float32 conversion is exact too),
+// then acc += float(t) · (s·d) (s_g, d_g in lanes 0-7, s_g+1, d_g+1 in 8-15). After the column,
+// Σ_g m_g·X_g with X_g = d_g·Σ i over the group (the same rounded x̂), vectorized over groups. About 8 cycles
+// per 128 weights and row in an L1 loop, against 15 for vdpbf16ps.
 //
-// Numerics: y = Σ x̂_bf16 · (q·s + m) with q, s, m exact (s, m are the layer's bfloat16), sums in float32;
-// lora_act = x̂ · lora_down from the float32 x̂ (as the float32 kernel), lora_act · lora_up and the bias in
-// float32, y rounded once. The only departure from the reference beyond summation order is x̂'s rounding to
-// bfloat16 (nearest even; vcvtne2ps2bf16 flushes subnormals), the precision of a bfloat16 nn.Linear
-// (docs/design.md §2, "Weight-only layers"); the +128 offset makes the float32 sums some 10-50x larger than
-// the terms, still far below that rounding. Every float tensor is bfloat16 (the binding only calls it so).
+// Numerics: y = Σ x̃·(q·s + m) + lora_act · lora_up + bias with x̃ = i·d, q, s, m exact (the layer's bfloat16),
+// sums in float32; lora_act = x̂ · lora_down from the float32 x̂ (as the float32 kernel). x̃'s error is at most
+// half a step, amax · 2^-16 per element: finer than bfloat16's rounding of x̂ (2^-9 of each element) for every
+// element above 1/128 of its group's largest, so the product errs less than a bfloat16 nn.Linear's (docs/design.md
+// §2, "Weight-only layers"). A group whose amax is below 2^-100 counts as zero; one with an infinite or NaN x̂
+// gets step NaN, so its rows' outputs are NaN. Every float tensor is bfloat16 (the binding only calls it so).
 //
 // Structure as the float32 kernel's (w4a16_x86.inc): one parallel region; each thread rounds and arranges its
 // share of K's pairs of groups (and its partial lora_act); threads take contiguous shares of N's panels of 16
@@ -26,7 +31,8 @@
 // are read side by side, column c of each together: two sequential streams of codes per thread, which DRAM
 // feeds faster than one (measured: 32 MiB cold, 2 threads, 1.45 ms as one stream each, 1.13 ms as two).
 //
-// Compiled with the amx path's flags (CMakeLists.txt); dispatch.cpp enables it only with AVX512-BF16.
+// Compiled with the avx512vnni path's flags (CMakeLists.txt): AVX-512 F/BW and VNNI, nothing of AVX512-BF16.
+#include <cfloat>
 #include <cstring>
 #include <type_traits>
 
@@ -34,15 +40,17 @@
 #include "kernels.h"
 #include "scalar.h"
 
-namespace svdq::cpu::amx {
+namespace svdq::cpu::avx512 {
 namespace {
 
 constexpr int64_t kPairK = 2 * kGroupSize;     // k per pair of groups: 64 code bytes, one zmm
-constexpr int64_t kPairWords = 4 * 32;         // arranged x̂ of a pair and a row: 4 vectors of 32 bfloat16
+constexpr int64_t kPairBytes = 4 * 64;         // arranged x̂ of a pair and a row: 4 vectors of 64 int8
 constexpr int kMaxRows = 4;                    // rows per register block
-constexpr int64_t kXBlockBytes = 24 * 1024;    // arranged x̂ of a K block, every row: L1 beside the codes
+constexpr int64_t kXBlockBytes = 24 * 1024;    // arranged x̂ and steps of a K block, every row: L1 beside the codes
 constexpr int64_t kPanelCols = 16;
 constexpr int64_t kPrefetchBytes = 4096;       // per stream; 1, 2, 8 and 16 KiB measured no better
+constexpr float kFixedMax = 32639.0f;          // reference.FIXED16_MAX
+constexpr float kFixedTiny = 0x1p-100f;        // reference.FIXED16_TINY
 
 inline __m512 bf16x16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline __m512 load_bf16(const uint16_t* p) { return bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -77,15 +85,50 @@ inline void lora_group(const float* xk, const uint16_t* lora_down, int64_t k0, i
   }
 }
 
-// acc[c][r] += Σ over pairs [0, np) of column c's s-scaled S (lanes: 8 per group), for NC columns read side by
-// side (two streams of codes: from DRAM a core reads two sequential streams some 25% faster than one). q[c]: the
-// codes of column c's first pair; s[c]: its bfloat16 scales from the first pair's first group; xb: arranged x̂
-// ([np][4][MR][32] bfloat16); half: the last pair holds one group only (K/64 odd), its codes 32 bytes, its x̂
-// zero in lanes 8-15. pf[c] / pf_np[c]: the codes to prefetch for stream c, one line per pair.
+// One group's x̂ (64 float32) in 16-bit fixed point (reference.quantize_fixed16): its two bytes per k into
+// lo[0, 64) and hi[0, 64) (i = 256·hi + lo), and its step; returns Σ i.
+inline int32_t fixed16_group(const float* xf, int8_t* lo, int8_t* hi, float* step) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_andnot_ps(sign, _mm512_load_ps(xf + 16 * j));
+    amax = _mm512_max_ps(amax, a);
+    bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // infinite or NaN
+  }
+  const float m = _mm512_reduce_max_ps(amax);
+  if (bad != 0 || !(m >= kFixedTiny)) {
+    *step = bad != 0 ? __builtin_nanf("") : 0.0f;
+    std::memset(lo, 0, kGroupSize);
+    std::memset(hi, 0, kGroupSize);
+    return 0;
+  }
+  *step = m / kFixedMax;
+  const __m512 inv = _mm512_set1_ps(kFixedMax / m);
+  __m512i sum = _mm512_setzero_si512();
+  for (int j = 0; j < 4; ++j) {
+    const __m512i i = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_load_ps(xf + 16 * j), inv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i l = _mm512_srai_epi32(_mm512_slli_epi32(i, 24), 24);
+    const __m512i h = _mm512_srai_epi32(_mm512_sub_epi32(i, l), 8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + 16 * j), _mm512_cvtepi32_epi8(l));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + 16 * j), _mm512_cvtepi32_epi8(h));
+    sum = _mm512_add_epi32(sum, i);
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+// acc[c][r] += Σ over pairs [0, np) of column c's float(t) · s·d (lanes: 8 per group), for NC columns read side
+// by side (two streams of codes: from DRAM a core reads two sequential streams some 25% faster than one). q[c]:
+// the codes of column c's first pair; s[c]: its bfloat16 scales from the first pair's first group; xb: arranged
+// x̂ ([np][MR][4][64] int8), xd: steps ([np][MR][16] float32, 8 lanes per group); half: the last pair holds one
+// group only (K/64 odd), its codes 32 bytes, its x̂ bytes and steps zero in lanes 8-15. pf[c] / pf_np[c]: the
+// codes to prefetch for stream c, one line per pair.
 template <int MR, int NC>
-inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, const uint16_t* xb, int64_t np, bool half,
-                         const uint8_t* const* pf, const int64_t* pf_np, __m512 (*acc)[kMaxRows]) {
-  const __m512i nib = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
+inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, const int8_t* xb, const float* xd,
+                         int64_t np, bool half, const uint8_t* const* pf, const int64_t* pf_np,
+                         __m512 (*acc)[kMaxRows]) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
   // The dword (s_g | s_g+1 << 16), broadcast, -> float32 s_g in lanes 0-7, s_g+1 in lanes 8-15: one vpshufb
   // (its control differs per 128-bit lane), bytes 0-1 or 2-3 into bytes 2-3 of each dword, zeros below.
   const __m512i to_f32 = _mm512_set_epi32(0x03028080, 0x03028080, 0x03028080, 0x03028080, 0x03028080, 0x03028080,
@@ -93,27 +136,24 @@ inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, cons
                                           0x01008080, 0x01008080, 0x01008080, 0x01008080);
   const int64_t full = half ? np - 1 : np;
   auto pair = [&](int64_t p, const __m512i* v, const __m512* sv) {
-    // Extraction e is the nibble at bits 4e of each word: bits 8-11 by a byte shift (vpsrldq, port 5; the byte
-    // moved in from the next word is masked off), 12-15 by both shifts; one vpternlogd each: (a & b) | c.
-    __m512i d[NC][4];
+    __m512i lo[NC], hi[NC];
     for (int c = 0; c < NC; ++c) {
-      const __m512i v4 = _mm512_srli_epi16(v[c], 4);
-      d[c][0] = _mm512_ternarylogic_epi32(v[c], nib, bias128, 0xEA);
-      d[c][1] = _mm512_ternarylogic_epi32(v4, nib, bias128, 0xEA);
-      d[c][2] = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(v[c], 1), nib, bias128, 0xEA);
-      d[c][3] = _mm512_ternarylogic_epi32(_mm512_bsrli_epi128(v4, 1), nib, bias128, 0xEA);
+      lo[c] = _mm512_and_si512(v[c], nib);
+      hi[c] = _mm512_and_si512(_mm512_srli_epi16(v[c], 4), nib);
     }
-    const uint16_t* xp = xb + p * MR * kPairWords;
+    const int8_t* xp = xb + p * MR * kPairBytes;
+    const float* dp = xd + p * MR * 16;
     for (int r = 0; r < MR; ++r) {
-      const uint16_t* x = xp + r * 32;
-      __m512 t[NC];
-      for (int c = 0; c < NC; ++c)
-        t[c] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)d[c][0], (__m512bh)_mm512_loadu_si512(x));
-      for (int e = 1; e < 4; ++e) {
-        const __m512i xe = _mm512_loadu_si512(x + e * MR * 32);
-        for (int c = 0; c < NC; ++c) t[c] = _mm512_dpbf16_ps(t[c], (__m512bh)d[c][e], (__m512bh)xe);
+      const int8_t* x = xp + r * kPairBytes;
+      const __m512i le = _mm512_loadu_si512(x), lodd = _mm512_loadu_si512(x + 64);
+      const __m512i he = _mm512_loadu_si512(x + 128), hodd = _mm512_loadu_si512(x + 192);
+      const __m512 d = _mm512_loadu_ps(dp + r * 16);
+      for (int c = 0; c < NC; ++c) {
+        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], he);
+        t = _mm512_slli_epi32(_mm512_dpbusd_epi32(t, hi[c], hodd), 8);
+        t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t, lo[c], le), hi[c], lodd);
+        acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sv[c], d), acc[c][r]);
       }
-      for (int c = 0; c < NC; ++c) acc[c][r] = _mm512_fmadd_ps(t[c], sv[c], acc[c][r]);
     }
   };
   for (int64_t p = 0; p < full; ++p) {
@@ -128,7 +168,7 @@ inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, cons
     }
     pair(p, v, sv);
   }
-  if (half) {  // one group: 32 code bytes (the rest decode to 128, times x̂ = 0), its scale in every lane
+  if (half) {  // one group: 32 code bytes (the rest read as 0, against x̂ bytes 0), its scale in every lane
     const int64_t p = np - 1;
     __m512i v[NC];
     __m512 sv[NC];
@@ -154,15 +194,16 @@ void linear_w4a16_bf16(const W4A16Args& a) {
   const auto* lora_down = static_cast<const uint16_t*>(a.lora_down);
   const auto* bias = static_cast<const uint16_t*>(a.bias);
   auto* y = static_cast<uint16_t*>(a.y);
-  // Pairs per K block: arranged x̂ of every row in kXBlockBytes, at least one; one (empty) block when K = 0.
-  const int64_t pb = max_i64(1, min_i64(P, kXBlockBytes / (M * kPairWords * 2)));
+  // Pairs per K block: arranged x̂ and steps of every row in kXBlockBytes, at least one; one (empty) block
+  // when K = 0.
+  const int64_t pb = max_i64(1, min_i64(P, kXBlockBytes / (M * (kPairBytes + 64))));
   const int64_t blocks = max_i64(1, ceil_div(P, pb)), panels = ceil_div(N, kPanelCols);
   const int nt = static_cast<int>(max_i64(1, min_i64(a.num_threads, panels)));
   const bool own_lora = R > 0 && a.lora_act == nullptr;
-  // xa: arranged x̂, per register block of rows m0: [P][4][rows][32] from m0 · P · kPairWords. xs: X_g per row
-  // (zero beyond G). la: lora_act zero-padded to Rp.
-  Buffer<uint16_t> xa(M * P * kPairWords);
-  Buffer<float> xs(M * Gp), la(M * Rp);
+  // xa: arranged x̂ bytes, per register block of rows m0: [P][rows][4][64] from m0 · P · kPairBytes; xd: its
+  // steps, [P][rows][16] from m0 · P · 16. xs: X_g per row (zero beyond G). la: lora_act zero-padded to Rp.
+  Buffer<int8_t> xa(M * P * kPairBytes);
+  Buffer<float> xd(M * P * 16), xs(M * Gp), la(M * Rp);
   for (int64_t i = 0; i < M * Gp; ++i) xs.p[i] = 0.0f;
   // Per thread: the panel's waiting accumulators, and with own_lora its partial lora_act [M, Rp].
   const int64_t waits = blocks > 1 ? kPanelCols * M * 16 : 0;
@@ -174,45 +215,43 @@ void linear_w4a16_bf16(const W4A16Args& a) {
     const int tid = thread_index();
     float* const wait = scratch.p + tid * per_thread;
     float* const part = wait + waits;
-    // 1. x̂ = x / smooth (float32, IEEE division) of this thread's share of the pairs, every row: rounded to
-    //    bfloat16, arranged, and X_g summed from the rounded values; with own_lora, partial lora_act from the
-    //    float32 x̂.
+    // 1. x̂ = x / smooth (float32, IEEE division) of this thread's share of the pairs, every row: in fixed
+    //    point, arranged, and X_g; with own_lora, partial lora_act from the float32 x̂.
     int64_t p_lo, p_hi;
     thread_share(P, tid, nt, p_lo, p_hi);
     if (own_lora)
       for (int64_t i = 0; i < M * Rp; ++i) part[i] = 0.0f;
-    alignas(64) float xf[kPairK];
-    alignas(64) uint16_t xr[kPairK];
+    alignas(64) float xf[kGroupSize];
+    alignas(64) int8_t lo[kPairK], hi[kPairK];
+    float step[2];
     for (int64_t m = 0; m < M; ++m) {
       const int64_t m0 = m / kMaxRows * kMaxRows, rows = min_i64(kMaxRows, M - m0);
       for (int64_t p = p_lo; p < p_hi; ++p) {
         const int64_t ng = min_i64(2, G - 2 * p);
-        for (int j = 0; j < 8; j += 2) {
-          __m512 v[2];
-          for (int h = 0; h < 2; ++h) {
-            const int64_t k = p * kPairK + (j + h) * 16;
-            v[h] = (j + h) * 16 < ng * kGroupSize
-                       ? _mm512_div_ps(load_bf16(x + m * K + k), load_bf16(smooth + k))
-                       : _mm512_setzero_ps();
-            _mm512_store_ps(xf + (j + h) * 16, v[h]);
-          }
-          // vcvtne2ps2bf16: the second operand's lanes first.
-          _mm512_store_si512(xr + j * 16, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
-        }
         for (int64_t g = 0; g < ng; ++g) {
-          __m512 t = _mm512_setzero_ps();
-          for (int j = 0; j < 4; ++j) t = _mm512_add_ps(t, load_bf16(xr + g * kGroupSize + j * 16));
-          xs.p[m * Gp + 2 * p + g] = _mm512_reduce_add_ps(t);
-          if (own_lora) lora_group(xf + g * kGroupSize, lora_down, (2 * p + g) * kGroupSize, R, part + m * Rp);
+          const int64_t k0 = (2 * p + g) * kGroupSize;
+          for (int j = 0; j < 4; ++j)
+            _mm512_store_ps(xf + 16 * j,
+                            _mm512_div_ps(load_bf16(x + m * K + k0 + 16 * j), load_bf16(smooth + k0 + 16 * j)));
+          const int32_t sum = fixed16_group(xf, lo + g * kGroupSize, hi + g * kGroupSize, step + g);
+          xs.p[m * Gp + 2 * p + g] = step[g] * static_cast<float>(sum);
+          if (own_lora) lora_group(xf, lora_down, k0, R, part + m * Rp);
         }
-        uint16_t* base = xa.p + m0 * P * kPairWords + p * rows * kPairWords;
-        for (int e = 0; e < 4; ++e) {
-          uint16_t* o = base + (e * rows + (m - m0)) * 32;
-          for (int i = 0; i < 16; ++i) {
-            o[2 * i] = xr[8 * i + e];
-            o[2 * i + 1] = xr[8 * i + 4 + e];
-          }
+        if (ng == 1) {
+          std::memset(lo + kGroupSize, 0, kGroupSize);
+          std::memset(hi + kGroupSize, 0, kGroupSize);
+          step[1] = 0.0f;
         }
+        // Code byte b of the pair holds k = 2b (low nibble) and 2b + 1 (high nibble).
+        int8_t* o = xa.p + (m0 * P + p * rows + (m - m0)) * kPairBytes;
+        for (int b = 0; b < 64; ++b) {
+          o[b] = lo[2 * b];
+          o[64 + b] = lo[2 * b + 1];
+          o[128 + b] = hi[2 * b];
+          o[192 + b] = hi[2 * b + 1];
+        }
+        float* d = xd.p + (m0 * P + p * rows + (m - m0)) * 16;
+        for (int i = 0; i < 16; ++i) d[i] = step[i / 8];
       }
     }
 #pragma omp barrier
@@ -272,11 +311,12 @@ void linear_w4a16_bf16(const W4A16Args& a) {
                 const float* w = wait + ((ns[t] - n0) * M + m0) * 16;
                 for (int r = 0; r < MR; ++r) acc[t][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(w + r * 16);
               }
-              const uint16_t* xb = xa.p + m0 * P * kPairWords + p0 * MR * kPairWords;
+              const int8_t* xb = xa.p + (m0 * P + p0 * MR) * kPairBytes;
+              const float* xdb = xd.p + (m0 * P + p0 * MR) * 16;
               if (nc == 2)
-                column_pairs<MR, 2>(q, s, xb, np, half, pf, pf_np, acc);
+                column_pairs<MR, 2>(q, s, xb, xdb, np, half, pf, pf_np, acc);
               else
-                column_pairs<MR, 1>(q, s, xb, np, half, pf, pf_np, acc);
+                column_pairs<MR, 1>(q, s, xb, xdb, np, half, pf, pf_np, acc);
               for (int t = 0; t < nc; ++t) {
                 const int64_t n = ns[t];
                 if (!last) {
@@ -284,14 +324,12 @@ void linear_w4a16_bf16(const W4A16Args& a) {
                   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(w + r * 16, acc[t][r]);
                   continue;
                 }
-                // Σ_g (m_g − 128 s_g) X_g, lora_act · lora_up, lane-wise; one horizontal sum; + bias.
+                // Σ_g m_g X_g, lora_act · lora_up, lane-wise; one horizontal sum; + bias.
                 for (int64_t g = 0; g < G; g += 16) {
                   const int64_t cnt = min_i64(16, G - g);
-                  const __m512 sc = cnt == 16 ? load_bf16(ws + n * G + g) : load_bf16(ws + n * G + g, cnt);
                   const __m512 mn = cnt == 16 ? load_bf16(wm + n * G + g) : load_bf16(wm + n * G + g, cnt);
-                  const __m512 off = _mm512_fmadd_ps(sc, _mm512_set1_ps(-128.0f), mn);
                   for (int r = 0; r < MR; ++r)
-                    acc[t][r] = _mm512_fmadd_ps(off, _mm512_loadu_ps(xs.p + (m0 + r) * Gp + g), acc[t][r]);
+                    acc[t][r] = _mm512_fmadd_ps(mn, _mm512_loadu_ps(xs.p + (m0 + r) * Gp + g), acc[t][r]);
                 }
                 for (int64_t i = 0; i < Rp; i += 16) {
                   const __m512 lu =
@@ -311,4 +349,4 @@ void linear_w4a16_bf16(const W4A16Args& a) {
   }
 }
 
-}  // namespace svdq::cpu::amx
+}  // namespace svdq::cpu::avx512
