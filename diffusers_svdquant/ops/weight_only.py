@@ -37,12 +37,12 @@ from . import native
 # vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
-# Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them. Measured on the AMX Xeon, same
-# process, GEMV vs tiles in ms at 3 / 4 rows: 3072 -> 18432 2.51 / 2.78 vs 2.78 / 2.68; 3072 -> 12288 1.51 / 1.90
-# vs 1.83 / 1.81; 12288 -> 3072 1.70 / 2.04 vs 1.66 / 1.69 (the tiles cost the same from 1 to 16 rows: decoding).
-# Re-measured after the GEMV's prefetch and threaded lora_act (bench --sweep, GEMV at 3 rows vs tiles at 4):
-# 2.63 vs 3.20, 1.80 vs 1.95, 2.01 vs 1.81 ms; the switch stays after 3 rows (only 12288 -> 3072 would move).
-TILES_AFTER_ROWS = 3
+# Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them. The tiles cost the same from 1 to
+# 16 rows (decoding); the fixed-point GEMV about 0.5 ms per row on 3072 -> 18432 once compute-bound. Measured on
+# the AMX Xeon, same process, GEMV vs tiles in ms at 4 / 6 rows: 3072 -> 18432 2.19 / 3.11 vs 2.75 / 2.79;
+# 3072 -> 12288 1.46 / 2.19 vs 1.87 / 1.89; 12288 -> 3072 1.45 / 2.15 vs 1.72 / 1.70; at 5 rows (a register block
+# of 4 and one of 1) 2.87 / 2.00 / 1.97 vs 2.79 / 1.88 / 1.71.
+TILES_AFTER_ROWS = 4
 # Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
 # in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
 PANEL_BYTES = 8 << 20
