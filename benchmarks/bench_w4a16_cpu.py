@@ -2,9 +2,9 @@
 
 ``ops.linear_w4a16`` on bf16 input (rank-32 low-rank branch, bias), as a W4A16 layer of a bf16 model runs it
 (ops/weight_only.py; the ``path`` column, ``weight_only.cpu_regime``): few rows one native call that streams
-the 4-bit weights (``gemv``; on the amx CPU path ``gemv_bf16``, x̂ rounded to bf16 and ``vdpbf16ps``), more
-rows the AMX tile kernel on the amx CPU path (``tiles``), else natively dequantized panels through torch.mm
-(``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32 weights on the same
+the 4-bit weights (``gemv``; on the avx512vnni and amx CPU paths ``gemv_bf16``, x̂ in 16-bit fixed point and
+``vpdpbusd``), more rows the AMX tile kernel on the amx CPU path (``tiles``), else natively dequantized panels
+through torch.mm (``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32 weights on the same
 shapes; the ratio is against the faster of the two.
 FLUX.1's shapes: the AdaLN modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072).
 Medians of repeated runs, the three calls timed in turn within each repeat (a neighbour loading the shared CPU

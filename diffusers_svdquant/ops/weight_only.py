@@ -10,10 +10,11 @@ names the one a call takes:
 
 * ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
   computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
-* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``amx`` CPU path (AVX512-BF16): one native call
-  (``_C.linear_w4a16(..., bf16=True)``) with x̂ rounded to bfloat16 and ``vdpbf16ps`` against the exact
-  weights (the precision of a bfloat16 ``nn.Linear``, weights not rounded); when the other float tensors are
-  not all bfloat16 the call computes in float32 as ``"gemv"`` does;
+* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``avx512vnni`` and ``amx`` CPU paths (AVX512-VNNI):
+  one native call (``_C.linear_w4a16(..., bf16=True)``) with x̂ in 16-bit fixed point per group of 64
+  (:func:`~diffusers_svdquant.reference.quantize_fixed16`) and ``vpdpbusd`` against the exact weights (finer than
+  a bfloat16 ``nn.Linear``'s rounding of x̂, weights not rounded); when the other float tensors are not all
+  bfloat16 the call computes in float32 as ``"gemv"`` does;
 * ``"tiles"``: a bfloat16 ``x`` of more than :data:`TILES_AFTER_ROWS` rows on the ``amx`` CPU path, one
   native call on AMX-BF16 tiles (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights
   into tiles on the fly; x̂, W, lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16
