@@ -1,10 +1,12 @@
 // The W4A16 linear on AMX-BF16 tiles (reference.linear_w4a16 with bfloat16 operands), for the many-row
 // regime of the amx path: the 4-bit weights are decoded into tiles on the fly, never into a dense copy.
 //
-//   C[n, m] = Σ_k W[n, k] · x̂[m, k] with _tile_dpbf16ps: W is the A operand (a tile is 16 rows n × 32 k, all
-//   in one group of 64, so one vpermw of a 32-entry bfloat16 table of q · s + m decodes a tile row), x̂ᵀ the B
-//   operand (16 k pairs × 16 m, packed once per call in VNNI order). The low-rank branch rides along as
-//   extra K: lora_up as A columns, lora_act as B rows. C is transposed on the way to y, + bias.
+//   C[n, m] = Σ_k W[n, k] · x̂[m, k] with _tile_dpbf16ps: W is the A operand (a tile is 16 rows n × 32 k; one
+//   vpermw of a 32-entry bfloat16 table of q · s + m, a pair of groups' 16 each, decodes a tile row), x̂ᵀ the B
+//   operand (16 k pairs × 16 m, packed once per call in VNNI order). The four steps of a pair of groups hold
+//   k = 4 w + e (step e, position w) rather than 32 consecutive k: the order one 64-byte load of codes gives
+//   (decode_a); B is packed in the same order. The low-rank branch rides along as extra K: lora_up as A
+//   columns, lora_act as B rows. C is transposed on the way to y, + bias.
 //
 // Numerics (the bfloat16 panel path's, docs/design.md §4): x̂ = x / smooth in float32, then x̂, W = q · s + m
 // (one fused multiply-add in float32), lora_act and lora_up are each rounded to bfloat16 (round to nearest
@@ -99,12 +101,53 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// x̂ᵀ (and lora_actᵀ) of m tile j as B tiles: xb[(j · S + s) · 512 + 32 i + 2 c + e] = bfloat16 of x̂[16 j + c,
-// 32 s + 2 i + e] (k < K), lora_act[16 j + c, 32 s + 2 i + e − K] (K <= k < K + R), 0 past M or K + R.
+// The k of tile step s, position w (0 .. 31; a B tile row holds positions 2i, 2i + 1): s · 32 + w, except in the
+// paired steps [0, paired_steps(K)), where the four steps 4b + e of the pair of groups b hold k = 128 b + 4 w + e
+// (decode_a's order: one 64-byte load of codes, four nibble extractions).
+inline int64_t paired_steps(int64_t K) { return K / (2 * kGroupSize) * 4; }
+
+// 64 float32 of x̂ (four vectors, k = 16 j + i) regrouped by k mod 4: o[e] lane w = x̂[4 w + e]. A lane permutation
+// within each vector (lane 4 e + w' <- 4 w' + e), then a 4 × 4 transpose of 128-bit lanes across the four.
+inline void by_k_mod_4(const __m512 a[4], __m512 o[4]) {
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 b[4];
+  for (int j = 0; j < 4; ++j) b[j] = _mm512_permutexvar_ps(idx, a[j]);
+  const __m512 t0 = _mm512_shuffle_f32x4(b[0], b[1], 0x44), t1 = _mm512_shuffle_f32x4(b[0], b[1], 0xEE);
+  const __m512 t2 = _mm512_shuffle_f32x4(b[2], b[3], 0x44), t3 = _mm512_shuffle_f32x4(b[2], b[3], 0xEE);
+  o[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  o[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+  o[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  o[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+// x̂ᵀ (and lora_actᵀ) of m tile j as B tiles: xb[(j · S + s) · 512 + 32 i + 2 c + e] = bfloat16 of x̂[16 j + c, k]
+// (k < K; k of step s, position 2 i + e: paired_steps), lora_act[16 j + c, 32 s + 2 i + e − K] (K <= k < K + R), 0
+// past M or K + R.
 template <DType D>
 void pack_x(const W4A16Args& a, int64_t j, int64_t S, uint16_t* xb) {
-  const int64_t M = a.M, K = a.K, R = a.R, m0 = 16 * j;
-  for (int64_t s = 0; s < S; ++s) {
+  const int64_t M = a.M, K = a.K, R = a.R, m0 = 16 * j, SP = paired_steps(K);
+  // x̂ of row m, 16 values from k (0 past M).
+  auto xhat = [&](int64_t m, int64_t k) {
+    return m >= M ? _mm512_setzero_ps() : _mm512_div_ps(load16<D>(a.x, m * K + k), load16<D>(a.smooth, k));
+  };
+  auto store_step = [&](int64_t s, __m512i r[16]) {
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xb + (j * S + s) * kTileWords + 32 * i, r[i]);
+  };
+  for (int64_t s = 0; s < SP; s += 4) {  // a pair of groups: four steps at once
+    __m512i r[4][16];
+    for (int c = 0; c < 16; ++c) {
+      __m512 o[2][4];
+      for (int h = 0; h < 2; ++h) {
+        __m512 v[4];
+        for (int q = 0; q < 4; ++q) v[q] = xhat(m0 + c, s * 32 + 64 * h + 16 * q);
+        by_k_mod_4(v, o[h]);
+      }
+      for (int e = 0; e < 4; ++e) r[e][c] = to_bf16(o[0][e], o[1][e]);
+    }
+    for (int e = 0; e < 4; ++e) store_step(s + e, r[e]);
+  }
+  for (int64_t s = SP; s < S; ++s) {
     const int64_t k = s * kStepK;
     __m512i r[16];
     for (int c = 0; c < 16; ++c) {
@@ -115,7 +158,7 @@ void pack_x(const W4A16Args& a, int64_t j, int64_t S, uint16_t* xb) {
         if (m >= M) {
           v[h] = _mm512_setzero_ps();
         } else if (kk < K) {
-          v[h] = _mm512_div_ps(load16<D>(a.x, m * K + kk), load16<D>(a.smooth, kk));
+          v[h] = xhat(m, kk);
         } else {
           const int64_t i = kk - K;  // lora columns: R of them, zero padded to a whole step
           const __mmask16 valid = i >= R ? 0 : (R - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (R - i)) - 1));
@@ -124,17 +167,23 @@ void pack_x(const W4A16Args& a, int64_t j, int64_t S, uint16_t* xb) {
       }
       r[c] = to_bf16(v[0], v[1]);
     }
-    transpose16(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xb + (j * S + s) * kTileWords + 32 * i, r[i]);
+    store_step(s, r);
   }
 }
 
-// Steps [s0, s1) of rows n0 .. n0 + 31 as A tiles: ap[(s − s0) · 1024 + 512 t + 32 i + c] = bfloat16 of W[n0 +
-// 16 t + i, 32 s + c] (s < K / 32) or lora_up[n0 + 16 t + i, 32 s + c − K] (zero past R); rows past N are zero.
+// Steps [s0, s1) of rows n0 .. n0 + 31 as A tiles: ap[(s − s0) · 1024 + 512 t + 32 i + w] = bfloat16 of W[n0 +
+// 16 t + i, k] (s < K / 32; k of step s, position w: paired_steps) or lora_up[n0 + 16 t + i, 32 s + w − K] (zero
+// past R); rows past N are zero. A pair of groups (64 code bytes) is one load: as 16-bit words, word w holds
+// k = 4 w .. 4 w + 3 in its nibbles (words 0-15 group g, 16-31 group g + 1), and vpermw of the pair's 32-entry
+// table (q · s + m of each group) by (word >> 4 e) & 0xF | 16 · (w >= 16) is step e's tile row: per 128 weights
+// one load, three shifts, four vpternlogd and four vpermw, where a group at a time took four loads, vpmovzxbd and
+// vpermw each (a vpermw per 32 weights either way, but half the port-5 work).
 template <DType D>
 void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* ap) {
-  const int64_t N = a.N, K = a.K, R = a.R, G = K / kGroupSize, ks = K / kStepK;
+  const int64_t N = a.N, K = a.K, R = a.R, G = K / kGroupSize, ks = K / kStepK, SP = paired_steps(K);
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i nib = _mm512_set1_epi16(0x000F);
+  const __m512i second = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x0010), 1);  // words 16-31
   for (int64_t row = 0; row < kBlockRows; ++row) {
     const int64_t n = n0 + row;
     uint16_t* const out = ap + (row / 16) * kTileWords + (row % 16) * kStepK - s0 * 2 * kTileWords;
@@ -146,8 +195,22 @@ void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* 
     // apart, a pattern the hardware prefetcher follows poorly at large K.
     for (int64_t s = s1; s < 2 * s1 - s0 && s < ks; s += 4)
       _mm_prefetch(reinterpret_cast<const char*>(a.qweight + n * (K / 2) + s * 16), _MM_HINT_T0);
-    // Runs start on even steps and K / 32 is even: a group's two steps are always in one run.
-    for (int64_t s = s0; s < s1 && s < ks; s += 2) {
+    // Runs start on steps that are multiples of 8 and end on such a step or at the chunk's end: a pair's four
+    // steps are always in one run, and so are a last single group's two.
+    for (int64_t s = s0; s < s1 && s < SP; s += 4) {
+      const int64_t g = s / 2;
+      const __m512 w0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(load_f32(a.wscales, n * G + g, D)),
+                                        _mm512_set1_ps(load_f32(a.wmins, n * G + g, D)));
+      const __m512 w1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(load_f32(a.wscales, n * G + g + 1, D)),
+                                        _mm512_set1_ps(load_f32(a.wmins, n * G + g + 1, D)));
+      const __m512i table = to_bf16(w0, w1);
+      const __m512i v = _mm512_loadu_si512(a.qweight + n * (K / 2) + g * 32);
+      for (int e = 0; e < 4; ++e) {
+        const __m512i idx = _mm512_ternarylogic_epi32(e == 0 ? v : _mm512_srli_epi16(v, 4 * e), nib, second, 0xEA);
+        _mm512_storeu_si512(out + (s + e) * 2 * kTileWords, _mm512_permutexvar_epi16(idx, table));
+      }
+    }
+    for (int64_t s = max_i64(s0, SP); s < s1 && s < ks; s += 2) {  // the last group of an odd count
       const int64_t g = s / 2;
       const float sc = load_f32(a.wscales, n * G + g, D), mn = load_f32(a.wmins, n * G + g, D);
       const __m512 w = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc), _mm512_set1_ps(mn));
