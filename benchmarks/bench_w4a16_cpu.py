@@ -4,8 +4,8 @@
 (ops/weight_only.py; the ``path`` column, ``weight_only.cpu_regime``): few rows one native call that streams
 the 4-bit weights (``gemv``; on the avx512vnni and amx CPU paths ``gemv_bf16``, x̂ in 16-bit fixed point and
 ``vpdpbusd``), more rows the AMX tile kernel on the amx CPU path (``tiles``), else natively dequantized panels
-through torch.mm (``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32 weights on the same
-shapes; the ratio is against the faster of the two.
+through torch.mm (``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32
+weights on the same shapes; the ratio is against the faster of the two.
 FLUX.1's shapes: the AdaLN modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072).
 Medians of repeated runs, the three calls timed in turn within each repeat (a neighbour loading the shared CPU
 slows a whole round alike rather than one side of a ratio); the load average is printed with the results.
