@@ -186,6 +186,7 @@ inline void column_pairs(const uint8_t* const* q, const uint16_t* const* s, cons
 }  // namespace
 
 void linear_w4a16_bf16(const W4A16Args& a) {
+  if (a.M <= 0 || a.N <= 0) return;
   const int64_t M = a.M, N = a.N, K = a.K, R = a.R, G = K / kGroupSize;
   const int64_t P = ceil_div(G, 2), Gp = ceil_div(G, 16) * 16, Rp = ceil_div(R, 16) * 16;
   const bool odd = G % 2 == 1;
