@@ -1,7 +1,8 @@
 """The weight-only INT4 linear (W4A16) on CPU vs torch.nn.functional.linear in bf16 and fp32, same process.
 
-``ops.linear_w4a16`` on bf16 input (rank-32 low-rank branch, bias), as a W4A16 layer of a bf16 model runs it
-(ops/weight_only.py; the ``path`` column, ``weight_only.cpu_regime``): few rows one native call that streams
+A ``W4A16Linear`` layer's forward on bf16 input (rank-32 low-rank branch, bias), as a bf16 model runs it
+(``torch.no_grad``; eager on CPU it calls ``ops.weight_only.linear_w4a16_cpu``, the op's CPU implementation
+without its dispatch; the ``path`` column is ``weight_only.cpu_regime``): few rows one native call that streams
 the 4-bit weights (``gemv``; on the avx512vnni and amx CPU paths ``gemv_bf16``, x̂ in 16-bit fixed point and
 ``vpdpbusd``), more rows the AMX tile kernel on the amx CPU path (``tiles``), else natively dequantized panels
 through torch.mm (``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32
@@ -32,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffusers_svdquant import ops, reference
+from diffusers_svdquant import W4A16Linear, algorithm, ops, reference
 from diffusers_svdquant.ops import weight_only
 
 SHAPES = [(3072, 18432), (3072, 12288), (12288, 3072)]  # (K, N): AdaLN, MLP up, MLP down
@@ -65,16 +66,20 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def w4a16_layer(w: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """The W4A16 tensors of weight ``w`` [N, K] (reference.quantize_groups_affine), smoothing and low rank."""
+def w4a16_layer(w: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> W4A16Linear:
+    """A W4A16 layer of weight ``w`` [N, K] (reference.quantize_groups_affine), random smoothing and low rank."""
     n, k = w.shape
     codes, wscales, wmins = reference.quantize_groups_affine(w, param_dtype=dtype)
     smooth = torch.empty(k).uniform_(0.5, 2.0).to(dtype)
     lora_down = (torch.randn(k, RANK) / k**0.5).to(dtype)
     lora_up = (torch.randn(n, RANK) * 0.01).to(dtype)
-    return reference.pack_int4(codes), wscales, wmins, smooth, lora_down, lora_up
+    layer = W4A16Linear(k, n, RANK, True, dtype)
+    q = algorithm.QuantizedWeight(reference.pack_int4(codes), wscales, smooth, lora_down, lora_up, wmins)
+    layer.load_quantized(q, bias.to(dtype))
+    return layer
 
 
+@torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
@@ -107,11 +112,11 @@ def main() -> None:
     for k, n in SHAPES:
         w = torch.randn(n, k) / k**0.5
         bias = torch.randn(n) * 0.1
-        layer = w4a16_layer(w, torch.bfloat16)
+        layer = w4a16_layer(w, bias, torch.bfloat16)
         w16, b16 = w.to(torch.bfloat16), bias.to(torch.bfloat16)
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            calls = [(ops.linear_w4a16, x, *layer, b16), (F.linear, x, w16, b16)]
+            calls = [(layer, x), (F.linear, x, w16, b16)]
             if not args.sweep:
                 calls.append((F.linear, x.float(), w, bias))
             t_q, t_16, t_32 = [*interleaved_medians(args.repeats, *calls, flush=flush), float("inf")][:3]

@@ -171,7 +171,10 @@ class SVDQuantLinear(nn.Module):
                 f"expected {self.in_features}"
             )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.wscales.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        dtype = self.wscales.dtype
+        if x2.dtype != dtype:  # a call saved: each costs tens of microseconds when a large layer flushed the caches
+            x2 = x2.to(dtype)
         # The CUDA cache is keyed by data pointer, which torch.compile cannot trace: compiled graphs
         # take the canonical op (which runs the same kernels, packing on the fly).
         if not self.WEIGHT_ONLY and x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
@@ -225,10 +228,12 @@ class W4A16Linear(SVDQuantLinear):
     WEIGHT_ONLY = True
 
     def with_branch(self, x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
-        """:meth:`SVDQuantLinear.with_branch` through the weight-only op."""
-        return ops.linear_w4a16(
-            x, self.qweight, self.wscales, self.wmins, self.smooth, lora_down, lora_up, self.bias
-        )  # fmt: skip
+        """:meth:`SVDQuantLinear.with_branch` through the weight-only op; in eager CPU inference its CPU
+        implementation directly (``ops.weight_only.linear_w4a16_cpu``: the same kernels without the op's dispatch)."""
+        args = (x, self.qweight, self.wscales, self.wmins, self.smooth, lora_down, lora_up, self.bias)
+        if ops.weight_only.eager_on_cpu(x):
+            return ops.weight_only.linear_w4a16_cpu(*args)
+        return ops.linear_w4a16(*args)
 
     def mma_weights(self) -> ops.MmaPackedWeights:
         """Not used: the W4A16 kernels read the canonical tensors."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusers_svdquant import SVDQuantLinear, W4A16Linear, algorithm, reference
+from diffusers_svdquant import SVDQuantLinear, W4A16Linear, algorithm, ops, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KEYS = ["qweight", "wscales", "smooth", "lora_down", "lora_up"]
@@ -262,6 +262,27 @@ def test_w4a16_backward_reaches_the_input_only():
     layer(x).backward(g)
     torch.testing.assert_close(x.grad, g @ layer.dequantized_weight(), rtol=1e-5, atol=1e-5)
     assert all(p.grad is None and not p.requires_grad for p in layer.parameters())
+
+
+def test_w4a16_eager_cpu_path_is_the_op(monkeypatch):
+    """In eager CPU inference the layer calls the op's CPU implementation directly (no dispatch) and gets the op's
+    result bit for bit; with a gradient to record, or when that path is switched off, it takes the op."""
+    from diffusers_svdquant.ops import weight_only
+
+    layer = W4A16Linear.from_linear(_linear(192, 80, True, torch.bfloat16), 8)
+    x = torch.randn(3, 192, generator=_gen(6)).bfloat16()
+    t = [getattr(layer, n) for n in ("qweight", "wscales", "wmins", "smooth", "lora_down", "lora_up", "bias")]
+    calls = []
+    direct = weight_only.linear_w4a16_cpu
+    monkeypatch.setattr(weight_only, "linear_w4a16_cpu", lambda *a: calls.append(1) or direct(*a))
+    with torch.no_grad():
+        y = layer(x)
+    assert calls and torch.equal(y, ops.linear_w4a16(x, *t))
+    assert weight_only.eager_on_cpu(x) and not weight_only.eager_on_cpu(x.requires_grad_())
+    calls.clear()
+    y = layer(x)  # grad enabled and x requires it: the op, whose backward records
+    assert not calls and y.requires_grad and torch.equal(y.detach(), ops.linear_w4a16(x.detach(), *t))
+    assert not weight_only.eager_on_cpu(torch.empty(1, 192, device="meta"))
 
 
 def test_load_quantized_of_the_other_kind_is_refused():
