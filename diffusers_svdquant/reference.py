@@ -358,7 +358,8 @@ def quantize_fixed16(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Per group, ``amax = max |x̂|``, ``codes = round(x̂ · (FIXED16_MAX / amax))`` (half to even) and
     ``step = amax / FIXED16_MAX``, every operation in float32: a kernel computes the same bits. A group with
     ``amax < FIXED16_TINY`` gets codes 0 and step 0; one with an infinite or NaN element codes 0 and step NaN
-    (its outputs are NaN). The error is at most half a step, ``amax · 2⁻¹⁶``.
+    (its outputs are NaN). The error is at most half a step, ``amax / 65278`` (about ``amax · 2⁻¹⁶``), plus
+    float32's rounding of ``x̂ · (FIXED16_MAX / amax)``.
 
     Args:
         xs: float32 ``[M, K]``, K a multiple of 64.

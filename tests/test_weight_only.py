@@ -21,7 +21,7 @@ Tolerances, per element, against the exact result computed in float64 from the s
   tolerance of rounding x̂ alone to bfloat16: the error Σ δ_k·x̂_k·W_k with independent |δ_k| ≤ u = 2⁻⁸
   (bfloat16's unit roundoff, eps / 2) exceeds 8u · sqrt(Σ(x̂·W)²) with probability below 2·e⁻³² (Hoeffding), and
   2⁻⁵ · spread ≥ that; the float32 part is the float32 kernel's. The kernel's x̂ in 16-bit fixed point errs
-  less (at most amax · 2⁻¹⁶ per element); tests/test_w4a16_gemv_bf16.py holds it to that bound.
+  less (at most half a step, about amax · 2⁻¹⁶, per element); tests/test_w4a16_gemv_bf16.py holds it to that bound.
 * Plus one rounding to the output dtype: ``eps(dtype) · |exact|`` (and its smallest subnormal).
 
 Each check can fail: a wrong nibble, group, scale, minimum, row or column moves an element by about
