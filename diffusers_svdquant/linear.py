@@ -165,23 +165,31 @@ class SVDQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` → ``[..., N]`` in the layer's dtype."""
-        if x.shape[-1] != self.in_features:
+        shape = x.shape
+        if shape[-1] != self.in_features:
             raise ValueError(
-                f"{type(self).__name__}: input has {x.shape[-1]} features (shape {tuple(x.shape)}), "
+                f"{type(self).__name__}: input has {shape[-1]} features (shape {tuple(shape)}), "
                 f"expected {self.in_features}"
             )
-        lead = x.shape[:-1]
+        # The tensors straight from _parameters, and no call that can be saved: after a large layer has flushed
+        # the caches every Python-level step costs microseconds (module attribute reads, .to() to the same
+        # dtype, the op's dispatch: 0.2 ms of an M = 1 weight-only call, benchmarks/RESULTS.md).
+        p = self._parameters
         x2 = x.reshape(-1, self.in_features)
-        dtype = self.wscales.dtype
-        if x2.dtype != dtype:  # a call saved: each costs tens of microseconds when a large layer flushed the caches
+        dtype = p["wscales"].dtype
+        if x2.dtype != dtype:
             x2 = x2.to(dtype)
+        if self.WEIGHT_ONLY and ops.weight_only.eager_on_cpu(x2):
+            y = ops.weight_only.linear_w4a16_cpu(
+                x2, p["qweight"], p["wscales"], p["wmins"], p["smooth"], p["lora_down"], p["lora_up"], p.get("bias")
+            )  # fmt: skip
         # The CUDA cache is keyed by data pointer, which torch.compile cannot trace: compiled graphs
         # take the canonical op (which runs the same kernels, packing on the fly).
-        if not self.WEIGHT_ONLY and x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
+        elif not self.WEIGHT_ONLY and x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
             y = ops.svdquant_linear_mma(x2, self.smooth, self.lora_down, self.mma_weights())
         else:
             y = self.with_branch(x2, self.lora_down, self.lora_up)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def with_branch(self, x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
         """This layer's op on 2-D ``x`` ``[M, K]`` (model dtype) with ``lora_down`` ``[K, r']`` / ``lora_up``
