@@ -184,6 +184,10 @@ void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* 
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i nib = _mm512_set1_epi16(0x000F);
   const __m512i second = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x0010), 1);  // words 16-31
+  // q · s + m for q = 0 .. 15 of group i (of all N · G): one FMA.
+  auto group_values = [&](int64_t i) {
+    return _mm512_fmadd_ps(iota, _mm512_set1_ps(load_f32(a.wscales, i, D)), _mm512_set1_ps(load_f32(a.wmins, i, D)));
+  };
   for (int64_t row = 0; row < kBlockRows; ++row) {
     const int64_t n = n0 + row;
     uint16_t* const out = ap + (row / 16) * kTileWords + (row % 16) * kStepK - s0 * 2 * kTileWords;
@@ -199,11 +203,7 @@ void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* 
     // steps are always in one run, and so are a last single group's two.
     for (int64_t s = s0; s < s1 && s < SP; s += 4) {
       const int64_t g = s / 2;
-      const __m512 w0 = _mm512_fmadd_ps(iota, _mm512_set1_ps(load_f32(a.wscales, n * G + g, D)),
-                                        _mm512_set1_ps(load_f32(a.wmins, n * G + g, D)));
-      const __m512 w1 = _mm512_fmadd_ps(iota, _mm512_set1_ps(load_f32(a.wscales, n * G + g + 1, D)),
-                                        _mm512_set1_ps(load_f32(a.wmins, n * G + g + 1, D)));
-      const __m512i table = to_bf16(w0, w1);
+      const __m512i table = to_bf16(group_values(n * G + g), group_values(n * G + g + 1));
       const __m512i v = _mm512_loadu_si512(a.qweight + n * (K / 2) + g * 32);
       for (int e = 0; e < 4; ++e) {
         const __m512i idx = _mm512_ternarylogic_epi32(e == 0 ? v : _mm512_srli_epi16(v, 4 * e), nib, second, 0xEA);
@@ -212,8 +212,7 @@ void decode_a(const W4A16Args& a, int64_t n0, int64_t s0, int64_t s1, uint16_t* 
     }
     for (int64_t s = max_i64(s0, SP); s < s1 && s < ks; s += 2) {  // the last group of an odd count
       const int64_t g = s / 2;
-      const float sc = load_f32(a.wscales, n * G + g, D), mn = load_f32(a.wmins, n * G + g, D);
-      const __m512 w = _mm512_fmadd_ps(iota, _mm512_set1_ps(sc), _mm512_set1_ps(mn));
+      const __m512 w = group_values(n * G + g);
       const __m512i table = to_bf16(w, w);  // 16 values, twice: the index's bit 4 does not matter
       for (int64_t h = 0; h < 2; ++h) {
         // dword i = byte i | byte i << 12: word 2i indexes by the low nibble, word 2i + 1 by the high one.
