@@ -179,16 +179,12 @@ class SVDQuantLinear(nn.Module):
         dtype = p["wscales"].dtype
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        if self.WEIGHT_ONLY and ops.weight_only.eager_on_cpu(x2):
-            y = ops.weight_only.linear_w4a16_cpu(
-                x2, p["qweight"], p["wscales"], p["wmins"], p["smooth"], p["lora_down"], p["lora_up"], p.get("bias")
-            )  # fmt: skip
         # The CUDA cache is keyed by data pointer, which torch.compile cannot trace: compiled graphs
         # take the canonical op (which runs the same kernels, packing on the fly).
-        elif not self.WEIGHT_ONLY and x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
+        if not self.WEIGHT_ONLY and x2.is_cuda and ops.cuda_mma_path(x2.device) and not torch.compiler.is_compiling():
             y = ops.svdquant_linear_mma(x2, self.smooth, self.lora_down, self.mma_weights())
         else:
-            y = self.with_branch(x2, self.lora_down, self.lora_up)
+            y = self.with_branch(x2, p["lora_down"], p["lora_up"])
         return y.reshape(*shape[:-1], self.out_features)
 
     def with_branch(self, x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
@@ -238,7 +234,8 @@ class W4A16Linear(SVDQuantLinear):
     def with_branch(self, x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
         """:meth:`SVDQuantLinear.with_branch` through the weight-only op; in eager CPU inference its CPU
         implementation directly (``ops.weight_only.linear_w4a16_cpu``: the same kernels without the op's dispatch)."""
-        args = (x, self.qweight, self.wscales, self.wmins, self.smooth, lora_down, lora_up, self.bias)
+        p = self._parameters  # not self.qweight, ...: module attribute reads cost microseconds each when cold
+        args = (x, p["qweight"], p["wscales"], p["wmins"], p["smooth"], lora_down, lora_up, p.get("bias"))
         if ops.weight_only.eager_on_cpu(x):
             return ops.weight_only.linear_w4a16_cpu(*args)
         return ops.linear_w4a16(*args)
