@@ -266,6 +266,9 @@ def test_known_isas_are_built_and_gated_by_cpuid():
     if flags is not None and os.uname().machine == "x86_64":
         assert ("avxvnni" in ISAS) == ({"avx_vnni", "avx2", "fma", "f16c"} <= flags)
         assert ("avx512vnni" in ISAS) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags)
+        if "avx512bf16" in known:
+            bf16 = {"avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+            assert ("avx512bf16" in ISAS) == (bf16 <= flags)
         if "amx" in known:  # the kernel lists amx_tile only when it saves the tile state (and grants it)
             amx = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
             assert ("amx" in ISAS) == (amx <= flags)

@@ -1,5 +1,5 @@
-"""The bfloat16 W4A16 GEMV (``_C.linear_w4a16(..., bf16=True)``, cpp/cpu/w4a16_gemv_bf16.cpp) of the avx512vnni
-and amx paths, called directly (row counts beyond those the op hands it too) and through the op.
+"""The bfloat16 W4A16 GEMV (``_C.linear_w4a16(..., bf16=True)``, cpp/cpu/w4a16_gemv_bf16.cpp) of the avx512vnni,
+avx512bf16 and amx paths, called directly (row counts beyond those the op hands it too) and through the op.
 
 It puts x̂ = x / smooth (float32) in 16-bit fixed point per row and group of 64 (``reference.quantize_fixed16``)
 and rounds nothing else: W = q·s + m, lora_act (from the float32 x̂), lora_up and the bias stay exact, products
@@ -30,8 +30,9 @@ from test_weight_only import F32_TOL, G, assert_close, make_case, on_isa
 from diffusers_svdquant import ops, reference
 from diffusers_svdquant.ops import native, weight_only
 
-PATHS = [i for i in ops.supported_cpu_isas() if i in ("avx512vnni", "amx")]
-WITHOUT = [i for i in ops.supported_cpu_isas() if i not in ("avx512vnni", "amx")]
+GEMV_PATHS = ("avx512vnni", "avx512bf16", "amx")
+PATHS = [i for i in ops.supported_cpu_isas() if i in GEMV_PATHS]
+WITHOUT = [i for i in ops.supported_cpu_isas() if i not in GEMV_PATHS]
 pytestmark = pytest.mark.skipif(not PATHS, reason="no avx512vnni CPU path (AVX512-VNNI) on this CPU or build")
 FIXED16_TOL = 0.5 / reference.FIXED16_MAX + 2.0**-22  # half a step, and the float32 scaling's roundings
 
@@ -227,7 +228,8 @@ def test_gemv_bf16_bad_arguments(path):
     with pytest.raises(ValueError, match="bf16=True needs every float tensor in bfloat16"):
         gemv_bf16(case, dtype=native.DTYPE_CODES[torch.float32])
     # Both kernels asked for: refused, by name where the path has tiles, for want of them where it has none.
-    with pytest.raises(ValueError, match="choose one kernel" if path == "amx" else "has no tile kernel"):
+    refusal = "choose one kernel" if path in ("avx512bf16", "amx") else "has no tile kernel"
+    with pytest.raises(ValueError, match=refusal):
         gemv_bf16(case, tiles=True)
 
 

@@ -1,9 +1,9 @@
 """The weight-only (W4A16) op on CPU, every instruction path, against an independent float64 computation.
 
 ``ops.linear_w4a16`` has three CPU regimes (ops/weight_only.py, ``weight_only.cpu_regime``): few rows the
-native float32 kernel (``_C.linear_w4a16``), or for bfloat16 on the avx512vnni and amx paths its bfloat16 GEMV
-(``bf16=True``, tests/test_w4a16_gemv_bf16.py); more rows of bfloat16 on the amx path the AMX tile kernel
-(``tiles=True``);
+native float32 kernel (``_C.linear_w4a16``), or for bfloat16 on the avx512vnni, avx512bf16 and amx paths its
+bfloat16 GEMV (``bf16=True``, tests/test_w4a16_gemv_bf16.py); more rows of bfloat16 on the avx512bf16 and amx paths
+a tile kernel (``tiles=True``, tests/test_w4a16_tiles.py);
 more rows elsewhere natively dequantized panels through ``torch.mm``.
 
 Tolerances, per element, against the exact result computed in float64 from the same x̂, W, lora and bias
@@ -17,7 +17,7 @@ Tolerances, per element, against the exact result computed in float64 from the s
   error up to 2⁻⁸ each, bfloat16's unit roundoff, independent per term) before torch's float32-accumulating
   matmul, as a bfloat16 ``nn.Linear`` rounds its operands: an error of standard deviation about 0.8 · 2⁻⁸ ·
   spread, so the bound is some 10 standard deviations (a worst case, 2⁻⁷ · bound, would hide single wrong terms).
-* the bfloat16 GEMV (bfloat16 x, few rows, avx512vnni and amx paths): ``2⁻⁵ · spread + 1e-5 · bound``, the
+* the bfloat16 GEMV (bfloat16 x, few rows, avx512vnni, avx512bf16 and amx paths): ``2⁻⁵ · spread + 1e-5 · bound``, the
   tolerance of rounding x̂ alone to bfloat16: the error Σ δ_k·x̂_k·W_k with independent |δ_k| ≤ u = 2⁻⁸
   (bfloat16's unit roundoff, eps / 2) exceeds 8u · sqrt(Σ(x̂·W)²) with probability below 2·e⁻³² (Hoeffding), and
   2⁻⁵ · spread ≥ that; the float32 part is the float32 kernel's. The kernel's x̂ in 16-bit fixed point errs
@@ -266,7 +266,7 @@ def test_constant_groups(isa, m):
 @pytest.mark.parametrize("m", [2, 40])
 def test_mixed_dtypes(isa, m):
     # Float32 parameters under a bfloat16 x (and the reverse) compute in float32: the float32 tolerance holds (at
-    # 2 rows on the amx path too, whose bfloat16 GEMV takes only all-bfloat16 tensors). The tiles and panels of
+    # 2 rows on the GEMV paths too, whose bfloat16 GEMV takes only all-bfloat16 tensors). The tiles and panels of
     # 40 bfloat16 rows round x̂ and W to bfloat16 whatever the parameters' dtype: their tolerance.
     x, qw, ws, wm, sm, ld, lu, b = make_case(m, 20, 128, 8, torch.float32, seed=9)
     for args in ((x.bfloat16(), qw, ws, wm, sm, ld, lu, b), (x, qw, ws.bfloat16(), wm.bfloat16(), sm, ld, lu, b)):

@@ -169,10 +169,10 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   const char* fn = "linear_w4a16";
   if (tiles && svdq::cpu::kernels().linear_w4a16_tiles == nullptr)
     fail(std::string(fn) + ": tiles=True, but the CPU path '" + svdq::cpu::current_isa() +
-         "' has no tile kernel (the amx path has)");
+         "' has no tile kernel (the avx512bf16 and amx paths have)");
   if (bf16 && svdq::cpu::kernels().linear_w4a16_bf16 == nullptr)
     fail(std::string(fn) + ": bf16=True, but the CPU path '" + svdq::cpu::current_isa() +
-         "' has no bfloat16 GEMV (the avx512vnni and amx paths have)");
+         "' has no bfloat16 GEMV (the avx512vnni, avx512bf16 and amx paths have)");
   if (tiles && bf16) fail(std::string(fn) + ": tiles=True and bf16=True: choose one kernel");
   const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
                   lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
@@ -312,7 +312,8 @@ PeakLoop peak_loop() {
   if (current == "avxvnni") return svdq::cpu::avxvnni::int8_peak_ops;
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
-  if (current == "avx512vnni" || current == "amx") return svdq::cpu::avx512vnni::int8_peak_ops;  // one main loop
+  if (current == "avx512vnni" || current == "avx512bf16" || current == "amx")  // one main loop
+    return svdq::cpu::avx512vnni::int8_peak_ops;
 #endif
 #if defined(SVDQ_HAVE_I8MM)
   if (current == "i8mm") return svdq::cpu::i8mm::int8_peak_ops;
@@ -381,17 +382,18 @@ Releases the GIL.)doc");
 x [M, K], smooth [K], lora_down [K, R]; qweight uint8 [N, K/2] unsigned codes (element 2j low nibble);
 wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in dtype (0 float32,
 1 bfloat16, 2 float16), contiguous. Writes y [M, N] in dtype (float32 arithmetic, rounded once).
-tiles=False: the few-rows kernel; tiles=True: the AMX tile kernel (w4a16_tiles_available()), whose
+tiles=False: the few-rows kernel; tiles=True: the tile kernel (AMX-BF16 or zmm vdpbf16ps; w4a16_tiles_available()), whose
 operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first; bf16=True (dtype 1 only): the
 few-rows kernel with x / smooth in 16-bit fixed point per group of 64 (reference.quantize_fixed16;
 w4a16_bf16_gemv_available()). Releases the GIL.)doc");
   m.def(
       "w4a16_bf16_gemv_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16 != nullptr; },
-      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): the avx512vnni "
-      "and amx paths.");
+      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): the avx512vnni, "
+      "avx512bf16 and amx paths.");
   m.def(
       "w4a16_tiles_available", [] { return svdq::cpu::kernels().linear_w4a16_tiles != nullptr; },
-      "Whether the selected CPU path has the W4A16 tile kernel (linear_w4a16(..., tiles=True)): the amx path.");
+      "Whether the selected CPU path has the W4A16 tile kernel (linear_w4a16(..., tiles=True)): the avx512bf16 "
+      "(zmm vdpbf16ps) and amx (AMX-BF16) paths.");
   m.def("dequantize_w4a16", &dequantize_w4a16, py::arg("qweight"), py::arg("wscales"), py::arg("wmins"),
         py::arg("smooth"), py::arg("out"), py::arg("N"), py::arg("K"), py::arg("ldo"), py::arg("wdtype"),
         py::arg("odtype"), py::arg("num_threads"),

@@ -178,6 +178,17 @@ const IsaEntry kIsas[] = {
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
       avx512::dequantize_w4a16, nullptr, nullptr, true, avx512::linear_w4a16_bf16}},
 #endif
+#if defined(SVDQ_HAVE_AVX512BF16)
+    // avx512vnni with the many-rows W4A16 linear on zmm vdpbf16ps (w4a16_dpbf16.cpp): AVX512-BF16 without AMX
+    // (Zen 4 and 5, Cooper Lake), where torch's bf16 GEMM is fast and dequantized panels lose to it.
+    {"avx512bf16",
+     [](const CpuFeatures& f) {
+       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
+              f.avx512dq && f.avx512vnni && f.avx512bf16;
+     },
+     {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
+      avx512::dequantize_w4a16, avx512bf16::linear_w4a16, nullptr, true, avx512::linear_w4a16_bf16}},
+#endif
 #if defined(SVDQ_HAVE_AMX)
     // avx512vnni with AMX-BF16 tiles where a bf16 layer gains from them: the W4A4 low-rank branch (the GEMM's
     // up projection, gemm_avx512amx.cpp; the whole linear's down projection, quantize_avx512amx.cpp) and the

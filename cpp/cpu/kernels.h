@@ -132,9 +132,17 @@ void quantize_act(const void* x, const void* smooth, const void* lora_down, uint
                   float* lora_act, int64_t M, int64_t K, int64_t R, DType dtype, int num_threads);
 void linear_w4a16(const W4A16Args& args);
 void dequantize_w4a16(const DequantW4A16Args& args);
-// The few-rows bfloat16 GEMV (w4a16_gemv_bf16.cpp), linear_w4a16_bf16 of the avx512vnni and amx paths.
+// The few-rows bfloat16 GEMV (w4a16_gemv_bf16.cpp), linear_w4a16_bf16 of the avx512vnni,
+// avx512bf16 and amx paths.
 void linear_w4a16_bf16(const W4A16Args& args);
 }  // namespace avx512
+
+#if defined(SVDQ_HAVE_AVX512BF16)
+// W4A16 on zmm vdpbf16ps (w4a16_dpbf16.cpp), the avx512bf16 path's linear_w4a16_tiles.
+namespace avx512bf16 {
+void linear_w4a16(const W4A16Args& args);
+}  // namespace avx512bf16
+#endif
 
 #if defined(SVDQ_HAVE_AMX)
 // W4A16 on AMX-BF16 tiles (w4a16_amx.cpp), the amx path's linear_w4a16_tiles.

@@ -1,7 +1,7 @@
 """The native boundary: ``torch.library`` custom ops over the ``_C`` kernels (docs/design.md §4).
 
 * :mod:`.native` loads ``_C`` (the only module that imports it) and picks the CPU instruction path
-  (``SVDQ_CPU_ISA=generic|avx2|avxvnni|avx512vnni`` forces one at import);
+  (``SVDQ_CPU_ISA=generic|avx2|avxvnni|avx512vnni|avx512bf16|amx`` forces one at import);
 * :mod:`.canonical` defines the ops on the canonical tensors (``quantize_act``, ``gemm_w4a4``,
   ``linear``) with their fakes, reference defaults and CPU kernels, and ``linear``'s backward w.r.t. its input;
 * :mod:`.weight_only` defines the weight-only op ``linear_w4a16`` the same way;

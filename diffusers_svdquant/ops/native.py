@@ -6,8 +6,8 @@ never torch objects.
 
 Environment:
     ``SVDQ_CPU_ISA``: force a CPU instruction path (``generic``; x86: ``avx2``, ``avxvnni``,
-    ``avx512vnni``, ``amx``; Arm: ``dotprod``, ``i8mm``) at import; an unknown or unsupported name is ignored
-    with a warning.
+    ``avx512vnni``, ``avx512bf16``, ``amx``; Arm: ``dotprod``, ``i8mm``) at import; an unknown or unsupported
+    name is ignored with a warning.
 """
 
 from __future__ import annotations

@@ -10,15 +10,16 @@ names the one a call takes:
 
 * ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
   computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
-* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``avx512vnni`` and ``amx`` CPU paths (AVX512-VNNI):
+* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``avx512vnni``, ``avx512bf16`` and ``amx`` CPU paths:
   one native call (``_C.linear_w4a16(..., bf16=True)``) with x̂ in 16-bit fixed point per group of 64
   (:func:`~diffusers_svdquant.reference.quantize_fixed16`) and ``vpdpbusd`` against the exact weights (finer than
   a bfloat16 ``nn.Linear``'s rounding of x̂, weights not rounded); when the other float tensors are not all
   bfloat16 the call computes in float32 as ``"gemv"`` does;
-* ``"tiles"``: a bfloat16 ``x`` of more than :data:`TILES_AFTER_ROWS` rows on the ``amx`` CPU path, one
-  native call on AMX-BF16 tiles (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights
-  into tiles on the fly; x̂, W, lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16
-  ``nn.Linear``), products and sums in float32;
+* ``"tiles"``: a bfloat16 ``x`` of more rows than :data:`TILES_AFTER_ROWS` gives the CPU path, on the ``amx``
+  path (AMX-BF16 tiles) and the ``avx512bf16`` path (zmm ``vdpbf16ps``), one native call
+  (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights into bfloat16 tiles on the fly; x̂, W,
+  lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16 ``nn.Linear``), products and sums in
+  float32;
 * ``"panels"``: more rows elsewhere (compute-bound): the weight is dequantized natively in panels of
   columns (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂. A bfloat16 ``x`` gets bfloat16
   panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels), float32 and float16 inputs
@@ -38,12 +39,14 @@ from . import native
 # vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
-# Rows above which a bfloat16 x runs the AMX tiles where the CPU path has them. The tiles cost the same from 1 to
-# 16 rows (decoding); the fixed-point GEMV about 0.5 ms per row on 3072 -> 18432 once compute-bound. Measured on
+# Rows above which a bfloat16 x runs the tile kernel, per CPU path that has one. AMX: the tiles cost the same from 1
+# to 16 rows (decoding); the fixed-point GEMV about 0.5 ms per row on 3072 -> 18432 once compute-bound. Measured on
 # the AMX Xeon, same process, GEMV vs tiles in ms at 4 / 6 rows: 3072 -> 18432 2.19 / 3.11 vs 2.75 / 2.79;
 # 3072 -> 12288 1.46 / 2.19 vs 1.87 / 1.89; 12288 -> 3072 1.45 / 2.15 vs 1.72 / 1.70; at 5 rows (a register block
-# of 4 and one of 1) 2.87 / 2.00 / 1.97 vs 2.79 / 1.88 / 1.71.
-TILES_AFTER_ROWS = 4
+# of 4 and one of 1) 2.87 / 2.00 / 1.97 vs 2.79 / 1.88 / 1.71. avx512bf16 (zmm vdpbf16ps, half AMX's rate): on
+# Zen 5, GEMV vs tiles in ms at 8 / 10 rows: 3.93 / 5.43 vs 5.02 / 5.03; 2.57 / 3.21 vs 3.33 / 2.92; 2.03 / 2.57
+# vs 2.58 / 2.56.
+TILES_AFTER_ROWS = {"amx": 4, "avx512bf16": 8}
 # Bytes per dequantized panel: few enough round trips between _C and torch's matmul, small enough to stay
 # in cache between the two (measured best of 1.5, 8, 32 MiB and whole layers on the AMX Xeon).
 PANEL_BYTES = 8 << 20
@@ -117,7 +120,12 @@ def cpu_regime(m: int, dtype: torch.dtype) -> str:
     ``"panels"`` (module docstring), ``"reference"`` without ``_C``."""
     if native._C is None:
         return "reference"
-    if dtype == torch.bfloat16 and m > TILES_AFTER_ROWS and native._C.w4a16_tiles_available():
+    if (
+        dtype == torch.bfloat16
+        and m > min(TILES_AFTER_ROWS.values())
+        and native._C.w4a16_tiles_available()
+        and m > TILES_AFTER_ROWS[native._C.cpu_isa()]
+    ):
         return "tiles"
     if m > GEMV_MAX_ROWS[dtype]:
         return "panels"
