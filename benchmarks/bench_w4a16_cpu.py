@@ -3,10 +3,11 @@
 A ``W4A16Linear`` layer's forward on bf16 input (rank-32 low-rank branch, bias), as a bf16 model runs it
 (``torch.no_grad``; eager on CPU it calls ``ops.weight_only.linear_w4a16_cpu``, the op's CPU implementation
 without its dispatch; the ``path`` column is ``weight_only.cpu_regime``): few rows one native call that streams
-the 4-bit weights (``gemv``; on the avx512vnni and amx CPU paths ``gemv_bf16``, x̂ in 16-bit fixed point and
-``vpdpbusd``), more rows the AMX tile kernel on the amx CPU path (``tiles``), else natively dequantized panels
-through torch.mm (``panels``). Against it the dense layer it replaces, ``F.linear`` with bf16 and with fp32
-weights on the same shapes; the ratio is against the faster of the two.
+the 4-bit weights (``gemv``; on the avx512vnni, avx512bf16 and amx CPU paths ``gemv_bf16``, x̂ in 16-bit fixed
+point and ``vpdpbusd``), more rows the tile kernel on the amx (AMX-BF16) and avx512bf16 (zmm ``vdpbf16ps``) CPU
+paths (``tiles``), else natively dequantized panels through torch.mm (``panels``). Against it the dense layer it
+replaces, ``F.linear`` with bf16 and with fp32 weights on the same shapes; the ratio is against the faster of the
+two.
 FLUX.1's shapes: the AdaLN modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072).
 Medians of repeated runs, the three calls timed in turn within each repeat (a neighbour loading the shared CPU
 slows a whole round alike rather than one side of a ratio); the load average is printed with the results.
@@ -16,10 +17,11 @@ slows a whole round alike rather than one side of a ratio); the load average is 
 ``--sweep``: rows 1 .. 2048 (ROWS_SWEEP) against bf16 ``F.linear`` only (fp32 is the slower one from a few rows
 on this CPU class; the table says which was faster where both are timed).
 
-``--cold``: before every timed call, read a buffer of ``--cold-mib`` (default 1,536 MiB, 3x the 480 MiB L3 of this
-project's VMs), so that each call streams its weights from memory: what a layer of a whole model meets, whose
-other layers' weights pass through the caches between two of its calls. Warm (the default), torch's bf16 weights
-(75–113 MB here) stay in that L3 between repeats, which the 4-bit weights' 21–32 MB need less.
+``--cold``: before every timed call, read a buffer of ``--cold-mib`` (default 1,536 MiB: 3x the 480 MiB L3 of the
+AMX Xeon VMs, 48x the 32 MiB of the Zen 5 ones), so that each call streams its weights from memory: what a layer
+of a whole model meets, whose other layers' weights pass through the caches between two of its calls. Warm (the
+default), torch's bf16 weights (75–113 MB) may stay in a large L3 between repeats, which the 4-bit weights' 21–32
+MB need less.
 """
 
 from __future__ import annotations

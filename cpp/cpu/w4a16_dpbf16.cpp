@@ -54,27 +54,19 @@ void rows(const uint16_t* ap, const uint16_t* b, int64_t MT, int64_t steps, floa
   for (int64_t row0 = 0; row0 < kBlockRows; row0 += NR) micro<NR, MZ>(ap, row0, b, MT, steps, c, first);
 }
 
-#ifndef SVDQ_DPBF16_STEPS
-#define SVDQ_DPBF16_STEPS 4
-#endif
-#ifndef SVDQ_DPBF16_AHEAD
-#define SVDQ_DPBF16_AHEAD 2
-#endif
-#ifndef SVDQ_DPBF16_CHUNK
-#define SVDQ_DPBF16_CHUNK (7 << 17)
-#endif
-#ifndef SVDQ_DPBF16_MAX_ROWS
-#define SVDQ_DPBF16_MAX_ROWS 384
-#endif
-
+// Measured on Zen 5 (2 threads, min of 8 runs): 8 steps per run and the codes prefetched 2 runs ahead, 3072 ->
+// 18432 / 12288 -> 3072 at 16 rows 4.04 / 2.50 ms, against 4 steps 3.92 / 2.71 and 1 run ahead 4.64 / 2.76 (the
+// codes of 32 rows K / 2 bytes apart are latency-bound when fetched late); at 256 rows 8 and 4 steps alike.
+// 256 rows of 3072 -> 18432 in row blocks of 128 / 192 / 384 and K chunks of 512 / 896 KiB: 40.0–44.7 ms, within
+// the machine's noise.
 struct Engine {
-  static constexpr int64_t kSteps = SVDQ_DPBF16_STEPS;
-  static constexpr int64_t kXChunkBytes = SVDQ_DPBF16_CHUNK;  // packed x̂ᵀ per K chunk: 7/8 of a core's L2 (1 MiB on Zen 5)
-  static constexpr int64_t kMaxBlockRows = SVDQ_DPBF16_MAX_ROWS;
+  static constexpr int64_t kSteps = 8;              // tile steps per decoded run: A 16 KiB, B 8 KiB per m tile
+  static constexpr int64_t kPrefetchRuns = 2;       // decode_a prefetches the codes two runs ahead
+  static constexpr int64_t kXChunkBytes = 7 << 17;  // packed x̂ᵀ per K chunk: 7/8 of a core's L2 (1 MiB on Zen 5)
+  static constexpr int64_t kMaxBlockRows = 384;     // rows per pass (linear_rows)
+  static constexpr bool kStepMajor = true;          // a step's m tiles side by side: micro's loads at constant offsets
   static void begin() {}
   static void end() {}
-  static constexpr int64_t kPrefetchRuns = SVDQ_DPBF16_AHEAD;
-  static constexpr bool kStepMajor = true;  // a step's m tiles side by side: micro's loads at constant offsets
   static void run(const uint16_t* ap, const uint16_t* b, int64_t /*S*/, int64_t MT, int64_t steps, float* c,
                   bool first) {
     int64_t j = 0;
