@@ -118,7 +118,10 @@ def cached_case(m, n, k, r, dtype, has_bias, seed):
 
 def rounds_to_bf16(x: torch.Tensor) -> bool:
     """Whether the op's regime for ``x`` on the selected CPU path rounds its operands to bfloat16."""
-    return x.dtype == torch.bfloat16 and weight_only.cpu_regime(x.shape[0], x.dtype) in ("tiles", "panels", "gemv_bf16")
+    if x.dtype != torch.bfloat16:
+        return False
+    regime = weight_only.cpu_regime(x.shape[0], x.dtype)
+    return regime in ("tiles", "gemv_bf16") or (regime == "panels" and weight_only.panel_dtype(x.dtype) == x.dtype)
 
 
 def scaled_tolerance(x: torch.Tensor, bound: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
@@ -275,6 +278,36 @@ def test_mixed_dtypes(isa, m):
         else:
             truth, bound, _ = exact(*args)
             assert_close(ops.linear_w4a16(*args), truth, F32_TOL * bound, args[0].dtype)
+
+
+@pytest.mark.parametrize("isa_name", [i for i in ISAS if i not in weight_only.TILES_AFTER_ROWS])
+def test_bf16_panels_are_float32_without_bf16_hardware(monkeypatch, isa_name):
+    # Without bfloat16 dot products torch's bfloat16 GEMM is emulated (10-100x slower than its float32 one): a
+    # bfloat16 x gets float32 panels and x̂, so the float32 tolerance holds, which bfloat16 panels fail.
+    case = make_case(40, 33, 256, 8, torch.bfloat16, seed=5)
+    truth, bound, _ = exact(*case)
+    with on_isa(isa_name):
+        monkeypatch.setattr(weight_only, "_bf16_in_hardware", False)
+        assert weight_only.panel_dtype(torch.bfloat16) == torch.float32
+        assert weight_only.cpu_regime(weight_only.GEMV_MAX_ROWS[torch.float32], torch.bfloat16) != "panels"
+        assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
+        assert_close(ops.linear_w4a16(*case), truth, F32_TOL * bound, torch.bfloat16)
+        monkeypatch.setattr(weight_only, "_bf16_in_hardware", True)
+        assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
+        with pytest.raises(AssertionError, match="elements off"):
+            assert_close(ops.linear_w4a16(*case), truth, F32_TOL * bound, torch.bfloat16)
+
+
+def test_bf16_in_hardware_matches_the_cpu():
+    # Against the kernel's own list of CPU flags (Linux, x86-64, a build with the avx512bf16 path).
+    if "avx512bf16" not in ops.known_cpu_isas():
+        pytest.skip("no avx512bf16 path in this build")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags")
+    assert weight_only.bf16_in_hardware() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 @settings(max_examples=60, deadline=None)

@@ -21,9 +21,11 @@ names the one a call takes:
   lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16 ``nn.Linear``), products and sums in
   float32;
 * ``"panels"``: more rows elsewhere (compute-bound): the weight is dequantized natively in panels of
-  columns (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂. A bfloat16 ``x`` gets bfloat16
-  panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels), float32 and float16 inputs
-  float32 panels and float32 x̂ (their precision: the tiles would round them to bfloat16).
+  columns (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂ (:func:`panel_dtype`). A bfloat16 ``x``
+  gets bfloat16 panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels) where the CPU has
+  bfloat16 in hardware (:func:`bf16_in_hardware`), float32 panels and x̂ elsewhere (torch's bfloat16 GEMM is
+  emulated there, its float32 one the fastest); float32 and float16 inputs always float32 (their precision: the
+  tiles would round them to bfloat16).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ from . import native
 # vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
+# Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16, AMX-BF16): None until first asked. Without it
+# torch's bfloat16 GEMM is emulated, and bfloat16 panels through it measured 10-100x slower than torch's float32
+# GEMM on Zen 5 with oneDNN capped at AVX2 (3072 -> 18432: 484 ms vs 26 ms at 16 rows, 18.1 s vs 0.18 s at 256):
+# there a bfloat16 x gets float32 panels, as float32 and float16 do.
+_bf16_in_hardware: bool | None = None
 # Rows above which a bfloat16 x runs the tile kernel, per CPU path that has one. AMX: the tiles cost the same from 1
 # to 16 rows (decoding); the fixed-point GEMV about 0.5 ms per row on 3072 -> 18432 once compute-bound. Measured on
 # the AMX Xeon, same process, GEMV vs tiles in ms at 4 / 6 rows: 3072 -> 18432 2.19 / 3.11 vs 2.75 / 2.79;
@@ -115,6 +122,21 @@ def dequantized_w4a16(qweight, wscales, wmins, smooth, lora_down, lora_up) -> to
     return reference.effective_weight(residual, smooth, lora_down, lora_up)
 
 
+def bf16_in_hardware() -> bool:
+    """Whether the CPU has bfloat16 dot products (AVX512-BF16, hence the ``avx512bf16`` path, or AMX-BF16), so that
+    torch's bfloat16 GEMM is its fastest one; read once from ``_C``'s CPU detection (whatever path is selected)."""
+    global _bf16_in_hardware
+    if _bf16_in_hardware is None:
+        _bf16_in_hardware = bool({"avx512bf16", "amx"} & set(native.supported_cpu_isas()))
+    return _bf16_in_hardware
+
+
+def panel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the dequantized panels (and of x̂) for an input of ``dtype``: bfloat16 for a bfloat16 input on a
+    CPU with bfloat16 in hardware (the precision of a bfloat16 ``nn.Linear``), float32 otherwise."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and bf16_in_hardware() else torch.float32
+
+
 def cpu_regime(m: int, dtype: torch.dtype) -> str:
     """How the CPU kernel runs ``m`` rows of ``dtype`` on the selected CPU path: ``"gemv"``, ``"tiles"`` or
     ``"panels"`` (module docstring), ``"reference"`` without ``_C``."""
@@ -127,7 +149,7 @@ def cpu_regime(m: int, dtype: torch.dtype) -> str:
         and m > TILES_AFTER_ROWS[native._C.cpu_isa()]
     ):
         return "tiles"
-    if m > GEMV_MAX_ROWS[dtype]:
+    if m > GEMV_MAX_ROWS[panel_dtype(dtype) if dtype == torch.bfloat16 else dtype]:
         return "panels"
     if dtype == torch.bfloat16 and native._C.w4a16_bf16_gemv_available():
         return "gemv_bf16"
@@ -185,7 +207,7 @@ def _linear_w4a16_panels(x, qweight, wscales, wmins, smooth, lora_down, lora_up,
     measured faster than ``x̂ @ panelᵀ``, whose weight operand torch repacks per call."""
     m, k = x.shape
     n, r = qweight.shape[0], lora_down.shape[1]
-    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    dtype = panel_dtype(x.dtype)
     xh = x.float() / smooth.float()
     rhs = torch.empty(k + r, m, dtype=dtype)  # [x̂ᵀ ; lora_actᵀ]
     rhs[:k] = xh.t()
