@@ -1,5 +1,7 @@
-"""The bfloat16 W4A16 GEMV (``_C.linear_w4a16(..., bf16=True)``, cpp/cpu/w4a16_gemv_bf16.cpp) of the avx512vnni,
-avx512bf16 and amx paths, called directly (row counts beyond those the op hands it too) and through the op.
+"""The bfloat16 W4A16 GEMV (``_C.linear_w4a16(..., bf16=True)``) of every x86 path but generic, called directly
+(row counts beyond those the op hands it too) and through the op: on zmm (cpp/cpu/w4a16_gemv_bf16.cpp: avx512vnni,
+avx512bf16, amx; a pair of groups per vector) and on ymm (cpp/cpu/w4a16_gemv_fixed_ymm.inc: avx2 with vpmaddubsw,
+avxvnni with vpdpbusd; a group per vector).
 
 It puts x̂ = x / smooth (float32) in 16-bit fixed point per row and group of 64 (``reference.quantize_fixed16``)
 and rounds nothing else: W = q·s + m, lora_act (from the float32 x̂), lora_up and the bias stay exact, products
@@ -15,7 +17,7 @@ exact in int32, the rest in float32. Two checks per case:
 
 Shapes cover the kernel's edges: register blocks of 4 rows (M = 0, 1, 2, 3, 4, 5, 12, 17), pairs of groups
 (K / 64 odd: a last pair of one group; K = 0), K blocks (K = 12288: one block at 1 row, several at 3), panels of 16
-columns (N tails), R = 0 / 32 / 40 (a tail of the 16-lane vectors), bias or none, 1 and 2 threads; and groups at
+columns (N tails), R = 0 / 32 / 40 (a tail of the 16- and 8-lane vectors), bias or none, 1 and 2 threads; and groups at
 the fixed point's edges: all zero, below ``FIXED16_TINY``, infinite or NaN, an outlier beside tiny elements.
 """
 
@@ -30,10 +32,10 @@ from test_weight_only import F32_TOL, G, assert_close, make_case, on_isa
 from diffusers_svdquant import ops, reference
 from diffusers_svdquant.ops import native, weight_only
 
-GEMV_PATHS = ("avx512vnni", "avx512bf16", "amx")
+GEMV_PATHS = ("avx2", "avxvnni", "avx512vnni", "avx512bf16", "amx")
 PATHS = [i for i in ops.supported_cpu_isas() if i in GEMV_PATHS]
 WITHOUT = [i for i in ops.supported_cpu_isas() if i not in GEMV_PATHS]
-pytestmark = pytest.mark.skipif(not PATHS, reason="no avx512vnni CPU path (AVX512-VNNI) on this CPU or build")
+pytestmark = pytest.mark.skipif(not PATHS, reason="no x86 SIMD CPU path (AVX2) on this CPU or build")
 FIXED16_TOL = 0.5 / reference.FIXED16_MAX + 2.0**-22  # half a step, and the float32 scaling's roundings
 
 

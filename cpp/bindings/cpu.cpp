@@ -172,7 +172,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
          "' has no tile kernel (the avx512bf16 and amx paths have)");
   if (bf16 && svdq::cpu::kernels().linear_w4a16_bf16 == nullptr)
     fail(std::string(fn) + ": bf16=True, but the CPU path '" + svdq::cpu::current_isa() +
-         "' has no bfloat16 GEMV (the avx512vnni, avx512bf16 and amx paths have)");
+         "' has no bfloat16 GEMV (every x86 path but generic has)");
   if (tiles && bf16) fail(std::string(fn) + ": tiles=True and bf16=True: choose one kernel");
   const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
                   lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
@@ -388,8 +388,8 @@ few-rows kernel with x / smooth in 16-bit fixed point per group of 64 (reference
 w4a16_bf16_gemv_available()). Releases the GIL.)doc");
   m.def(
       "w4a16_bf16_gemv_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16 != nullptr; },
-      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): the avx512vnni, "
-      "avx512bf16 and amx paths.");
+      "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): every x86 path "
+      "but generic (ymm on avx2 and avxvnni, zmm on the AVX-512 ones).");
   m.def(
       "w4a16_tiles_available", [] { return svdq::cpu::kernels().linear_w4a16_tiles != nullptr; },
       "Whether the selected CPU path has the W4A16 tile kernel (linear_w4a16(..., tiles=True)): the avx512bf16 "

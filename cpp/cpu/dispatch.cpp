@@ -158,14 +158,14 @@ const IsaEntry kIsas[] = {
     {"avx2",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c; },
      {avx2::quantize_act, avx2::gemm_w4a4, avx2::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
-      nullptr, nullptr, true}},
+      nullptr, nullptr, true, avx2::linear_w4a16_bf16}},
 #endif
 #if defined(SVDQ_HAVE_AVXVNNI)
-    // The GEMM with VEX vpdpbusd; quantize_act and W4A16 stay AVX2 (VNNI has nothing for them).
+    // The GEMM and the bf16 W4A16 GEMV with VEX vpdpbusd; quantize_act and the other W4A16 kernels stay AVX2.
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
      {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
-      nullptr, nullptr, true}},
+      nullptr, nullptr, true, avxvnni::linear_w4a16_bf16}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
     // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm

@@ -94,8 +94,8 @@ struct KernelTable {
   // linear_w4a16 computes lora_act itself from lora_down (the x86 GEMV, its threads splitting K), so the
   // binding passes it none.
   bool linear_w4a16_lora = false;
-  // The few-rows W4A16 linear for bfloat16 input with x̂ in 16-bit fixed point per group (vpdpbusd; every float
-  // tensor bfloat16, lora_act computed itself), null on paths without AVX512-VNNI.
+  // The few-rows W4A16 linear for bfloat16 input with x̂ in 16-bit fixed point per group (vpdpbusd or vpmaddubsw;
+  // every float tensor bfloat16, lora_act computed itself), null on the generic and Arm paths.
   LinearW4A16Fn linear_w4a16_bf16 = nullptr;
 };
 
@@ -122,6 +122,8 @@ double int8_peak_ops(int num_threads, int64_t iters);
 // W4A16 on ymm (w4a16_avx2.cpp: w4a16_x86.inc), for the avx2 and avxvnni paths.
 void linear_w4a16(const W4A16Args& args);
 void dequantize_w4a16(const DequantW4A16Args& args);
+// The few-rows bfloat16 GEMV on ymm with vpmaddubsw (w4a16_gemv_bf16_avx2.cpp), the avx2 path's linear_w4a16_bf16.
+void linear_w4a16_bf16(const W4A16Args& args);
 }  // namespace avx2
 #endif
 
@@ -156,6 +158,9 @@ namespace avxvnni {
 void gemm_w4a4(const GemmArgs& args);
 void pack_tile(const GemmArgs& args, int64_t t, const Tile& out);
 double int8_peak_ops(int num_threads, int64_t iters);  // the vpdpbusd loop
+// The few-rows bfloat16 GEMV on ymm with vpdpbusd (w4a16_gemv_bf16_avxvnni.cpp), the avxvnni path's
+// linear_w4a16_bf16.
+void linear_w4a16_bf16(const W4A16Args& args);
 }  // namespace avxvnni
 namespace avx512vnni {
 void gemm_w4a4(const GemmArgs& args);
