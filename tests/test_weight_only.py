@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import warnings
 
@@ -307,7 +308,19 @@ def test_bf16_in_hardware_matches_the_cpu():
             flags = next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags")
-    assert weight_only.bf16_in_hardware() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    capped = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    hardware = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert weight_only.bf16_in_hardware() == (hardware and capped not in weight_only._ONEDNN_CAPS_WITHOUT_BF16)
+
+
+@pytest.mark.parametrize(("cap", "native_bf16"), [("AVX2", False), ("avx512_core_vnni", False), ("ALL", True)])
+def test_a_onednn_cap_below_bf16_counts_as_emulated(monkeypatch, cap, native_bf16):
+    # torch's bfloat16 GEMM is emulated when oneDNN is capped below AVX512_CORE_BF16, whatever the CPU.
+    if not weight_only.bf16_in_hardware() and native_bf16:
+        pytest.skip("no bfloat16 hardware to count")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(weight_only, "_bf16_in_hardware", None)
+    assert weight_only.bf16_in_hardware() == native_bf16
 
 
 @settings(max_examples=60, deadline=None)

@@ -30,6 +30,8 @@ names the one a call takes:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import reference
@@ -122,12 +124,19 @@ def dequantized_w4a16(qweight, wscales, wmins, smooth, lora_down, lora_up) -> to
     return reference.effective_weight(residual, smooth, lora_down, lora_up)
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which its bfloat16 GEMM is emulated even on bfloat16 hardware.
+_ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def bf16_in_hardware() -> bool:
-    """Whether the CPU has bfloat16 dot products (AVX512-BF16, hence the ``avx512bf16`` path, or AMX-BF16), so that
-    torch's bfloat16 GEMM is its fastest one; read once from ``_C``'s CPU detection (whatever path is selected)."""
+    """Whether torch's bfloat16 GEMM runs on bfloat16 dot products, so that it is torch's fastest one: the CPU has
+    AVX512-BF16 (hence the ``avx512bf16`` path) or AMX-BF16, per ``_C``'s CPU detection (whatever path is
+    selected), and ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) does not cap oneDNN below them. Read once."""
     global _bf16_in_hardware
     if _bf16_in_hardware is None:
-        _bf16_in_hardware = bool({"avx512bf16", "amx"} & set(native.supported_cpu_isas()))
+        cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+        hardware = bool({"avx512bf16", "amx"} & set(native.supported_cpu_isas()))
+        _bf16_in_hardware = hardware and cap not in _ONEDNN_CAPS_WITHOUT_BF16
     return _bf16_in_hardware
 
 
