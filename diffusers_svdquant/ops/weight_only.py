@@ -10,11 +10,11 @@ names the one a call takes:
 
 * ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
   computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
-* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on the ``avx512vnni``, ``avx512bf16`` and ``amx`` CPU paths:
-  one native call (``_C.linear_w4a16(..., bf16=True)``) with x̂ in 16-bit fixed point per group of 64
-  (:func:`~diffusers_svdquant.reference.quantize_fixed16`) and ``vpdpbusd`` against the exact weights (finer than
-  a bfloat16 ``nn.Linear``'s rounding of x̂, weights not rounded); when the other float tensors are not all
-  bfloat16 the call computes in float32 as ``"gemv"`` does;
+* ``"gemv_bf16"``: the same rows of a bfloat16 ``x`` on every x86 CPU path but ``generic``: one native call
+  (``_C.linear_w4a16(..., bf16=True)``) with x̂ in 16-bit fixed point per group of 64
+  (:func:`~diffusers_svdquant.reference.quantize_fixed16`) and integer products against the exact weights
+  (``vpdpbusd``, or ``vpmaddubsw`` on ``avx2``; finer than a bfloat16 ``nn.Linear``'s rounding of x̂, weights not
+  rounded); when the other float tensors are not all bfloat16 the call computes in float32 as ``"gemv"`` does;
 * ``"tiles"``: a bfloat16 ``x`` of more rows than :data:`TILES_AFTER_ROWS` gives the CPU path, on the ``amx``
   path (AMX-BF16 tiles) and the ``avx512bf16`` path (zmm ``vdpbf16ps``), one native call
   (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights into bfloat16 tiles on the fly; x̂, W,
