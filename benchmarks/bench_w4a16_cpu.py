@@ -3,8 +3,8 @@
 A ``W4A16Linear`` layer's forward on bf16 input (rank-32 low-rank branch, bias), as a bf16 model runs it
 (``torch.no_grad``; eager on CPU it calls ``ops.weight_only.linear_w4a16_cpu``, the op's CPU implementation
 without its dispatch; the ``path`` column is ``weight_only.cpu_regime``): few rows one native call that streams
-the 4-bit weights (``gemv``; on the avx512vnni, avx512bf16 and amx CPU paths ``gemv_bf16``, x̂ in 16-bit fixed
-point and ``vpdpbusd``), more rows the tile kernel on the amx (AMX-BF16) and avx512bf16 (zmm ``vdpbf16ps``) CPU
+the 4-bit weights (``gemv``; for bf16 on every x86 CPU path but generic ``gemv_bf16``, x̂ in 16-bit fixed point
+and integer products), more rows the tile kernel on the amx (AMX-BF16) and avx512bf16 (zmm ``vdpbf16ps``) CPU
 paths (``tiles``), else natively dequantized panels through torch.mm (``panels``). Against it the dense layer it
 replaces, ``F.linear`` with bf16 and with fp32 weights on the same shapes; the ratio is against the faster of the
 two.
