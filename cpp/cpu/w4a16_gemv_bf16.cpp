@@ -1,4 +1,4 @@
-// The few-rows W4A16 linear for bfloat16 input on the avx512vnni and amx paths (KernelTable::linear_w4a16_bf16):
+// The few-rows W4A16 linear for bfloat16 input on the AVX-512 paths (avx512vnni, avx512bf16, amx; linear_w4a16_bf16):
 // x̂ in 16-bit fixed point per group of 64, the 4-bit codes against its two bytes with vpdpbusd.
 //
 // Why: at few rows the decode and the multiply, not memory, bound a GEMV on this CPU class. The float32 GEMV
