@@ -291,6 +291,10 @@ def test_bf16_panels_are_float32_without_bf16_hardware(monkeypatch, isa_name):
         monkeypatch.setattr(weight_only, "_bf16_in_hardware", False)
         assert weight_only.panel_dtype(torch.bfloat16) == torch.float32
         assert weight_only.cpu_regime(weight_only.GEMV_MAX_ROWS[torch.float32], torch.bfloat16) != "panels"
+        if native._C.w4a16_bf16_gemv_available():  # the fixed-point GEMV keeps more rows against float32 panels
+            rows = weight_only.GEMV_BF16_EMULATED_MAX_ROWS
+            assert weight_only.cpu_regime(rows, torch.bfloat16) == "gemv_bf16"
+            assert weight_only.cpu_regime(rows + 1, torch.bfloat16) == "panels"
         assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
         assert_close(ops.linear_w4a16(*case), truth, F32_TOL * bound, torch.bfloat16)
         monkeypatch.setattr(weight_only, "_bf16_in_hardware", True)

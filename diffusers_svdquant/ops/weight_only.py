@@ -43,6 +43,11 @@ from . import native
 # vs panels 8.2 / 8.1 / 8.3 ms at 8 / 12 / 16 rows of 3072 -> 18432 (12288 -> 3072: 4.1 / 5.1 / 7.5 vs 6.1 /
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
+# Rows up to which a bfloat16 x keeps the fixed-point GEMV (gemv_bf16) where torch's bfloat16 GEMM is emulated and
+# the panels are float32 (bf16_in_hardware() false). Measured on Zen 5 with torch capped at AVX2, GEMV vs float32
+# panels in ms: avxvnni at 32 / 48 / 64 rows of 3072 -> 18432 34.3 / 40.5 / 51.1 vs 36.5 / 44.7 / 49.1 (3072 ->
+# 12288 13.3 / 23.2 / 53.5 vs 20.6 / 31.1 / 59.4); avx2 (vpmaddubsw) 28.2 / 45.4 / 68.7 vs 30.0 / 44.5 / 49.8.
+GEMV_BF16_EMULATED_MAX_ROWS = 32
 # Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16, AMX-BF16): None until first asked. Without it
 # torch's bfloat16 GEMM is emulated, and bfloat16 panels through it measured 10-100x slower than torch's float32
 # GEMM on Zen 5 with oneDNN capped at AVX2 (3072 -> 18432: 484 ms vs 26 ms at 16 rows, 18.1 s vs 0.18 s at 256):
@@ -146,6 +151,15 @@ def panel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 and bf16_in_hardware() else torch.float32
 
 
+def _gemv_max_rows(dtype: torch.dtype) -> int:
+    """Rows up to which ``dtype`` takes a GEMV rather than the panels (GEMV_MAX_ROWS, GEMV_BF16_EMULATED_MAX_ROWS)."""
+    if dtype != torch.bfloat16 or bf16_in_hardware():
+        return GEMV_MAX_ROWS[dtype]
+    if native._C.w4a16_bf16_gemv_available():
+        return GEMV_BF16_EMULATED_MAX_ROWS
+    return GEMV_MAX_ROWS[torch.float32]  # the float32 GEMV against float32 panels
+
+
 def cpu_regime(m: int, dtype: torch.dtype) -> str:
     """How the CPU kernel runs ``m`` rows of ``dtype`` on the selected CPU path: ``"gemv"``, ``"tiles"`` or
     ``"panels"`` (module docstring), ``"reference"`` without ``_C``."""
@@ -158,7 +172,7 @@ def cpu_regime(m: int, dtype: torch.dtype) -> str:
         and m > TILES_AFTER_ROWS[native._C.cpu_isa()]
     ):
         return "tiles"
-    if m > GEMV_MAX_ROWS[panel_dtype(dtype) if dtype == torch.bfloat16 else dtype]:
+    if m > _gemv_max_rows(dtype):
         return "panels"
     if dtype == torch.bfloat16 and native._C.w4a16_bf16_gemv_available():
         return "gemv_bf16"
