@@ -382,10 +382,10 @@ Releases the GIL.)doc");
 x [M, K], smooth [K], lora_down [K, R]; qweight uint8 [N, K/2] unsigned codes (element 2j low nibble);
 wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in dtype (0 float32,
 1 bfloat16, 2 float16), contiguous. Writes y [M, N] in dtype (float32 arithmetic, rounded once).
-tiles=False: the few-rows kernel; tiles=True: the tile kernel (AMX-BF16 or zmm vdpbf16ps; w4a16_tiles_available()), whose
-operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first; bf16=True (dtype 1 only): the
-few-rows kernel with x / smooth in 16-bit fixed point per group of 64 (reference.quantize_fixed16;
-w4a16_bf16_gemv_available()). Releases the GIL.)doc");
+tiles=False: the few-rows kernel; tiles=True: the tile kernel (AMX-BF16 or zmm vdpbf16ps;
+w4a16_tiles_available()), whose operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first;
+bf16=True (dtype 1 only): the few-rows kernel with x / smooth in 16-bit fixed point per group of 64
+(reference.quantize_fixed16; w4a16_bf16_gemv_available()). Releases the GIL.)doc");
   m.def(
       "w4a16_bf16_gemv_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16 != nullptr; },
       "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): every x86 path "

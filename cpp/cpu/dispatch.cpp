@@ -142,6 +142,14 @@ const CpuFeatures& features() {
   return f;
 }
 
+#if defined(SVDQ_HAVE_AVX512VNNI)
+// What the avx512vnni path needs, and the avx512bf16 and amx paths on top of theirs.
+bool runs_avx512vnni(const CpuFeatures& f) {
+  return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
+         f.avx512dq && f.avx512vnni;
+}
+#endif
+
 struct IsaEntry {
   const char* name;
   bool (*runs_on)(const CpuFeatures&);
@@ -171,10 +179,7 @@ const IsaEntry kIsas[] = {
     // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm
     // parts they share).
     {"avx512vnni",
-     [](const CpuFeatures& f) {
-       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
-              f.avx512dq && f.avx512vnni;
-     },
+     runs_avx512vnni,
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
       avx512::dequantize_w4a16, nullptr, nullptr, true, avx512::linear_w4a16_bf16}},
 #endif
@@ -182,10 +187,7 @@ const IsaEntry kIsas[] = {
     // avx512vnni with the many-rows W4A16 linear on zmm vdpbf16ps (w4a16_dpbf16.cpp): AVX512-BF16 without AMX
     // (Zen 4 and 5, Cooper Lake), where torch's bf16 GEMM is fast and dequantized panels lose to it.
     {"avx512bf16",
-     [](const CpuFeatures& f) {
-       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
-              f.avx512dq && f.avx512vnni && f.avx512bf16;
-     },
+     [](const CpuFeatures& f) { return runs_avx512vnni(f) && f.avx512bf16; },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
       avx512::dequantize_w4a16, avx512bf16::linear_w4a16, nullptr, true, avx512::linear_w4a16_bf16}},
 #endif
@@ -195,8 +197,7 @@ const IsaEntry kIsas[] = {
     // many-rows W4A16 linear (w4a16_amx.cpp).
     {"amx",
      [](const CpuFeatures& f) {
-       return f.os_avx && f.os_avx512 && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl &&
-              f.avx512dq && f.avx512vnni && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
+       return runs_avx512vnni(f) && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
      },
      {avx512::quantize_act, avx512amx::gemm_w4a4, avx512amx::pack_tile, avx512::linear_w4a16,
       avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act, true, avx512::linear_w4a16_bf16}},

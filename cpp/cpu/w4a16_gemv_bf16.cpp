@@ -19,10 +19,10 @@
 //
 // Numerics: y = Σ x̃·(q·s + m) + lora_act · lora_up + bias with x̃ = i·d, q, s, m exact (the layer's bfloat16),
 // sums in float32; lora_act = x̂ · lora_down from the float32 x̂ (as the float32 kernel). x̃'s error is at most
-// half a step, amax / 65278 (about amax · 2^-16) per element: finer than bfloat16's rounding of x̂ (2^-9 of each element) for every
-// element above 1/128 of its group's largest, so the product errs less than a bfloat16 nn.Linear's (docs/design.md
-// §2, "Weight-only layers"). A group whose amax is below 2^-100 counts as zero; one with an infinite or NaN x̂
-// gets step NaN, so its rows' outputs are NaN. Every float tensor is bfloat16 (the binding only calls it so).
+// half a step, amax / 65278 (about amax · 2^-16) per element: finer than bfloat16's rounding of x̂ (2^-9 of each
+// element) for every element above 1/128 of its group's largest, so the product errs less than a bfloat16
+// nn.Linear's (docs/design.md §2, "Weight-only layers"). A group whose amax is below 2^-100 counts as zero; one
+// with an infinite or NaN x̂ gets step NaN, so its rows' outputs are NaN. Every float tensor is bfloat16 (the binding only calls it so).
 //
 // Structure as the float32 kernel's (w4a16_x86.inc): one parallel region; each thread rounds and arranges its
 // share of K's pairs of groups (and its partial lora_act); threads take contiguous shares of N's panels of 16

@@ -1,4 +1,5 @@
-// The ymm fixed-point bfloat16 GEMV (w4a16_gemv_fixed_ymm.inc) for the avx2 path: AVX2 + FMA + F16C (vpmaddubsw + vpmaddwd).
+// The ymm fixed-point bfloat16 GEMV (w4a16_gemv_fixed_ymm.inc) for the avx2 path: AVX2 + FMA + F16C
+// (vpmaddubsw + vpmaddwd).
 // Compiled with this path's flags only (CMakeLists.txt).
 #include <immintrin.h>
 
