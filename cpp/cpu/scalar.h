@@ -134,6 +134,27 @@ inline void thread_share(int64_t n, int t, int nt, int64_t& lo, int64_t& hi) {
   hi = n * (t + 1) / nt;
 }
 
+// The bf16 GEMVs' prefetch target (w4a16_gemv_bf16.cpp, w4a16_gemv_fixed_ymm.inc). A thread reads its panels of
+// panel_cols columns (up to panel n_hi) in the order panel, K block, column, each panel's two halves side by side
+// as two code streams; a piece is one column's codes of one K block. For stream t (0: a panel's first half, 1:
+// its second) at (panel pn, block b, index c in the half): the piece `ahead` pieces on in that stream's order, as
+// its column and block. False past the thread's last panel.
+inline bool piece_ahead(int64_t N, int64_t panel_cols, int64_t n_hi, int64_t blocks, int64_t pn, int64_t b,
+                        int64_t c, int t, int64_t ahead, int64_t& col, int64_t& block) {
+  auto half_cols = [&](int64_t p) {  // columns of panel p in stream t
+    const int64_t cols = min_i64(N, (p + 1) * panel_cols) - p * panel_cols, h = ceil_div(cols, 2);
+    return t == 0 ? h : cols - h;
+  };
+  int64_t pp = pn, bb = b, cc = c + ahead;
+  while (pp < n_hi && cc >= half_cols(pp)) {
+    cc -= half_cols(pp);
+    if (++bb == blocks) bb = 0, ++pp;
+  }
+  col = pp * panel_cols + t * ceil_div(min_i64(N, (pp + 1) * panel_cols) - pp * panel_cols, 2) + cc;
+  block = bb;
+  return pp < n_hi;
+}
+
 // Bytes of n T (at least one) rounded up to 64: aligned_alloc wants a multiple of the alignment.
 template <typename T>
 inline size_t aligned_bytes(int64_t n) {

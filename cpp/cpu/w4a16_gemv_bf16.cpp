@@ -291,18 +291,9 @@ void linear_w4a16_bf16(const W4A16Args& a) {
           const uint16_t* s[2];
           for (int t = 0; t < nc; ++t) {
             ns[t] = n0 + t * h + c;
-            // The piece `ahead` pieces on in stream t's order: (panel pp, block bb, index cc in its half).
-            int64_t pp = pn, bb = b, cc = c + ahead;
-            for (;;) {
-              const int64_t cols = min_i64(N, (pp + 1) * kPanelCols) - pp * kPanelCols, hh = ceil_div(cols, 2);
-              const int64_t len = t == 0 ? hh : cols - hh;
-              if (cc < len || pp == n_hi) break;
-              cc -= len;
-              if (++bb == blocks) bb = 0, ++pp;
-            }
-            const int64_t hp = ceil_div(min_i64(N, (pp + 1) * kPanelCols) - pp * kPanelCols, 2);
-            const bool more = pp < n_hi;
-            pf[t] = more ? a.qweight + (pp * kPanelCols + t * hp + cc) * (K / 2) + bb * pb * 64 : a.qweight;
+            int64_t col, bb;
+            const bool more = piece_ahead(N, kPanelCols, n_hi, blocks, pn, b, c, t, ahead, col, bb);
+            pf[t] = more ? a.qweight + col * (K / 2) + bb * pb * 64 : a.qweight;
             pf_np[t] = more ? min_i64(pb, P - bb * pb) : 0;
             q[t] = a.qweight + ns[t] * (K / 2) + p0 * 64;
             s[t] = ws + ns[t] * G + 2 * p0;
