@@ -155,6 +155,25 @@ inline bool piece_ahead(int64_t N, int64_t panel_cols, int64_t n_hi, int64_t blo
   return pp < n_hi;
 }
 
+// The W4A16 GEMVs' lora_act [M, Rp] (out, zero-padded past R), thread tid's share of it (of nt): with parts, the
+// sum of the threads' partial sums (thread u's at parts + u · stride), in thread order; else the binding's
+// lora_act [M, R].
+inline void gather_lora_act(const float* parts, int64_t stride, const float* lora_act, int64_t M, int64_t R,
+                            int64_t Rp, int tid, int nt, float* out) {
+  int64_t i_lo, i_hi;
+  thread_share(M * Rp, tid, nt, i_lo, i_hi);
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const int64_t m = i / Rp, r = i % Rp;
+    float t = 0.0f;
+    if (parts != nullptr) {
+      for (int u = 0; u < nt; ++u) t += parts[u * stride + i];
+    } else if (r < R) {
+      t = lora_act[m * R + r];
+    }
+    out[i] = t;
+  }
+}
+
 // Bytes of n T (at least one) rounded up to 64: aligned_alloc wants a multiple of the alignment.
 template <typename T>
 inline size_t aligned_bytes(int64_t n) {

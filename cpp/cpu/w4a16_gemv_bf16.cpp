@@ -260,18 +260,7 @@ void linear_w4a16_bf16(const W4A16Args& a) {
     }
 #pragma omp barrier
     // lora_act, zero-padded to Rp: each thread sums a share of it over the threads' parts, in thread order.
-    int64_t i_lo, i_hi;
-    thread_share(M * Rp, tid, nt, i_lo, i_hi);
-    for (int64_t i = i_lo; i < i_hi; ++i) {
-      const int64_t m = i / Rp, r = i % Rp;
-      float t = 0.0f;
-      if (own_lora) {
-        for (int u = 0; u < nt; ++u) t += scratch.p[u * per_thread + waits + i];
-      } else if (r < R) {
-        t = a.lora_act[m * R + r];
-      }
-      la.p[i] = t;
-    }
+    gather_lora_act(own_lora ? scratch.p + waits : nullptr, per_thread, a.lora_act, M, R, Rp, tid, nt, la.p);
 #pragma omp barrier
     // 2. This thread's panels; per panel, K blocks; per block and column, the codes streamed once.
     int64_t n_lo, n_hi;
