@@ -122,13 +122,14 @@ def rounds_to_bf16(x: torch.Tensor) -> bool:
     if x.dtype != torch.bfloat16:
         return False
     regime = weight_only.cpu_regime(x.shape[0], x.dtype)
-    return regime in ("tiles", "gemv_bf16") or (regime == "panels" and weight_only.panel_dtype(x.dtype) == x.dtype)
+    fixed_or_tiles = ("tiles", "gemv_bf16", "gemm_bf16")
+    return regime in fixed_or_tiles or (regime == "panels" and weight_only.panel_dtype(x.dtype) == x.dtype)
 
 
 def scaled_tolerance(x: torch.Tensor, bound: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """The summation-and-operand part of the allowed error of ``ops.linear_w4a16(x, ...)`` (module docstring)."""
     if rounds_to_bf16(x):
-        if weight_only.cpu_regime(x.shape[0], x.dtype) == "gemv_bf16":
+        if weight_only.cpu_regime(x.shape[0], x.dtype) in ("gemv_bf16", "gemm_bf16"):  # the fixed point
             return BF16_GEMV_TOL * spread + F32_TOL * bound
         return BF16_PANEL_TOL * spread
     return F32_TOL * bound
@@ -291,16 +292,24 @@ def test_bf16_panels_are_float32_without_bf16_hardware(monkeypatch, isa_name):
         monkeypatch.setattr(weight_only, "_bf16_in_hardware", False)
         assert weight_only.panel_dtype(torch.bfloat16) == torch.float32
         assert weight_only.cpu_regime(weight_only.GEMV_MAX_ROWS[torch.float32], torch.bfloat16) != "panels"
-        if native._C.w4a16_bf16_gemv_available():  # the fixed-point GEMV keeps more rows against float32 panels
+        if native._C.w4a16_bf16_gemm_available():  # the fixed-point GEMM takes every row count beyond the GEMV's
+            rows = weight_only.GEMM_BF16_AFTER_ROWS
+            assert weight_only.cpu_regime(rows, torch.bfloat16) == "gemv_bf16"
+            assert weight_only.cpu_regime(rows + 1, torch.bfloat16) == "gemm_bf16"
+            assert weight_only.cpu_regime(4096, torch.bfloat16) == "gemm_bf16"
+        elif native._C.w4a16_bf16_gemv_available():  # the fixed-point GEMV keeps more rows against float32 panels
             rows = weight_only.GEMV_BF16_EMULATED_MAX_ROWS
             assert weight_only.cpu_regime(rows, torch.bfloat16) == "gemv_bf16"
             assert weight_only.cpu_regime(rows + 1, torch.bfloat16) == "panels"
-        assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
-        assert_close(ops.linear_w4a16(*case), truth, F32_TOL * bound, torch.bfloat16)
+            assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
+        else:
+            assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
+        # The panels themselves (the op's regime where the path has no fixed-point GEMM).
+        assert_close(weight_only._linear_w4a16_panels(*case), truth, F32_TOL * bound, torch.bfloat16)
         monkeypatch.setattr(weight_only, "_bf16_in_hardware", True)
         assert weight_only.cpu_regime(40, torch.bfloat16) == "panels"
         with pytest.raises(AssertionError, match="elements off"):
-            assert_close(ops.linear_w4a16(*case), truth, F32_TOL * bound, torch.bfloat16)
+            assert_close(weight_only._linear_w4a16_panels(*case), truth, F32_TOL * bound, torch.bfloat16)
 
 
 def test_bf16_in_hardware_matches_the_cpu():

@@ -165,7 +165,7 @@ void linear(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_do
 void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& lora_down_, const py::int_& qweight_,
                   const py::int_& wscales_, const py::int_& wmins_, const py::int_& lora_up_, const py::int_& bias_,
                   const py::int_& y_, int64_t M, int64_t N, int64_t K, int64_t R, int64_t dtype,
-                  int64_t num_threads, bool tiles, bool bf16) {
+                  int64_t num_threads, bool tiles, bool bf16, bool gemm) {
   const char* fn = "linear_w4a16";
   if (tiles && svdq::cpu::kernels().linear_w4a16_tiles == nullptr)
     fail(std::string(fn) + ": tiles=True, but the CPU path '" + svdq::cpu::current_isa() +
@@ -173,7 +173,11 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   if (bf16 && svdq::cpu::kernels().linear_w4a16_bf16 == nullptr)
     fail(std::string(fn) + ": bf16=True, but the CPU path '" + svdq::cpu::current_isa() +
          "' has no bfloat16 GEMV (every x86 path but generic has)");
-  if (tiles && bf16) fail(std::string(fn) + ": tiles=True and bf16=True: choose one kernel");
+  if (gemm && svdq::cpu::kernels().linear_w4a16_bf16_gemm == nullptr)
+    fail(std::string(fn) + ": gemm=True, but the CPU path '" + svdq::cpu::current_isa() +
+         "' has no fixed-point bfloat16 GEMM (the avxvnni and AVX-512 paths have)");
+  if (int(tiles) + int(bf16) + int(gemm) > 1)
+    fail(std::string(fn) + ": at most one of tiles=True, bf16=True and gemm=True: choose one kernel");
   const uintptr_t x = as_ptr(fn, "x", x_), smooth = as_ptr(fn, "smooth", smooth_),
                   lora_down = as_ptr(fn, "lora_down", lora_down_), qweight = as_ptr(fn, "qweight", qweight_),
                   wscales = as_ptr(fn, "wscales", wscales_), wmins = as_ptr(fn, "wmins", wmins_),
@@ -185,9 +189,9 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   check_size(fn, "R", R);
   check_groups(fn, K);
   check_dtype(fn, "dtype", dtype);
-  if (bf16 && static_cast<DType>(dtype) != DType::kBFloat16)
-    fail(std::string(fn) + ": bf16=True needs every float tensor in bfloat16 (dtype 1), got dtype=" +
-         std::to_string(dtype));
+  if ((bf16 || gemm) && static_cast<DType>(dtype) != DType::kBFloat16)
+    fail(std::string(fn) + (bf16 ? ": bf16=True" : ": gemm=True") +
+         " needs every float tensor in bfloat16 (dtype 1), got dtype=" + std::to_string(dtype));
   check_threads(fn, num_threads);
   check_product(fn, "M", M, "K", K);
   check_product(fn, "M", M, "N", N);
@@ -224,7 +228,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
   py::gil_scoped_release release;
   std::unique_ptr<float[]> lora_act;
   a.lora_down = reinterpret_cast<const void*>(lora_down);
-  if (R > 0 && !bf16 && (tiles || !k.linear_w4a16_lora)) {
+  if (R > 0 && !bf16 && (tiles || gemm || !k.linear_w4a16_lora)) {
     const std::unique_ptr<uint8_t[]> q_x(new uint8_t[static_cast<size_t>(M * (K / 2))]);
     const std::unique_ptr<float[]> s_x(new float[static_cast<size_t>(M * (K / svdq::cpu::kGroupSize))]);
     lora_act.reset(new float[static_cast<size_t>(M * R)]);
@@ -232,7 +236,7 @@ void linear_w4a16(const py::int_& x_, const py::int_& smooth_, const py::int_& l
                    K, R, static_cast<DType>(dtype), static_cast<int>(num_threads));
   }
   a.lora_act = lora_act.get();
-  (tiles ? k.linear_w4a16_tiles : bf16 ? k.linear_w4a16_bf16 : k.linear_w4a16)(a);
+  (tiles ? k.linear_w4a16_tiles : bf16 ? k.linear_w4a16_bf16 : gemm ? k.linear_w4a16_bf16_gemm : k.linear_w4a16)(a);
 }
 
 // Rows [0, N) of a W4A16 layer's weight over the smoothing, out[n * ldo + k] = (q s + m) / smooth[k] (smooth 0:
@@ -376,7 +380,7 @@ Releases the GIL.)doc");
   m.def("linear_w4a16", &linear_w4a16, py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("qweight"),
         py::arg("wscales"), py::arg("wmins"), py::arg("lora_up"), py::arg("bias"), py::arg("y"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("R"), py::arg("dtype"), py::arg("num_threads"), py::arg("tiles") = false,
-        py::arg("bf16") = false,
+        py::arg("bf16") = false, py::arg("gemm") = false,
         R"doc(The weight-only INT4 linear (reference.linear_w4a16).
 
 x [M, K], smooth [K], lora_down [K, R]; qweight uint8 [N, K/2] unsigned codes (element 2j low nibble);
@@ -385,7 +389,12 @@ wscales, wmins [N, K/64]; lora_up [N, R]; bias [N] (or 0): every float tensor in
 tiles=False: the few-rows kernel; tiles=True: the tile kernel (AMX-BF16 or zmm vdpbf16ps;
 w4a16_tiles_available()), whose operands x / smooth, W, lora_act and lora_up are rounded to bfloat16 first;
 bf16=True (dtype 1 only): the few-rows kernel with x / smooth in 16-bit fixed point per group of 64
-(reference.quantize_fixed16; w4a16_bf16_gemv_available()). Releases the GIL.)doc");
+(reference.quantize_fixed16; w4a16_bf16_gemv_available()); gemm=True (dtype 1 only): the many-rows kernel in
+the same fixed point (w4a16_bf16_gemm_available()). Releases the GIL.)doc");
+  m.def(
+      "w4a16_bf16_gemm_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16_gemm != nullptr; },
+      "Whether the selected CPU path has the many-rows fixed-point bfloat16 W4A16 GEMM (linear_w4a16(..., "
+      "gemm=True)): avxvnni (ymm) and the AVX-512 paths (zmm).");
   m.def(
       "w4a16_bf16_gemv_available", [] { return svdq::cpu::kernels().linear_w4a16_bf16 != nullptr; },
       "Whether the selected CPU path has the bfloat16 W4A16 GEMV (linear_w4a16(..., bf16=True)): every x86 path "

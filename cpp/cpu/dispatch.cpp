@@ -173,7 +173,7 @@ const IsaEntry kIsas[] = {
     {"avxvnni",
      [](const CpuFeatures& f) { return f.os_avx && f.avx && f.avx2 && f.fma && f.f16c && f.avxvnni; },
      {avx2::quantize_act, avxvnni::gemm_w4a4, avxvnni::pack_tile, avx2::linear_w4a16, avx2::dequantize_w4a16,
-      nullptr, nullptr, true, avxvnni::linear_w4a16_bf16}},
+      nullptr, nullptr, true, avxvnni::linear_w4a16_bf16, avxvnni::linear_w4a16_bf16_gemm}},
 #endif
 #if defined(SVDQ_HAVE_AVX512VNNI)
     // The GEMM, quantize_act and W4A16 on zmm registers (EVEX vpdpbusd; AVX512VL/DQ/BW for the ymm
@@ -181,7 +181,8 @@ const IsaEntry kIsas[] = {
     {"avx512vnni",
      runs_avx512vnni,
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, nullptr, nullptr, true, avx512::linear_w4a16_bf16}},
+      avx512::dequantize_w4a16, nullptr, nullptr, true, avx512::linear_w4a16_bf16,
+      avx512::linear_w4a16_bf16_gemm}},
 #endif
 #if defined(SVDQ_HAVE_AVX512BF16)
     // avx512vnni with the many-rows W4A16 linear on zmm vdpbf16ps (w4a16_dpbf16.cpp): AVX512-BF16 without AMX
@@ -189,7 +190,8 @@ const IsaEntry kIsas[] = {
     {"avx512bf16",
      [](const CpuFeatures& f) { return runs_avx512vnni(f) && f.avx512bf16; },
      {avx512::quantize_act, avx512vnni::gemm_w4a4, avx512vnni::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, avx512bf16::linear_w4a16, nullptr, true, avx512::linear_w4a16_bf16}},
+      avx512::dequantize_w4a16, avx512bf16::linear_w4a16, nullptr, true, avx512::linear_w4a16_bf16,
+      avx512::linear_w4a16_bf16_gemm}},
 #endif
 #if defined(SVDQ_HAVE_AMX)
     // avx512vnni with AMX-BF16 tiles where a bf16 layer gains from them: the W4A4 low-rank branch (the GEMM's
@@ -200,7 +202,8 @@ const IsaEntry kIsas[] = {
        return runs_avx512vnni(f) && f.avx512bf16 && f.amx_tile && f.amx_bf16 && f.os_amx && f.amx_granted;
      },
      {avx512::quantize_act, avx512amx::gemm_w4a4, avx512amx::pack_tile, avx512::linear_w4a16,
-      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act, true, avx512::linear_w4a16_bf16}},
+      avx512::dequantize_w4a16, amx::linear_w4a16, avx512amx::quantize_act, true, avx512::linear_w4a16_bf16,
+      avx512::linear_w4a16_bf16_gemm}},
 #endif
 #if defined(SVDQ_HAVE_DOTPROD)
     // The sdot GEMM and NEON quantize_act; pack_tile and W4A16 are generic's.

@@ -97,6 +97,9 @@ struct KernelTable {
   // The few-rows W4A16 linear for bfloat16 input with x̂ in 16-bit fixed point per group (vpdpbusd or vpmaddubsw;
   // every float tensor bfloat16, lora_act computed itself), null on the generic and Arm paths.
   LinearW4A16Fn linear_w4a16_bf16 = nullptr;
+  // The many-rows W4A16 linear for bfloat16 input in the same fixed point (vpdpbusd, columns in the lanes; every
+  // float tensor bfloat16, lora_act from the binding), null on paths without VNNI.
+  LinearW4A16Fn linear_w4a16_bf16_gemm = nullptr;
 };
 
 namespace generic {
@@ -137,6 +140,9 @@ void dequantize_w4a16(const DequantW4A16Args& args);
 // The few-rows bfloat16 GEMV (w4a16_gemv_bf16.cpp), linear_w4a16_bf16 of the avx512vnni,
 // avx512bf16 and amx paths.
 void linear_w4a16_bf16(const W4A16Args& args);
+// The many-rows fixed-point bfloat16 linear on zmm (w4a16_gemm_fixed_avx512.cpp), linear_w4a16_bf16_gemm of the
+// avx512vnni, avx512bf16 and amx paths.
+void linear_w4a16_bf16_gemm(const W4A16Args& args);
 }  // namespace avx512
 
 #if defined(SVDQ_HAVE_AVX512BF16)
@@ -161,6 +167,9 @@ double int8_peak_ops(int num_threads, int64_t iters);  // the vpdpbusd loop
 // The few-rows bfloat16 GEMV on ymm with vpdpbusd (w4a16_gemv_bf16_avxvnni.cpp), the avxvnni path's
 // linear_w4a16_bf16.
 void linear_w4a16_bf16(const W4A16Args& args);
+// The many-rows fixed-point bfloat16 linear on ymm (w4a16_gemm_fixed_avxvnni.cpp), the avxvnni path's
+// linear_w4a16_bf16_gemm.
+void linear_w4a16_bf16_gemm(const W4A16Args& args);
 }  // namespace avxvnni
 namespace avx512vnni {
 void gemm_w4a4(const GemmArgs& args);

@@ -15,13 +15,17 @@ names the one a call takes:
   (:func:`~diffusers_svdquant.reference.quantize_fixed16`) and integer products against the exact weights
   (``vpdpbusd``, or ``vpmaddubsw`` on ``avx2``; finer than a bfloat16 ``nn.Linear``'s rounding of x̂, weights not
   rounded); when the other float tensors are not all bfloat16 the call computes in float32 as ``"gemv"`` does;
+* ``"gemm_bf16"``: a bfloat16 ``x`` of more rows than :data:`GEMM_BF16_AFTER_ROWS` where torch's bfloat16 GEMM is
+  emulated (:func:`bf16_in_hardware` false), on the ``avxvnni`` and AVX-512 paths: one native call
+  (``_C.linear_w4a16(..., gemm=True)``) in the GEMV's fixed point, register-blocked over rows (``vpdpbusd`` with
+  the columns in the lanes; twice a float32 FMA's products per instruction), with the GEMV's numerics;
 * ``"tiles"``: a bfloat16 ``x`` of more rows than :data:`TILES_AFTER_ROWS` gives the CPU path, on the ``amx``
   path (AMX-BF16 tiles) and the ``avx512bf16`` path (zmm ``vdpbf16ps``), one native call
   (``_C.linear_w4a16(..., tiles=True)``) that decodes the 4-bit weights into bfloat16 tiles on the fly; x̂, W,
   lora_act and lora_up are rounded to bfloat16 (the precision of a bfloat16 ``nn.Linear``), products and sums in
   float32;
-* ``"panels"``: more rows elsewhere (compute-bound): the weight is dequantized natively in panels of
-  columns (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂ (:func:`panel_dtype`). A bfloat16 ``x``
+* ``"panels"``: more rows elsewhere (compute-bound): the weight is dequantized natively in panels of columns
+  (``_C.dequantize_w4a16``) that ``torch.mm`` multiplies with x̂ (:func:`panel_dtype`). A bfloat16 ``x``
   gets bfloat16 panels and x̂ rounded to bfloat16 (torch's AMX / AVX-512 BF16 kernels) where the CPU has
   bfloat16 in hardware (:func:`bf16_in_hardware`), float32 panels and x̂ elsewhere (torch's bfloat16 GEMM is
   emulated there, its float32 one the fastest); float32 and float16 inputs always float32 (their precision: the
@@ -48,6 +52,12 @@ GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
 # panels in ms: avxvnni at 32 / 48 / 64 rows of 3072 -> 18432 34.3 / 40.5 / 51.1 vs 36.5 / 44.7 / 49.1 (3072 ->
 # 12288 13.3 / 23.2 / 53.5 vs 20.6 / 31.1 / 59.4); avx2 (vpmaddubsw) 28.2 / 45.4 / 68.7 vs 30.0 / 44.5 / 49.8.
 GEMV_BF16_EMULATED_MAX_ROWS = 32
+# Rows above which a bfloat16 x takes the fixed-point GEMM (gemm_bf16) instead of the fixed-point GEMV where
+# torch's bfloat16 GEMM is emulated. Measured on Zen 5 with oneDNN capped, same process, GEMV / GEMM in ms
+# (3072 -> 18432, 3072 -> 12288, 12288 -> 3072): avxvnni (ymm) at 8 rows 5.93 / 6.20, 2.78 / 3.50, 4.14 / 3.85; at
+# 12 rows 6.49 / 6.26, 4.88 / 4.41, 4.58 / 3.87; at 16 rows 9.08 / 7.30, 5.98 / 4.46, 7.30 / 5.15. avx512vnni (zmm)
+# at 8 rows 3.07 / 4.54, 1.90 / 2.50, 2.91 / 3.48; at 16 rows 8.92 / 5.02, 5.99 / 4.43, 5.04 / 5.09.
+GEMM_BF16_AFTER_ROWS = 12
 # Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16, AMX-BF16): None until first asked. Without it
 # torch's bfloat16 GEMM is emulated, and bfloat16 panels through it measured 10-100x slower than torch's float32
 # GEMM on Zen 5 with oneDNN capped at AVX2 (3072 -> 18432: 484 ms vs 26 ms at 16 rows, 18.1 s vs 0.18 s at 256):
@@ -161,8 +171,8 @@ def _gemv_max_rows(dtype: torch.dtype) -> int:
 
 
 def cpu_regime(m: int, dtype: torch.dtype) -> str:
-    """How the CPU kernel runs ``m`` rows of ``dtype`` on the selected CPU path: ``"gemv"``, ``"tiles"`` or
-    ``"panels"`` (module docstring), ``"reference"`` without ``_C``."""
+    """How the CPU kernel runs ``m`` rows of ``dtype`` on the selected CPU path: ``"gemv"``, ``"gemv_bf16"``,
+    ``"gemm_bf16"``, ``"tiles"`` or ``"panels"`` (module docstring), ``"reference"`` without ``_C``."""
     if native._C is None:
         return "reference"
     if (
@@ -172,6 +182,13 @@ def cpu_regime(m: int, dtype: torch.dtype) -> str:
         and m > TILES_AFTER_ROWS[native._C.cpu_isa()]
     ):
         return "tiles"
+    if (
+        dtype == torch.bfloat16
+        and m > GEMM_BF16_AFTER_ROWS
+        and native._C.w4a16_bf16_gemm_available()
+        and not bf16_in_hardware()
+    ):
+        return "gemm_bf16"
     if m > _gemv_max_rows(dtype):
         return "panels"
     if dtype == torch.bfloat16 and native._C.w4a16_bf16_gemv_available():
@@ -211,12 +228,15 @@ def linear_w4a16_cpu(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bia
     # One native call reads every float tensor in one dtype: x's when they all share it (else float32,
     # which holds each of them exactly).
     xs, sm, ld, ws, wm, lu, b = native.in_one_dtype(x, smooth, lora_down, wscales, wmins, lora_up, bias)
+    if regime == "gemm_bf16" and xs.dtype != torch.bfloat16:  # float tensors of mixed dtypes: many float32 rows
+        return _linear_w4a16_panels(x, qweight, wscales, wmins, smooth, lora_down, lora_up, bias)
     qw = qweight.contiguous()  # named: a pointer taken from an unnamed temporary dangles once it is freed
     y = torch.empty(m, n, dtype=xs.dtype)
     native._C.linear_w4a16(
         xs.data_ptr(), sm.data_ptr(), ld.data_ptr(), qw.data_ptr(), ws.data_ptr(), wm.data_ptr(), lu.data_ptr(),
         0 if b is None else b.data_ptr(), y.data_ptr(), m, n, k, r, native.DTYPE_CODES[xs.dtype],
         torch.get_num_threads(), tiles=regime == "tiles", bf16=regime == "gemv_bf16" and xs.dtype == torch.bfloat16,
+        gemm=regime == "gemm_bf16",
     )  # fmt: skip
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
