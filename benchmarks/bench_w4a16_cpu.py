@@ -5,7 +5,9 @@ A ``W4A16Linear`` layer's forward on bf16 input (rank-32 low-rank branch, bias),
 without its dispatch; the ``path`` column is ``weight_only.cpu_regime``): few rows one native call that streams
 the 4-bit weights (``gemv``; for bf16 on every x86 CPU path but generic ``gemv_bf16``, x̂ in 16-bit fixed point
 and integer products), more rows the tile kernel on the amx (AMX-BF16) and avx512bf16 (zmm ``vdpbf16ps``) CPU
-paths (``tiles``), else natively dequantized panels through torch.mm (``panels``). Against it the dense layer it
+paths (``tiles``), where torch's bf16 GEMM is emulated the same fixed point register-blocked over rows on the
+avxvnni and AVX-512 paths (``gemm_bf16``), else natively dequantized panels through torch.mm (``panels``).
+Against it the dense layer it
 replaces, ``F.linear`` with bf16 and with fp32 weights on the same shapes; the ratio is against the faster of the
 two.
 FLUX.1's shapes: the AdaLN modulation (3072 → 18432, M = batch) and the MLP (3072 → 12288, 12288 → 3072).
@@ -14,8 +16,15 @@ slows a whole round alike rather than one side of a ratio); the load average is 
 
     python benchmarks/bench_w4a16_cpu.py [--repeats 7] [--rows 1 4 16 256] [--sweep] [--cold]
 
-``--sweep``: rows 1 .. 2048 (ROWS_SWEEP) against bf16 ``F.linear`` only (fp32 is the slower one from a few rows
-on this CPU class; the table says which was faster where both are timed).
+``--sweep``: rows 1 .. 2048 (ROWS_SWEEP) against bf16 ``F.linear`` only where this CPU has bf16 dot products
+(``weight_only.bf16_in_hardware()``; fp32 is the slower one from a few rows there); elsewhere against both up to
+64 rows, then fp32 only (torch's bf16 GEMM is emulated there, 10-100x slower).
+
+To measure the CPU classes without bfloat16 dot products on one with them, cap both libraries, e.g. AVX2 + VNNI
+(Alder Lake, Zen 3 class with VNNI) and AVX-512 VNNI (Ice Lake, Cascade Lake):
+
+    SVDQ_CPU_ISA=avxvnni ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI python benchmarks/bench_w4a16_cpu.py
+    SVDQ_CPU_ISA=avx512vnni ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI python benchmarks/bench_w4a16_cpu.py
 
 ``--cold``: before every timed call, read a buffer of ``--cold-mib`` (default 1,536 MiB: 3x the 480 MiB L3 of the
 AMX Xeon VMs, 48x the 32 MiB of the Zen 5 ones), so that each call streams its weights from memory: what a layer
@@ -42,6 +51,9 @@ SHAPES = [(3072, 18432), (3072, 12288), (12288, 3072)]  # (K, N): AdaLN, MLP up,
 ROWS = [1, 4, 16, 256]
 ROWS_SWEEP = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
 RANK = 32
+# Rows up to which --sweep also times bf16 F.linear where torch's bf16 GEMM is emulated: its GEMV is still the faster
+# one at a few rows (Zen 5, oneDNN capped at AVX2_VNNI: 3.3 ms against 11.0 for fp32 at 1 row of 3072 -> 18432).
+SWEEP_EMULATED_BF16_ROWS = 64
 
 
 def interleaved_medians(repeats: int, *calls: tuple, flush=None) -> list[float]:
@@ -86,7 +98,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--rows", type=int, nargs="+", default=ROWS)
-    p.add_argument("--sweep", action="store_true", help="rows 1 .. 2048 against bf16 F.linear only")
+    p.add_argument("--sweep", action="store_true", help="rows 1 .. 2048, fewer F.linear timings")
     p.add_argument("--cold", action="store_true", help="read --cold-mib of memory before each timed call")
     p.add_argument("--cold-mib", type=int, default=1536)
     args = p.parse_args()
@@ -118,15 +130,19 @@ def main() -> None:
         w16, b16 = w.to(torch.bfloat16), bias.to(torch.bfloat16)
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            calls = [(layer, x), (F.linear, x, w16, b16)]
-            if not args.sweep:
-                calls.append((F.linear, x.float(), w, bias))
-            t_q, t_16, t_32 = [*interleaved_medians(args.repeats, *calls, flush=flush), float("inf")][:3]
-            best, which = (t_16, "bf16") if t_16 <= t_32 else (t_32, "fp32")
+            dense = {"bf16": (F.linear, x, w16, b16), "fp32": (F.linear, x.float(), w, bias)}
+            if args.sweep and weight_only.bf16_in_hardware():  # fp32 the slower one from a few rows
+                dense.pop("fp32")
+            elif args.sweep and m > SWEEP_EMULATED_BF16_ROWS:  # bf16 emulated: 10-100x slower than fp32
+                dense.pop("bf16")
+            times = interleaved_medians(args.repeats, (layer, x), *dense.values(), flush=flush)
+            t_q, t = times[0], dict(zip(dense, times[1:], strict=True))
+            which = min(t, key=t.get)
+            best = t[which]
             path = weight_only.cpu_regime(m, x.dtype)
-            fp32 = "-" if args.sweep else f"{1e3 * t_32:.2f}"
+            bf16, fp32 = (f"{1e3 * t[d]:.2f}" if d in t else "-" for d in ("bf16", "fp32"))
             print(
-                f"{m:>4} {k:>6} {n:>6} {path:>9} | {1e3 * t_q:>9.2f} {1e3 * t_16:>8.2f} {fp32:>8} | "
+                f"{m:>4} {k:>6} {n:>6} {path:>9} | {1e3 * t_q:>9.2f} {bf16:>8} {fp32:>8} | "
                 f"{which:>10} {best / t_q:>6.2f}x",
                 flush=True,
             )

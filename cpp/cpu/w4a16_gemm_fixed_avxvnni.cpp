@@ -31,7 +31,9 @@ struct Vec {
     return x;
   }
   // acc += Σ of 4 products u · s (unsigned · signed bytes) per lane. AT&T: vpdpbusd src2, src1, dst.
-  static void dot(I& acc, I u, I s) { asm("%{vex%} vpdpbusd %[s], %[u], %[d]" : [d] "+x"(acc) : [u] "x"(u), [s] "x"(s)); }
+  static void dot(I& acc, I u, I s) {
+    asm("%{vex%} vpdpbusd %[s], %[u], %[d]" : [d] "+x"(acc) : [u] "x"(u), [s] "x"(s));
+  }
   static I shift8(I t) { return _mm256_slli_epi32(t, 8); }
   static F cvt(I t) { return _mm256_cvtepi32_ps(t); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
