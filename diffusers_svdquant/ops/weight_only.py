@@ -5,8 +5,8 @@ One schema, a fake (meta) implementation for ``torch.compile``, a default that r
 input (the weights are frozen: the QLoRA workflow trains adapters on top), and the CPU kernel from
 ``_C`` when the extension is built.
 
-The CPU kernel has three regimes (docs/design.md §4, "W4A16 on CPU"), the first in two forms; :func:`cpu_regime`
-names the one a call takes:
+The CPU kernel runs a call in one of five ways (docs/design.md §4, "W4A16 on CPU"); :func:`cpu_regime` names the
+one a call takes:
 
 * ``"gemv"``: few rows (:data:`GEMV_MAX_ROWS`), one native call streams the 4-bit weights once and
   computes in float32 (``_C.linear_w4a16``): the reference's arithmetic up to summation order;
@@ -48,9 +48,10 @@ from . import native
 # 6.2 / 6.7).
 GEMV_MAX_ROWS = {torch.bfloat16: 12, torch.float16: 16, torch.float32: 16}
 # Rows up to which a bfloat16 x keeps the fixed-point GEMV (gemv_bf16) where torch's bfloat16 GEMM is emulated and
-# the panels are float32 (bf16_in_hardware() false). Measured on Zen 5 with torch capped at AVX2, GEMV vs float32
-# panels in ms: avxvnni at 32 / 48 / 64 rows of 3072 -> 18432 34.3 / 40.5 / 51.1 vs 36.5 / 44.7 / 49.1 (3072 ->
-# 12288 13.3 / 23.2 / 53.5 vs 20.6 / 31.1 / 59.4); avx2 (vpmaddubsw) 28.2 / 45.4 / 68.7 vs 30.0 / 44.5 / 49.8.
+# the panels are float32 (bf16_in_hardware() false), on the avx2 path (the others have the fixed-point GEMM).
+# Measured on Zen 5 with torch capped at AVX2, GEMV vs float32 panels in ms: avxvnni at 32 / 48 / 64 rows of
+# 3072 -> 18432 34.3 / 40.5 / 51.1 vs 36.5 / 44.7 / 49.1 (3072 -> 12288 13.3 / 23.2 / 53.5 vs 20.6 / 31.1 / 59.4);
+# avx2 (vpmaddubsw) 28.2 / 45.4 / 68.7 vs 30.0 / 44.5 / 49.8.
 GEMV_BF16_EMULATED_MAX_ROWS = 32
 # Rows above which a bfloat16 x takes the fixed-point GEMM (gemm_bf16) instead of the fixed-point GEMV where
 # torch's bfloat16 GEMM is emulated. Measured on Zen 5 with oneDNN capped, same process, GEMV / GEMM in ms
