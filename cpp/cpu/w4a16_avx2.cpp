@@ -74,17 +74,14 @@ inline void to_k_order(__m256 lo, __m256 hi, float* out) {
   _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// bfloat16 rounded to nearest even with NaN -> 0x7FC0 (scalar.h's f32_to_bf16), float16 by vcvtps2ph.
+#include "bf16_bits_x86.inc"
+
+// bfloat16 by bf16_bits (nearest even, NaN -> 0x7FC0), float16 by vcvtps2ph.
 inline void store_lanes(void* p, int64_t i, __m256 v, DType dt) {
   if (dt == DType::kFloat32) return _mm256_storeu_ps(static_cast<float*>(p) + i, v);
   __m128i h;
   if (dt == DType::kBFloat16) {
-    const __m256i b = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    const __m256i rounded =
-        _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i bits = bf16_bits(v);
     // packus works within 128-bit lanes; quads (0, 2) put the 8 results in the low half.
     h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08));
   } else {

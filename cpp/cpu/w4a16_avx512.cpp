@@ -72,17 +72,14 @@ inline void to_k_order(__m512 lo, __m512 hi, float* out) {
   _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, second, hi));
 }
 
-// bfloat16 rounded to nearest even with NaN -> 0x7FC0 (scalar.h's f32_to_bf16), float16 by vcvtps2ph.
+#include "bf16_bits_x86.inc"
+
+// bfloat16 by bf16_bits (nearest even, NaN -> 0x7FC0), float16 by vcvtps2ph.
 inline void store_lanes(void* p, int64_t i, __m512 v, DType dt) {
   if (dt == DType::kFloat32) return _mm512_storeu_ps(static_cast<float*>(p) + i, v);
   __m256i h;
   if (dt == DType::kBFloat16) {
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    h = _mm512_cvtepi32_epi16(
-        _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0)));
+    h = _mm512_cvtepi32_epi16(bf16_bits(v));
   } else {
     h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
@@ -96,12 +93,7 @@ constexpr bool kBf16Table = true;
 inline void group_bf16(const uint8_t* q, float s, float m, uint16_t* out) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 w = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(m));
-  const __m512i b = _mm512_castps_si512(w);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __m512i bits =
-      _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
-  const __m512i table = _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(bits));
+  const __m512i table = _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(bf16_bits(w)));
   for (int c = 0; c < 2; ++c) {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)));
     const __m512i idx = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));

@@ -12,6 +12,8 @@
 namespace svdq::cpu::avx512 {
 namespace {
 
+#include "bf16_bits_x86.inc"
+
 // The inc's vector operations on zmm: 16 int32 / float32 lanes.
 struct Vec {
   using I = __m512i;
@@ -41,11 +43,7 @@ struct Vec {
   static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
   // The first n (1..16) lanes rounded to bfloat16 (nearest even; NaN to 0x7FC0, as scalar.h f32_to_bf16).
   static void store_bf16(uint16_t* p, F v, int64_t n) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), _mm512_cvtepi32_epi16(r));
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), _mm512_cvtepi32_epi16(bf16_bits(v)));
   }
 };
 // 12 rows x 2 vectors: 24 accumulators, 2 code vectors and a broadcast x̂ dword of zmm's 32 registers.

@@ -13,6 +13,8 @@
 namespace svdq::cpu::avxvnni {
 namespace {
 
+#include "bf16_bits_x86.inc"
+
 // The inc's vector operations on ymm: 8 int32 / float32 lanes.
 struct Vec {
   using I = __m256i;
@@ -44,10 +46,7 @@ struct Vec {
   static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
   // The first n (1..8) lanes rounded to bfloat16 (nearest even; NaN to 0x7FC0, as scalar.h f32_to_bf16).
   static void store_bf16(uint16_t* p, F v, int64_t n) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i r = bf16_bits(v);
     const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     if (n == 8) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);

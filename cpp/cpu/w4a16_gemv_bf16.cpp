@@ -22,7 +22,8 @@
 // half a step, amax / 65278 (about amax · 2^-16) per element: finer than bfloat16's rounding of x̂ (2^-9 of each
 // element) for every element above 1/128 of its group's largest, so the product errs less than a bfloat16
 // nn.Linear's (docs/design.md §2, "Weight-only layers"). A group whose amax is below 2^-100 counts as zero; one
-// with an infinite or NaN x̂ gets step NaN, so its rows' outputs are NaN. Every float tensor is bfloat16 (the binding only calls it so).
+// with an infinite or NaN x̂ gets step NaN, so its rows' outputs are NaN. Every float tensor is bfloat16 (the
+// binding only calls it so).
 //
 // Structure as the float32 kernel's (w4a16_x86.inc): one parallel region; each thread rounds and arranges its
 // share of K's pairs of groups (and its partial lora_act); threads take contiguous shares of N's panels of 16
@@ -33,6 +34,7 @@
 //
 // Compiled with the avx512vnni path's flags (CMakeLists.txt): AVX-512 F/BW and VNNI, nothing of AVX512-BF16.
 #include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -88,37 +90,21 @@ inline void lora_group(const float* xk, const uint16_t* lora_down, int64_t k0, i
   }
 }
 
-// One group's x̂ (64 float32) in 16-bit fixed point (reference.quantize_fixed16): its two bytes per k into
-// lo[0, 64) and hi[0, 64) (i = 256·hi + lo), and its step; returns Σ i.
+#include "fixed16_ymm.inc"
+
+// One group's x̂ (64 float32) in 16-bit fixed point (fixed16_codes): its two bytes per k into lo[0, 64) and
+// hi[0, 64) (i = 256·hi + lo), and its step; returns Σ i.
 inline int32_t fixed16_group(const float* xf, int8_t* lo, int8_t* hi, float* step) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  __m512 amax = _mm512_setzero_ps();
-  __mmask16 bad = 0;
+  alignas(64) int32_t iv[kGroupSize];
+  const int32_t sum = fixed16_codes(xf, iv, step);
   for (int j = 0; j < 4; ++j) {
-    const __m512 a = _mm512_andnot_ps(sign, _mm512_load_ps(xf + 16 * j));
-    amax = _mm512_max_ps(amax, a);
-    bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // infinite or NaN
-  }
-  const float m = _mm512_reduce_max_ps(amax);
-  if (bad != 0 || !(m >= kFixedTiny)) {
-    *step = bad != 0 ? __builtin_nanf("") : 0.0f;
-    std::memset(lo, 0, kGroupSize);
-    std::memset(hi, 0, kGroupSize);
-    return 0;
-  }
-  *step = m / kFixedMax;
-  const __m512 inv = _mm512_set1_ps(kFixedMax / m);
-  __m512i sum = _mm512_setzero_si512();
-  for (int j = 0; j < 4; ++j) {
-    const __m512i i = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_load_ps(xf + 16 * j), inv),
-                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i i = _mm512_load_si512(iv + 16 * j);
     const __m512i l = _mm512_srai_epi32(_mm512_slli_epi32(i, 24), 24);
     const __m512i h = _mm512_srai_epi32(_mm512_sub_epi32(i, l), 8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + 16 * j), _mm512_cvtepi32_epi8(l));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + 16 * j), _mm512_cvtepi32_epi8(h));
-    sum = _mm512_add_epi32(sum, i);
   }
-  return _mm512_reduce_add_epi32(sum);
+  return sum;
 }
 
 // acc[c][r] += Σ over pairs [0, np) of column c's float(t) · s·d (lanes: 8 per group), for NC columns read side
